@@ -1,0 +1,1 @@
+"""Simulated hardware: the synthetic OMIS sample, the simulated firmware and camera."""

@@ -1,0 +1,44 @@
+"""Errors raised by the device-side inference package.
+
+Tree::
+
+    InferenceError
+    ├── SpectrumInputError      bad images, masks or parameters for a spectrum
+    ├── BackendUnavailableError a requested backend (cuda, tensorrt, …) cannot start here
+    ├── BundleError             a model bundle is malformed, tampered with or unsupported
+    │   └── SignatureError      the bundle's signature does not verify
+    ├── EngineError             a TensorRT engine could not be built, loaded or run
+    └── GoldenMismatchError     a backend does not reproduce the bundle's golden outputs
+
+Foreign errors are wrapped with ``raise ... from`` at the seam.
+"""
+
+from __future__ import annotations
+
+
+class InferenceError(Exception):
+    """Base of every error raised by :mod:`inference`."""
+
+
+class SpectrumInputError(InferenceError, ValueError):
+    """Bad input to a spectrum computation; the message names the problem."""
+
+
+class BackendUnavailableError(InferenceError, RuntimeError):
+    """A backend that was asked for cannot start on this machine (never a silent fallback)."""
+
+
+class BundleError(InferenceError):
+    """A model bundle is malformed, incomplete, tampered with or unsupported."""
+
+
+class SignatureError(BundleError):
+    """A bundle's signature does not verify against any trusted key."""
+
+
+class EngineError(InferenceError):
+    """A TensorRT engine could not be built, deserialised or executed."""
+
+
+class GoldenMismatchError(InferenceError):
+    """A backend's outputs differ from the bundle's golden outputs beyond tolerance."""
