@@ -27,9 +27,11 @@ log = logging.getLogger("omis")
 # Each module defines ``register(subparsers, common)``; order is the order of ``omis --help``.
 COMMAND_MODULES = (
     "inference.cli",
+    "inference.cli_device",
     "firmware_bridge.cli",
     "training.cli",
     "deploy.commands",
+    "deploy.cli_ota",
 )
 
 DEFAULT_STATE_DIR = "/var/lib/omis"

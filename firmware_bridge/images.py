@@ -44,7 +44,7 @@ def read_rgb(path: str | os.PathLike[str]) -> RGBImage:
     if image is None:
         raise InputError(f"{p}: not a readable image (unknown format or truncated file)")
     if image.dtype != np.uint8:
-        raise InputError(f"{p}: expected an 8-bit image, got {image.dtype} (16-bit is not supported)")
+        raise InputError(f"{p}: expected an 8-bit image, got {image.dtype} (16-bit is unsupported)")
     if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
         raise InputError(f"{p}: expected an RGB image, got a grayscale one")
     if image.ndim != 3 or image.shape[2] not in (3, 4):

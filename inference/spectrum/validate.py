@@ -32,7 +32,9 @@ def check_pair(w: object, p: object, mask: object | None = None) -> tuple[U8, U8
         if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
             raise SpectrumInputError("mask: expected a boolean numpy array")
         if mask.shape != w_img.shape[:2]:
-            raise SpectrumInputError(f"mask shape {mask.shape} does not match image {w_img.shape[:2]}")
+            raise SpectrumInputError(
+                f"mask shape {mask.shape} does not match image {w_img.shape[:2]}"
+            )
         if not mask.any():
             raise SpectrumInputError("mask: the mask is empty (no pixel selected)")
         m = mask

@@ -1,0 +1,306 @@
+"""The model bundle (``omis.bundle/1``): the model and its whole contract, as one directory.
+
+Layout::
+
+    manifest.json     this module's :class:`Manifest`; signed as exact bytes
+    manifest.sig      Ed25519 signature of manifest.json (optional until installed by OTA)
+    model.onnx        probabilities as output, dynamic batch axis
+    golden/inputs.npy   float32 N×C×H×W network inputs (already preprocessed)
+    golden/outputs.npy  float32 N×K reference probabilities
+
+Every file other than the manifest and its signature is listed with its sha256 and size;
+:func:`load_bundle` refuses missing, extra or altered files.  Nothing on the device guesses
+the spectrum, rendering or normalisation parameters: they all come from the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from inference.exceptions import BundleError
+
+SCHEMA = "omis.bundle/1"
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+MODEL = "model.onnx"
+GOLDEN_INPUTS = "golden/inputs.npy"
+GOLDEN_OUTPUTS = "golden/outputs.npy"
+UNLISTED = frozenset({MANIFEST, SIGNATURE})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileEntry(_Strict):
+    """Integrity record of one bundle file."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of the file")
+    size: int = Field(ge=0, description="size in bytes")
+
+
+class Normalization(_Strict):
+    """``x = (pixel * scale - mean[c]) / std[c]`` per channel, in R, G, B order."""
+
+    scale: float = Field(1.0 / 255.0, description="applied to uint8 pixels first")
+    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="per channel")
+    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="per channel")
+
+
+class InputSpec(_Strict):
+    """The network input tensor."""
+
+    name: str = Field("input", description="ONNX input name")
+    shape: tuple[int, int, int, int] = Field(
+        (-1, 3, 224, 224), description="N, C, H, W; -1 marks the dynamic batch axis"
+    )
+    dtype: Literal["float32"] = "float32"
+    layout: Literal["NCHW"] = "NCHW"
+    normalization: Normalization = Normalization()
+
+    @property
+    def height(self) -> int:
+        """Input height in pixels."""
+        return self.shape[2]
+
+    @property
+    def width(self) -> int:
+        """Input width in pixels."""
+        return self.shape[3]
+
+
+class OutputSpec(_Strict):
+    """The network output tensor (softmax probabilities)."""
+
+    name: str = Field("probabilities", description="ONNX output name")
+
+
+class Thresholds(_Strict):
+    """Decision on the probability of high risk, with an abstain band for human review."""
+
+    decision: float = Field(0.5, ge=0.0, le=1.0, description="p(high) >= decision -> high risk")
+    abstain_low: float = Field(0.35, ge=0.0, le=1.0, description="lower edge of the abstain band")
+    abstain_high: float = Field(0.65, ge=0.0, le=1.0, description="upper edge of the band")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Thresholds:
+        if not self.abstain_low <= self.decision <= self.abstain_high:
+            raise ValueError("need abstain_low <= decision <= abstain_high")
+        return self
+
+
+class GoldenSpec(_Strict):
+    """How closely a backend must reproduce the golden outputs before it serves."""
+
+    tolerance: dict[str, float] = Field(
+        default_factory=lambda: {"fp32": 1e-4, "fp16": 2e-2},
+        description="max absolute probability difference per precision",
+    )
+    allow_fp32_fallback: bool = Field(
+        True, description="if an FP16 engine fails the gate, FP32 may serve (device: degraded)"
+    )
+
+
+class Training(_Strict):
+    """Where the model came from."""
+
+    code_revision: str = Field("unknown", description="git revision of the training code")
+    data_manifest_sha256: str = Field("", description="sha256 of the training data manifest")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="pooled CV metrics")
+    preset: str = Field("", description="training preset (paper, tiny)")
+
+
+class Manifest(_Strict):
+    """``manifest.json`` of a bundle."""
+
+    schema_: Literal["omis.bundle/1"] = Field("omis.bundle/1", alias="schema")
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    version: int = Field(ge=1, description="only grows; the device refuses downgrades")
+    created: str = Field(description="RFC 3339 UTC time of creation (informational only)")
+    task: Literal["binary", "pap4"]
+    classes: tuple[str, ...] = Field(min_length=2)
+    risk: dict[str, Literal["low", "high"]] = Field(description="class -> risk")
+    input: InputSpec = InputSpec()
+    output: OutputSpec = OutputSpec()
+    spectrum: dict[str, Any] = Field(description="spectrum algorithm and all its parameters")
+    render: dict[str, Any] = Field(description="all rendering parameters")
+    thresholds: Thresholds = Thresholds()
+    golden: GoldenSpec = GoldenSpec()
+    files: dict[str, FileEntry]
+    training: Training = Training()
+    min_app_version: str = Field("0.1.0", pattern=r"^\d+\.\d+\.\d+$")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        if set(self.risk) != set(self.classes):
+            raise ValueError("risk must map exactly the classes")
+        if set(self.risk.values()) != {"low", "high"}:
+            raise ValueError("risk must contain both low and high classes")
+        for required in (MODEL, GOLDEN_INPUTS, GOLDEN_OUTPUTS):
+            if required not in self.files:
+                raise ValueError(f"files must list {required}")
+        for name in self.files:
+            _check_relpath(name)
+        return self
+
+    def to_json_bytes(self) -> bytes:
+        """Canonical bytes of the manifest (sorted keys, 2-space indent, trailing newline)."""
+        data = self.model_dump(mode="json", by_alias=True)
+        return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+    @property
+    def high_classes(self) -> tuple[int, ...]:
+        """Indices of the classes whose risk is high."""
+        return tuple(i for i, c in enumerate(self.classes) if self.risk[c] == "high")
+
+
+def _check_relpath(name: str) -> None:
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or name != p.as_posix() or not name:
+        raise ValueError(f"bundle file name {name!r} is not a safe relative path")
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def now_rfc3339() -> str:
+    """Current UTC time in RFC 3339 with a Z suffix."""
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def file_entries(root: Path) -> dict[str, FileEntry]:
+    """Hash every regular file under ``root`` except the manifest and its signature."""
+    entries: dict[str, FileEntry] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            raise BundleError(f"{path.relative_to(root)}: links are not allowed in a bundle")
+        if not path.is_file():
+            continue
+        rel = path.relative_to(root).as_posix()
+        if rel in UNLISTED:
+            continue
+        entries[rel] = FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
+    return entries
+
+
+def parse_manifest(data: bytes, source: str = MANIFEST) -> Manifest:
+    """Parse and validate manifest bytes, with an error naming the offending key."""
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{source}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise BundleError(f"{source}: expected a JSON object")
+    if raw.get("schema") != SCHEMA:
+        raise BundleError(f"{source}: unsupported schema {raw.get('schema')!r} (need {SCHEMA})")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "manifest"
+        raise BundleError(f"{source}: {where}: {first['msg']}") from exc
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle directory whose files have been checked against its manifest."""
+
+    root: Path
+    manifest: Manifest
+    manifest_bytes: bytes
+
+    @property
+    def model_path(self) -> Path:
+        """Path of model.onnx."""
+        return self.root / MODEL
+
+    @property
+    def model_sha256(self) -> str:
+        """sha256 of model.onnx as listed (and verified)."""
+        return self.manifest.files[MODEL].sha256
+
+    @property
+    def signature_path(self) -> Path:
+        """Path of manifest.sig (may not exist)."""
+        return self.root / SIGNATURE
+
+    def golden(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """The golden inputs and reference outputs."""
+        inputs = np.load(self.root / GOLDEN_INPUTS, allow_pickle=False)
+        outputs = np.load(self.root / GOLDEN_OUTPUTS, allow_pickle=False)
+        if inputs.dtype != np.float32 or outputs.dtype != np.float32:
+            raise BundleError("golden arrays must be float32")
+        if inputs.shape[0] != outputs.shape[0] or inputs.ndim != 4:
+            raise BundleError(f"golden shapes disagree: {inputs.shape} vs {outputs.shape}")
+        return inputs, outputs
+
+    def describe(self) -> dict[str, Any]:
+        """Name, version and model hash, as results and status report them."""
+        m = self.manifest
+        return {"name": m.name, "version": m.version, "sha256": self.model_sha256}
+
+
+def verify_files(root: Path, manifest: Manifest) -> None:
+    """Check that the directory holds exactly the listed files with the listed hashes."""
+    actual = file_entries(root)
+    missing = sorted(set(manifest.files) - set(actual))
+    extra = sorted(set(actual) - set(manifest.files))
+    if missing:
+        raise BundleError(f"bundle is missing listed file(s): {', '.join(missing)}")
+    if extra:
+        raise BundleError(f"bundle has unlisted file(s): {', '.join(extra)}")
+    for name, entry in manifest.files.items():
+        got = actual[name]
+        if got.size != entry.size:
+            raise BundleError(f"{name}: size {got.size} differs from manifest ({entry.size})")
+        if got.sha256 != entry.sha256:
+            raise BundleError(f"{name}: sha256 differs from manifest (file altered)")
+
+
+def load_bundle(path: str | os.PathLike[str]) -> Bundle:
+    """Open a bundle directory and verify every file against its manifest.
+
+    Signatures are checked separately (``deploy`` does it against the trust store).
+    """
+    root = Path(path)
+    if root.is_file() and tarfile.is_tarfile(root):
+        raise BundleError(f"{root}: a .tar bundle must be unpacked first (omis ota install does)")
+    if not root.is_dir():
+        raise BundleError(f"{root}: no such bundle directory")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{root}: no {MANIFEST}")
+    data = mpath.read_bytes()
+    manifest = parse_manifest(data, str(mpath))
+    verify_files(root, manifest)
+    return Bundle(root=root, manifest=manifest, manifest_bytes=data)
+
+
+def build_manifest(root: Path, **fields: Any) -> Manifest:
+    """Build a manifest for the files now in ``root`` (everything but manifest and signature)."""
+    fields.setdefault("created", now_rfc3339())
+    try:
+        return Manifest.model_validate({**fields, "files": file_entries(root)})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "manifest"
+        raise BundleError(f"manifest: {where}: {first['msg']}") from exc

@@ -1,0 +1,34 @@
+"""Spectrum image -> network input tensor: the one preprocessing for training and the device.
+
+The normalisation comes from the bundle's ``input`` section; nothing here is guessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from inference.bundle import InputSpec
+from inference.exceptions import SpectrumInputError
+
+F32 = npt.NDArray[np.float32]
+
+
+def to_tensor(images: Sequence[npt.NDArray[np.uint8]], spec: InputSpec) -> F32:
+    """Stack RGB uint8 H×W×3 images into a float32 N×3×H×W tensor normalised as ``spec`` says."""
+    if not images:
+        raise SpectrumInputError("no images to preprocess")
+    h, w = spec.height, spec.width
+    for i, img in enumerate(images):
+        if img.dtype != np.uint8 or img.shape != (h, w, 3):
+            raise SpectrumInputError(
+                f"image {i}: expected uint8 {(h, w, 3)} for this model, got {img.dtype} {img.shape}"
+            )
+    norm = spec.normalization
+    batch = np.stack(images).astype(np.float32)
+    batch *= np.float32(norm.scale)
+    batch -= np.asarray(norm.mean, dtype=np.float32)
+    batch /= np.asarray(norm.std, dtype=np.float32)
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
