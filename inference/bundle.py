@@ -20,7 +20,7 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -184,7 +184,7 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 
 def now_rfc3339() -> str:
     """Current UTC time in RFC 3339 with a Z suffix."""
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def file_entries(root: Path) -> dict[str, FileEntry]:
