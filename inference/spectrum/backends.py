@@ -61,7 +61,10 @@ def _make_numpy() -> SpectrumBackend:
 
 
 def _make_cuda() -> SpectrumBackend:
-    module = importlib.import_module("inference.spectrum.cuda")
+    try:
+        module = importlib.import_module("inference.spectrum.cuda")
+    except ImportError as exc:  # a broken install must not look like "no GPU"
+        raise BackendUnavailableError(f"CUDA spectrum backend cannot be imported: {exc}") from exc
     backend: SpectrumBackend = module.CudaBackend()
     return backend
 

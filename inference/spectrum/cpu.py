@@ -9,7 +9,7 @@ Why it is fast compared with a literal transcription (``reference.py``):
 * the bin index ``floor(a / b)`` with ``a = (num + den) * L <= 3.8e7`` and ``b = 2 den <= 520200``
   is computed as a float64 division: the true quotient is at least ``1/b`` below the next
   integer, far more than float64's rounding error, so the floor is exact;
-* chunks are shared between threads (NumPy releases the GIL inside ufuncs).
+* chunks can be shared between threads (``threads=`` or ``OMIS_SPECTRUM_THREADS``).
 
 The result is bit-identical to the reference (tested on random and simulated images).
 """
@@ -81,7 +81,10 @@ def _rbhist_chunk(
 
 
 def _default_threads() -> int:
-    return max(1, min(4, len(os.sched_getaffinity(0))))
+    # One thread by default: np.bincount holds the GIL, so a second thread gained nothing on
+    # the 2-core reference machine and competed with the acquisition thread of the pipeline.
+    # OMIS_SPECTRUM_THREADS raises it on machines with spare cores.
+    return max(1, int(os.environ.get("OMIS_SPECTRUM_THREADS", "1")))
 
 
 def numpy_histogram(
