@@ -1,0 +1,158 @@
+"""Pipelined slide scan vs its slowest stage alone, and the glue around the real work.
+
+    .venv/bin/python benchmarks/bench_pipeline.py [--bundle B] [--slides 6] [--fields 4]
+                                                  [--size 320x240] [--backend onnxruntime]
+
+Stages measured alone, over the same simulated slides:
+  acquire   rendering the simulated fields (the firmware simulator's camera)
+  fields    spectrum histogram + QC per field, slide sum + finalise
+  classify  render the spectrum image, preprocess, infer
+The pipelined scan runs them concurrently; goal: its throughput >= 95% of the slowest stage
+alone.  Glue: per-slide wall time of the pipeline (fields already in memory, one slide at a
+time) minus the time spent in QC, spectrum, render, preprocess and the model; goal < 10%.
+Without --bundle a tiny bundle is built with tests/fakes/bundles.py (no torch needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inference.backends import BackendOptions
+from inference.bundle import Bundle, load_bundle
+from inference.golden import open_checked
+from inference.pipeline import PipelineConfig, SlidePipeline
+from inference.preprocess import to_tensor
+from inference.render import render_spectrum
+from inference.selftest import simulated_slide
+from inference.spectrum import Histogram, finalize
+from inference.spectrum.qc import assess_field, open_spectrum_backend
+
+STAGES_IN_WORK = ("qc", "spectrum", "render", "preprocess", "infer")
+
+
+def _bundle(path: str | None, tmp: Path) -> Bundle:
+    if path:
+        return load_bundle(path)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from fakes.bundles import make_bundle  # type: ignore[import-not-found]
+
+    built: Bundle = make_bundle(tmp / "bundle")
+    return built
+
+
+def _acquire_alone(slides: int, fields: int, size: tuple[int, int]) -> tuple[float, list[Any]]:
+    t0 = time.perf_counter()
+    data = [list(simulated_slide(s, fields, size)) for s in range(slides)]
+    return time.perf_counter() - t0, data
+
+
+def _fields_alone(pipe: SlidePipeline, data: list[Any], spectrum: str) -> tuple[float, list[Any]]:
+    backend = open_spectrum_backend(spectrum)
+    spectra = []
+    t0 = time.perf_counter()
+    for slide in data:
+        total = Histogram.empty(pipe.params)
+        for i, w, p in slide:
+            h = backend.histogram(w, p, pipe.params)
+            if assess_field(w, p, pipe.params, index=i, histogram=h).ok:
+                total = total + h
+        spectra.append(finalize(total, pipe.params, backend.name))
+    elapsed = time.perf_counter() - t0
+    backend.close()
+    return elapsed, spectra
+
+
+def _classify_alone(pipe: SlidePipeline, spectra: list[Any]) -> float:
+    t0 = time.perf_counter()
+    for s in spectra:
+        image = render_spectrum(s.x_nm, s.y, pipe.render_params)
+        pipe.backend.infer(to_tensor([image], pipe.bundle.manifest.input))
+    return time.perf_counter() - t0
+
+
+def _pipelined(pipe: SlidePipeline, slides: int, fields: int, size: tuple[int, int]) -> float:
+    t0 = time.perf_counter()
+    results = list(pipe.run(simulated_slide(s, fields, size) for s in range(slides)))
+    assert len(results) == slides
+    return time.perf_counter() - t0
+
+
+def _glue(pipe: SlidePipeline, data: list[Any]) -> tuple[float, float]:
+    walls, work = [], []
+    for slide in data:
+        t0 = time.perf_counter()
+        r = pipe.run_slide(slide)
+        walls.append((time.perf_counter() - t0) * 1e3)
+        work.append(sum(r.timings_ms[k] for k in STAGES_IN_WORK))
+    return float(np.median(walls)), float(np.median(work))
+
+
+def main() -> int:
+    """Run the benchmark and print the table."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle")
+    ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--spectrum-backend", default="auto")
+    ap.add_argument("--slides", type=int, default=6)
+    ap.add_argument("--fields", type=int, default=4)
+    ap.add_argument("--size", default="320x240")
+    ap.add_argument("--queue-size", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    size = tuple(int(v) for v in args.size.split("x"))
+    assert len(size) == 2
+    size2 = (size[0], size[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = _bundle(args.bundle, Path(tmp))
+        backend, _ = open_checked(args.backend, bundle, BackendOptions(state_dir=tmp))
+        cfg = PipelineConfig(queue_size=args.queue_size, spectrum_backend=args.spectrum_backend)
+        pipe = SlidePipeline(bundle, backend, cfg)
+        pipe.run_slide(simulated_slide(999, 1, size2))  # warm-up, not measured
+        # Best of --repeats for each measurement: the machine is shared, the minimum is the
+        # least disturbed run.  Alone and pipelined runs are interleaved for the same reason.
+        runs: dict[str, list[float]] = {k: [] for k in ("acq", "fields", "cls", "pipe")}
+        for _ in range(args.repeats):
+            t_acq, data = _acquire_alone(args.slides, args.fields, size2)
+            t_fields, spectra = _fields_alone(pipe, data, args.spectrum_backend)
+            runs["acq"].append(t_acq)
+            runs["fields"].append(t_fields)
+            runs["cls"].append(_classify_alone(pipe, spectra))
+            runs["pipe"].append(_pipelined(pipe, args.slides, args.fields, size2))
+        t_acq, t_fields, t_cls, t_pipe = (min(runs[k]) for k in ("acq", "fields", "cls", "pipe"))
+        glue_wall, glue_work = _glue(pipe, data)
+        backend.close()
+    n = args.slides
+    alone = {"acquire": t_acq, "fields (spectrum+QC)": t_fields, "classify": t_cls}
+    slowest = max(alone, key=lambda k: alone[k])
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (a shared machine)")
+    print(
+        f"{n} slides x {args.fields} fields of {size2[0]}x{size2[1]}, backend "
+        f"{backend.describe()['name']}, spectrum {pipe.spectrum_backend_name}"
+    )
+    print(f"{'stage alone':<24}{'total s':>9}{'slides/s':>10}")
+    for k, v in alone.items():
+        print(f"{k:<24}{v:>9.3f}{n / v:>10.2f}")
+    print(
+        f"{'sum of stages (serial)':<24}{sum(alone.values()):>9.3f}{n / sum(alone.values()):>10.2f}"
+    )
+    print(f"{'pipelined scan':<24}{t_pipe:>9.3f}{n / t_pipe:>10.2f}")
+    ratio = (n / t_pipe) / (n / alone[slowest])
+    print(f"pipelined / slowest stage alone ({slowest}): {ratio:.1%}  (goal >= 95%)")
+    glue = (glue_wall - glue_work) / glue_wall
+    print(
+        f"per-slide wall {glue_wall:.2f} ms, QC+spectrum+render+preprocess+model "
+        f"{glue_work:.2f} ms, glue {glue:.1%}  (goal < 10%)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

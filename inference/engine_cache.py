@@ -1,0 +1,178 @@
+"""TensorRT engines as derived, disposable files under ``<state-dir>/engines/``.
+
+An engine is valid only for the exact ONNX model, TensorRT version, GPU (name and compute
+capability), precision and shape profile it was built for.  Those make the :class:`EngineKey`;
+its hash names the file.  Each engine is a plain TensorRT plan (``trtexec --loadEngine`` and
+DeepStream can read it) with a JSON sidecar describing the key; the sidecar is written last, so
+a plan without its sidecar is an interrupted write and is ignored.  A plan that does not
+deserialise (stale, corrupt, other TensorRT) is removed and rebuilt; the service never crashes
+on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from firmware_bridge.fsutil import atomic_write_bytes, atomic_write_text
+from inference.exceptions import EngineError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ENGINE_DIR = "engines"
+SIDECAR_SCHEMA = "omis.engine/1"
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """Everything an engine depends on; two builds with equal keys are interchangeable."""
+
+    onnx_sha256: str
+    trt_version: str
+    gpu_name: str
+    compute_capability: str
+    precision: str
+    min_shape: tuple[int, ...]
+    opt_shape: tuple[int, ...]
+    max_shape: tuple[int, ...]
+    dla_core: int | None = None
+    version_compatible: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The key as a JSON object (lists for shapes)."""
+        data = asdict(self)
+        for k in ("min_shape", "opt_shape", "max_shape"):
+            data[k] = list(data[k])
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EngineKey:
+        """Inverse of :meth:`to_json`; raises KeyError/TypeError on a malformed object."""
+        fields = dict(data)
+        for k in ("min_shape", "opt_shape", "max_shape"):
+            fields[k] = tuple(int(v) for v in fields[k])
+        return cls(**fields)
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of the key."""
+        canon = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+    def file_stem(self) -> str:
+        """Readable and unique: model hash prefix, precision, key hash prefix."""
+        return f"{self.onnx_sha256[:12]}-{self.precision}-{self.digest()[:16]}"
+
+
+class EngineCache:
+    """Engine plans on disk, keyed by :class:`EngineKey`."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.root = Path(state_dir) / ENGINE_DIR
+
+    def plan_path(self, key: EngineKey) -> Path:
+        """Where the plan for ``key`` lives."""
+        return self.root / f"{key.file_stem()}.plan"
+
+    def sidecar_path(self, key: EngineKey) -> Path:
+        """Where the description of ``key`` lives."""
+        return self.root / f"{key.file_stem()}.json"
+
+    def timing_cache_path(self, trt_version: str, gpu_name: str) -> Path:
+        """The builder timing cache, shared by builds on one GPU and TensorRT version."""
+        safe = "".join(c if c.isalnum() else "_" for c in f"{trt_version}-{gpu_name}")
+        return self.root / f"timing-{safe}.cache"
+
+    def load(self, key: EngineKey) -> bytes | None:
+        """The plan bytes for ``key``, or None if absent, incomplete or described differently."""
+        plan, side = self.plan_path(key), self.sidecar_path(key)
+        if not plan.is_file() or not side.is_file():
+            return None
+        try:
+            described = json.loads(side.read_text("utf-8"))
+            if described.get("schema") != SIDECAR_SCHEMA:
+                raise ValueError(f"schema {described.get('schema')!r}")
+            if EngineKey.from_json(described["key"]) != key:
+                raise ValueError("key differs")
+            data = plan.read_bytes()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("engine cache: %s unusable (%s); removing it", side.name, exc)
+            self.remove(key)
+            return None
+        if hashlib.sha256(data).hexdigest() != described.get("plan_sha256"):
+            log.warning("engine cache: %s does not match its sidecar; removing it", plan.name)
+            self.remove(key)
+            return None
+        return data
+
+    def store(self, key: EngineKey, plan: bytes, info: dict[str, Any] | None = None) -> Path:
+        """Write the plan, then its sidecar, both atomically; returns the plan path."""
+        path = atomic_write_bytes(self.plan_path(key), plan)
+        sidecar = {
+            "schema": SIDECAR_SCHEMA,
+            "key": key.to_json(),
+            "plan_sha256": hashlib.sha256(plan).hexdigest(),
+            "plan_bytes": len(plan),
+            **(info or {}),
+        }
+        atomic_write_text(self.sidecar_path(key), json.dumps(sidecar, indent=2, sort_keys=True))
+        return path
+
+    def remove(self, key: EngineKey) -> None:
+        """Delete the plan and sidecar of ``key`` (missing files are fine)."""
+        for p in (self.sidecar_path(key), self.plan_path(key)):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The sidecars of every cached engine (for status and ``omis engine``)."""
+        out = []
+        for side in sorted(self.root.glob("*.json")):
+            with contextlib.suppress(OSError, ValueError):
+                out.append(json.loads(side.read_text("utf-8")))
+        return out
+
+    def get_or_build(
+        self,
+        key: EngineKey,
+        build: Callable[[], bytes],
+        deserialize: Callable[[bytes], T | None],
+    ) -> tuple[T, bool]:
+        """The deserialised engine for ``key``, building (and caching) it when needed.
+
+        Returns ``(engine, built)``.  A cached plan that does not deserialise is removed and
+        rebuilt once; a freshly built plan that does not deserialise raises :class:`EngineError`.
+        """
+        cached = self.load(key)
+        if cached is not None:
+            engine = _try_deserialize(deserialize, cached)
+            if engine is not None:
+                log.info("engine cache: hit %s", self.plan_path(key).name)
+                return engine, False
+            log.warning(
+                "engine cache: %s did not deserialise (stale or corrupt); rebuilding",
+                self.plan_path(key).name,
+            )
+            self.remove(key)
+        plan = build()
+        engine = _try_deserialize(deserialize, plan)
+        if engine is None:
+            raise EngineError("a freshly built engine did not deserialise; not caching it")
+        self.store(key, plan)
+        log.info("engine cache: built and stored %s", self.plan_path(key).name)
+        return engine, True
+
+
+def _try_deserialize(deserialize: Callable[[bytes], T | None], plan: bytes) -> T | None:
+    try:
+        return deserialize(plan)
+    except EngineError as exc:
+        log.warning("engine deserialisation failed: %s", exc)
+        return None

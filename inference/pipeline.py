@@ -1,0 +1,410 @@
+"""The device pipeline: field pairs -> QC -> spectrum -> slide spectrum -> image -> model -> result.
+
+Three stages run concurrently, joined by small bounded queues::
+
+    acquire thread       pulls field pairs from the source (a microscope, a replay, a list)
+    field thread         per field: spectrum histogram, then quality control; per slide: the sum
+                         of the accepted fields' histograms, finalised into the slide spectrum
+    caller's thread      per slide: render, preprocess, infer -> SlideResult
+
+so acquiring the next field overlaps computing the current one, and classifying one slide
+overlaps the next slide's fields.  A full queue blocks its producer (back-pressure: nothing is
+ever dropped).  An error in any stage stops the others and is re-raised to the caller; threads
+are always joined.  Integer histograms summed in field order, a byte-exact renderer and a fixed
+backend make the result deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Generator, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from inference.backends.base import InferenceBackend
+from inference.bundle import Bundle
+from inference.exceptions import BundleError, InferenceError, SpectrumInputError
+from inference.preprocess import to_tensor
+from inference.render import render_params_from_json, render_spectrum
+from inference.spectrum import Histogram, SpectrumBackend, finalize, parse_params
+from inference.spectrum.qc import FieldQuality, QCThresholds, assess_field, open_spectrum_backend
+from inference.spectrum.types import Spectrum
+from inference.spectrum.validate import U8
+
+log = logging.getLogger(__name__)
+
+STAGES = ("acquire", "qc", "spectrum", "render", "preprocess", "infer", "total")
+
+
+@dataclass(frozen=True)
+class FieldPair:
+    """One field: its index on the slide, the diffuse (W) and polarized (P) RGB images."""
+
+    index: int
+    diffuse: U8
+    polarized: U8
+
+
+def as_field(item: object, default_index: int) -> FieldPair:
+    """Accept a FieldPair, ``(index, W, P)``, ``(W, P)`` or an object with diffuse/polarized."""
+    if isinstance(item, FieldPair):
+        return item
+    if isinstance(item, tuple) and len(item) == 3:
+        return FieldPair(int(item[0]), item[1], item[2])
+    if isinstance(item, tuple) and len(item) == 2:
+        return FieldPair(default_index, item[0], item[1])
+    w, p = getattr(item, "diffuse", None), getattr(item, "polarized", None)
+    if w is None or p is None:
+        raise SpectrumInputError(f"field {default_index}: not a field pair ({type(item).__name__})")
+    return FieldPair(int(getattr(item, "index", default_index)), w, p)
+
+
+@dataclass(frozen=True)
+class SlideResult:
+    """The classification of one slide and how it was obtained."""
+
+    label: str
+    probabilities: dict[str, float]
+    p_high: float
+    risk: str
+    abstained: bool
+    model: dict[str, Any]
+    backend: dict[str, Any]
+    spectrum_backend: str
+    fields: tuple[FieldQuality, ...]
+    spectrum: Spectrum
+    timings_ms: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON of ``omis infer --json`` (and the prediction part of results)."""
+        return {
+            "label": self.label,
+            "probabilities": self.probabilities,
+            "p_high": self.p_high,
+            "risk": self.risk,
+            "abstained": self.abstained,
+            "model": self.model,
+            "backend": self.backend,
+            "spectrum_backend": self.spectrum_backend,
+            "fields": [q.to_json() for q in self.fields],
+            "fields_used": [q.index for q in self.fields if q.ok],
+            "spectrum": {
+                "algorithm": self.spectrum.algorithm,
+                "x_nm": self.spectrum.x_nm.tolist(),
+                "y": self.spectrum.y.tolist(),
+                "flags": list(self.spectrum.flags),
+            },
+            "timings_ms": self.timings_ms,
+        }
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How the pipeline runs; the model contract itself comes from the bundle."""
+
+    queue_size: int = 2
+    spectrum_backend: str | SpectrumBackend = "auto"
+    qc_thresholds: QCThresholds | None = None
+    poll_s: float = 0.05
+    join_timeout_s: float = 10.0
+
+
+@dataclass
+class _SlideAcc:
+    """A slide's running sums in the field stage."""
+
+    slide: int
+    started: float
+    hist: Histogram
+    qualities: list[FieldQuality] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+
+@dataclass(frozen=True)
+class _Field:
+    slide: int
+    pair: FieldPair
+    started: float
+    acquire_ms: float
+
+
+@dataclass(frozen=True)
+class _EndSlide:
+    slide: int
+    started: float
+
+
+@dataclass(frozen=True)
+class _SlideSpectrum:
+    acc: _SlideAcc
+    spectrum: Spectrum
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: BaseException
+
+
+_DONE = object()
+
+
+class _Channel:
+    """A bounded queue whose puts and gets give up when the run is stopped."""
+
+    def __init__(self, size: int, stop: threading.Event, poll_s: float) -> None:
+        self._q: queue.Queue[object] = queue.Queue(maxsize=size)
+        self._stop = stop
+        self._poll = poll_s
+        self.max_depth = 0
+
+    def put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=self._poll)
+            except queue.Full:
+                continue
+            self.max_depth = max(self.max_depth, self._q.qsize())
+            return True
+        return False
+
+    def deliver(self, item: object, timeout_s: float) -> None:
+        """Put even while stopping (failures must reach the caller); bounded wait."""
+        try:
+            self._q.put(item, timeout=timeout_s)
+        except queue.Full:
+            log.error("pipeline: could not deliver %r (consumer gone)", item)
+
+    def get(self) -> object:
+        while True:
+            try:
+                return self._q.get(timeout=self._poll)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return _DONE
+
+
+class SlidePipeline:
+    """Classifies slides from field pairs with one loaded (and golden-checked) backend."""
+
+    def __init__(
+        self, bundle: Bundle, backend: InferenceBackend, config: PipelineConfig | None = None
+    ) -> None:
+        m = bundle.manifest
+        self.bundle = bundle
+        self.backend = backend
+        self.config = config or PipelineConfig()
+        if self.config.queue_size < 1:
+            raise InferenceError("queue_size must be at least 1")
+        self.params = parse_params(m.spectrum)
+        self.render_params = render_params_from_json(m.render)
+        if (self.render_params.height, self.render_params.width) != (m.input.height, m.input.width):
+            raise BundleError(
+                f"render size {self.render_params.width}x{self.render_params.height} does not "
+                f"match the model input {m.input.width}x{m.input.height}"
+            )
+        self.max_depth: dict[str, int] = {"fields": 0, "slides": 0}
+        self.spectrum_backend_name = ""
+
+    def run_slide(self, fields: Iterable[object]) -> SlideResult:
+        """Classify one slide."""
+        results = list(self.run([fields]))
+        return results[0]
+
+    def run(self, slides: Iterable[Iterable[object]]) -> Generator[SlideResult, None, None]:
+        """Classify slides one after the other, pipelined; yields one result per slide."""
+        spectra, opened = self._open_spectrum()
+        self.spectrum_backend_name = spectra.name
+        stop = threading.Event()
+        fields_q = _Channel(self.config.queue_size, stop, self.config.poll_s)
+        slides_q = _Channel(self.config.queue_size, stop, self.config.poll_s)
+        threads = [
+            threading.Thread(target=self._acquire, args=(slides, fields_q), name="omis-acquire"),
+            threading.Thread(
+                target=self._fields, args=(spectra, fields_q, slides_q, stop), name="omis-fields"
+            ),
+        ]
+        for t in threads:
+            t.daemon = True  # a source stuck in a driver call must not keep the process alive
+            t.start()
+        try:
+            yield from self._classify_all(slides_q)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(self.config.join_timeout_s)
+                if t.is_alive():
+                    log.warning(
+                        "pipeline: %s did not stop in time (blocked in its source?)", t.name
+                    )
+            self.max_depth = {"fields": fields_q.max_depth, "slides": slides_q.max_depth}
+            if opened:
+                spectra.close()
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def _open_spectrum(self) -> tuple[SpectrumBackend, bool]:
+        chosen = self.config.spectrum_backend
+        if isinstance(chosen, str):
+            return open_spectrum_backend(chosen), True
+        return chosen, False
+
+    def _acquire(self, slides: Iterable[Iterable[object]], out: _Channel) -> None:
+        try:
+            for slide_no, slide in enumerate(slides):
+                started = time.perf_counter()
+                source = iter(slide)
+                i = 0
+                while True:
+                    t0 = time.perf_counter()
+                    item = next(source, _DONE)
+                    if item is _DONE:
+                        break
+                    pair = as_field(item, i)
+                    ms = (time.perf_counter() - t0) * 1e3
+                    if not out.put(_Field(slide_no, pair, started, ms)):
+                        return
+                    i += 1
+                if not out.put(_EndSlide(slide_no, started)):
+                    return
+            out.put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, re-raised there
+            out.put(_Failure(exc))
+
+    def _fields(
+        self, spectra: SpectrumBackend, inp: _Channel, out: _Channel, stop: threading.Event
+    ) -> None:
+        acc: _SlideAcc | None = None
+        try:
+            while True:
+                item = inp.get()
+                if item is _DONE or isinstance(item, _Failure):
+                    out.put(item)
+                    return
+                if isinstance(item, _Field):
+                    if acc is None or acc.slide != item.slide:
+                        acc = _SlideAcc(item.slide, item.started, Histogram.empty(self.params))
+                    self._one_field(spectra, acc, item)
+                elif isinstance(item, _EndSlide):
+                    if acc is None or acc.slide != item.slide:
+                        acc = _SlideAcc(item.slide, item.started, Histogram.empty(self.params))
+                    if not out.put(self._finish_slide(acc, spectra.name)):
+                        return
+                    acc = None
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, re-raised there
+            # Deliver first, then stop the acquirer: the caller must see the error, not an end.
+            out.deliver(_Failure(exc), self.config.join_timeout_s)
+            stop.set()
+
+    def _one_field(self, spectra: SpectrumBackend, acc: _SlideAcc, item: _Field) -> None:
+        pair = item.pair
+        t0 = time.perf_counter()
+        try:
+            h = spectra.histogram(pair.diffuse, pair.polarized, self.params)
+        except SpectrumInputError as exc:
+            raise SpectrumInputError(f"slide {item.slide} field {pair.index}: {exc}") from exc
+        t1 = time.perf_counter()
+        q = assess_field(
+            pair.diffuse,
+            pair.polarized,
+            self.params,
+            self.config.qc_thresholds,
+            index=pair.index,
+            histogram=h,
+        )
+        t2 = time.perf_counter()
+        if q.ok:
+            acc.hist = acc.hist + h
+        else:
+            log.warning(
+                "slide %d field %d rejected by QC: %s", item.slide, pair.index, ", ".join(q.reasons)
+            )
+        acc.qualities.append(q)
+        acc.timings["acquire"] += item.acquire_ms
+        acc.timings["spectrum"] += (t1 - t0) * 1e3
+        acc.timings["qc"] += (t2 - t1) * 1e3
+
+    def _finish_slide(self, acc: _SlideAcc, backend_name: str) -> _SlideSpectrum:
+        if not acc.qualities:
+            raise SpectrumInputError(f"slide {acc.slide}: no fields")
+        if not any(q.ok for q in acc.qualities):
+            detail = "; ".join(f"field {q.index}: {', '.join(q.reasons)}" for q in acc.qualities)
+            raise SpectrumInputError(
+                f"slide {acc.slide}: no field passed quality control ({detail})"
+            )
+        t0 = time.perf_counter()
+        spectrum = finalize(acc.hist, self.params, backend_name)
+        if len(acc.qualities) > sum(q.ok for q in acc.qualities):
+            spectrum = _with_flag(spectrum, "fields_excluded")
+        acc.timings["spectrum"] += (time.perf_counter() - t0) * 1e3
+        return _SlideSpectrum(acc, spectrum)
+
+    def _classify_all(self, inp: _Channel) -> Iterator[SlideResult]:
+        while True:
+            item = inp.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            if isinstance(item, _SlideSpectrum):
+                yield self._classify(item)
+
+    def _classify(self, item: _SlideSpectrum) -> SlideResult:
+        acc, spectrum = item.acc, item.spectrum
+        t = acc.timings
+        t0 = time.perf_counter()
+        image = render_spectrum(spectrum.x_nm, spectrum.y, self.render_params)
+        t1 = time.perf_counter()
+        tensor = to_tensor([image], self.bundle.manifest.input)
+        t2 = time.perf_counter()
+        probs = self.backend.infer(tensor)[0]
+        t3 = time.perf_counter()
+        t["render"], t["preprocess"], t["infer"] = (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
+        t["total"] = (t3 - acc.started) * 1e3
+        return self._result(probs, acc, spectrum)
+
+    def _result(self, probs: Any, acc: _SlideAcc, spectrum: Spectrum) -> SlideResult:
+        m = self.bundle.manifest
+        p_high = float(sum(float(probs[i]) for i in m.high_classes))
+        th = m.thresholds
+        return SlideResult(
+            label=m.classes[int(np.argmax(probs))],
+            probabilities={c: float(probs[i]) for i, c in enumerate(m.classes)},
+            p_high=p_high,
+            risk="high" if p_high >= th.decision else "low",
+            abstained=th.abstain_low <= p_high <= th.abstain_high,
+            model=self.bundle.describe(),
+            backend=self.backend.describe(),
+            spectrum_backend=spectrum.backend,
+            fields=tuple(acc.qualities),
+            spectrum=spectrum,
+            timings_ms={k: round(v, 3) for k, v in acc.timings.items()},
+        )
+
+
+def _with_flag(spectrum: Spectrum, flag: str) -> Spectrum:
+    return replace(spectrum, flags=(*spectrum.flags, flag))
+
+
+def timing_stats(results: list[SlideResult], wall_s: float) -> dict[str, Any]:
+    """Per-stage median and p95 (ms) over ``results`` and the throughput of the run."""
+    stages: dict[str, dict[str, float]] = {}
+    for stage in STAGES:
+        values = np.array([r.timings_ms[stage] for r in results], dtype=np.float64)
+        stages[stage] = {
+            "median_ms": round(float(np.median(values)), 3) if values.size else 0.0,
+            "p95_ms": round(float(np.percentile(values, 95)), 3) if values.size else 0.0,
+        }
+    n_fields = sum(len(r.fields) for r in results)
+    return {
+        "slides": len(results),
+        "fields": n_fields,
+        "wall_s": round(wall_s, 4),
+        "slides_per_s": round(len(results) / wall_s, 3) if wall_s > 0 else 0.0,
+        "fields_per_s": round(n_fields / wall_s, 3) if wall_s > 0 else 0.0,
+        "stages": stages,
+    }

@@ -1,0 +1,1 @@
+"""Test stand-ins: tiny bundles made without torch, and a TensorRT / pycuda surface."""

@@ -1,0 +1,140 @@
+"""Tiny model bundles built without torch, for any test that needs a real ``model.onnx``.
+
+The network is conv 3x3 -> ReLU -> global average pool -> gemm -> softmax on an N×3×S×S input
+named ``input`` with a dynamic batch axis, output ``probabilities``.  Golden outputs are computed
+with ONNX Runtime.  ``logits`` makes a constant-output model (zero gemm weights) whose
+probabilities are known exactly, for the decision and abstain-band tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from inference.bundle import Bundle, build_manifest, load_bundle
+
+SIZE = 32
+SPECTRUM = {"algorithm": "omis-wdiff-v1", "bins": 64, "n_smooth": 2}
+RENDER = {"width": SIZE, "height": SIZE, "margin_px": 2, "line_width": 1}
+
+
+def tiny_model(
+    n_classes: int = 2,
+    size: int = SIZE,
+    seed: int = 0,
+    logits: Sequence[float] | None = None,
+    conv_channels: int = 4,
+) -> onnx.ModelProto:
+    """The tiny classifier as an ONNX model (opset 17, dynamic batch)."""
+    rng = np.random.default_rng(seed)
+    c = conv_channels
+    conv_w = rng.normal(0, 0.5, (c, 3, 3, 3)).astype(np.float32)
+    conv_b = rng.normal(0, 0.1, (c,)).astype(np.float32)
+    if logits is None:
+        gemm_w = rng.normal(0, 2.0, (n_classes, c)).astype(np.float32)
+        gemm_b = np.linspace(-0.5, 0.5, n_classes, dtype=np.float32)
+    else:
+        gemm_w = np.zeros((n_classes, c), np.float32)
+        gemm_b = np.asarray(logits, np.float32)
+    inits = [
+        numpy_helper.from_array(conv_w, "conv_w"),
+        numpy_helper.from_array(conv_b, "conv_b"),
+        numpy_helper.from_array(gemm_w, "gemm_w"),
+        numpy_helper.from_array(gemm_b, "gemm_b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "conv_w", "conv_b"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("GlobalAveragePool", ["r1"], ["g1"]),
+        helper.make_node("Flatten", ["g1"], ["f1"], axis=1),
+        helper.make_node("Gemm", ["f1", "gemm_w", "gemm_b"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "omis-tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", n_classes])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def golden_for(model_path: Path, n: int = 4, size: int = SIZE, seed: int = 1) -> tuple[Any, Any]:
+    """Golden inputs (seeded normal noise) and ONNX Runtime's outputs for them."""
+    x = np.random.default_rng(seed).normal(0, 1, (n, 3, size, size)).astype(np.float32)
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    (y,) = sess.run(["probabilities"], {"input": x})
+    return x, np.asarray(y, np.float32)
+
+
+def make_bundle(
+    root: Path,
+    *,
+    classes: Sequence[str] = ("low", "high"),
+    risk: dict[str, str] | None = None,
+    seed: int = 0,
+    logits: Sequence[float] | None = None,
+    golden_n: int = 4,
+    allow_fp32_fallback: bool = True,
+    tolerance: dict[str, float] | None = None,
+    thresholds: dict[str, float] | None = None,
+    name: str = "tiny",
+    version: int = 1,
+    golden_offset: float = 0.0,
+    swap_golden_classes: bool = False,
+) -> Bundle:
+    """Write a complete, valid bundle directory at ``root`` and load it."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "golden").mkdir(exist_ok=True)
+    model = tiny_model(len(classes), seed=seed, logits=logits)
+    onnx.save(model, str(root / "model.onnx"))
+    x, y = golden_for(root / "model.onnx", n=golden_n)
+    # Deliberately wrong golden outputs, for the tests of the gate itself.
+    y = y + np.float32(golden_offset)
+    if swap_golden_classes:
+        y = np.ascontiguousarray(y[:, ::-1])
+    np.save(root / "golden" / "inputs.npy", x)
+    np.save(root / "golden" / "outputs.npy", y)
+    risk = risk or {c: ("high" if i == len(classes) - 1 else "low") for i, c in enumerate(classes)}
+    golden: dict[str, Any] = {"allow_fp32_fallback": allow_fp32_fallback}
+    if tolerance is not None:
+        golden["tolerance"] = tolerance
+    fields: dict[str, Any] = {
+        "name": name,
+        "version": version,
+        "task": "binary" if len(classes) == 2 else "pap4",
+        "classes": tuple(classes),
+        "risk": risk,
+        "input": {"name": "input", "shape": (-1, 3, SIZE, SIZE)},
+        "output": {"name": "probabilities"},
+        "spectrum": dict(SPECTRUM),
+        "render": dict(RENDER),
+        "golden": golden,
+    }
+    if thresholds is not None:
+        fields["thresholds"] = thresholds
+    manifest = build_manifest(root, **fields)
+    (root / "manifest.json").write_bytes(manifest.to_json_bytes())
+    return load_bundle(root)
+
+
+def make_field(seed: int, size: tuple[int, int] = (48, 48)) -> tuple[Any, Any]:
+    """A W/P pair that passes quality control: textured, in range, P registered to W."""
+    h, w = size
+    rng = np.random.default_rng(seed)
+    base = rng.integers(40, 200, (h, w, 3), dtype=np.int32)
+    # Smooth a little so the focus measure is realistic, keep texture for registration.
+    base = (base + np.roll(base, 1, axis=0) + np.roll(base, 1, axis=1)) // 3
+    tint = np.array([1.0, 0.95, 0.85]) + rng.normal(0, 0.02, 3)
+    p = np.clip(base * tint, 0, 240).astype(np.uint8)
+    return base.astype(np.uint8), p
