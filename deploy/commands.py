@@ -1,10 +1,242 @@
-"""Subcommands of ``omis`` contributed by this package (see ``deploy/cli.py``)."""
+"""Subcommands of ``omis`` contributed by this package (see ``deploy/cli.py``): scan, serve."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from deploy.appliance.base import ScanRequest, SlideScanner
+from deploy.appliance.health import check_health
+from deploy.broker import parse_broker_url
+from deploy.config import AppConfig, load_config
+from deploy.exceptions import ConfigError, DeployError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR = "/var/lib/omis"
+EXIT_UNHEALTHY = 1
+
+
+def _state_dir(args: argparse.Namespace, config: AppConfig) -> Path:
+    """``--state-dir``, else ``$OMIS_STATE_DIR``, else ``device.state_dir``, else the default."""
+    chosen = args.state_dir or os.environ.get("OMIS_STATE_DIR") or config.device.state_dir
+    return Path(chosen or DEFAULT_STATE_DIR)
+
+
+def _config(args: argparse.Namespace) -> AppConfig:
+    """The configuration file (if any) + environment + command-line overrides."""
+    overrides: dict[str, Any] = {}
+    for option, section, key in (
+        ("device_id", "device", "id"),
+        ("broker", "mqtt", "broker"),
+        ("microscope", "scan", "microscope"),
+        ("bundle", "scan", "bundle"),
+        ("fields", "scan", "fields"),
+    ):
+        value = getattr(args, option, None)
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    config = load_config(getattr(args, "config", None), overrides=overrides)
+    parse_broker_url(config.mqtt.broker)  # fail early, naming the URL
+    return config
+
+
+def _scanner(config: AppConfig, state_dir: Path) -> SlideScanner:
+    from deploy.scanner import MicroscopeScanner, resolve_bundle
+
+    bundle = resolve_bundle(config.scan.bundle, state_dir)
+    return MicroscopeScanner(config.scan.microscope, bundle, state_dir)
+
+
+def _install_signals(stop: Callable[[], None]) -> None:
+    def handler(signum: int, frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+# ------------------------------------------------------------------------------------ serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The appliance daemon (or --validate-config / --health)."""
+    if args.validate_config:
+        try:
+            config = _config(args)
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return 1
+        print("OK")
+        return 0
+    config = _config(args)
+    state_dir = _state_dir(args, config)
+    if args.health:
+        healthy, reason = check_health(state_dir, config.service.health_interval_s)
+        print(("OK " if healthy else "UNHEALTHY ") + reason)
+        return 0 if healthy else EXIT_UNHEALTHY
+    from deploy.appliance.service import Appliance
+
+    app = Appliance(config, state_dir, _scanner(config, state_dir))
+    _install_signals(app.request_stop)
+    try:
+        app.start()
+        app.run()
+    finally:
+        app.shutdown()
+    return 0
+
+
+# ------------------------------------------------------------------------------------- scan
+
+
+def _requests(args: argparse.Namespace, config: AppConfig) -> list[ScanRequest]:
+    fields = config.scan.fields
+    if args.slide_id:
+        return [ScanRequest(args.slide_id, fields, config.scan.plan, "cli")]
+    if config.scan.microscope.startswith("sim://"):
+        from deploy.scanner import sim_seed
+
+        seed = sim_seed(config.scan.microscope)
+        ids = [f"sim{seed}-{i:04d}" for i in range(args.slides or 1)]
+    else:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        ids = [f"{config.device.id}-{stamp}-{i + 1:03d}" for i in range(args.slides or 1)]
+    return [ScanRequest(slide, fields, config.scan.plan, "cli") for slide in ids]
+
+
+def _scan_report(app: Any, requests: list[ScanRequest]) -> dict[str, Any]:
+    by_scan = {c.scan_id: c for c in app.committed}
+    rows: list[dict[str, Any]] = []
+    for request in requests:
+        committed = by_scan.get(request.scan_id)
+        if committed is None:
+            reason = app.failures.get(request.scan_id, "not scanned")
+            rows.append({"slide_id": request.slide_id, "delivery": "failed", "error": reason})
+            continue
+        pending = app.outbox.contains(committed.message_id)
+        rows.append(
+            {
+                "slide_id": request.slide_id,
+                "scan_id": request.scan_id,
+                "message_id": committed.message_id,
+                "seq": committed.seq,
+                "label": committed.label,
+                "delivery": "stored" if pending else "acknowledged",
+            }
+        )
+    counts = {
+        k: sum(r["delivery"] == k for r in rows) for k in ("acknowledged", "stored", "failed")
+    }
+    return {
+        "device_id": app.identity.device_id,
+        "boot_id": app.identity.boot_id,
+        "broker": str(app.link.address) if app.link else None,
+        "outbox": str(app.outbox.path),
+        "results": rows,
+        "summary": counts,
+    }
+
+
+def _print_scan_report(report: dict[str, Any]) -> None:
+    words = {
+        "acknowledged": "acknowledged by the broker",
+        "stored": f"stored in the outbox {report['outbox']} (sent when the broker is reachable)",
+    }
+    for row in report["results"]:
+        if row["delivery"] == "failed":
+            print(f"slide {row['slide_id']}: FAILED: {row['error']}")
+            continue
+        print(
+            f"slide {row['slide_id']}: {row['label']}  seq {row['seq']}  "
+            f"message {row['message_id']}  {words[row['delivery']]}"
+        )
+    s = report["summary"]
+    print(
+        f"{len(report['results'])} slide(s): {s['acknowledged']} acknowledged, "
+        f"{s['stored']} stored in the outbox, {s['failed']} failed"
+    )
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    """Scan slides headless and publish one result per slide."""
+    if args.slides is not None and args.slides < 1:
+        raise ConfigError("--slides must be at least 1")
+    config = _config(args)
+    config.scan.queue_size = max(config.scan.queue_size, 1)
+    config.scan.scan_on_insert = False  # the CLI scans exactly what it was asked to
+    state_dir = _state_dir(args, config)
+    from deploy.appliance.service import Appliance
+
+    app = Appliance(config, state_dir, _scanner(config, state_dir))
+    _install_signals(app.request_stop)
+    requests = _requests(args, config)
+    try:
+        app.start()
+        app.run_batch(requests, ack_timeout_s=args.ack_timeout)
+        report = _scan_report(app, requests)
+    finally:
+        app.shutdown()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_scan_report(report)
+    if report["summary"]["failed"]:
+        raise DeployError(f"{report['summary']['failed']} slide(s) produced no result")
+    return 0
+
+
+# --------------------------------------------------------------------------------- register
+
+
+def _add_shared(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML configuration file (see docs/configuration.md)")
+    p.add_argument("--broker", help="mqtt://host:port, mqtts://host:port or embedded[:port]")
+    p.add_argument("--microscope", help="microscope URL: sim://, serial://..., replay://DIR")
+    p.add_argument("--bundle", help="model bundle (default: <state-dir>/models/current)")
+    p.add_argument("--device-id", help="device id in topics and results")
+    p.add_argument("--fields", type=int, help="fields per slide")
 
 
 def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
     """Add this package's subcommands to ``omis``."""
+    scan = sub.add_parser(
+        "scan",
+        parents=[common],
+        help="headless scan: acquire, classify and publish one result per slide",
+    )
+    _add_shared(scan)
+    which = scan.add_mutually_exclusive_group()
+    which.add_argument("--slides", type=int, help="number of slides to scan (default 1)")
+    which.add_argument("--slide-id", help="scan one slide with this id")
+    scan.add_argument(
+        "--ack-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for PUBACKs before leaving results in the outbox",
+    )
+    scan.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    scan.set_defaults(handler=cmd_scan, slides=None)
+
+    serve = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="the appliance daemon: scan commands, results over MQTT, status",
+    )
+    _add_shared(serve)
+    serve.add_argument(
+        "--validate-config", action="store_true", help="check the configuration, print OK"
+    )
+    serve.add_argument(
+        "--health", action="store_true", help="query the running daemon's health file"
+    )
+    serve.set_defaults(handler=cmd_serve)

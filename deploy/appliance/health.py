@@ -1,0 +1,61 @@
+"""The health file a supervisor can query: ``<state-dir>/run/health.json``.
+
+The daemon rewrites it atomically every ``service.health_interval_s``.  ``omis serve --health``
+(:func:`check_health`) reports healthy when the file is fresh (younger than three intervals),
+its process is alive and its state is not ``error``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from firmware_bridge.fsutil import atomic_write_text
+
+HEALTH_FILE = Path("run") / "health.json"
+STALE_FACTOR = 3.0
+
+
+def health_path(state_dir: Path) -> Path:
+    """Where the health file of ``state_dir`` lives."""
+    return state_dir / HEALTH_FILE
+
+
+def write_health(state_dir: Path, report: dict[str, Any]) -> None:
+    """Write the health report atomically, stamped with pid and time."""
+    body = dict(report, pid=os.getpid(), at=time.time())
+    atomic_write_text(health_path(state_dir), json.dumps(body, sort_keys=True))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_health(state_dir: Path, interval_s: float, now: float | None = None) -> tuple[bool, str]:
+    """``(healthy, one-line reason)`` from the health file."""
+    path = health_path(state_dir)
+    try:
+        report = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        return False, f"no readable health file at {path}: {exc}"
+    age = (time.time() if now is None else now) - float(report.get("at", 0))
+    if age > STALE_FACTOR * interval_s:
+        return False, f"health file is stale ({age:.0f} s old)"
+    if not _pid_alive(int(report.get("pid", 0))):
+        return False, f"process {report.get('pid')} is not running"
+    state = report.get("state")
+    if state == "error":
+        return False, f"state error: {report.get('last_error')}"
+    return True, (
+        f"state {state}, mqtt {'connected' if report.get('connected') else 'disconnected'}, "
+        f"outbox {report.get('outbox_rows')} row(s)"
+    )

@@ -1,0 +1,200 @@
+"""Broker URLs and the embedded broker: mosquitto as a child process on a loopback port.
+
+``embedded[:port]`` (the default) starts ``mosquitto`` with a generated minimal configuration
+(loopback only, anonymous, no persistence: it serves this process and local dashboards, the
+durable copy of every result is the outbox).  Without the mosquitto binary it fails with a clear
+error rather than pretending: install it (``apt-get install mosquitto``) or configure a broker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import urlsplit
+
+from deploy.exceptions import BrokerError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+_START_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where to connect: ``scheme`` is mqtt, mqtts or embedded (port None = any free port)."""
+
+    scheme: str
+    host: str
+    port: int | None
+
+    @property
+    def tls(self) -> bool:
+        """True for ``mqtts://``."""
+        return self.scheme == "mqtts"
+
+    def __str__(self) -> str:
+        if self.scheme == "embedded":
+            return "embedded" if self.port is None else f"embedded:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+def _parse_port(text: str, url: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise BrokerError(f"{url!r}: bad port {text!r}")
+    return int(text)
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """Parse ``mqtt://host[:port]``, ``mqtts://host[:port]`` or ``embedded[:port]``."""
+    text = url.strip()
+    if text == "embedded" or text.startswith("embedded:"):
+        port_text = text.partition(":")[2]
+        port = _parse_port(port_text, url) if port_text else None
+        return BrokerAddress("embedded", "127.0.0.1", port)
+    parts = urlsplit(text)
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        raise BrokerError(f"{url!r}: expected mqtt://host:port, mqtts://host:port or embedded")
+    try:
+        port = parts.port or DEFAULT_PORTS[parts.scheme]
+    except ValueError as exc:
+        raise BrokerError(f"{url!r}: bad port") from exc
+    return BrokerAddress(parts.scheme, parts.hostname, port)
+
+
+def find_mosquitto() -> str | None:
+    """Path of the mosquitto binary, or None."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return next((p for p in MOSQUITTO_CANDIDATES if os.access(p, os.X_OK)), None)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
+    """True once a TCP connection to ``host:port`` succeeds within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def mosquitto_config(port: int, workdir: Path) -> str:
+    """The minimal embedded configuration: loopback only, no persistence."""
+    return (
+        f"listener {port} 127.0.0.1\n"
+        "allow_anonymous true\n"
+        "persistence false\n"
+        f"log_dest file {workdir / 'mosquitto.log'}\n"
+        "log_type error\nlog_type warning\nlog_type notice\n"
+    )
+
+
+class EmbeddedBroker:
+    """mosquitto as a child process; a context manager with an idempotent ``close()``."""
+
+    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
+        self.requested_port = port
+        self.binary = binary
+        self.port: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._workdir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def address(self) -> BrokerAddress:
+        """Where clients connect (after :meth:`start`)."""
+        if self.port is None:
+            raise BrokerError("embedded broker is not started")
+        return BrokerAddress("mqtt", "127.0.0.1", self.port)
+
+    def start(self, timeout_s: float = 10.0) -> BrokerAddress:
+        """Start mosquitto and wait until it accepts connections."""
+        binary = self.binary or find_mosquitto()
+        if binary is None:
+            raise BrokerError(
+                "embedded broker needs mosquitto, which is not installed "
+                "(apt-get install mosquitto), or configure mqtt://host:port"
+            )
+        self._workdir = tempfile.TemporaryDirectory(prefix="omis-broker-")
+        workdir = Path(self._workdir.name)
+        # A free port can be taken between probing and binding: retry with a new one.
+        attempts = 1 if self.requested_port else _START_ATTEMPTS
+        for _ in range(attempts):
+            port = self.requested_port or free_port()
+            if self._try_start(binary, port, workdir, timeout_s):
+                self.port = port
+                log.info("embedded broker (mosquitto) on 127.0.0.1:%d", port)
+                return self.address
+        log_text = self._read_log(workdir)
+        self.close()
+        raise BrokerError(f"embedded mosquitto did not start: {log_text or 'no log output'}")
+
+    def _try_start(self, binary: str, port: int, workdir: Path, timeout_s: float) -> bool:
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(mosquitto_config(port, workdir), "utf-8")
+        proc = subprocess.Popen(
+            [binary, "-c", str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            if wait_for_port("127.0.0.1", port, 0.2):
+                self._proc = proc
+                return True
+        proc.kill()
+        proc.wait()
+        return False
+
+    @staticmethod
+    def _read_log(workdir: Path) -> str:
+        try:
+            return (workdir / "mosquitto.log").read_text("utf-8", "replace").strip()[-500:]
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        """Stop the broker and remove its files (idempotent)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        workdir, self._workdir = self._workdir, None
+        if workdir is not None:
+            workdir.cleanup()
+
+    def __enter__(self) -> EmbeddedBroker:
+        if self._proc is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

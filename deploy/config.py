@@ -1,0 +1,257 @@
+"""Typed configuration of the appliance: YAML file, then ``OMIS_<SECTION>__<KEY>`` overrides.
+
+Every key has a default and a description (``docs/configuration.md`` lists them).  Unknown keys
+are errors.  Secrets (MQTT password, TLS key passphrase) are read from their ``*_file`` or the
+environment when the configuration is loaded, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from deploy.exceptions import ConfigError
+
+ENV_PREFIX = "OMIS_"
+ENV_SEPARATOR = "__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _default_device_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "device"
+    return f"omis-{host}"
+
+
+class DeviceConfig(_Section):
+    """Identity and on-device storage."""
+
+    id: str = Field(
+        default_factory=_default_device_id,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="device id used in MQTT topics and results (no '/', '+', '#')",
+    )
+    state_dir: Path | None = Field(
+        default=None,
+        description="state directory; overridden by --state-dir, else $OMIS_STATE_DIR, "
+        "else /var/lib/omis",
+    )
+
+
+class TlsConfig(_Section):
+    """TLS towards the broker (``mqtts://`` URLs)."""
+
+    ca_file: Path | None = Field(default=None, description="CA bundle; None = system store")
+    cert_file: Path | None = Field(default=None, description="client certificate (PEM)")
+    key_file: Path | None = Field(default=None, description="client private key (PEM)")
+    key_passphrase: SecretStr | None = Field(
+        default=None, description="passphrase of key_file (prefer key_passphrase_file)"
+    )
+    key_passphrase_file: Path | None = Field(
+        default=None, description="file holding the key passphrase, read at load time"
+    )
+    insecure: bool = Field(default=False, description="skip hostname check (testing only)")
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class MqttConfig(_Section):
+    """The MQTT link."""
+
+    broker: str = Field(
+        default="embedded",
+        description="mqtt://host:port, mqtts://host:port or embedded[:port]",
+    )
+    prefix: str = Field(
+        default="omis/v1",
+        pattern=r"^[^#+]+[^/#+]$",
+        description="topic prefix; topics are <prefix>/<device>/...",
+    )
+    client_id: str | None = Field(default=None, description="client id; None = omis-<device>")
+    protocol: Literal["mqttv5", "mqttv311"] = Field(
+        default="mqttv5", description="MQTT protocol version"
+    )
+    keepalive_s: int = Field(default=30, ge=5, le=3600, description="keep-alive interval")
+    username: str | None = Field(default=None, description="user name")
+    password: SecretStr | None = Field(
+        default=None, description="password (prefer password_file or OMIS_MQTT__PASSWORD)"
+    )
+    password_file: Path | None = Field(
+        default=None, description="file holding the password, read at load time"
+    )
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings")
+    reconnect_min_s: float = Field(default=1.0, gt=0, description="first reconnect delay")
+    reconnect_max_s: float = Field(default=60.0, gt=0, description="reconnect delay cap")
+    max_inflight: int = Field(
+        default=20, ge=1, le=1000, description="unacknowledged result publishes at once"
+    )
+    max_command_bytes: int = Field(
+        default=16384, ge=256, description="larger command payloads are answered too_large"
+    )
+
+    @model_validator(mode="after")
+    def _delays(self) -> MqttConfig:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
+
+
+class OutboxConfig(_Section):
+    """The durable result outbox (SQLite, WAL)."""
+
+    max_rows: int = Field(default=10000, ge=1, description="results held at most")
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="payload bytes held")
+    synchronous: Literal["full", "normal"] = Field(
+        default="full",
+        description="SQLite synchronous mode; full survives power loss, normal only crashes",
+    )
+
+
+class ScanConfig(_Section):
+    """Scanning."""
+
+    microscope: str = Field(default="sim://", description="microscope URL (sim://, serial://, ...)")
+    bundle: Path | None = Field(
+        default=None, description="model bundle; None = <state_dir>/models/current"
+    )
+    fields: int = Field(default=8, ge=1, le=1000, description="fields per slide by default")
+    plan: str = Field(default="default", description="acquisition plan by default")
+    queue_size: int = Field(default=8, ge=1, le=1000, description="scans waiting at most")
+    scan_on_insert: bool = Field(
+        default=True, description="start a scan when the firmware reports a slide inserted"
+    )
+    shutdown_grace_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="on SIGTERM the running slide may finish within this time, else it is "
+        "abandoned (no result)",
+    )
+
+
+class ServiceConfig(_Section):
+    """Supervision and health."""
+
+    health_interval_s: float = Field(default=5.0, gt=0, description="health file refresh")
+    metrics_interval_s: float = Field(default=60.0, gt=0, description="metrics publish period")
+    restart_max: int = Field(default=5, ge=0, description="worker restarts allowed per window")
+    restart_window_s: float = Field(default=300.0, gt=0, description="restart-rate window")
+
+
+class AppConfig(_Section):
+    """The whole configuration file."""
+
+    device: DeviceConfig = Field(default_factory=DeviceConfig, description="identity")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT link")
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="result outbox")
+    scan: ScanConfig = Field(default_factory=ScanConfig, description="scanning")
+    service: ServiceConfig = Field(default_factory=ServiceConfig, description="supervision")
+
+
+def _set_path(tree: dict[str, Any], keys: list[str], value: Any, var: str) -> None:
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{var}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The ``OMIS_<SECTION>__<KEY>[__<SUBKEY>]`` variables as a nested mapping.
+
+    Values are parsed as YAML scalars, so ``true``, ``5`` and ``1.5`` get their types.
+    """
+    tree: dict[str, Any] = {}
+    for var, raw in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX) or ENV_SEPARATOR not in var:
+            continue
+        keys = [k.lower() for k in var[len(ENV_PREFIX) :].split(ENV_SEPARATOR)]
+        if any(not k for k in keys):
+            raise ConfigError(f"{var}: empty key in environment override")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, dict | list):
+            value = raw  # only scalars come from the environment
+        _set_path(tree, keys, value, var)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_secret(path: Path, key: str) -> SecretStr:
+    try:
+        return SecretStr(path.read_text("utf-8").strip())
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read secret file {path}: {exc.strerror}") from exc
+
+
+def _load_secrets(config: AppConfig) -> None:
+    mqtt = config.mqtt
+    if mqtt.password is None and mqtt.password_file is not None:
+        mqtt.password = _read_secret(mqtt.password_file, "mqtt.password_file")
+    tls = mqtt.tls
+    if tls.key_passphrase is None and tls.key_passphrase_file is not None:
+        tls.key_passphrase = _read_secret(tls.key_passphrase_file, "mqtt.tls.key_passphrase_file")
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """The first error as ``section.key: message``."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(root)"
+    return f"{where}: {first['msg']}"
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AppConfig:
+    """Load the file (if any), apply environment then explicit overrides, read secrets."""
+    data = _read_file(Path(path)) if path is not None else {}
+    data = _merge(data, env_overrides(os.environ if environ is None else environ))
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        config = AppConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from exc
+    _load_secrets(config)
+    return config

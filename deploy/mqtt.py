@@ -1,0 +1,387 @@
+"""The MQTT link (paho-mqtt 2.x, callback API v2, MQTT 5 by default) and the outbox pump.
+
+:class:`MqttLink` owns one paho client for the life of the process: paho reconnects with an
+exponential, capped back-off and re-sends its own unacknowledged QoS 1 publishes after a
+reconnect, so within one process every result is published once per connection at most.
+On every (re)connect it publishes ``online`` (retained), re-subscribes to the command topics and
+calls ``on_online`` so the service republishes its retained status.  The last will is
+``offline``; :meth:`MqttLink.close` publishes ``stopped`` before disconnecting.
+
+:class:`OutboxPump` moves rows from the durable :class:`~deploy.outbox.Outbox` to the broker in
+FIFO order with at most ``max_inflight`` unacknowledged, and deletes a row only when its PUBACK
+arrives.  After a restart it starts again from the oldest row, so every result is delivered at
+least once; duplicates carry the same ``message_id``.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from deploy.broker import BrokerAddress
+from deploy.config import MqttConfig
+from deploy.exceptions import MqttError
+from deploy.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+AVAILABILITY_ONLINE = "online"
+AVAILABILITY_STOPPED = "stopped"
+AVAILABILITY_OFFLINE = "offline"
+QOS = 1
+
+CommandCallback = Callable[[str, bytes, "Properties | None"], None]
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topic tree of one device: ``<prefix>/<device>/...``."""
+
+    prefix: str
+    device_id: str
+
+    @property
+    def base(self) -> str:
+        """``<prefix>/<device>``."""
+        return f"{self.prefix}/{self.device_id}"
+
+    @property
+    def availability(self) -> str:
+        """online / stopped / offline, retained."""
+        return f"{self.base}/availability"
+
+    @property
+    def status(self) -> str:
+        """omis.status/1, retained."""
+        return f"{self.base}/status"
+
+    @property
+    def result(self) -> str:
+        """omis.result/1, one per slide."""
+        return f"{self.base}/result"
+
+    @property
+    def ota_state(self) -> str:
+        """OTA state, retained (published by the OTA component)."""
+        return f"{self.base}/ota/state"
+
+    @property
+    def metrics(self) -> str:
+        """omis.metrics/1, QoS 0."""
+        return f"{self.base}/metrics"
+
+    @property
+    def command_filter(self) -> str:
+        """Subscription for every command verb of this device."""
+        return f"{self.base}/cmd/+"
+
+    def command(self, verb: str) -> str:
+        """Topic of command ``verb``."""
+        return f"{self.base}/cmd/{verb}"
+
+    def reply(self, verb: str) -> str:
+        """Topic of the replies to command ``verb``."""
+        return f"{self.base}/cmd/{verb}/reply"
+
+    def verb_of(self, topic: str) -> str | None:
+        """The verb of a command topic of this device, else None."""
+        head = f"{self.base}/cmd/"
+        if not topic.startswith(head):
+            return None
+        verb = topic[len(head) :]
+        return verb if verb and "/" not in verb else None
+
+
+def _is_failure(reason: ReasonCode | int | None) -> bool:
+    if reason is None:
+        return False
+    if isinstance(reason, ReasonCode):
+        return bool(reason.is_failure)
+    return int(reason) >= 0x80
+
+
+class MqttLink:
+    """One paho client with availability, command intake and PUBACK notification."""
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        address: BrokerAddress,
+        topics: Topics,
+        on_command: CommandCallback | None = None,
+        on_online: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.address = address
+        self.topics = topics
+        self.on_command = on_command
+        self.on_online = on_online
+        self.on_puback: Callable[[int, bool], None] | None = None
+        self.connected = threading.Event()
+        self.connects = 0
+        self._client: paho.Client | None = None
+
+    @property
+    def mqtt5(self) -> bool:
+        """True when speaking MQTT 5."""
+        return self.config.protocol == "mqttv5"
+
+    def _build_client(self) -> paho.Client:
+        cfg = self.config
+        protocol = MQTTProtocolVersion.MQTTv5 if self.mqtt5 else MQTTProtocolVersion.MQTTv311
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=cfg.client_id or f"omis-{self.topics.device_id}",
+            protocol=protocol,
+            clean_session=None if self.mqtt5 else True,
+        )
+        client.enable_logger(logging.getLogger("deploy.mqtt.paho"))
+        client.will_set(self.topics.availability, AVAILABILITY_OFFLINE, qos=QOS, retain=True)
+        if cfg.username is not None:
+            password = cfg.password.get_secret_value() if cfg.password else None
+            client.username_pw_set(cfg.username, password)
+        if self.address.tls:
+            self._configure_tls(client)
+        client.reconnect_delay_set(
+            max(1, round(cfg.reconnect_min_s)), max(1, round(cfg.reconnect_max_s))
+        )
+        client.max_inflight_messages_set(cfg.max_inflight)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        return client
+
+    def _configure_tls(self, client: paho.Client) -> None:
+        tls = self.config.tls
+        passphrase = tls.key_passphrase.get_secret_value() if tls.key_passphrase else None
+        try:
+            client.tls_set(
+                ca_certs=str(tls.ca_file) if tls.ca_file else None,
+                certfile=str(tls.cert_file) if tls.cert_file else None,
+                keyfile=str(tls.key_file) if tls.key_file else None,
+                keyfile_password=passphrase,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise MqttError(f"mqtt.tls: cannot load certificates: {exc}") from exc
+        client.tls_insecure_set(tls.insecure)
+
+    def start(self) -> None:
+        """Connect in the background; reconnects forever until :meth:`close`."""
+        if self._client is not None:
+            return
+        client = self._build_client()
+        try:
+            client.connect_async(
+                self.address.host, self.address.port or 1883, keepalive=self.config.keepalive_s
+            )
+        except (OSError, ValueError) as exc:
+            raise MqttError(f"cannot connect to {self.address}: {exc}") from exc
+        self._client = client
+        client.loop_start()
+        log.info("MQTT: connecting to %s as %s", self.address, self.topics.device_id)
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """True once connected within ``timeout_s``."""
+        return self.connected.wait(timeout_s)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        qos: int = QOS,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> int:
+        """Queue one publish; returns paho's message id (paho keeps QoS 1 until PUBACK)."""
+        if self._client is None:
+            raise MqttError("MQTT link is not started")
+        info = self._client.publish(
+            topic, payload, qos=qos, retain=retain, properties=properties if self.mqtt5 else None
+        )
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        return int(info.mid)
+
+    def reply_properties(self, correlation: bytes | None) -> Properties | None:
+        """MQTT 5 properties echoing a request's correlation data."""
+        if not self.mqtt5 or correlation is None:
+            return None
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.CorrelationData = correlation
+        return props
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Publish ``stopped`` (retained), disconnect cleanly and stop the loop (idempotent)."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        if self.connected.is_set():
+            info = client.publish(self.topics.availability, AVAILABILITY_STOPPED, QOS, True)
+            try:
+                info.wait_for_publish(timeout_s)
+            except (RuntimeError, ValueError):
+                log.warning("MQTT: 'stopped' could not be published")
+        client.disconnect()
+        client.loop_stop()
+        self.connected.clear()
+
+    # paho callbacks (network thread): never let an exception escape into paho.
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if _is_failure(reason):
+            log.error("MQTT: connection refused by %s: %s", self.address, reason)
+            return
+        self.connects += 1
+        log.info("MQTT: connected to %s (connection %d)", self.address, self.connects)
+        client.publish(self.topics.availability, AVAILABILITY_ONLINE, QOS, True)
+        client.subscribe(self.topics.command_filter, qos=QOS)
+        self.connected.set()
+        if self.on_online is not None:
+            try:
+                self.on_online()
+            except Exception:
+                log.exception("MQTT: on_online hook failed")
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self.connected.clear()
+        log.warning("MQTT: disconnected from %s: %s", self.address, reason)
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if self.on_command is None:
+            return
+        try:
+            props = getattr(msg, "properties", None)
+            self.on_command(msg.topic, bytes(msg.payload), props)
+        except Exception:
+            # A bad message must never take the daemon down; the handler replies on its own.
+            log.exception("MQTT: command on %s could not be handled", msg.topic)
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if self.on_puback is None:
+            return
+        try:
+            self.on_puback(mid, not _is_failure(reason))
+        except Exception:
+            log.exception("MQTT: PUBACK handling failed for mid %d", mid)
+
+
+class OutboxPump:
+    """Publishes outbox rows in order, ``max_inflight`` at a time; deletes them on PUBACK."""
+
+    def __init__(self, outbox: Outbox, link: MqttLink, max_inflight: int) -> None:
+        self.outbox = outbox
+        self.link = link
+        self.max_inflight = max_inflight
+        self.published = 0
+        self.acked = 0
+        self.rejected = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox row id
+        self._early: dict[int, bool] = {}  # PUBACKs that beat their bookkeeping
+        self._acked_rows: list[int] = []
+        self._cursor = 0  # highest row id handed to paho in this process
+
+    def notify(self) -> None:
+        """Wake the pump (a row was added or the link came up)."""
+        self._wake.set()
+
+    def on_puback(self, mid: int, ok: bool) -> None:
+        """PUBACK callback (network thread): remember it, let the pump thread delete."""
+        with self._lock:
+            rowid = self._inflight.pop(mid, None)
+            if rowid is None:
+                self._early[mid] = ok
+                return
+            self._settle(rowid, ok)
+        self._wake.set()
+
+    def _settle(self, rowid: int, ok: bool) -> None:
+        if ok:
+            self._acked_rows.append(rowid)
+        else:
+            # The broker refused it (e.g. ACL): keep it, it is retried after the next restart.
+            self.rejected += 1
+            log.error("MQTT: broker refused outbox row %d; kept for a later retry", rowid)
+
+    @property
+    def inflight(self) -> int:
+        """Publishes waiting for their PUBACK."""
+        with self._lock:
+            return len(self._inflight)
+
+    def _flush_acks(self) -> None:
+        with self._lock:
+            rows, self._acked_rows = self._acked_rows, []
+        if rows:
+            self.acked += self.outbox.ack(rows)
+
+    def _fill(self) -> int:
+        room = self.max_inflight - self.inflight
+        if room <= 0 or not self.link.connected.is_set():
+            return 0
+        items = self.outbox.pending(after_rowid=self._cursor, limit=room)
+        for item in items:
+            mid = self.link.publish(item.topic, item.payload, qos=QOS)
+            with self._lock:
+                early = self._early.pop(mid, None)
+                if early is None:
+                    self._inflight[mid] = item.rowid
+                else:
+                    self._settle(item.rowid, early)
+            self._cursor = item.rowid
+            self.published += 1
+        return len(items)
+
+    def run(self, stop: threading.Event) -> None:
+        """Worker loop: until ``stop`` is set, flush acknowledgements and refill the window."""
+        while not stop.is_set():
+            self._flush_acks()
+            if self._fill():
+                continue
+            self._wake.wait(0.5)
+            self._wake.clear()
+        self._flush_acks()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until the outbox is empty (all acknowledged) or ``timeout_s`` passes."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.outbox.stats().rows == 0:
+                return True
+            time.sleep(0.05)
+        return self.outbox.stats().rows == 0
