@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "training.cli",
     "deploy.commands",
     "deploy.cli_ota",
+    "deploy.cli_demo",
 )
 
 DEFAULT_STATE_DIR = "/var/lib/omis"

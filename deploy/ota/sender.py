@@ -1,0 +1,125 @@
+"""``omis ota publish``: the sender's side of an MQTT OTA offer (paho-mqtt 2.x, callback API v2).
+
+Publishes the offer on ``cmd/ota``; for an inline transfer publishes every chunk (QoS 1) and
+re-sends the chunks the device lists on ``ota/need/<transfer-id>``; waits for the device's
+reply on ``cmd/ota/reply`` carrying the offer's correlation id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import ssl
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from deploy.broker import BrokerAddress
+from deploy.ota.delivery import InlineSource, OtaOffer, chunk_topic, iter_chunks, need_topic
+from deploy.ota.exceptions import DeliveryError
+
+log = logging.getLogger(__name__)
+QOS = 1
+
+
+class OfferSender:
+    """One MQTT connection that delivers one offer; a context manager, ``close()`` idempotent."""
+
+    def __init__(self, address: BrokerAddress, prefix: str, device_id: str) -> None:
+        self.address = address
+        self.base = f"{prefix}/{device_id}"
+        self.prefix = prefix
+        self.device_id = device_id
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._client: paho.Client | None = None
+
+    def connect(self, timeout_s: float = 10.0) -> None:
+        """Connect and subscribe to the reply and need topics."""
+        client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+        if self.address.tls:
+            client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        client.on_message = self._on_message
+        try:
+            client.connect(self.address.host, self.address.port or 1883, keepalive=30)
+        except (OSError, ValueError) as exc:
+            raise DeliveryError(f"cannot connect to {self.address}: {exc}") from exc
+        self._client = client
+        client.loop_start()
+        for topic in (f"{self.base}/cmd/ota/reply", f"{self.base}/ota/need/+"):
+            info = client.subscribe(topic, qos=QOS)
+            if info[0] != paho.MQTT_ERR_SUCCESS:
+                raise DeliveryError(f"cannot subscribe to {topic}")
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self._inbox.put((msg.topic, bytes(msg.payload)))
+
+    def _publish(self, topic: str, payload: bytes, timeout_s: float) -> None:
+        if self._client is None:
+            raise DeliveryError("sender is not connected")
+        info = self._client.publish(topic, payload, qos=QOS)
+        try:
+            info.wait_for_publish(timeout_s)
+        except (RuntimeError, ValueError) as exc:
+            raise DeliveryError(f"publish to {topic} failed: {exc}") from exc
+        if not info.is_published():
+            raise DeliveryError(f"publish to {topic} not acknowledged in {timeout_s:.0f} s")
+
+    def send_chunks(self, archive: Path, source: InlineSource, only: set[int] | None = None) -> int:
+        """Publish (some of) the archive's chunks; returns how many."""
+        sent = 0
+        for index, block in iter_chunks(archive, source.chunk_size):
+            if only is None or index in only:
+                topic = chunk_topic(self.prefix, self.device_id, source.transfer_id, index)
+                self._publish(topic, block, 30.0)
+                sent += 1
+        return sent
+
+    def deliver(self, offer: OtaOffer, archive: Path | None, wait_s: float) -> dict[str, Any]:
+        """Send the offer (and chunks); return the device's reply, or raise on timeout."""
+        self._publish(f"{self.base}/cmd/ota", offer.to_json(), 30.0)
+        source = offer.source
+        if isinstance(source, InlineSource):
+            if archive is None:
+                raise DeliveryError("an inline offer needs its archive")
+            log.info("sent %d chunk(s)", self.send_chunks(archive, source))
+        need = need_topic(self.prefix, self.device_id, getattr(source, "transfer_id", "-"))
+        while True:
+            try:
+                topic, payload = self._inbox.get(timeout=wait_s)
+            except queue.Empty:
+                raise DeliveryError(
+                    f"no reply from {self.device_id} within {wait_s:.0f} s"
+                ) from None
+            data = _json(payload)
+            if topic == need and isinstance(source, InlineSource) and archive is not None:
+                missing = {int(i) for i in data.get("missing", [])}
+                log.info("device asks for %d chunk(s) again", len(missing))
+                self.send_chunks(archive, source, missing)
+            elif topic.endswith("/cmd/ota/reply") and data.get("correlation_id") == (
+                offer.correlation_id
+            ):
+                return data
+
+    def close(self) -> None:
+        """Disconnect (idempotent)."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+
+    def __enter__(self) -> OfferSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _json(payload: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}

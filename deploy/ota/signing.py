@@ -1,0 +1,213 @@
+"""Ed25519 keys and bundle signatures.
+
+``manifest.sig`` holds the raw 64-byte Ed25519 signature of the exact bytes of
+``manifest.json``.  The manifest lists the sha256 and size of every other file, so one
+signature covers the whole bundle; :func:`verify_bundle` checks both the signature and every
+file hash.  Keys are PEM files: the private key (PKCS#8, mode 0600) and the public key beside
+it with a ``.pub`` suffix.  A key's fingerprint is the hex sha256 of its raw 32 public bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from deploy.ota.exceptions import RejectedError, SignatureInvalidError, TrustError
+from deploy.ota.unpack import UnpackLimits, is_archive, pack_bundle, safe_extract
+from firmware_bridge.fsutil import atomic_write_bytes
+from inference.bundle import MANIFEST, SIGNATURE, Bundle, load_bundle
+from inference.exceptions import BundleError
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_BYTES = 64
+DEFAULT_KEY_NAME = "omis-bundle"
+PUB_SUFFIX = ".pub"
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """Paths and fingerprint of a freshly generated key pair."""
+
+    private: Path
+    public: Path
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle whose files and signature have been verified."""
+
+    bundle: Bundle
+    signer: str
+
+    def describe(self) -> dict[str, object]:
+        """Name, version, model sha256 and signer fingerprint."""
+        return {**self.bundle.describe(), "signer": self.signer}
+
+
+def fingerprint(key: Ed25519PublicKey) -> str:
+    """Hex sha256 of the raw public key bytes."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def public_pem(key: Ed25519PublicKey) -> bytes:
+    """The public key as PEM (SubjectPublicKeyInfo)."""
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def generate_keypair(out_dir: Path, name: str = DEFAULT_KEY_NAME) -> KeyPair:
+    """Write ``out_dir/name`` (private, 0600) and ``out_dir/name.pub``; never overwrites."""
+    if not name or "/" in name or name.startswith("."):
+        raise TrustError(f"bad key name {name!r}")
+    private_path = out_dir / name
+    public_path = out_dir / f"{name}{PUB_SUFFIX}"
+    for path in (private_path, public_path):
+        if path.exists():
+            raise TrustError(f"{path} already exists; refusing to overwrite a key")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(private_path, pem)  # mkstemp creates the file with mode 0600
+    os.chmod(private_path, 0o600)
+    atomic_write_bytes(public_path, public_pem(key.public_key()))
+    os.chmod(public_path, 0o644)
+    return KeyPair(private_path, public_path, fingerprint(key.public_key()))
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """Read a PEM Ed25519 private key."""
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise TrustError(f"{path}: cannot read private key ({exc})") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise TrustError(f"{path}: not an Ed25519 private key")
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    """Read a PEM Ed25519 public key."""
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError, UnsupportedAlgorithm) as exc:
+        raise TrustError(f"{path}: cannot read public key ({exc})") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise TrustError(f"{path}: not an Ed25519 public key")
+    return key
+
+
+def verify_signature(data: bytes, signature: bytes, keys: Mapping[str, Ed25519PublicKey]) -> str:
+    """Return the fingerprint of the trusted key that signed ``data``, else raise."""
+    if not keys:
+        raise SignatureInvalidError("no trusted keys: add one with 'omis ota trust KEY.pub'")
+    if len(signature) != SIGNATURE_BYTES:
+        raise SignatureInvalidError(
+            f"{SIGNATURE}: malformed ({len(signature)} bytes, need {SIGNATURE_BYTES})"
+        )
+    for fp, key in keys.items():
+        try:
+            key.verify(signature, data)
+        except InvalidSignature:
+            continue
+        return fp
+    raise SignatureInvalidError(
+        f"{SIGNATURE} verifies against none of the {len(keys)} trusted key(s) "
+        "(unknown signer, or manifest/signature altered)"
+    )
+
+
+def load_checked(root: Path) -> Bundle:
+    """:func:`inference.bundle.load_bundle` with its errors as :class:`RejectedError`."""
+    try:
+        return load_bundle(root)
+    except BundleError as exc:
+        raise RejectedError(str(exc)) from exc
+
+
+def verify_dir(root: Path, keys: Mapping[str, Ed25519PublicKey]) -> VerifiedBundle:
+    """Verify the signature of the manifest bytes, then parse it and check every file hash.
+
+    The signature comes first so no untrusted manifest is parsed or acted upon.
+    """
+    sig_path = root / SIGNATURE
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise RejectedError(f"{root}: no {MANIFEST}")
+    if not sig_path.is_file():
+        raise SignatureInvalidError(f"{root}: unsigned bundle (no {SIGNATURE})")
+    signer = verify_signature(manifest_path.read_bytes(), sig_path.read_bytes(), keys)
+    bundle = load_checked(root)
+    # Re-check the bytes actually parsed: the files are ours, but be exact about what was signed.
+    verify_signature(bundle.manifest_bytes, sig_path.read_bytes(), {signer: keys[signer]})
+    return VerifiedBundle(bundle, signer)
+
+
+@contextlib.contextmanager
+def opened(path: Path, limits: UnpackLimits | None = None) -> Iterator[Path]:
+    """Yield a bundle directory for ``path``: itself, or a temporary unpacking of a .tar."""
+    if path.is_dir():
+        yield path
+        return
+    if not is_archive(path):
+        raise RejectedError(f"{path}: neither a bundle directory nor a tar archive")
+    with tempfile.TemporaryDirectory(prefix="omis-bundle-") as tmp:
+        yield safe_extract(path, Path(tmp) / "b", limits)
+
+
+def verify_bundle(path: Path, keys: Mapping[str, Ed25519PublicKey]) -> dict[str, object]:
+    """Verify a bundle directory or .tar (files and signature); returns its description."""
+    with opened(path) as root:
+        return verify_dir(root, keys).describe()
+
+
+def _sign_dir(root: Path, key: Ed25519PrivateKey) -> str:
+    bundle = load_checked(root)  # never sign a bundle whose files disagree with its manifest
+    atomic_write_bytes(root / SIGNATURE, key.sign(bundle.manifest_bytes))
+    return fingerprint(key.public_key())
+
+
+def sign_bundle(path: Path, key_path: Path) -> str:
+    """Write ``manifest.sig`` into a bundle directory or .tar; returns the signer fingerprint."""
+    key = load_private_key(key_path)
+    if path.is_dir():
+        fp = _sign_dir(path, key)
+    else:
+        with opened(path) as root:
+            fp = _sign_dir(root, key)
+            pack_bundle(root, path)
+    log.info("signed %s with key %s", path, fp[:16])
+    return fp
+
+
+__all__ = [
+    "KeyPair",
+    "VerifiedBundle",
+    "fingerprint",
+    "generate_keypair",
+    "load_checked",
+    "load_private_key",
+    "load_public_key",
+    "opened",
+    "sign_bundle",
+    "verify_bundle",
+    "verify_dir",
+    "verify_signature",
+]
