@@ -7,8 +7,11 @@ Tree::
     ├── BridgeInitError         a device could not be opened or refused (port missing, bad firmware)
     │   └── UnsupportedFirmwareError
     ├── BridgeOperationError    a command failed on a working link (nack, fault, limit)
-    │   └── EmergencyStopError
+    │   ├── EmergencyStopError
+    │   ├── SoftLimitError      a move outside the soft limits, refused by host or firmware
+    │   └── DeviceResetError    the firmware rebooted (brown-out): its state was lost
     ├── BridgeTimeoutError      no (valid) answer in time, after the bounded retries
+    │   └── LinkDownError       the serial port vanished and did not come back in time
     └── ProtocolError           a frame could not be encoded or decoded
 
 Foreign errors (``serial.SerialException``, ``OSError``, ``cv2.error``) are wrapped at the
@@ -52,3 +55,15 @@ class BridgeTimeoutError(BridgeError, TimeoutError):
 
 class ProtocolError(BridgeError):
     """A frame could not be encoded or decoded."""
+
+
+class SoftLimitError(BridgeOperationError):
+    """A move was refused because the target lies outside the soft travel limits."""
+
+
+class DeviceResetError(BridgeOperationError):
+    """The firmware rebooted since the last command (boot counter changed): state was lost."""
+
+
+class LinkDownError(BridgeTimeoutError):
+    """The serial link is down (port vanished) and did not come back in time."""
