@@ -26,9 +26,11 @@ $(VENV)/.stamp-test-$(HASH): $(VENV)/.stamp-train-$(HASH)
 	touch $@
 
 install: $(VENV)/.stamp-train-$(HASH)
-install-test: $(VENV)/.stamp-test-$(HASH) system-deps
+install-test: $(VENV)/.stamp-test-$(HASH)
+	@bash scripts/system-deps.sh --test
+	@bash scripts/dashboard-deps.sh
 
-# Binaries the tests talk to for real: mosquitto (broker and clients).
+# Binaries the demo talks to for real: the mosquitto broker.
 system-deps:
 	@bash scripts/system-deps.sh
 

@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # Installs the system binaries that the tests and the demo talk to, when missing.
 # Idempotent: prints nothing and does nothing when everything is present.
+#   scripts/system-deps.sh          what the demo needs (the MQTT broker)
+#   scripts/system-deps.sh --test   plus what the tests need (mosquitto clients, Chromium)
 set -euo pipefail
+mode=${1:-}
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
-command -v mosquitto_sub >/dev/null 2>&1 || need+=(mosquitto-clients)
+if [ "$mode" = --test ]; then
+  command -v mosquitto_sub >/dev/null 2>&1 || need+=(mosquitto-clients)
+  # Headless browser for the dashboard test; Playwright never downloads one.
+  [ -x /usr/bin/chromium ] || need+=(chromium)
+fi
 if ((${#need[@]})); then
   if [ "$(id -u)" != 0 ]; then
     echo "missing system packages: ${need[*]} (run as root or install them: apt-get install ${need[*]})" >&2
