@@ -50,10 +50,13 @@ def _config(args: argparse.Namespace) -> AppConfig:
 
 
 def _scanner(config: AppConfig, state_dir: Path) -> SlideScanner:
-    from deploy.scanner import MicroscopeScanner, resolve_bundle
+    """``--bundle`` pins a bundle for this run; else the model store's active model serves
+    (and OTA updates switch it between slides)."""
+    from deploy.scanner import MicroscopeScanner, active_bundle_path
 
-    bundle = resolve_bundle(config.scan.bundle, state_dir)
-    return MicroscopeScanner(config.scan.microscope, bundle, state_dir)
+    if config.scan.bundle is None:
+        active_bundle_path(state_dir)  # fail early, in one line, when nothing is installed
+    return MicroscopeScanner(config.scan.microscope, config.scan.bundle, state_dir)
 
 
 def _install_signals(stop: Callable[[], None]) -> None:
@@ -202,7 +205,9 @@ def _add_shared(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML configuration file (see docs/configuration.md)")
     p.add_argument("--broker", help="mqtt://host:port, mqtts://host:port or embedded[:port]")
     p.add_argument("--microscope", help="microscope URL: sim://, serial://..., replay://DIR")
-    p.add_argument("--bundle", help="model bundle (default: <state-dir>/models/current)")
+    p.add_argument(
+        "--bundle", help="model bundle for this run (default: the model store's active model)"
+    )
     p.add_argument("--device-id", help="device id in topics and results")
     p.add_argument("--fields", type=int, help="fields per slide")
 

@@ -1,7 +1,12 @@
 """The real :class:`~deploy.appliance.base.SlideScanner`: microscope bridge + device pipeline.
 
 ``open()`` loads the bundle, loads the inference backend, warms it up and passes the golden gate
-(:func:`inference.golden.open_checked`), then opens the microscope URL.  ``scan()`` acquires the
+(:func:`inference.golden.open_checked`), then opens the microscope URL.  Without an explicit
+bundle the scanner serves the model store's active model (``<state-dir>/models/state.json``) and
+follows it: at every slide boundary it compares :meth:`ModelStore.generation` with the generation
+it loaded and reloads on a change, so each result names exactly the model that produced it.  For
+OTA it can also load a new model *beside* the serving one (:meth:`prepare_model`, golden-gated)
+and swap it in between slides (:meth:`load_model`).  ``scan()`` acquires the
 request's fields (checking the cancel flag between fields) and runs
 :class:`inference.pipeline.SlidePipeline` on them.  With ``sim://`` each request puts the
 synthetic slide named by its slide id under the objective (``sim<seed>-NNNN`` is slide NNNN of
@@ -17,12 +22,14 @@ import re
 import threading
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from deploy.appliance.base import ScannerInfo, ScanRequest, SlideListener
 from deploy.exceptions import ScanCancelledError, ScanError
+from inference.exceptions import InferenceError
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +38,14 @@ SIM_SIZE = (320, 256)  # small frames keep the simulated appliance fast on CPU-o
 
 
 def active_bundle_path(state_dir: Path) -> Path:
-    """The active model of the model store (``<state-dir>/models/current``)."""
-    current = state_dir / "models" / "current"
-    if current.is_dir():
-        return current.resolve()
-    if current.is_file():
-        target = Path(current.read_text("utf-8").strip())
-        return target if target.is_absolute() else (current.parent / target).resolve()
-    raise ScanError(f"no active model in {state_dir / 'models'}; pass --bundle")
+    """Directory of the model store's active model (``current`` in ``models/state.json``)."""
+    from deploy.ota.store import ModelStore
+
+    store = ModelStore(state_dir)
+    current = store.read_state().current
+    if current is None:
+        raise ScanError(f"no active model in {store.root}; install one or pass --bundle")
+    return store.bundle_path(current)
 
 
 def sim_seed(url: str) -> int:
@@ -47,23 +54,45 @@ def sim_seed(url: str) -> int:
     return int(values[0]) if values[0].isdigit() else 0
 
 
+@dataclass
+class _Served:
+    """One loaded model: bundle, golden-checked backend, pipeline, store generation."""
+
+    bundle: Any
+    backend: Any
+    pipeline: Any
+    generation: int | None = None
+
+    def close(self) -> None:
+        """Close the backend."""
+        self.backend.close()
+
+
 class MicroscopeScanner:
-    """Microscope + inference pipeline behind the scanner seam."""
+    """Microscope + inference pipeline behind the scanner seam.
+
+    ``bundle_path=None`` serves (and follows) the model store of ``state_dir``; a path pins that
+    bundle for this run (``--bundle``).  ``scan``, ``load_model`` and ``close`` are called by
+    one thread at a time (the service's slide lock); ``prepare_model`` may run beside a scan.
+    """
 
     def __init__(
         self,
         microscope_url: str,
-        bundle_path: Path,
+        bundle_path: Path | None,
         state_dir: Path,
         backend: str = "auto",
+        sim_size: tuple[int, int] = SIM_SIZE,
     ) -> None:
         self.microscope_url = microscope_url
         self.bundle_path = bundle_path
         self.state_dir = state_dir
         self.backend_name = backend
+        self.sim_size = sim_size
         self._microscope: Any = None
-        self._pipeline: Any = None
-        self._backend: Any = None
+        self._served: _Served | None = None
+        self._prepared: _Served | None = None
+        self._prepare_lock = threading.Lock()
         self._listener: SlideListener | None = None
         self._loading = threading.Event()  # our own load_slide must not trigger a scan
 
@@ -72,29 +101,124 @@ class MicroscopeScanner:
         """True for ``sim://`` microscopes."""
         return self.microscope_url.startswith("sim://")
 
-    def open(self) -> ScannerInfo:
-        """Load and golden-check the model, then open the microscope."""
-        from firmware_bridge.microscope import open_microscope
+    @property
+    def follows_store(self) -> bool:
+        """True when the model comes from the model store (no pinned ``--bundle``)."""
+        return self.bundle_path is None
+
+    @property
+    def model(self) -> dict[str, Any] | None:
+        """Name, version and sha256 of the model serving now."""
+        served = self._served
+        return None if served is None else dict(served.bundle.describe())
+
+    def _open_model(self, bundle: Any, generation: int | None) -> _Served:
         from inference.backends import BackendOptions
-        from inference.bundle import load_bundle
         from inference.golden import open_checked
         from inference.pipeline import SlidePipeline
 
-        bundle = load_bundle(self.bundle_path)
         options = BackendOptions(state_dir=str(self.state_dir))
-        self._backend, _ = open_checked(self.backend_name, bundle, options)
-        self._pipeline = SlidePipeline(bundle, self._backend)
-        size = SIM_SIZE if self.simulated else None
+        backend, _ = open_checked(self.backend_name, bundle, options)
+        try:
+            pipeline = SlidePipeline(bundle, backend)
+        except BaseException:
+            backend.close()
+            raise
+        return _Served(bundle, backend, pipeline, generation)
+
+    def _store_model(self) -> tuple[Any, int]:
+        from deploy.ota.store import ModelStore
+
+        store = ModelStore(self.state_dir)
+        state = store.read_state()  # one read: the bundle and its generation agree
+        if state.current is None:
+            raise ScanError(f"no active model in {store.root}; install one or pass --bundle")
+        return store.open_slot(state.current), state.generation
+
+    def open(self) -> ScannerInfo:
+        """Load and golden-check the model, then open the microscope."""
+        from firmware_bridge.microscope import open_microscope
+        from inference.bundle import load_bundle
+
+        if self.bundle_path is None:
+            bundle, generation = self._store_model()
+            self._served = self._open_model(bundle, generation)
+        else:
+            self._served = self._open_model(load_bundle(self.bundle_path), None)
+        size = self.sim_size if self.simulated else None
         self._microscope = open_microscope(self.microscope_url, size=size)
         controller = getattr(self._microscope, "controller", None)
         if controller is not None:
             controller.add_event_listener(self._on_event)
-        described = self._microscope.describe()
+        return self.info()
+
+    def info(self) -> ScannerInfo:
+        """What serves now: model, engine, firmware."""
+        served = self._served
+        described = self._microscope.describe() if self._microscope is not None else {}
         return ScannerInfo(
-            model=bundle.describe(),
-            engine=self._backend.describe(),
+            model=None if served is None else served.bundle.describe(),
+            engine=None if served is None else served.backend.describe(),
             firmware=described.get("firmware"),
         )
+
+    # -- model switching (OTA) ---------------------------------------------------------------
+
+    def prepare_model(self, bundle: Any) -> None:
+        """Load ``bundle`` beside the serving model and pass its golden gate; keep it ready.
+
+        Raises :class:`~inference.exceptions.InferenceError` when it does not pass.
+        """
+        ready = self._open_model(bundle, None)
+        with self._prepare_lock:
+            old, self._prepared = self._prepared, ready
+        if old is not None:
+            old.close()
+
+    def discard_prepared(self) -> None:
+        """Drop a prepared model that will not be switched to (idempotent)."""
+        with self._prepare_lock:
+            old, self._prepared = self._prepared, None
+        if old is not None:
+            old.close()
+
+    def load_model(self, bundle: Any, generation: int | None) -> ScannerInfo:
+        """Serve ``bundle`` from the next slide on; call between slides (slide lock held).
+
+        Uses the prepared model when it is this bundle, else loads and gates it now.  On
+        failure the serving model stays.
+        """
+        served = self._served
+        if served is not None and served.bundle.manifest_bytes == bundle.manifest_bytes:
+            served.generation = generation  # already serving it (e.g. a rollback of a refusal)
+            return self.info()
+        with self._prepare_lock:
+            ready, self._prepared = self._prepared, None
+        if ready is None or ready.bundle.manifest_bytes != bundle.manifest_bytes:
+            if ready is not None:
+                ready.close()
+            ready = self._open_model(bundle, generation)
+        ready.generation = generation
+        self._served = ready
+        if served is not None:
+            served.close()
+        log.info("now serving %s", bundle.describe())
+        return self.info()
+
+    def _follow_store(self) -> None:
+        """Reload at a slide boundary when another process switched the store's model."""
+        from deploy.ota.store import ModelStore
+
+        served = self._served
+        if not self.follows_store or served is None:
+            return
+        if ModelStore(self.state_dir).generation() == served.generation:
+            return
+        bundle, generation = self._store_model()
+        log.info(
+            "model store changed (generation %s -> %d): reloading", served.generation, generation
+        )
+        self.load_model(bundle, generation)
 
     def set_slide_listener(self, listener: SlideListener | None) -> None:
         """Call ``listener(slide_id)`` on the firmware's "slide inserted" event."""
@@ -131,12 +255,17 @@ class MicroscopeScanner:
             yield pair
 
     def scan(self, request: ScanRequest, cancel: threading.Event) -> dict[str, Any]:
-        """Acquire and classify one slide."""
-        if self._microscope is None or self._pipeline is None:
+        """Acquire and classify one slide with the model serving when it starts."""
+        if self._microscope is None or self._served is None:
             raise ScanError("scanner is not open")
+        try:
+            self._follow_store()
+        except InferenceError as exc:
+            raise ScanError(f"the store's new model could not be loaded: {exc}") from exc
+        served = self._served
         if self.simulated:
             self._load_sim_slide(request.slide_id)
-        result = self._pipeline.run_slide(self._fields(request, cancel))
+        result = served.pipeline.run_slide(self._fields(request, cancel))
         if cancel.is_set():
             raise ScanCancelledError(f"scan {request.scan_id} cancelled")
         return self._body(result)
@@ -178,16 +307,16 @@ class MicroscopeScanner:
         return body
 
     def close(self) -> None:
-        """Close the microscope and the backend (idempotent)."""
+        """Close the microscope and the backends (idempotent)."""
         microscope, self._microscope = self._microscope, None
-        backend, self._backend = self._backend, None
-        self._pipeline = None
+        served, self._served = self._served, None
         try:
             if microscope is not None:
                 microscope.close()
         finally:
-            if backend is not None:
-                backend.close()
+            self.discard_prepared()
+            if served is not None:
+                served.close()
 
 
 def resolve_bundle(bundle: str | os.PathLike[str] | None, state_dir: Path) -> Path:

@@ -34,14 +34,24 @@ def state_dir(args: argparse.Namespace) -> Path:
 
 
 def active_bundle_path(state: Path) -> Path:
-    """The active model of the model store: ``models/current`` (a symlink or a pointer file)."""
-    current = state / "models" / "current"
-    if current.is_dir():
-        return current.resolve()
-    if current.is_file():
-        target = Path(current.read_text("utf-8").strip())
-        return target if target.is_absolute() else (current.parent / target).resolve()
-    raise InferenceError(f"no active model in {state / 'models'}; pass --bundle")
+    """The active model of the model store: ``current.dir`` in ``models/state.json``.
+
+    The layout is owned by ``deploy/ota/store.py`` (``models/bundles/<dir>``); inference must
+    not import deploy, so it reads the one atomically replaced state file itself.
+    """
+    models = state / "models"
+    try:
+        current = json.loads((models / "state.json").read_text("utf-8")).get("current")
+    except FileNotFoundError:
+        current = None
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InferenceError(
+            f"{models / 'state.json'}: unreadable model store state ({exc})"
+        ) from exc
+    name = current.get("dir") if isinstance(current, dict) else None
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise InferenceError(f"no active model in {models}; pass --bundle")
+    return models / "bundles" / name
 
 
 def _bundle(args: argparse.Namespace) -> Bundle:

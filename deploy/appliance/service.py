@@ -7,6 +7,11 @@ at a time from the bounded :class:`ScanQueue`) and the :class:`OutboxPump`.  The
 watches them, pets the systemd watchdog, refreshes the health file, republishes the retained
 status when it changes and publishes metrics.
 
+Model updates (``cmd/ota``, :mod:`deploy.appliance.ota`): the "model store" step recovers an
+interrupted install before the scanner loads the store's active model; a third worker, the OTA
+worker, receives and installs bundles.  The scan worker holds :attr:`Appliance.slide_lock`
+while a slide is in progress and the switch takes it, so a slide never spans two models.
+
 Shutdown (SIGTERM/SIGINT -> :meth:`Appliance.request_stop`): no new scans are accepted and
 waiting ones are dropped (they have no result yet; their requesters see no result); the running
 slide may *finish* within ``scan.shutdown_grace_s`` and its result is committed to the outbox;
@@ -31,10 +36,17 @@ from typing import Any
 from paho.mqtt.properties import Properties
 
 from deploy import __version__
-from deploy.appliance.base import ScanRequest, SlideScanner
+from deploy.appliance.base import ScannerInfo, ScanRequest, SlideScanner
 from deploy.appliance.commands import CommandFailed, CommandRouter
 from deploy.appliance.health import write_health
 from deploy.appliance.notify import sd_notify, watchdog_interval_s
+from deploy.appliance.ota import (
+    ModelSwapper,
+    OtaController,
+    OtaMqttLink,
+    OtaPorts,
+    OtaSettings,
+)
 from deploy.appliance.queue import ScanQueue
 from deploy.appliance.results import Identity, build_result, rfc3339
 from deploy.appliance.status import Snapshot, StatusTracker
@@ -53,7 +65,7 @@ from deploy.mqtt import MqttLink, OutboxPump, Topics
 from deploy.outbox import Outbox
 from deploy.schemas import validate
 from firmware_bridge.exceptions import BridgeError
-from inference.exceptions import InferenceError
+from inference.exceptions import InferenceError, SpectrumInputError
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +74,8 @@ LOOP_PERIOD_S = 0.25
 ABANDON_WAIT_S = 10.0
 SETTLE_INFLIGHT_S = 2.0
 SCAN_ERRORS = (DeployError, BridgeError, InferenceError)
+# Failed slides that say nothing about the model (microscope, QC): they do not fail an update.
+NOT_THE_MODEL = (BridgeError, SpectrumInputError)
 
 
 @dataclass(frozen=True)
@@ -89,7 +103,13 @@ class Counters:
 class Appliance:
     """The scanning appliance; construct, then :meth:`start`, :meth:`run`, :meth:`shutdown`."""
 
-    def __init__(self, config: AppConfig, state_dir: Path, scanner: SlideScanner) -> None:
+    def __init__(
+        self,
+        config: AppConfig,
+        state_dir: Path,
+        scanner: SlideScanner,
+        ota: OtaSettings | None = None,
+    ) -> None:
         self.config = config
         self.state_dir = state_dir
         self.scanner = scanner
@@ -119,7 +139,27 @@ class Appliance:
         self._last_status: str | None = None
         self._closed = False
         self._address: BrokerAddress | None = None
+        self.slide_lock = threading.Lock()  # held while a slide is in progress
+        self.ota = OtaController(
+            state_dir,
+            self._ota_ports(),
+            scanner if isinstance(scanner, ModelSwapper) else None,
+            ota,
+        )
         self._register_commands()
+
+    def _ota_ports(self) -> OtaPorts:
+        return OtaPorts(
+            slide_lock=lambda: self.slide_lock,
+            publish=self._publish_retained,
+            send_reply=lambda payload, corr: self._publish_reply("ota", payload, corr),
+            set_updating=self._set_updating,
+            model_loaded=self._model_loaded,
+            connected=lambda: bool(self.link and self.link.connected.is_set()),
+            base_topic=self.topics.base,
+            prefix=self.topics.prefix,
+            device_id=self.topics.device_id,
+        )
 
     # ----------------------------------------------------------------- start-up steps
 
@@ -130,6 +170,7 @@ class Appliance:
             ("outbox", self._step_outbox),
             ("broker", self._step_broker),
             ("mqtt", self._step_mqtt),
+            ("model store", self._step_model_store),
             ("scanner (bridge, camera, engine warm-up)", self._step_scanner),
             ("workers", self._step_workers),
         ]
@@ -162,7 +203,8 @@ class Appliance:
         self._address = address
 
     def _step_mqtt(self) -> None:
-        self.link = MqttLink(
+        link_class = OtaMqttLink if self.ota.enabled else MqttLink
+        self.link = link_class(
             self.config.mqtt,
             self._broker_address(),
             self.topics,
@@ -177,6 +219,10 @@ class Appliance:
         if self._address is None:
             raise ServiceError("MQTT started before the broker step")
         return self._address
+
+    def _step_model_store(self) -> None:
+        self.ota.open()
+        self.ota.publish_state()
 
     def _step_scanner(self) -> None:
         try:
@@ -195,6 +241,8 @@ class Appliance:
             raise ServiceError("workers started before MQTT")
         self.supervisor.add("scan", self._scan_loop)
         self.supervisor.add("publish", pump.run)
+        if self.ota.enabled:
+            self.supervisor.add("ota", self.ota.run)
         self.supervisor.start()
 
     # ----------------------------------------------------------------- scanning
@@ -231,21 +279,27 @@ class Appliance:
                 self.publish_status()
 
     def _scan_one(self, request: ScanRequest) -> None:
-        started = rfc3339()
-        t0 = time.monotonic()
-        try:
-            body = self.scanner.scan(request, self.queue.cancel_event)
-        except ScanCancelledError as exc:
-            self.counters.scans_cancelled += 1
-            self.failures[request.scan_id] = f"cancelled: {exc}"
-            log.warning("scan %s cancelled: %s", request.scan_id, exc)
-            return
-        except SCAN_ERRORS as exc:
-            self.counters.scans_failed += 1
-            self.failures[request.scan_id] = str(exc)
-            self.status.record_error("scan_failed", f"slide {request.slide_id}: {exc}")
-            log.error("scan %s of slide %s failed: %s", request.scan_id, request.slide_id, exc)
-            return
+        with self.slide_lock:  # a model switch waits for the end of this slide
+            started = rfc3339()  # after the lock: the slide starts on the model serving now
+            t0 = time.monotonic()
+            health = self.ota.slide_started()
+            try:
+                body = self.scanner.scan(request, self.queue.cancel_event)
+            except ScanCancelledError as exc:
+                self.counters.scans_cancelled += 1
+                self.failures[request.scan_id] = f"cancelled: {exc}"
+                log.warning("scan %s cancelled: %s", request.scan_id, exc)
+                return
+            except SCAN_ERRORS as exc:
+                self.counters.scans_failed += 1
+                self.failures[request.scan_id] = str(exc)
+                self.status.record_error("scan_failed", f"slide {request.slide_id}: {exc}")
+                log.error("scan %s of slide %s failed: %s", request.scan_id, request.slide_id, exc)
+                if not isinstance(exc, NOT_THE_MODEL):
+                    self.ota.slide_finished(health, False, f"slide {request.slide_id}: {exc}")
+                return
+        self.ota.slide_finished(health, True)
+        self._note_model(body.get("model"))
         self.counters.scan_ms.append((time.monotonic() - t0) * 1000.0)
         with self._lock:
             self._seq += 1
@@ -307,7 +361,7 @@ class Appliance:
         self.router.register("scan", "cmd_scan", self._cmd_scan)
         self.router.register("cancel", "cmd_cancel", self._cmd_cancel)
         self.router.register("status", "cmd_status", self._cmd_status)
-        self.router.register("ota", "cmd_ota", self._cmd_ota_unavailable)
+        self.router.register("ota", "cmd_ota", self.ota.handle_offer)
 
     def _cmd_scan(self, request: dict[str, Any]) -> dict[str, Any]:
         scan = ScanRequest(
@@ -331,11 +385,11 @@ class Appliance:
     def _cmd_status(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"status": self.publish_status(force=True)}
 
-    def _cmd_ota_unavailable(self, request: dict[str, Any]) -> dict[str, Any]:
-        raise CommandFailed("unavailable", "OTA over MQTT is not installed in this build")
-
     def _on_command(self, topic: str, payload: bytes, properties: Properties | None) -> None:
         verb = self.topics.verb_of(topic)
+        if verb is None and topic.startswith(f"{self.topics.base}/ota/chunk/"):
+            self.ota.on_chunk(topic, payload)
+            return
         if verb is None:
             log.debug("ignoring message on %s", topic)
             return
@@ -343,6 +397,12 @@ class Appliance:
         self.router.handle(verb, payload, correlation if isinstance(correlation, bytes) else None)
 
     def _send_reply(self, verb: str, payload: bytes, correlation: bytes | None) -> None:
+        # An accepted offer is answered once its bundle has arrived (see deploy.appliance.ota).
+        if verb == "ota" and self.ota.defer_reply(payload, correlation):
+            return
+        self._publish_reply(verb, payload, correlation)
+
+    def _publish_reply(self, verb: str, payload: bytes, correlation: bytes | None) -> None:
         if self.link is not None:
             props = self.link.reply_properties(correlation)
             self.link.publish(self.topics.reply(verb), payload, qos=1, properties=props)
@@ -367,9 +427,28 @@ class Appliance:
             sd_notify(f"STATUS={payload['state']}")
         return payload
 
+    def _publish_retained(self, topic: str, payload: bytes, retain: bool) -> None:
+        if self.link is not None:
+            self.link.publish(topic, payload, qos=1, retain=retain)
+
+    def _set_updating(self, updating: bool) -> None:
+        self.status.updating = updating
+        self.publish_status()
+
+    def _model_loaded(self, info: ScannerInfo) -> None:
+        self.status.info = info
+        self.publish_status(force=True)
+
+    def _note_model(self, model: Any) -> None:
+        # The scanner may have followed a switch made by another process (omis ota rollback).
+        info = self.status.info
+        if info is not None and isinstance(model, dict) and model != info.model:
+            self.status.info = ScannerInfo(model, info.engine, info.firmware)
+
     def _on_online(self) -> None:
         # Retained state is lost when the broker restarts: republish on every connect.
         self.publish_status(force=True)
+        self.ota.publish_state()
         if self.pump is not None:
             self.pump.notify()
 
@@ -506,6 +585,7 @@ class Appliance:
         self._stop_requested.set()
         sd_notify("STOPPING=1")
         self._finish_current_scan()
+        self.ota.stop()
         self._settle_inflight()
         self.supervisor.stop()
         if self.link is not None:
