@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,8 +87,19 @@ def test_infer_uses_the_active_model_or_says_there_is_none(env: dict[str, Path])
     state = env["root"] / "state-active"
     r = omis("infer", env["w0"], env["p0"], state=state)
     assert r.returncode == 1 and "no active model in" in r.stderr and "pass --bundle" in r.stderr
-    (state / "models").mkdir(parents=True)
-    (state / "models" / "current").symlink_to(env["bundle"])
+    # Make it the active model the way an operator would: sign, trust, install.
+    signed = env["root"] / "signed-bundle"
+    shutil.copytree(env["bundle"], signed)
+    keys = env["root"] / "keys"
+
+    def ok(*argv: object) -> None:
+        step = omis(*argv, state=state)
+        assert step.returncode == 0, (argv, step.stderr)
+
+    ok("bundle", "keygen", "--out", keys)
+    ok("bundle", "sign", signed, "--key", next(p for p in keys.iterdir() if p.suffix != ".pub"))
+    ok("ota", "trust", next(keys.glob("*.pub")))
+    ok("ota", "install", signed)
     r = omis("infer", "-q", env["w0"], env["p0"], "--json", state=state)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["model"]["name"] == "tiny"
