@@ -125,7 +125,8 @@ class ScanConfig(_Section):
 
     microscope: str = Field(default="sim://", description="microscope URL (sim://, serial://, ...)")
     bundle: Path | None = Field(
-        default=None, description="model bundle; None = <state_dir>/models/current"
+        default=None,
+        description="model bundle; None = the model store's active model (models/state.json)",
     )
     fields: int = Field(default=8, ge=1, le=1000, description="fields per slide by default")
     plan: str = Field(default="default", description="acquisition plan by default")

@@ -94,7 +94,11 @@ class MicroscopeScanner:
         self._prepared: _Served | None = None
         self._prepare_lock = threading.Lock()
         self._listener: SlideListener | None = None
-        self._loading = threading.Event()  # our own load_slide must not trigger a scan
+        # Our own load_slide must not trigger a scan.  The firmware's "slide inserted" event
+        # arrives later on the reader thread, so count the inserts we caused and swallow as
+        # many events (a time window around load_slide would let them through).
+        self._own_inserts = 0
+        self._own_inserts_lock = threading.Lock()
 
     @property
     def simulated(self) -> bool:
@@ -225,8 +229,12 @@ class MicroscopeScanner:
         self._listener = listener
 
     def _on_event(self, event: Any) -> None:
-        if event.kind != "slide_inserted" or self._loading.is_set() or self._listener is None:
+        if event.kind != "slide_inserted" or self._listener is None:
             return
+        with self._own_inserts_lock:
+            if self._own_inserts > 0:
+                self._own_inserts -= 1
+                return
         described = self._microscope.describe() if self._microscope else {}
         slide_id = (described.get("simulation") or {}).get("slide_id")
         self._listener(str(slide_id or f"slide-{int(event.received_at)}"))
@@ -241,11 +249,14 @@ class MicroscopeScanner:
         else:
             like = slide_for(zlib.crc32(slide_id.encode()) % 100_000, seed)
             slide = SyntheticSlide(slide_id, like.pap_group, like.seed)
-        self._loading.set()
+        with self._own_inserts_lock:
+            self._own_inserts += 1
         try:
             self._microscope.load_slide(slide)
-        finally:
-            self._loading.clear()
+        except BaseException:
+            with self._own_inserts_lock:
+                self._own_inserts -= 1
+            raise
 
     def _fields(self, request: ScanRequest, cancel: threading.Event) -> Iterator[Any]:
         plan = self._microscope.default_plan(request.fields)
