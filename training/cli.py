@@ -1,10 +1,242 @@
-"""Subcommands of ``omis`` contributed by this package (see ``deploy/cli.py``)."""
+"""Subcommands of ``omis`` contributed by this package (see ``deploy/cli.py``).
+
+``omis train``, ``omis export`` and ``omis evaluate``.  torch is imported inside the handlers
+only: ``omis --help`` and the device-side subcommands must work without it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 from typing import Any
+
+from training.exceptions import ConfigError
 
 
 def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
     """Add this package's subcommands to ``omis``."""
+    _register_train(sub, common)
+    _register_export(sub, common)
+    _register_evaluate(sub, common)
+
+
+def _json_arg(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    raw = Path(text[1:]).read_text(encoding="utf-8") if text.startswith("@") else text
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--spectrum-params: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError("--spectrum-params: expected a JSON object")
+    return data
+
+
+# --- omis train --------------------------------------------------------------------------------
+
+
+def _register_train(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "train",
+        parents=[common],
+        help="train VGG16 on OMIS spectra, cross-validate, export a bundle and a report",
+        description="Cross-validates (stratified, grouped by patient), runs the classical "
+        "baselines on the same folds, trains the final model, exports ONNX and writes "
+        "OUT/bundle, OUT/report.json, OUT/report.md, OUT/plots and OUT/config.json.  Run under "
+        "torchrun for data-parallel training.",
+    )
+    p.add_argument("--data", required=True, type=Path, help="dataset directory (manifest.csv)")
+    p.add_argument("--out", required=True, type=Path, help="new (or empty) output directory")
+    p.add_argument("--task", default="binary", choices=("binary", "pap4"))
+    p.add_argument("--preset", default="tiny", choices=("paper", "tiny"))
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--epochs", type=int, help="maximum epochs (default: the preset's)")
+    p.add_argument("--batch-size", type=int, help="per-process batch size (preset default)")
+    p.add_argument("--lr", type=float, help="learning rate (preset default)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="no fallback")
+    p.add_argument("--pretrained", type=Path, help="torchvision VGG16 state dict (.pth)")
+    p.add_argument("--freeze-features", action="store_true", help="train the head only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="omis-vgg16", help="bundle name")
+    p.add_argument("--version", type=int, default=1, help="bundle version (only grows)")
+    p.add_argument("--max-slides", type=int, help="use the first M slides of the manifest")
+    p.add_argument(
+        "--final",
+        default="all",
+        choices=("all", "best-fold"),
+        help="shipped model: retrained on all data (default) or the best fold's",
+    )
+    p.add_argument("--target-sensitivity", type=float, default=0.9)
+    p.add_argument("--spectrum-params", help="spectrum parameters: JSON object or @FILE")
+    p.add_argument("--cache-dir", type=Path, help="spectrum cache (default DATA/.omis-cache)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
+    p.add_argument(
+        "--augment-noise",
+        type=float,
+        default=0.0,
+        help="spectrum noise SD as a fraction of max|y| (default 0: off)",
+    )
+    p.add_argument(
+        "--augment-scale",
+        type=float,
+        default=0.0,
+        help="random intensity scaling 1 ± U(0, s) (default 0: off)",
+    )
+    p.add_argument("--json", action="store_true", help="print the pooled metrics as JSON")
+    p.set_defaults(handler=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from training.pipeline import TrainOptions, run_training
+    from training.progress import Progress
+    from training.train import Augment
+
+    try:
+        opts = TrainOptions(
+            data=args.data,
+            out=args.out,
+            task=args.task,
+            preset=args.preset,
+            folds=args.folds,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            device=args.device,
+            pretrained=args.pretrained,
+            freeze_features=args.freeze_features,
+            seed=args.seed,
+            name=args.name,
+            version=args.version,
+            max_slides=args.max_slides,
+            final=args.final,
+            target_sensitivity=args.target_sensitivity,
+            spectrum_params=_json_arg(args.spectrum_params),
+            cache_dir=args.cache_dir,
+            no_cache=args.no_cache,
+            augment=Augment(noise_std=args.augment_noise, scale=args.augment_scale),
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ConfigError(f"--{where.replace('_', '-')}: {first['msg']}") from exc
+    with Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
+        result = run_training(opts, progress)
+    if not result.report.get("schema"):
+        return 0  # a non-zero torchrun rank: rank 0 reports
+    summary = _summary(result.report)
+    summary.update(out=str(result.out), bundle=str(result.bundle), seconds=result.seconds)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _summary(report: dict[str, Any]) -> dict[str, Any]:
+    keys = ("sensitivity", "specificity", "accuracy")
+    out: dict[str, Any] = {"cnn": {k: report[k] for k in (*keys, "roc_auc")}}
+    for name, res in report["baselines"].items():
+        if "pooled" in res:
+            out[name] = {k: res["pooled"][k] for k in (*keys, "roc_auc")}
+    return out
+
+
+def _fmt(p: dict[str, Any]) -> str:
+    if p.get("value") is None:
+        return "     n/a           "
+    lo, hi = p["ci95"]
+    return f"{100 * p['value']:5.1f}% [{100 * lo:4.1f},{100 * hi:5.1f}]"
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    print(f"{'model':<14} {'sensitivity':<21} {'specificity':<21} {'accuracy':<21} AUC")
+    for name in ("cnn", "naive_bayes", "random_forest"):
+        if name in summary:
+            m = summary[name]
+            auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
+            print(
+                f"{name:<14} {_fmt(m['sensitivity'])} {_fmt(m['specificity'])} "
+                f"{_fmt(m['accuracy'])} {auc}"
+            )
+    print(
+        f"bundle: {summary['bundle']}  report: {summary['out']}/report.md  "
+        f"({summary['seconds']:.0f} s)"
+    )
+
+
+# --- omis export -------------------------------------------------------------------------------
+
+
+def _register_export(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        help="re-export a training checkpoint as a verified model bundle",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="OUT/checkpoints/*.pt")
+    p.add_argument("--out", required=True, type=Path, help="bundle directory (must not exist)")
+    p.add_argument("--name", help="override the bundle name")
+    p.add_argument("--version", type=int, help="override the bundle version")
+    p.add_argument("--json", action="store_true", help="print the bundle description as JSON")
+    p.set_defaults(handler=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from training.checkpoint import export_checkpoint
+
+    bundle, diff = export_checkpoint(
+        args.checkpoint, args.out, name=args.name, version=args.version
+    )
+    desc = {**bundle.describe(), "path": str(args.out), "onnx_vs_torch_max_abs_diff": diff}
+    if args.json:
+        print(json.dumps(desc, indent=2))
+    else:
+        print(
+            f"bundle {desc['name']} v{desc['version']} written to {args.out} "
+            f"(model sha256 {desc['sha256'][:12]}…, ONNX vs torch max diff {diff:.2g})"
+        )
+    return 0
+
+
+# --- omis evaluate -----------------------------------------------------------------------------
+
+
+def _register_evaluate(
+    sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser
+) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        parents=[common],
+        help="evaluate a bundle (ONNX Runtime) on a dataset with the bundle's own parameters",
+    )
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path, help="dataset directory (manifest.csv)")
+    p.add_argument("--cache-dir", type=Path, help="spectrum cache (default DATA/.omis-cache)")
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--max-slides", type=int)
+    p.add_argument("--json", action="store_true", help="print all metrics as JSON")
+    p.set_defaults(handler=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_bundle
+
+    cache = None if args.no_cache else (args.cache_dir or args.data / ".omis-cache")
+    result = evaluate_bundle(args.bundle, args.data, cache_dir=cache, max_slides=args.max_slides)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    m = result["metrics"]
+    b = result["bundle"]
+    print(f"bundle {b['name']} v{b['version']} on {result['data']} ({m['n']} slides)")
+    for key in ("sensitivity", "specificity", "accuracy"):
+        print(f"  {key:<12} {_fmt(m[key])}")
+    auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
+    print(f"  {'roc_auc':<12} {auc}")
+    print(f"  confusion    {m['confusion_matrix']} (rows true, columns predicted)")
+    return 0

@@ -1,0 +1,204 @@
+"""End to end: `omis dataset synth` -> `omis train` -> verified bundle -> export -> evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from inference.bundle import load_bundle
+from inference.preprocess import to_tensor
+from inference.render import render_params_from_json, render_spectrum
+from inference.spectrum import parse_params
+from training.data import load_dataset
+
+OMIS = [sys.executable, "-m", "deploy.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def omis(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [*OMIS, *args], capture_output=True, text=True, env=env, cwd=ROOT, check=False, timeout=300
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"omis {args[0]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    base = tmp_path_factory.mktemp("train")
+    data, out = base / "data", base / "out"
+    omis(
+        "dataset",
+        "synth",
+        "--out",
+        str(data),
+        "--slides",
+        "16",
+        "--fields",
+        "2",
+        "--size",
+        "96x80",
+        "--seed",
+        "7",
+        "-q",
+    )
+    proc = omis(
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--folds",
+        "2",
+        "--epochs",
+        "2",
+        "--seed",
+        "1",
+        "--name",
+        "test-model",
+        "--version",
+        "3",
+        "--json",
+    )
+    return {"data": data, "out": out, "summary": json.loads(proc.stdout), "stderr": proc.stderr}
+
+
+def test_outputs_and_report(trained: dict[str, Any]) -> None:
+    out: Path = trained["out"]
+    for name in (
+        "report.json",
+        "report.md",
+        "config.json",
+        "plots/confusion.png",
+        "plots/roc.png",
+        "plots/mean_spectra.png",
+        "checkpoints/final.pt",
+    ):
+        assert (out / name).is_file(), name
+    assert not list(out.parent.glob(".out.*")), "no temporary directory left behind"
+    report = json.loads((out / "report.json").read_text())
+    n = report["data"]["slides_used"]
+    assert len(report["cnn"]["per_fold"]) == 2
+    for block in (report, report["cnn"]["pooled"], *report["cnn"]["per_fold"]):
+        for key in ("sensitivity", "specificity", "accuracy"):
+            p = block[key]
+            if p["value"] is not None:
+                lo, hi = p["ci95"]
+                assert 0.0 <= lo <= p["value"] <= hi <= 1.0
+        assert "confusion_matrix" in block and "calibration" in block
+    assert sum(map(sum, report["confusion_matrix"])) == n
+    assert sum(f["n"] for f in report["cnn"]["per_fold"]) == n
+    for name in ("naive_bayes", "random_forest"):
+        assert report["baselines"][name]["pooled"]["n"] == n
+    assert report["export"]["onnx_vs_torch_max_abs_diff"] <= 1e-4
+    md = (out / "report.md").read_text()
+    assert "not clinical performance" in md and "37.14" in md and "83.3" in md
+    assert trained["summary"]["cnn"]["accuracy"] == report["accuracy"]
+
+
+def test_bundle_verifies_and_reproduces_golden(trained: dict[str, Any]) -> None:
+    bundle = load_bundle(trained["out"] / "bundle")
+    m = bundle.manifest
+    assert (m.name, m.version, m.task, m.classes) == ("test-model", 3, "binary", ("low", "high"))
+    assert m.input.shape == (-1, 3, 64, 64)
+    assert m.training.metrics["folds"] == 2 and m.training.preset == "tiny"
+    assert len(m.training.data_manifest_sha256) == 64
+    inputs, outputs = bundle.golden()
+    sess = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    got = sess.run(["probabilities"], {"input": inputs})[0]
+    assert np.max(np.abs(got - outputs)) <= 1e-5
+    assert np.allclose(got.sum(axis=1), 1.0, atol=1e-5)
+    one = sess.run(["probabilities"], {"input": inputs[:1]})[0]  # dynamic batch axis
+    assert np.max(np.abs(one - outputs[:1])) <= 1e-5
+    props = {p.key: p.value for p in onnx.load(str(bundle.model_path)).metadata_props}
+    assert props["name"] == "test-model" and json.loads(props["classes"]) == ["low", "high"]
+    assert props["spectrum_algorithm"] == m.spectrum["algorithm"]
+    assert props["render_version"] == m.render["version"]
+    assert onnx.load(str(bundle.model_path)).opset_import[0].version >= 17
+
+
+def test_golden_inputs_are_the_device_preprocessing(trained: dict[str, Any]) -> None:
+    """Each golden input is a slide's spectrum rendered and preprocessed from the manifest."""
+    bundle = load_bundle(trained["out"] / "bundle")
+    m = bundle.manifest
+    ds = load_dataset(trained["data"], parse_params(m.spectrum), cache_dir=None)
+    render = render_params_from_json(m.render)
+    device_inputs = to_tensor([render_spectrum(s.x_nm, s.y, render) for s in ds.slides], m.input)
+    inputs, _ = bundle.golden()
+    for row in inputs:
+        assert any(np.array_equal(row, d) for d in device_inputs)
+
+
+def test_export_checkpoint_rebuilds_the_model(trained: dict[str, Any], tmp_path: Path) -> None:
+    target = tmp_path / "b2"
+    omis(
+        "export",
+        "--checkpoint",
+        str(trained["out"] / "checkpoints" / "final.pt"),
+        "--out",
+        str(target),
+        "--version",
+        "4",
+    )
+    b1, b2 = load_bundle(trained["out"] / "bundle"), load_bundle(target)
+    assert b2.manifest.version == 4
+    assert np.array_equal(b1.golden()[0], b2.golden()[0])
+    assert np.max(np.abs(b1.golden()[1] - b2.golden()[1])) <= 1e-6
+    again = omis(
+        "export",
+        "--checkpoint",
+        str(trained["out"] / "checkpoints" / "final.pt"),
+        "--out",
+        str(target),
+        check=False,
+    )
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_evaluate_bundle_cli(trained: dict[str, Any]) -> None:
+    proc = omis(
+        "evaluate",
+        "--bundle",
+        str(trained["out"] / "bundle"),
+        "--data",
+        str(trained["data"]),
+        "--json",
+    )
+    res = json.loads(proc.stdout)
+    report = json.loads((trained["out"] / "report.json").read_text())
+    assert res["metrics"]["n"] == report["data"]["slides_used"]
+    assert res["data_manifest_sha256"] == report["data"]["manifest_sha256"]
+    assert res["preparation"]["cache_misses"] == 0  # the training run's cache is reused
+
+
+def test_cli_errors_are_one_line(trained: dict[str, Any], tmp_path: Path) -> None:
+    proc = omis(
+        "train",
+        "--data",
+        str(trained["data"]),
+        "--out",
+        str(tmp_path / "x"),
+        "--device",
+        "cuda",
+        "-q",
+        check=False,
+    )
+    if "CUDA is not available" not in proc.stderr:
+        pytest.skip("a CUDA device is present: the no-fallback error cannot be provoked")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+    proc = omis("train", "--data", str(trained["data"]), "--out", str(trained["out"]), check=False)
+    assert proc.returncode == 1 and "not an empty directory" in proc.stderr

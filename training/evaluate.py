@@ -1,0 +1,164 @@
+"""Cross-validation grouped by patient, and evaluation of a finished bundle on a dataset.
+
+Folds: scikit-learn's ``StratifiedGroupKFold`` on the task labels with the patient as group,
+so no patient's slides are ever on both sides of a split.  Inside each training fold a further
+patient-grouped split holds out about a fifth for early stopping.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from sklearn.model_selection import StratifiedGroupKFold
+
+from inference.bundle import InputSpec, load_bundle
+from inference.exceptions import BundleError, InferenceError
+from inference.preprocess import to_tensor
+from inference.render import RenderParams, render_params_from_json, render_spectrum
+from inference.spectrum import parse_params
+from training.data import Dataset, Slide, get_task, load_dataset
+from training.exceptions import DataError, TrainingError
+from training.metrics import classification_metrics
+
+log = logging.getLogger(__name__)
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+U8 = npt.NDArray[np.uint8]
+Fold = tuple[I64, I64]
+VALIDATION_SPLITS = 5
+
+
+def make_folds(labels: I64, groups: Sequence[str], k: int, seed: int) -> list[Fold]:
+    """Stratified K folds grouped by patient: (train indices, test indices) per fold."""
+    n_groups = len(set(groups))
+    if k < 2:
+        raise DataError(f"--folds must be >= 2, got {k}")
+    if n_groups < k:
+        raise DataError(f"{k} folds need at least {k} patients, the data has {n_groups}")
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    x = np.zeros((labels.size, 1))
+    return [
+        (np.asarray(tr, dtype=np.int64), np.asarray(te, dtype=np.int64))
+        for tr, te in splitter.split(x, labels, groups=list(groups))
+    ]
+
+
+def validation_split(idx: I64, labels: I64, groups: Sequence[str], seed: int) -> tuple[I64, I64]:
+    """Split training indices into (fit, validation) by patient; no validation with < 3 patients."""
+    sub_groups = [groups[i] for i in idx]
+    n_groups = len(set(sub_groups))
+    if n_groups < 3:
+        return idx, np.zeros(0, dtype=np.int64)
+    # fewer splits than members of the rarest class would make sklearn warn and mis-stratify
+    rarest = int(np.bincount(labels[idx])[np.unique(labels[idx])].min())
+    k = max(2, min(VALIDATION_SPLITS, n_groups, rarest))
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed + 1)
+    fit_i, val_i = next(splitter.split(np.zeros((idx.size, 1)), labels[idx], groups=sub_groups))
+    return idx[fit_i], idx[val_i]
+
+
+def spectra_images(slides: Sequence[Slide], render: RenderParams) -> list[U8]:
+    """The spectrum image of every slide (rendered, or as given for image datasets)."""
+    images = []
+    for s in slides:
+        if s.image is not None:
+            images.append(s.image)
+        elif s.x_nm is not None and s.y is not None:
+            images.append(render_spectrum(s.x_nm, s.y, render))
+        else:
+            raise DataError(f"slide {s.slide_id!r} has neither a spectrum nor an image")
+    return images
+
+
+def network_inputs(images: Sequence[U8], spec: InputSpec) -> F32:
+    """The one preprocessing of training and device: :func:`inference.preprocess.to_tensor`."""
+    try:
+        return to_tensor(list(images), spec)
+    except InferenceError as exc:
+        raise DataError(f"spectrum images do not fit the model input: {exc}") from exc
+
+
+@dataclass
+class FoldPredictions:
+    """Out-of-fold probabilities of one model family on all folds."""
+
+    probs: F64
+    folds: list[Fold]
+    extra: list[dict[str, Any]] = field(default_factory=list)
+
+
+def summarize(
+    labels: I64,
+    preds: FoldPredictions,
+    high_classes: Sequence[int],
+    threshold: float,
+    target_sensitivity: float,
+) -> dict[str, Any]:
+    """Per-fold and pooled metrics of out-of-fold predictions."""
+    per_fold = []
+    for i, (_, test) in enumerate(preds.folds):
+        m = classification_metrics(
+            labels[test],
+            preds.probs[test],
+            high_classes,
+            threshold=threshold,
+            target_sensitivity=target_sensitivity,
+        )
+        extra = preds.extra[i] if i < len(preds.extra) else {}
+        per_fold.append({"fold": i + 1, **extra, **m})
+    pooled = classification_metrics(
+        labels,
+        preds.probs,
+        high_classes,
+        threshold=threshold,
+        target_sensitivity=target_sensitivity,
+    )
+    return {"per_fold": per_fold, "pooled": pooled}
+
+
+# --- a finished bundle on a dataset -----------------------------------------------------------
+
+
+def evaluate_bundle(
+    bundle_path: str | Path,
+    data_dir: str | Path,
+    *,
+    cache_dir: str | Path | None = None,
+    max_slides: int | None = None,
+    run: Callable[[bytes, F32], F32] | None = None,
+) -> dict[str, Any]:
+    """Metrics of a bundle's ONNX model (ONNX Runtime) on a dataset, with its own parameters."""
+    from training.export import run_onnx
+
+    try:
+        bundle = load_bundle(bundle_path)
+        m = bundle.manifest
+        params = parse_params(m.spectrum)
+        render = render_params_from_json(m.render)
+    except (BundleError, InferenceError) as exc:
+        raise TrainingError(f"bundle {bundle_path}: {exc}") from exc
+    task = get_task(m.task)
+    if tuple(task.classes) != tuple(m.classes):
+        raise TrainingError(f"bundle classes {m.classes} differ from task {task.name}")
+    ds: Dataset = load_dataset(data_dir, params, cache_dir=cache_dir, max_slides=max_slides)
+    inputs = network_inputs(spectra_images(ds.slides, render), m.input)
+    probs = (run or run_onnx)(bundle.model_path.read_bytes(), inputs).astype(np.float64)
+    labels = task.labels(ds.groups)
+    metrics = classification_metrics(labels, probs, m.high_classes, threshold=m.thresholds.decision)
+    return {
+        "bundle": bundle.describe(),
+        "data": str(data_dir),
+        "data_manifest_sha256": ds.manifest_sha256,
+        "task": task.name,
+        "classes": list(task.classes),
+        "preparation": ds.stats.to_json(),
+        "metrics": metrics,
+    }

@@ -1,0 +1,193 @@
+"""VGG16 (configuration D) with the study's classification head, and the training presets.
+
+The convolutional base is an ``nn.Sequential`` called ``features`` with exactly torchvision's
+indices (``features.0`` … ``features.28``), so torchvision's ImageNet ``vgg16`` state dict loads
+into it unchanged.  The head is the study's: Dense 256 + ReLU, dropout, batch norm, Dense 4096 +
+ReLU, batch norm, Dense(classes).  The network returns logits (training uses cross-entropy);
+:class:`WithSoftmax` adds the softmax for export, so the ONNX graph outputs probabilities.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.exceptions import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Configuration D of Simonyan & Zisserman: channel widths, "M" for a 2x2 max pool.
+VGG16_D: tuple[int | str, ...] = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+)  # fmt: skip
+N_POOLS = 5
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Network size and training defaults; ``tiny`` keeps the topology with fewer channels."""
+
+    name: str
+    input_size: tuple[int, int]  # (height, width) of the spectrum image
+    width_divisor: int  # conv channel widths are VGG16's divided by this
+    head: tuple[int, int]  # widths of the two hidden dense layers
+    dropout: float
+    batch_size: int
+    epochs: int
+    lr: float
+    patience: int
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON object for config.json and checkpoints."""
+        return asdict(self)
+
+
+PRESETS: dict[str, Preset] = {
+    "paper": Preset("paper", (224, 224), 1, (256, 4096), 0.5, 16, 30, 1e-4, 5),
+    "tiny": Preset("tiny", (64, 64), 16, (16, 256), 0.3, 8, 12, 1e-3, 4),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
+
+
+def make_features(width_divisor: int = 1) -> nn.Sequential:
+    """VGG16-D convolutional base in torchvision's layout (Conv, ReLU, …, MaxPool)."""
+    layers: list[nn.Module] = []
+    in_ch = 3
+    for item in VGG16_D:
+        if item == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            continue
+        out_ch = max(1, int(item) // width_divisor)
+        layers += [nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+        in_ch = out_ch
+    return nn.Sequential(*layers)
+
+
+def _feature_shape(width_divisor: int, input_size: tuple[int, int]) -> tuple[int, int, int]:
+    h, w = input_size
+    for _ in range(N_POOLS):
+        h, w = h // 2, w // 2
+    if h < 1 or w < 1:
+        raise ConfigError(f"input size {input_size} is too small for 5 pooling stages (min 32)")
+    return max(1, 512 // width_divisor), h, w
+
+
+class VGG16Classifier(nn.Module):
+    """VGG16-D base + the study's head; ``forward`` returns logits."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        width_divisor: int = 1,
+        head: tuple[int, int] = (256, 4096),
+        dropout: float = 0.5,
+        input_size: tuple[int, int] = (224, 224),
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ConfigError(f"need at least 2 classes, got {num_classes}")
+        c, h, w = _feature_shape(width_divisor, input_size)
+        h1, h2 = head
+        self.features = make_features(width_divisor)
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c * h * w, h1),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.BatchNorm1d(h1),
+            nn.Linear(h1, h2),
+            nn.ReLU(inplace=True),
+            nn.BatchNorm1d(h2),
+            nn.Linear(h2, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of shape N×classes."""
+        out: torch.Tensor = self.head(self.features(x))
+        return out
+
+
+class WithSoftmax(nn.Module):
+    """Wraps a logits model so that it outputs probabilities (the exported graph)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities of shape N×classes."""
+        return torch.softmax(self.model(x), dim=1)
+
+
+def build_model(preset: Preset, num_classes: int) -> VGG16Classifier:
+    """A fresh network for ``preset``."""
+    return VGG16Classifier(
+        num_classes,
+        width_divisor=preset.width_divisor,
+        head=preset.head,
+        dropout=preset.dropout,
+        input_size=preset.input_size,
+    )
+
+
+def load_pretrained(model: VGG16Classifier, path: str | Path) -> None:
+    """Load torchvision-layout VGG16 weights (a state dict ``.pth``) into the convolutional base.
+
+    ``features.*`` keys must match the base exactly (names and shapes); torchvision's
+    ``classifier.*`` keys are ignored (the head is the study's, trained from scratch).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--pretrained {p}: no such file")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"--pretrained {p}: not a readable state dict ({exc})") from exc
+    if not isinstance(state, dict):
+        raise ConfigError(f"--pretrained {p}: expected a state dict, got {type(state).__name__}")
+    load_features_state(model, state, str(p))
+
+
+def load_features_state(model: VGG16Classifier, state: dict[str, Any], source: str) -> None:
+    """Copy ``features.*`` tensors of a torchvision-layout state dict into ``model``."""
+    ignored = sorted(k for k in state if k.startswith("classifier."))
+    if ignored:
+        log.info(
+            "%s: ignoring %d torchvision classifier.* keys (head is trained anew)",
+            source,
+            len(ignored),
+        )
+    feats = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
+    stray = sorted(k for k in state if not k.startswith(("features.", "classifier.")))
+    own = model.features.state_dict()
+    missing = sorted(f"features.{k}" for k in own if k not in feats)
+    unexpected = sorted(f"features.{k}" for k in feats if k not in own) + stray
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing key(s) {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected key(s) {', '.join(unexpected)}")
+        raise ConfigError(f"{source}: {'; '.join(parts)}")
+    for k, v in feats.items():
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(own[k].shape):
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ConfigError(
+                f"{source}: features.{k} has shape {got}, this preset needs "
+                f"{tuple(own[k].shape)} (pretrained ImageNet weights fit the paper preset only)"
+            )
+    model.features.load_state_dict(feats, strict=True)
+    log.info("%s: loaded %d pretrained tensors into the convolutional base", source, len(feats))

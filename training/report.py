@@ -1,0 +1,215 @@
+"""``report.json``, ``report.md`` and the plots of a training run.
+
+The Markdown report sets the study's Table 2 beside this run's numbers.  Numbers from synthetic
+data say whether the pipeline works, not how well the method screens patients.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from firmware_bridge.fsutil import atomic_write_bytes, atomic_write_text
+from training.metrics import high_risk_probability, roc_points
+
+log = logging.getLogger(__name__)
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+
+# The study's Table 2 (sensitivity, specificity in %), with the classification problem of each.
+STUDY_TABLE2: tuple[tuple[str, str, str, float, float], ...] = (
+    ("[2]", "Naive Bayes", "2-class (II Pap – V Pap)", 78.16, 97.92),
+    ("[23]", "Random Forest", "2-class (II, III Pap – IV, V Pap)", 37.14, 98.97),
+    ("Study", "VGG16 CNN", "2-class (II, III Pap – IV, V Pap)", 83.3, 78.0),
+)
+STUDY_NOTE = (
+    "The study reports VGG16 sensitivity 83.8 % (results) and 83.3 % (abstract, Table 2), "
+    "specificity 78 % (79 % in the conclusion) and accuracy 80.4 %, on 441 real stained smears "
+    "(II 141, III 112, IV 42, V 146).  Its Naive Bayes pair (78.16 / 97.92 %, accuracy 85.18 %) "
+    "is from an easier problem, II vs V only; the Random Forest pair (37.14 / 98.97 %) is from "
+    "the same II+III vs IV+V problem as the CNN.  The study gives no confidence intervals."
+)
+SYNTHETIC_WARNING = (
+    "**These numbers are not clinical performance.**  When the data come from the simulator "
+    "(`omis dataset synth`), they only show that the pipeline works end to end; the simulator's "
+    "difficulty is a parameter, not a property of patients."
+)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Pretty JSON, written atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _pct(p: dict[str, Any] | None) -> str:
+    if not p or p.get("value") is None:
+        return "n/a"
+    lo, hi = p["ci95"]
+    return f"{100 * p['value']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _num(v: float | None, fmt: str = "{:.3f}") -> str:
+    return "n/a" if v is None else fmt.format(v)
+
+
+def _row(name: str, m: dict[str, Any]) -> str:
+    t = m["threshold_at_target_sensitivity"]
+    return (
+        f"| {name} | {_pct(m['sensitivity'])} | {_pct(m['specificity'])} | "
+        f"{_pct(m['accuracy'])} | {_num(m['roc_auc'])} | {_num(m['calibration']['brier'])} | "
+        f"{_num(t['threshold'])} |"
+    )
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The human-readable report."""
+    pooled = report["cnn"]["pooled"]
+    lines = [
+        f"# Training report: {report['name']} v{report['version']}",
+        "",
+        SYNTHETIC_WARNING,
+        "",
+        f"Task `{report['task']}` (classes {', '.join(report['classes'])}), preset "
+        f"`{report['preset']}`, {report['folds']}-fold cross-validation grouped by patient, "
+        f"{report['data']['slides_used']} slides of {report['data']['patients']} patients "
+        f"(kind: {report['data']['kind']}).  Positive = high risk (IV, V); decision threshold "
+        f"{pooled['threshold']}.  Intervals are Wilson 95 %.",
+        "",
+        "## This run (pooled out-of-fold predictions)",
+        "",
+        "| model | sensitivity | specificity | accuracy | ROC AUC | Brier | thr. @ "
+        f"{100 * pooled['threshold_at_target_sensitivity']['target']:.0f} % sens. |",
+        "|---|---|---|---|---|---|---|",
+        _row("VGG16 (this run)", pooled),
+    ]
+    for name, res in report.get("baselines", {}).items():
+        if isinstance(res, dict) and "pooled" in res:
+            lines.append(_row(name.replace("_", " ").title(), res["pooled"]))
+    lines += [
+        "",
+        "## The study's Table 2",
+        "",
+        "| ref. | method | problem | sens. % | spec. % |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {r} | {m} | {p} | {s} | {sp} |" for r, m, p, s, sp in STUDY_TABLE2]
+    lines += [
+        "",
+        STUDY_NOTE,
+        "",
+        "## Per fold (VGG16)",
+        "",
+        "| fold | n | sensitivity | specificity | accuracy | ROC AUC | best epoch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for f in report["cnn"]["per_fold"]:
+        lines.append(
+            f"| {f['fold']} | {f['n']} | {_pct(f['sensitivity'])} | {_pct(f['specificity'])} | "
+            f"{_pct(f['accuracy'])} | {_num(f['roc_auc'])} | {f.get('best_epoch', 'n/a')} |"
+        )
+    lines += [
+        "",
+        f"Pooled confusion matrix (rows true, columns predicted; "
+        f"{', '.join(report['classes'])}): `{pooled['confusion_matrix']}`",
+        "",
+        f"Final model: {report['final_model']['description']}.",
+        "",
+        "Plots: `plots/confusion.png`, `plots/roc.png`, `plots/mean_spectra.png`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _save_fig(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_confusions(path: Path, report: dict[str, Any]) -> None:
+    """Pooled and per-fold confusion matrices of the CNN."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mats = [("pooled", report["cnn"]["pooled"]["confusion_matrix"])]
+    mats += [(f"fold {f['fold']}", f["confusion_matrix"]) for f in report["cnn"]["per_fold"]]
+    classes = report["classes"]
+    fig, axes = plt.subplots(1, len(mats), figsize=(3.2 * len(mats), 3.2), squeeze=False)
+    for ax, (title, cm) in zip(axes[0], mats, strict=True):
+        arr = np.asarray(cm)
+        ax.imshow(arr, cmap="Blues")
+        for (i, j), v in np.ndenumerate(arr):
+            ax.text(j, i, str(v), ha="center", va="center")
+        ax.set_xticks(range(len(classes)), classes)
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+def plot_roc(path: Path, labels: I64, probs: dict[str, F64], high_classes: Sequence[int]) -> None:
+    """ROC curves (high risk vs low risk) of the CNN and the baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    positive = np.isin(labels, list(high_classes))
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for name, p in probs.items():
+        fpr, tpr = roc_points(positive, high_risk_probability(p, high_classes))
+        ax.plot(fpr, tpr, label=name, drawstyle="steps-post")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("ROC, pooled out-of-fold")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+def plot_mean_spectra(
+    path: Path, spectra: Sequence[tuple[F64, F64]], labels: I64, classes: Sequence[str]
+) -> None:
+    """Mean spectrum per class with a ± 1 SD band (spectra on the same axis only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x0 = spectra[0][0]
+    for k, name in enumerate(classes):
+        ys = [
+            y
+            for (x, y), lab in zip(spectra, labels, strict=True)
+            if lab == k and x.shape == x0.shape
+        ]
+        if not ys:
+            continue
+        arr = np.stack(ys)
+        mean, sd = arr.mean(axis=0), arr.std(axis=0)
+        ax.plot(x0, mean, label=f"{name} (n={len(ys)})")
+        ax.fill_between(x0, mean - sd, mean + sd, alpha=0.2)
+    ax.axhline(0.0, color="grey", linewidth=0.5)
+    ax.set_xlabel("wavelength difference (nm)")
+    ax.set_ylabel("y")
+    ax.set_title("mean spectrum per class (± 1 SD)")
+    ax.legend()
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
