@@ -321,3 +321,28 @@ def fit_y_range(ys: object, coverage: float = 0.999, pad: float = 0.1) -> tuple[
     hi = max(0.0, float(np.quantile(values, coverage)))
     span = max(hi - lo, 1e-6)
     return (lo - pad * span, hi + pad * span)
+
+
+def fit_x_range(
+    x_nm: object, ys: object, fraction: float = 0.01, pad: float = 0.15
+) -> tuple[float, float]:
+    """The part of the axis where the spectra live, widened by ``pad`` of its width.
+
+    ``ys`` holds one spectrum per row over the common axis ``x_nm``.  The support is where the
+    mean absolute spectrum exceeds ``fraction`` of its maximum.  OMIS spectra of one instrument
+    occupy a small part of the full ±D axis; drawing only that part gives the CNN its peaks at
+    a usable resolution.  Fitted once on the training spectra and recorded in the bundle.
+    """
+    x = np.asarray(x_nm, dtype=np.float64).ravel()
+    y = np.atleast_2d(np.asarray(ys, dtype=np.float64))
+    if y.shape[-1] != x.size or x.size < 2 or not np.all(np.isfinite(y)):
+        raise SpectrumInputError("fit_x_range needs finite spectra over the given axis")
+    if not 0.0 < fraction < 1.0:
+        raise SpectrumInputError(f"fraction must be in (0, 1), got {fraction}")
+    level = np.abs(y).mean(axis=0)
+    if level.max() <= 0.0:
+        return (float(x[0]), float(x[-1]))
+    inside = np.flatnonzero(level >= fraction * level.max())
+    lo, hi = float(x[inside[0]]), float(x[inside[-1]])
+    width = max(hi - lo, float(x[1] - x[0]))
+    return (max(float(x[0]), lo - pad * width), min(float(x[-1]), hi + pad * width))

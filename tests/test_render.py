@@ -167,3 +167,16 @@ def test_fit_y_range_covers_the_data_and_zero() -> None:
     assert lo < 0.0 < float(positive.max()) * 0.9 < hi  # zero stays in view
     with pytest.raises(SpectrumInputError):
         fit_y_range([np.nan])
+
+
+def test_fit_x_range_covers_where_the_spectra_live() -> None:
+    from inference.render import fit_x_range
+
+    x = np.linspace(-144.5, 144.5, 290)
+    ys = np.stack([np.exp(-0.5 * ((x - c) / 3.0) ** 2) for c in (-10.0, 0.0, 5.0)])
+    lo, hi = fit_x_range(x, ys)
+    assert -30.0 < lo < -10.0 and 5.0 < hi < 25.0
+    # nothing there: the whole axis; bad input: an error naming it
+    assert fit_x_range(x, np.zeros((2, 290))) == (x[0], x[-1])
+    with pytest.raises(SpectrumInputError, match="fit_x_range"):
+        fit_x_range(x, np.zeros((2, 10)))

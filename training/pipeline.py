@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from firmware_bridge.fsutil import atomic_directory, atomic_write_text
 from inference.bundle import InputSpec, Thresholds, Training
 from inference.exceptions import InferenceError
-from inference.render import RenderParams, fit_y_range
+from inference.render import RenderParams, fit_x_range, fit_y_range
 from inference.spectrum import parse_params
 from training.baselines import cross_val_baselines, feature_matrix
 from training.checkpoint import FORMAT
@@ -179,9 +179,17 @@ def prepare(opts: TrainOptions, progress: Progress) -> Prepared:
         raise DataError(f"the data hold only class(es) {present}; need at least two")
     spectra = [(s.x_nm, s.y) for s in ds.slides if s.x_nm is not None and s.y is not None]
     h, w = preset.input_size
-    y_range = fit_y_range(np.concatenate([y for _, y in spectra])) if spectra else (-2.0, 2.0)
-    # the y-range is fitted once on all spectra (unsupervised, labels unused) and shipped
-    render = RenderParams(width=w, height=h, y_range=y_range)
+    # The axis ranges are fitted once on all spectra (unsupervised, labels unused) and shipped
+    # in the bundle: the spectra occupy a small part of the ±D axis, so drawing all of it
+    # would leave the peaks a few pixels wide.
+    if spectra:
+        y_range = fit_y_range(np.concatenate([y for _, y in spectra]))
+        x_range: tuple[float, float] | None = fit_x_range(
+            spectra[0][0], np.stack([y for _, y in spectra])
+        )
+    else:
+        y_range, x_range = (-2.0, 2.0), None
+    render = RenderParams(width=w, height=h, y_range=y_range, x_range_nm=x_range)
     if ds.kind == "images":
         log.warning(
             "image dataset: the device renders with this bundle's render parameters; "
