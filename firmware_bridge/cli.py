@@ -3,8 +3,155 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from firmware_bridge.sim.dataset import SynthRequest, SynthResult
 
 
 def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
     """Add this package's subcommands to ``omis``."""
+    _register_dataset(sub, common)
+    _register_acquire(sub, common)
+
+
+# -- omis dataset ------------------------------------------------------------------------------
+
+
+def _register_dataset(
+    sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser
+) -> None:
+    """``omis dataset synth``: the synthetic dataset generator."""
+    dataset = sub.add_parser("dataset", parents=[common], help="synthetic datasets")
+    actions = dataset.add_subparsers(dest="dataset_command", metavar="ACTION", required=True)
+    synth = actions.add_parser(
+        "synth",
+        parents=[common],
+        help="write simulated W/P field pairs and manifest.csv",
+        description="Write a synthetic OMIS dataset (see docs/simulator.md).",
+    )
+    synth.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    synth.add_argument("--slides", type=int, required=True, help="number of slides")
+    synth.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    synth.add_argument("--fields", type=int, default=5, help="fields per slide (default 5)")
+    synth.add_argument("--size", default="1280x1024", help="image WIDTHxHEIGHT (default 1280x1024)")
+    synth.add_argument(
+        "--groups",
+        help="Pap group proportions, e.g. II=141,III=112,IV=42,V=146 (default: the study's),"
+        " scaled to --slides",
+    )
+    synth.add_argument(
+        "--difficulty",
+        type=float,
+        default=1.0,
+        help="group overlap: 0 = none, 1 = about the study's accuracy (default), 2 = harder",
+    )
+    synth.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: usable CPUs)"
+    )
+    synth.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    synth.set_defaults(handler=_dataset_synth)
+
+
+def _dataset_synth(args: argparse.Namespace) -> int:
+    # imported here so that ``omis --help`` stays fast
+    from firmware_bridge.sim.dataset import (
+        SynthRequest,
+        check_request,
+        make_config,
+        parse_groups,
+        parse_size,
+        synthesize,
+    )
+
+    workers = args.workers or max(1, len(os.sched_getaffinity(0)))
+    req = SynthRequest(
+        out=Path(args.out),
+        slides=args.slides,
+        seed=args.seed,
+        fields=args.fields,
+        size=parse_size(args.size),
+        groups=None if args.groups is None else parse_groups(args.groups),
+        config=make_config(difficulty=args.difficulty),
+        workers=min(workers, max(args.slides, 1)),
+    )
+    check_request(req)  # before the progress bar, so that bad input gives one line
+    result = synthesize(req) if args.quiet else _synth_with_progress(req)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        counts = ", ".join(f"{g}={n}" for g, n in result.counts.items())
+        print(
+            f"wrote {result.slides} slides x {result.fields} fields ({counts}) to {result.out}"
+            f" in {result.seconds:.1f} s"
+        )
+    return 0
+
+
+def _synth_with_progress(req: SynthRequest) -> SynthResult:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from firmware_bridge.sim.dataset import synthesize
+
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(file=sys.stderr), transient=False) as bar:
+        task = bar.add_task("synth slides", total=req.slides)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        return synthesize(req, advance)
+
+
+# -- omis acquire ------------------------------------------------------------------------------
+
+
+def _register_acquire(
+    sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser
+) -> None:
+    """``omis acquire``: capture field pairs from a microscope URL into a directory."""
+    acquire = sub.add_parser(
+        "acquire",
+        parents=[common],
+        help="capture W/P field pairs and acquisition.json from a microscope",
+        description="Capture N field pairs (sim://, serial:///dev/ttyACM0, replay://DIR) into "
+        "DIR/field-NNN-{diffuse,polarized}.png plus DIR/acquisition.json.",
+    )
+    acquire.add_argument("--microscope", required=True, help="microscope URL, e.g. sim://?seed=1")
+    acquire.add_argument("--fields", type=int, required=True, help="number of fields")
+    acquire.add_argument("--out", required=True, help="output directory (must not exist)")
+    acquire.add_argument("--plan", choices=("grid", "serpentine"), default="serpentine")
+    acquire.add_argument("--size", help="camera frame WIDTHxHEIGHT (default: the camera's)")
+    acquire.add_argument("--step-um", type=float, help="distance between fields in µm")
+    acquire.add_argument("--json", action="store_true", help="print acquisition.json on stdout")
+    acquire.set_defaults(handler=_acquire)
+
+
+def _acquire(args: argparse.Namespace) -> int:
+    from firmware_bridge.acquisition import make_plan, parse_size, record_acquisition
+    from firmware_bridge.exceptions import InputError
+    from firmware_bridge.microscope import open_microscope
+
+    if Path(args.out).exists():
+        raise InputError(f"{args.out} already exists; choose a new output directory")
+    size = parse_size(args.size) if args.size else None
+    with open_microscope(args.microscope, size=size) as scope:
+        base = scope.default_plan(args.fields, args.plan)
+        extra = {} if args.step_um is None else {"step_um": (args.step_um, args.step_um)}
+        plan = make_plan(**{**base.model_dump(), "fields": args.fields, **extra})
+        meta = record_acquisition(scope, plan, args.out)
+    if args.json:
+        print(json.dumps(meta, indent=2))
+    else:
+        print(f"wrote {len(meta['fields'])} field pairs and acquisition.json to {args.out}")
+    return 0
