@@ -53,7 +53,7 @@ class DemoConfig:
     slides: int = 6
     fields: int = 3
     seed: int = 2026
-    train_slides: int = 80
+    train_slides: int = 200
     train_fields: int = 2
     train_size: str = "320x256"
     folds: int = 3
