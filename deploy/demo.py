@@ -170,14 +170,13 @@ def _table(run: DemoRun, expected: int) -> Table:
     table = Table(
         title=f"Live results over MQTT ({len(run.results)}/{expected}) — "
         f"device {DEVICE_ID}: {run.availability}, {run.status.get('state', '?')}",
-        caption="simulated slides: 'true group' is the simulator's ground truth",
+        caption="group/truth: the simulator's ground truth; review: abstained for a human",
     )
     for col, justify in (
-        ("slide", "left"), ("true group", "center"), ("true risk", "center"),
-        ("prediction", "center"), ("p(high)", "right"), ("abstained", "center"),
-        ("fields ok", "right"), ("latency ms", "right"),
+        ("slide", "left"), ("group", "center"), ("truth", "center"), ("predicted", "center"),
+        ("p(high)", "right"), ("review", "center"), ("QC ok", "right"), ("ms", "right"),
     ):  # fmt: skip
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for r in sorted(run.results.values(), key=lambda r: int(r.get("seq", 0))):
         table.add_row(*_row(r))
     return table
@@ -225,12 +224,14 @@ def _summary(console: Console, run: DemoRun, scan_report: dict[str, Any] | None)
     )
     latencies = [float(r.get("timings_ms", {}).get("total", 0.0)) for r in results]
     model = results[0].get("model", {}) if results else {}
+    backend = results[0].get("backend", {}) if results else {}
+    console.print()
     console.rule("[bold]summary")
     console.print(f"results delivered: {len(results)} (duplicates recognised: {run.duplicates})")
     console.print(
         f"model: {model.get('name')} v{model.get('version')} "
-        f"sha256 {str(model.get('sha256', ''))[:12]}…, "
-        f"backend {results[0].get('backend') if results else '?'}"
+        f"sha256 {str(model.get('sha256', ''))[:12]}…; backend {backend.get('name')} "
+        f"{backend.get('precision')}{' (DEGRADED)' if backend.get('degraded') else ''}"
     )
     if latencies:
         console.print(
@@ -248,13 +249,17 @@ def _summary(console: Console, run: DemoRun, scan_report: dict[str, Any] | None)
     )
 
 
-def _scan(cfg: DemoConfig, bundle: Path, port: int, state_dir: Path) -> subprocess.Popen[str]:
+def _scan(
+    cfg: DemoConfig, bundle: Path, port: int, state_dir: Path, log_path: Path
+) -> subprocess.Popen[str]:
     argv = _omis(
         "scan", "--microscope", f"sim://?seed={cfg.seed}", "--broker", f"mqtt://127.0.0.1:{port}",
         "--bundle", str(bundle), "--slides", str(cfg.slides), "--fields", str(cfg.fields),
         "--device-id", DEVICE_ID, "--state-dir", str(state_dir), "--json", "--quiet",
     )  # fmt: skip
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    # The scan's log goes to a file so that it does not tear the live table apart.
+    with open(log_path, "w", encoding="utf-8") as log_file:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log_file, text=True)
 
 
 def _watch(
@@ -305,7 +310,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> int:
         viewer = _subscriber(port, inbox)
         try:
             console.rule(f"[bold]4/4 scan {cfg.slides} simulated slides (sim:// over a pty)")
-            proc = _scan(cfg, bundle, port, Path(tmp))
+            log_path = cfg.cache_dir / "last-scan.log"
+            console.print(f"[dim]scan log: {log_path}")
+            proc = _scan(cfg, bundle, port, Path(tmp), log_path)
             code = _watch(proc, run, inbox, cfg, console)
             out, _ = proc.communicate()
         finally:
@@ -318,7 +325,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> int:
         report = None
     _summary(console, run, report)
     if code != 0:
-        raise DeployError(f"omis scan exited with {code}")
+        raise DeployError(f"omis scan exited with {code}; see {cfg.cache_dir / 'last-scan.log'}")
     if len(run.results) < cfg.slides:
         raise DeployError(f"only {len(run.results)} of {cfg.slides} results arrived")
     return 0

@@ -271,7 +271,9 @@ class MqttLink:
         properties: Properties | None,
     ) -> None:
         self.connected.clear()
-        log.warning("MQTT: disconnected from %s: %s", self.address, reason)
+        # A disconnect we asked for (reason 0) is routine; anything else is worth a warning.
+        level = logging.INFO if reason.value == 0 else logging.WARNING
+        log.log(level, "MQTT: disconnected from %s: %s", self.address, reason)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if self.on_command is None:

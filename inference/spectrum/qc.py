@@ -308,7 +308,7 @@ def _field_results(
             raise SpectrumInputError(f"field {i}: {exc}") from exc
         q = assess_field(w, p, params, thresholds, index=i, histogram=h)
         if not q.ok:
-            log.warning("field %d rejected by quality control: %s", i, ", ".join(q.reasons))
+            log.info("field %d rejected by quality control: %s", i, ", ".join(q.reasons))
         out.append((h, q))
     return out
 
