@@ -162,12 +162,12 @@ def test_dark_and_saturated_extremes(backend: SpectrumBackend, params: Params) -
 
 @pytest.mark.parametrize("algorithm", ["omis-wdiff-v1", "omis-rbhist-v1"])
 def test_thresholds_at_their_limits(backend: SpectrumBackend, algorithm: str) -> None:
-    """t_low = 0 admits black pixels (den = 0); t_sat = 256 admits every channel value."""
+    """t_low = 1 admits the darkest definable pixels; t_sat = 256 admits every channel value."""
     rng = np.random.default_rng(11)
     w, p = random_pair(rng, 23, 29)
     w[:3] = 0  # R + B == 0 in W
     p[:, :2] = 0
-    for extra in ({"t_low": 0}, {"t_sat": 256}, {"t_low": 0, "t_sat": 256}, {"t_low": 510}):
+    for extra in ({"t_low": 1}, {"t_sat": 256}, {"t_low": 1, "t_sat": 256}, {"t_low": 510}):
         params = parse_params({"algorithm": algorithm, **extra})
         with np.errstate(divide="ignore", invalid="ignore"):
             ref = reference_histogram(w, p, params)

@@ -98,6 +98,7 @@ def test_unknown_backend_is_an_error() -> None:
         ({"bins": 4001}, None, "bins"),
         ({"bins": "many"}, None, "bins"),
         ({"t_low": -1}, None, "t_low"),
+        ({"t_low": 0}, None, "t_low"),  # den = 0 would be possible: the bin is undefined
         ({"t_sat": 0}, None, "t_sat"),
         ({"t_sat": 257}, None, "t_sat"),
         ({"n_smooth": -1}, None, "n_smooth"),

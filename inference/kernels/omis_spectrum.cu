@@ -22,8 +22,9 @@
 //     float32 division (relative error ~1e-6, so the estimate is within +-1 of the true floor for
 //     quotients up to L) and then corrected exactly with the int32 remainder r = a - q b:
 //     q -= (r < 0), q += (r >= b).  No float result reaches the histogram unchecked, so the
-//     index is exact for every input.  Then j = min(j, L - 1).  den = 0 (possible only with
-//     t_low = 0) gives a = 0 and j = 0, like the CPU backends.
+//     index is exact for every input.  Then j = min(j, L - 1).  Valid pixels always have
+//     den >= 1 (the parameters require t_low >= 1); b = max(2 den, 1) only keeps invalid
+//     pixels, which are never counted, from dividing by zero.
 //   * Run-length pre-aggregation: consecutive valid pixels of one thread that fall into the same
 //     bin are summed in registers and flushed as one update when the bin changes.  Neighbouring
 //     pixels of real images mostly share a bin, so this removes most shared-memory atomics and

@@ -2,13 +2,16 @@
 
 Why it is fast compared with a literal transcription (``reference.py``):
 
-* rows are processed in cache-sized chunks, so the dozen temporaries of a chunk stay in L2;
-* arithmetic runs on the narrowest exact types (uint8/uint16/int32) instead of int64;
+* rows are processed in cache-sized chunks, so the temporaries of a chunk stay in L2;
+* the interleaved RGB bytes are split into contiguous planes once (OpenCV), so every later
+  operation runs at full SIMD width on int32 instead of on stride-3 uint8 views;
 * invalid pixels are not compressed away but sent to an extra "dump" bin, which avoids four
-  gather passes, and ``np.bincount`` replaces the very slow ``np.add.at``;
+  gather passes, and ``np.bincount`` replaces the very slow ``np.add.at``; the sum and the count
+  of a bin come out of one weighted bincount (see ``_PACK``);
 * the bin index ``floor(a / b)`` with ``a = (num + den) * L <= 3.8e7`` and ``b = 2 den <= 520200``
   is computed as a float64 division: the true quotient is at least ``1/b`` below the next
-  integer, far more than float64's rounding error, so the floor is exact;
+  integer, far more than float64's rounding error, and an exact integer quotient is exactly
+  representable, so the floor is exact;
 * chunks can be shared between threads (``threads=`` or ``OMIS_SPECTRUM_THREADS``).
 
 The result is bit-identical to the reference (tested on random and simulated images).
@@ -19,6 +22,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 
@@ -29,48 +33,82 @@ from inference.spectrum.validate import U8, Mask, check_pair
 CHUNK_PIXELS = 1 << 15
 
 
+# The two histograms of a chunk come from one weighted bincount: each pixel adds
+# ``w + _SHIFT + _PACK``, so a bin's total is ``sum(w) + (_SHIFT + _PACK) * count``.  With
+# ``w + _SHIFT`` in [514, 1534] and at most CHUNK_PIXELS pixels, the shifted sum stays below
+# _PACK and the total below 2**53: both parts come back exactly from one float64.
+_SHIFT = 1024
+_PACK = float(1 << (((510 + _SHIFT) * CHUNK_PIXELS).bit_length()))
+
+
 def _valid_chunk(
     w: U8, p: U8, mask: Mask | None, t_low: int, t_sat: int
-) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int32], npt.NDArray[np.int32]]:
-    s_w = np.add(w[:, 0], w[:, 2], dtype=np.int32)
-    s_p = np.add(p[:, 0], p[:, 2], dtype=np.int32)
-    valid = s_w >= t_low
+) -> tuple[npt.NDArray[np.bool_], tuple[npt.NDArray[np.int32], ...]]:
+    # Contiguous channel planes first (OpenCV's split, one SIMD pass per image): every later
+    # operation then runs at full SIMD width instead of on stride-3 views, 3-6x faster each.
+    r_w8, g_w8, b_w8 = cv2.split(w.reshape(-1, 1, 3))
+    r_p8, g_p8, b_p8 = cv2.split(p.reshape(-1, 1, 3))
+    brightest = np.maximum(r_w8, g_w8)  # max of all six channels < t_sat <=> none saturated
+    for plane in (b_w8, r_p8, g_p8, b_p8):
+        np.maximum(brightest, plane, out=brightest)
+    valid = brightest < t_sat
+    planes = tuple(c.reshape(-1).astype(np.int32) for c in (r_w8, b_w8, r_p8, b_p8))
+    r_w, b_w, r_p, b_p = planes
+    valid = valid.reshape(-1)
+    s_w = r_w + b_w
+    s_p = r_p + b_p
+    valid &= s_w >= t_low
     valid &= s_p >= t_low
-    # max over the channel axis is ~30x slower as a reduction than as two elementwise maxima
-    valid &= np.maximum(np.maximum(w[:, 0], w[:, 1]), w[:, 2]) < t_sat
-    valid &= np.maximum(np.maximum(p[:, 0], p[:, 1]), p[:, 2]) < t_sat
     if mask is not None:
         valid &= mask
-    return valid, s_w, s_p
+    return valid, (*planes, s_w, s_p)
+
+
+def _unpack(total: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    count = np.floor(total / _PACK)
+    shifted = total - count * _PACK
+    count_i = count.astype(np.int64)
+    return shifted.astype(np.int64) - _SHIFT * count_i, count_i
 
 
 def _wdiff_chunk(
     w: U8, p: U8, mask: Mask | None, params: WdiffParams
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     n_bins = params.bins
-    valid, s_w, s_p = _valid_chunk(w, p, mask, params.t_low, params.t_sat)
-    num = np.multiply(w[:, 0], p[:, 2], dtype=np.int32)
-    num -= np.multiply(p[:, 0], w[:, 2], dtype=np.int32)
+    valid, (r_w, b_w, r_p, b_p, s_w, s_p) = _valid_chunk(w, p, mask, params.t_low, params.t_sat)
+    num = r_w * b_p
+    num -= r_p * b_w
     den = s_w * s_p
     num += den
-    num *= n_bins
-    den *= 2
-    np.maximum(den, 1, out=den)  # invalid pixels may have den == 0; they go to the dump bin
-    j = np.divide(num, den, dtype=np.float64).astype(np.int32)
-    np.minimum(j, n_bins - 1, out=j)
-    j[~valid] = n_bins
+    # floor((num + den) * L / (2 den)); for even L the 2 cancels exactly (one pass fewer)
+    if n_bins % 2 == 0:
+        num *= n_bins // 2
+    else:
+        num *= n_bins
+        den *= 2
+    # Invalid pixels may divide by zero; they all go to the dump bin below.  Valid ones have
+    # den >= t_low**2 >= 1.  j == n_bins (num == den exactly) is counted in its own bin
+    # and folded into the last one afterwards: cheaper than clipping every pixel.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # intp: the index type bincount works in (an int32 index would be converted again)
+        j = np.divide(num, den, dtype=np.float64).astype(np.intp)
+    j[~valid] = n_bins + 1
     s_w -= s_p
-    hist = np.bincount(j, weights=s_w, minlength=n_bins + 1)
-    count = np.bincount(j, minlength=n_bins + 1)
-    return hist.astype(np.int64), count.astype(np.int64)
+    weights = np.add(s_w, _SHIFT + _PACK, dtype=np.float64)
+    # numpy's stubs type bincount as integer even with float weights
+    totals = np.asarray(np.bincount(j, weights=weights, minlength=n_bins + 2), dtype=np.float64)
+    hist, count = _unpack(totals)
+    hist[n_bins - 1] += hist[n_bins]
+    count[n_bins - 1] += count[n_bins]
+    return hist[: n_bins + 1].copy(), count[: n_bins + 1].copy()  # + the dump bin
 
 
 def _rbhist_chunk(
     w: U8, p: U8, mask: Mask | None, params: RbhistParams
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    valid, _, _ = _valid_chunk(w, p, mask, params.t_low, params.t_sat)
-    d_w = np.subtract(w[:, 0], w[:, 2], dtype=np.int32)
-    d_p = np.subtract(p[:, 0], p[:, 2], dtype=np.int32)
+    valid, (r_w, b_w, r_p, b_p, _, _) = _valid_chunk(w, p, mask, params.t_low, params.t_sat)
+    d_w = r_w - b_w
+    d_p = r_p - b_p
     d_w += 255
     d_p += 255
     d_w[~valid] = 511

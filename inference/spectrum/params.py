@@ -20,7 +20,8 @@ class _Common(BaseModel):
 
     lambda_r_nm: float = Field(610.0, description="effective wavelength of the red channel (nm)")
     lambda_b_nm: float = Field(465.0, description="effective wavelength of the blue channel (nm)")
-    t_low: int = Field(8, ge=0, le=510, description="a pixel needs R+B >= t_low in both images")
+    # t_low >= 1: a pixel with R+B == 0 in both images has den == 0, and its bin is undefined.
+    t_low: int = Field(8, ge=1, le=510, description="a pixel needs R+B >= t_low in both images")
     t_sat: int = Field(
         250, ge=1, le=256, description="a pixel is dropped if any channel >= t_sat in either image"
     )
