@@ -4,7 +4,9 @@
                                                   [--size 320x240] [--backend onnxruntime]
 
 Stages measured alone, over the same simulated slides:
-  acquire   rendering the simulated fields (the firmware simulator's camera)
+  acquire   rendering the simulated fields (the firmware simulator's camera), or with
+            --camera-ms T a camera-like source: pre-rendered fields delivered T ms apart
+            (exposure and stage time are waiting, not CPU, on the real instrument)
   fields    spectrum histogram + QC per field, slide sum + finalise
   classify  render the spectrum image, preprocess, infer
 The pipelined scan runs them concurrently; goal: its throughput >= 95% of the slowest stage
@@ -20,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +51,27 @@ def _bundle(path: str | None, tmp: Path) -> Bundle:
     return built
 
 
-def _acquire_alone(slides: int, fields: int, size: tuple[int, int]) -> tuple[float, list[Any]]:
+def _camera(slide: list[Any], camera_ms: float) -> Iterator[Any]:
+    """Pre-rendered fields delivered like a camera: each after ``camera_ms`` of waiting."""
+    for field in slide:
+        time.sleep(camera_ms / 1e3)
+        yield field
+
+
+def _source(s: int, fields: int, size: tuple[int, int], cam: CameraData) -> Iterator[Any]:
+    if cam is None:
+        return iter(simulated_slide(s, fields, size))
+    return _camera(cam[1][s], cam[0])
+
+
+CameraData = tuple[float, list[list[Any]]] | None
+
+
+def _acquire_alone(
+    slides: int, fields: int, size: tuple[int, int], cam: CameraData
+) -> tuple[float, list[Any]]:
     t0 = time.perf_counter()
-    data = [list(simulated_slide(s, fields, size)) for s in range(slides)]
+    data = [list(_source(s, fields, size, cam)) for s in range(slides)]
     return time.perf_counter() - t0, data
 
 
@@ -78,9 +99,11 @@ def _classify_alone(pipe: SlidePipeline, spectra: list[Any]) -> float:
     return time.perf_counter() - t0
 
 
-def _pipelined(pipe: SlidePipeline, slides: int, fields: int, size: tuple[int, int]) -> float:
+def _pipelined(
+    pipe: SlidePipeline, slides: int, fields: int, size: tuple[int, int], cam: CameraData
+) -> float:
     t0 = time.perf_counter()
-    results = list(pipe.run(simulated_slide(s, fields, size) for s in range(slides)))
+    results = list(pipe.run(_source(s, fields, size, cam) for s in range(slides)))
     assert len(results) == slides
     return time.perf_counter() - t0
 
@@ -106,6 +129,9 @@ def main() -> int:
     ap.add_argument("--size", default="320x240")
     ap.add_argument("--queue-size", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--camera-ms", type=float, help="camera-like source: pre-rendered fields, T ms apart"
+    )
     args = ap.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
     assert len(size) == 2
@@ -116,16 +142,20 @@ def main() -> int:
         cfg = PipelineConfig(queue_size=args.queue_size, spectrum_backend=args.spectrum_backend)
         pipe = SlidePipeline(bundle, backend, cfg)
         pipe.run_slide(simulated_slide(999, 1, size2))  # warm-up, not measured
+        cam: CameraData = None
+        if args.camera_ms is not None:
+            rendered = [list(simulated_slide(s, args.fields, size2)) for s in range(args.slides)]
+            cam = (args.camera_ms, rendered)
         # Best of --repeats for each measurement: the machine is shared, the minimum is the
         # least disturbed run.  Alone and pipelined runs are interleaved for the same reason.
         runs: dict[str, list[float]] = {k: [] for k in ("acq", "fields", "cls", "pipe")}
         for _ in range(args.repeats):
-            t_acq, data = _acquire_alone(args.slides, args.fields, size2)
+            t_acq, data = _acquire_alone(args.slides, args.fields, size2, cam)
             t_fields, spectra = _fields_alone(pipe, data, args.spectrum_backend)
             runs["acq"].append(t_acq)
             runs["fields"].append(t_fields)
             runs["cls"].append(_classify_alone(pipe, spectra))
-            runs["pipe"].append(_pipelined(pipe, args.slides, args.fields, size2))
+            runs["pipe"].append(_pipelined(pipe, args.slides, args.fields, size2, cam))
         t_acq, t_fields, t_cls, t_pipe = (min(runs[k]) for k in ("acq", "fields", "cls", "pipe"))
         glue_wall, glue_work = _glue(pipe, data)
         backend.close()
@@ -135,7 +165,8 @@ def main() -> int:
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (a shared machine)")
     print(
         f"{n} slides x {args.fields} fields of {size2[0]}x{size2[1]}, backend "
-        f"{backend.describe()['name']}, spectrum {pipe.spectrum_backend_name}"
+        f"{backend.describe()['name']}, spectrum {pipe.spectrum_backend_name}, acquisition "
+        + ("simulator rendering" if cam is None else f"camera-like, {cam[0]:g} ms per field")
     )
     print(f"{'stage alone':<24}{'total s':>9}{'slides/s':>10}")
     for k, v in alone.items():
