@@ -28,6 +28,7 @@ log = logging.getLogger("omis")
 COMMAND_MODULES = (
     "inference.cli",
     "inference.cli_device",
+    "inference.cli_acquire",
     "firmware_bridge.cli",
     "training.cli",
     "deploy.commands",

@@ -151,6 +151,31 @@ class ServiceConfig(_Section):
     restart_window_s: float = Field(default=300.0, gt=0, description="restart-rate window")
 
 
+class OtaConfig(_Section):
+    """Over-the-air model updates taken by ``omis serve`` (docs/ota.md)."""
+
+    health_slides: int = Field(
+        default=3, ge=1, le=1000, description="commit after this many good slides in a row"
+    )
+    health_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="... or after this many seconds (monotonic) of passing checks, no failure",
+    )
+    health_check_interval_s: float = Field(
+        default=30.0, gt=0, description="application health checks during the health period"
+    )
+    need_after_s: float = Field(
+        default=5.0, gt=0, description="inline transfer: ask again for missing chunks after this"
+    )
+    transfer_timeout_s: float = Field(
+        default=300.0, gt=0, description="inline transfer: no chunk for this long refuses the offer"
+    )
+    fetch_timeout_s: float = Field(
+        default=60.0, gt=0, description="HTTPS bundle download socket timeout"
+    )
+
+
 class AppConfig(_Section):
     """The whole configuration file."""
 
@@ -159,6 +184,7 @@ class AppConfig(_Section):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="result outbox")
     scan: ScanConfig = Field(default_factory=ScanConfig, description="scanning")
     service: ServiceConfig = Field(default_factory=ServiceConfig, description="supervision")
+    ota: OtaConfig = Field(default_factory=OtaConfig, description="model updates")
 
 
 def _set_path(tree: dict[str, Any], keys: list[str], value: Any, var: str) -> None:

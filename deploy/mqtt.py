@@ -3,14 +3,17 @@
 :class:`MqttLink` owns one paho client for the life of the process: paho reconnects with an
 exponential, capped back-off and re-sends its own unacknowledged QoS 1 publishes after a
 reconnect, so within one process every result is published once per connection at most.
-On every (re)connect it publishes ``online`` (retained), re-subscribes to the command topics and
-calls ``on_online`` so the service republishes its retained status.  The last will is
+On every (re)connect it publishes ``online`` (retained), re-subscribes to the command topics (plus
+any ``extra_filters``, e.g. OTA chunks) and calls ``on_online`` so the service republishes its
+retained status.  The last will is
 ``offline``; :meth:`MqttLink.close` publishes ``stopped`` before disconnecting.
 
 :class:`OutboxPump` moves rows from the durable :class:`~deploy.outbox.Outbox` to the broker in
 FIFO order with at most ``max_inflight`` unacknowledged, and deletes a row only when its PUBACK
-arrives.  After a restart it starts again from the oldest row, so every result is delivered at
-least once; duplicates carry the same ``message_id``.
+arrives.  A row the broker refuses (MQTT 5 PUBACK reason >= 0x80, e.g. an ACL) stays in the outbox
+and is published again after a capped exponential back-off, without waiting for a restart.
+After a restart it starts again from the oldest row, so every result is delivered at least once;
+duplicates carry the same ``message_id``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +35,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from deploy.broker import BrokerAddress
 from deploy.config import MqttConfig
 from deploy.exceptions import MqttError
-from deploy.outbox import Outbox
+from deploy.outbox import Outbox, OutboxItem
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ AVAILABILITY_ONLINE = "online"
 AVAILABILITY_STOPPED = "stopped"
 AVAILABILITY_OFFLINE = "offline"
 QOS = 1
+RETRY_MIN_S = 1.0  # first re-publish of a refused result
+RETRY_MAX_S = 60.0  # back-off cap, so an ACL mistake does not turn into a publish storm
 
 CommandCallback = Callable[[str, bytes, "Properties | None"], None]
 
@@ -119,14 +124,17 @@ class MqttLink:
         config: MqttConfig,
         address: BrokerAddress,
         topics: Topics,
+        *,
         on_command: CommandCallback | None = None,
         on_online: Callable[[], None] | None = None,
+        extra_filters: Sequence[str] = (),
     ) -> None:
         self.config = config
         self.address = address
         self.topics = topics
         self.on_command = on_command
         self.on_online = on_online
+        self.extra_filters = tuple(extra_filters)  # subscribed beside cmd/+ on every connect
         self.on_puback: Callable[[int, bool], None] | None = None
         self.connected = threading.Event()
         self.connects = 0
@@ -223,6 +231,20 @@ class MqttLink:
         props.CorrelationData = correlation
         return props
 
+    def response_topic(self, properties: Properties | None) -> str | None:
+        """A request's MQTT 5 Response Topic when it is usable, else None.
+
+        Wildcards, empty topics and ``$``-topics are refused: a reply can only go to a topic a
+        client could name in PUBLISH.
+        """
+        topic = getattr(properties, "ResponseTopic", None) if properties is not None else None
+        if not self.mqtt5 or not isinstance(topic, str):
+            return None
+        if not topic or topic.startswith("$") or "+" in topic or "#" in topic or "\0" in topic:
+            log.warning("MQTT: ignoring unusable response topic %r", topic[:200])
+            return None
+        return topic
+
     def close(self, timeout_s: float = 5.0) -> None:
         """Publish ``stopped`` (retained), disconnect cleanly and stop the loop (idempotent)."""
         client, self._client = self._client, None
@@ -254,7 +276,8 @@ class MqttLink:
         self.connects += 1
         log.info("MQTT: connected to %s (connection %d)", self.address, self.connects)
         client.publish(self.topics.availability, AVAILABILITY_ONLINE, QOS, True)
-        client.subscribe(self.topics.command_filter, qos=QOS)
+        filters = [self.topics.command_filter, *self.extra_filters]
+        client.subscribe([(topic, QOS) for topic in filters])
         self.connected.set()
         if self.on_online is not None:
             try:
@@ -304,10 +327,19 @@ class MqttLink:
 class OutboxPump:
     """Publishes outbox rows in order, ``max_inflight`` at a time; deletes them on PUBACK."""
 
-    def __init__(self, outbox: Outbox, link: MqttLink, max_inflight: int) -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        link: MqttLink,
+        max_inflight: int,
+        retry_min_s: float = RETRY_MIN_S,
+        retry_max_s: float = RETRY_MAX_S,
+    ) -> None:
         self.outbox = outbox
         self.link = link
         self.max_inflight = max_inflight
+        self.retry_min_s = retry_min_s
+        self.retry_max_s = retry_max_s
         self.published = 0
         self.acked = 0
         self.rejected = 0
@@ -317,6 +349,8 @@ class OutboxPump:
         self._early: dict[int, bool] = {}  # PUBACKs that beat their bookkeeping
         self._acked_rows: list[int] = []
         self._cursor = 0  # highest row id handed to paho in this process
+        self._retry_at: dict[int, float] = {}  # refused row id -> monotonic time of next try
+        self._refusals: dict[int, int] = {}  # refused row id -> refusals so far (back-off)
 
     def notify(self) -> None:
         """Wake the pump (a row was added or the link came up)."""
@@ -335,10 +369,20 @@ class OutboxPump:
     def _settle(self, rowid: int, ok: bool) -> None:
         if ok:
             self._acked_rows.append(rowid)
-        else:
-            # The broker refused it (e.g. ACL): keep it, it is retried after the next restart.
-            self.rejected += 1
-            log.error("MQTT: broker refused outbox row %d; kept for a later retry", rowid)
+            self._refusals.pop(rowid, None)
+            return
+        # The broker refused it (e.g. ACL): keep it and try again later, backing off.
+        self.rejected += 1
+        refusals = self._refusals.get(rowid, 0) + 1
+        self._refusals[rowid] = refusals
+        delay = min(self.retry_max_s, self.retry_min_s * 2 ** (refusals - 1))
+        self._retry_at[rowid] = time.monotonic() + delay
+        log.error(
+            "MQTT: broker refused outbox row %d (%d time(s)); kept, retried in %.0f s",
+            rowid,
+            refusals,
+            delay,
+        )
 
     @property
     def inflight(self) -> int:
@@ -352,22 +396,45 @@ class OutboxPump:
         if rows:
             self.acked += self.outbox.ack(rows)
 
+    def _due_retries(self, room: int) -> list[OutboxItem]:
+        """Refused rows whose back-off has passed (rows acknowledged meanwhile are skipped)."""
+        now = time.monotonic()
+        with self._lock:
+            due = sorted(rowid for rowid, at in self._retry_at.items() if at <= now)[:room]
+            for rowid in due:
+                del self._retry_at[rowid]
+        items = []
+        for rowid in due:
+            found = self.outbox.pending(after_rowid=rowid - 1, limit=1)
+            if found and found[0].rowid == rowid:
+                items.append(found[0])
+            else:
+                with self._lock:
+                    self._refusals.pop(rowid, None)
+        return items
+
+    def _send(self, item: OutboxItem) -> None:
+        mid = self.link.publish(item.topic, item.payload, qos=QOS)
+        with self._lock:
+            early = self._early.pop(mid, None)
+            if early is None:
+                self._inflight[mid] = item.rowid
+            else:
+                self._settle(item.rowid, early)
+        self.published += 1
+
     def _fill(self) -> int:
         room = self.max_inflight - self.inflight
         if room <= 0 or not self.link.connected.is_set():
             return 0
-        items = self.outbox.pending(after_rowid=self._cursor, limit=room)
+        retries = self._due_retries(room)
+        for item in retries:
+            self._send(item)
+        items = self.outbox.pending(after_rowid=self._cursor, limit=room - len(retries))
         for item in items:
-            mid = self.link.publish(item.topic, item.payload, qos=QOS)
-            with self._lock:
-                early = self._early.pop(mid, None)
-                if early is None:
-                    self._inflight[mid] = item.rowid
-                else:
-                    self._settle(item.rowid, early)
+            self._send(item)
             self._cursor = item.rowid
-            self.published += 1
-        return len(items)
+        return len(retries) + len(items)
 
     def run(self, stop: threading.Event) -> None:
         """Worker loop: until ``stop`` is set, flush acknowledgements and refill the window."""

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
     """Add this package's subcommands to ``omis``."""
     _register_dataset(sub, common)
-    _register_acquire(sub, common)
 
 
 # -- omis dataset ------------------------------------------------------------------------------
@@ -68,7 +67,8 @@ def _dataset_synth(args: argparse.Namespace) -> int:
         synthesize,
     )
 
-    workers = args.workers or max(1, len(os.sched_getaffinity(0)))
+    # None means "not given"; 0 goes on to check_request, which refuses it (no silent default).
+    workers = max(1, len(os.sched_getaffinity(0))) if args.workers is None else args.workers
     req = SynthRequest(
         out=Path(args.out),
         slides=args.slides,
@@ -111,47 +111,3 @@ def _synth_with_progress(req: SynthRequest) -> SynthResult:
             bar.update(task, completed=done, total=total)
 
         return synthesize(req, advance)
-
-
-# -- omis acquire ------------------------------------------------------------------------------
-
-
-def _register_acquire(
-    sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser
-) -> None:
-    """``omis acquire``: capture field pairs from a microscope URL into a directory."""
-    acquire = sub.add_parser(
-        "acquire",
-        parents=[common],
-        help="capture W/P field pairs and acquisition.json from a microscope",
-        description="Capture N field pairs (sim://, serial:///dev/ttyACM0, replay://DIR) into "
-        "DIR/field-NNN-{diffuse,polarized}.png plus DIR/acquisition.json.",
-    )
-    acquire.add_argument("--microscope", required=True, help="microscope URL, e.g. sim://?seed=1")
-    acquire.add_argument("--fields", type=int, required=True, help="number of fields")
-    acquire.add_argument("--out", required=True, help="output directory (must not exist)")
-    acquire.add_argument("--plan", choices=("grid", "serpentine"), default="serpentine")
-    acquire.add_argument("--size", help="camera frame WIDTHxHEIGHT (default: the camera's)")
-    acquire.add_argument("--step-um", type=float, help="distance between fields in µm")
-    acquire.add_argument("--json", action="store_true", help="print acquisition.json on stdout")
-    acquire.set_defaults(handler=_acquire)
-
-
-def _acquire(args: argparse.Namespace) -> int:
-    from firmware_bridge.acquisition import make_plan, parse_size, record_acquisition
-    from firmware_bridge.exceptions import InputError
-    from firmware_bridge.microscope import open_microscope
-
-    if Path(args.out).exists():
-        raise InputError(f"{args.out} already exists; choose a new output directory")
-    size = parse_size(args.size) if args.size else None
-    with open_microscope(args.microscope, size=size) as scope:
-        base = scope.default_plan(args.fields, args.plan)
-        extra = {} if args.step_um is None else {"step_um": (args.step_um, args.step_um)}
-        plan = make_plan(**{**base.model_dump(), "fields": args.fields, **extra})
-        meta = record_acquisition(scope, plan, args.out)
-    if args.json:
-        print(json.dumps(meta, indent=2))
-    else:
-        print(f"wrote {len(meta['fields'])} field pairs and acquisition.json to {args.out}")
-    return 0

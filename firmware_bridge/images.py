@@ -32,6 +32,21 @@ def check_rgb(image: object, name: str = "image") -> RGBImage:
     return image
 
 
+def _quiet_imdecode(data: npt.NDArray[np.uint8]) -> cv2.typing.MatLike | None:
+    """``cv2.imdecode`` without OpenCV's own warnings on stderr.
+
+    A truncated file makes the decoder print "[ WARN ] ... buffer is incomplete" on stderr
+    before returning None; our error names the file, and the CLI promises one line.
+    """
+    old = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    try:
+        image: cv2.typing.MatLike | None = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    finally:
+        cv2.utils.logging.setLogLevel(old)
+    return image
+
+
 def read_rgb(path: str | os.PathLike[str]) -> RGBImage:
     """Read an 8-bit RGB image file (PNG, TIFF, JPEG, …) as an H×W×3 uint8 array in RGB order."""
     p = Path(path)
@@ -40,7 +55,7 @@ def read_rgb(path: str | os.PathLike[str]) -> RGBImage:
     data = np.fromfile(p, dtype=np.uint8)
     if data.size == 0:
         raise InputError(f"{p}: the file is empty")
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    image = _quiet_imdecode(data)
     if image is None:
         raise InputError(f"{p}: not a readable image (unknown format or truncated file)")
     if image.dtype != np.uint8:

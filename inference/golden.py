@@ -98,10 +98,12 @@ def check_golden(backend: InferenceBackend, bundle: Bundle) -> GoldenReport:
 
 
 def _fp32_fallback(
-    name: str, bundle: Bundle, options: BackendOptions, failure: GoldenMismatchError
+    failed: InferenceBackend, bundle: Bundle, options: BackendOptions, failure: GoldenMismatchError
 ) -> tuple[InferenceBackend, GoldenReport]:
     log.error("FP16 engine failed the golden gate (%s); falling back to FP32, degraded", failure)
-    fallback = load_backend(name, bundle, options.with_precision("fp32"))
+    fallback = load_backend(failed.name, bundle, options.with_precision("fp32"))
+    # Keep what was asked for (e.g. auto) visible through the fallback.
+    fallback.mark_selected(failed.requested, failed.skipped)
     try:
         report = check_golden(fallback, bundle)
     except BaseException:
@@ -129,7 +131,7 @@ def open_checked(
             raise GoldenMismatchError(
                 f"{exc}; the bundle does not allow an FP32 fallback (golden.allow_fp32_fallback)"
             ) from exc
-        return _fp32_fallback(backend.name, bundle, opts, exc)
+        return _fp32_fallback(backend, bundle, opts, exc)
     except BaseException:
         backend.close()
         raise

@@ -11,6 +11,8 @@ if [ "$mode" = --test ]; then
   command -v mosquitto_sub >/dev/null 2>&1 || need+=(mosquitto-clients)
   # Headless browser for the dashboard test; Playwright never downloads one.
   [ -x /usr/bin/chromium ] || need+=(chromium)
+  # systemd-analyze verifies the unit files (tests/test_deploy_units.py)
+  command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 fi
 if ((${#need[@]})); then
   if [ "$(id -u)" != 0 ]; then

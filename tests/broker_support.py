@@ -207,7 +207,13 @@ class Collector:
         return {r["message_id"]: r for r in self.results()}
 
 
-def publish(port: int, topic: str, payload: bytes | str, correlation: bytes | None = None) -> None:
+def publish(
+    port: int,
+    topic: str,
+    payload: bytes | str,
+    correlation: bytes | None = None,
+    response_topic: str | None = None,
+) -> None:
     """Publish one QoS 1 message from a short-lived MQTT 5 client and wait for its PUBACK."""
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
@@ -216,9 +222,12 @@ def publish(port: int, topic: str, payload: bytes | str, correlation: bytes | No
     client.connect("127.0.0.1", port)
     client.loop_start()
     props = None
-    if correlation is not None:
+    if correlation is not None or response_topic is not None:
         props = Properties(PacketTypes.PUBLISH)
+    if correlation is not None:
         props.CorrelationData = correlation
+    if response_topic is not None:
+        props.ResponseTopic = response_topic
     client.publish(topic, payload, qos=1, properties=props).wait_for_publish(5)
     client.disconnect()
     client.loop_stop()

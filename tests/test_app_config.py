@@ -97,3 +97,21 @@ def test_validate_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     url.write_text("mqtt:\n  broker: http://x\n")
     assert main(["serve", "--config", str(url), "--validate-config"]) != 0
     assert "http://x" in capsys.readouterr().err
+
+
+def test_ota_section_reaches_the_daemon(tmp_path: Path) -> None:
+    from broker_support import FakeScanner
+
+    from deploy.appliance.service import Appliance
+
+    path = tmp_path / "c.yaml"
+    path.write_text("ota:\n  health_slides: 5\n  health_seconds: 90\n  transfer_timeout_s: 42\n")
+    config = load_config(path, environ={"OMIS_OTA__HEALTH_CHECK_INTERVAL_S": "2.5"})
+    app = Appliance(config, tmp_path / "state", FakeScanner())
+    settings = app.ota.settings
+    assert (settings.health.slides, settings.health.seconds) == (5, 90.0)
+    assert settings.health.check_interval_s == 2.5
+    assert settings.transfer_timeout_s == 42.0
+    assert settings.need_after_s == config.ota.need_after_s == 5.0
+    with pytest.raises(ConfigError, match=r"ota\.health_slides"):
+        load_config(environ={"OMIS_OTA__HEALTH_SLIDES": "0"})

@@ -295,3 +295,28 @@ def test_thousand_results_queued_during_outage_drain(tmp_path: Path) -> None:
         print(f"\n1000 queued results drained in {elapsed:.2f} s after reconnect")
     finally:
         broker.stop()
+
+
+def test_mqtt5_response_topic_gets_a_copy_of_the_reply(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    port = mosquitto.port
+    config = app_config(mosquitto.url)
+    with (
+        Collector(port, "omis/v1/#") as col,
+        Collector(port, "inbox/#", client_id="requester") as inbox,
+        running(config, tmp_path / "state", FakeScanner()),
+    ):
+        assert wait_until(lambda: b"online" in col.on("/availability"), 10)
+        publish(port, f"{BASE}/cmd/status", b"{}", b"c-rt", response_topic="inbox/dash-1")
+        publish(port, f"{BASE}/cmd/nope", b"{}", b"c-bad-rt", response_topic="inbox/+")
+        assert wait_until(lambda: len(inbox.on("inbox/dash-1")) == 1, 10)
+        assert wait_until(lambda: len(replies_on(col, "nope")) == 1, 5)
+        time.sleep(0.3)  # a wildcard response topic must not produce a second copy
+    (reply,) = inbox.json_on("inbox/dash-1")
+    assert reply == replies_on(col, "status")[0]  # the documented reply topic still gets it
+    assert reply["correlation_id"] == "c-rt" and reply["ok"] is True
+    validate("reply", reply)
+    props = [p for t, _, p in inbox.messages if t == "inbox/dash-1"]
+    assert props[0].CorrelationData == b"c-rt"
+    assert [t for t, _, _ in inbox.messages] == ["inbox/dash-1"]

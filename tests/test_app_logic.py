@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -35,9 +36,13 @@ class Replies:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, dict[str, Any], bytes | None]] = []
+        self.response_topics: list[str | None] = []
 
-    def __call__(self, verb: str, payload: bytes, correlation: bytes | None) -> None:
+    def __call__(
+        self, verb: str, payload: bytes, correlation: bytes | None, response_topic: str | None
+    ) -> None:
         self.sent.append((verb, json.loads(payload), correlation))
+        self.response_topics.append(response_topic)
 
 
 def make_router() -> tuple[CommandRouter, Replies, list[dict[str, Any]]]:
@@ -95,6 +100,32 @@ def test_good_command_reply_carries_json_correlation_id() -> None:
     assert reply["correlation_id"] == "abc"
     validate("reply", reply)
     assert seen[0]["slide_id"] == "S-1"
+
+
+def test_response_topic_is_passed_to_the_reply_sender() -> None:
+    router, replies, _ = make_router()
+    router.handle("scan", b'{"slide_id": "S-1"}', b"c", "clients/dash/inbox")
+    router.handle("nope", b"{}", None)
+    assert replies.response_topics == ["clients/dash/inbox", None]
+
+
+def test_every_error_code_the_appliance_raises_is_in_the_reply_schema() -> None:
+    # A code missing from the enum makes the reply fail its own shipped schema.
+    import deploy.appliance as pkg
+
+    enum = set(load_schema("reply")["properties"]["error"]["properties"]["code"]["enum"])
+    patterns = (
+        r'CommandFailed\(\s*"([a-z_]+)"',  # handler refusals
+        r'"code": "([a-z_]+)"',  # the OTA worker's late verdict
+        r'ScanRejectedError\(\s*f?"[^"]*",\s*"([a-z_]+)"\s*\)',  # scan admission (exc.code)
+    )
+    raised: set[str] = set()
+    for source in Path(pkg.__path__[0]).glob("*.py"):
+        text = source.read_text("utf-8")
+        for pattern in patterns:
+            raised |= set(re.findall(pattern, text))
+    assert {"busy", "rejected", "unavailable", "outbox_full", "queue_full"} <= raised
+    assert raised <= enum, raised - enum
 
 
 def test_unusable_verbs_are_ignored_without_reply() -> None:

@@ -1,4 +1,4 @@
-"""The durable outbox: FIFO order, bounds, WAL, idempotent puts, crash safety."""
+"""The durable outbox: FIFO order, bounds, WAL, idempotent puts, crash safety, refused rows."""
 
 from __future__ import annotations
 
@@ -6,11 +6,18 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from broker_support import wait_until
+from paho.mqtt.properties import Properties
 
+from deploy.broker import parse_broker_url
+from deploy.config import MqttConfig
 from deploy.exceptions import OutboxError, OutboxFullError
+from deploy.mqtt import MqttLink, OutboxPump, Topics
 from deploy.outbox import Outbox
 
 
@@ -129,3 +136,56 @@ def test_process_killed_mid_transaction_leaves_consistent_db(tmp_path: Path) -> 
         ids = [i.message_id for i in box.pending(limit=1000)]
         assert ids == [f"committed-{i}" for i in range(20)]
         assert box.stats().rows == 20
+
+
+class RefusingLink(MqttLink):
+    """An MqttLink that never touches the network: records publishes, hands out message ids."""
+
+    def __init__(self) -> None:
+        super().__init__(MqttConfig(), parse_broker_url("mqtt://127.0.0.1:1"), Topics("p", "d"))
+        self.connected.set()
+        self.sent: list[tuple[int, bytes]] = []
+        self._lock = threading.Lock()
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        qos: int = 1,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> int:
+        with self._lock:
+            mid = len(self.sent) + 1
+            self.sent.append((mid, payload if isinstance(payload, bytes) else payload.encode()))
+        return mid
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.sent)
+
+
+def test_a_refused_result_is_retried_without_a_restart(tmp_path: Path) -> None:
+    link = RefusingLink()
+    stop = threading.Event()
+    with Outbox(tmp_path / "o.db") as box:
+        box.put("m-acl", "p/d/result", b"r1")
+        pump = OutboxPump(box, link, max_inflight=4, retry_min_s=0.05, retry_max_s=0.2)
+        worker = threading.Thread(target=pump.run, args=(stop,), daemon=True)
+        worker.start()
+        try:
+            assert wait_until(lambda: link.count() == 1, 5)
+            pump.on_puback(1, False)  # PUBACK reason >= 0x80 (e.g. not authorised)
+            assert wait_until(lambda: link.count() == 2, 5), "refused row never retried"
+            pump.on_puback(2, False)
+            assert wait_until(lambda: link.count() == 3, 5), "second retry missing"
+            assert box.stats().rows == 1  # nothing is dropped while the broker refuses
+            pump.on_puback(3, True)
+            assert wait_until(lambda: box.stats().rows == 0, 5)
+            time.sleep(0.3)  # past the back-off cap: an acknowledged row is not sent again
+        finally:
+            stop.set()
+            pump.notify()
+            worker.join(5)
+    assert [payload for _, payload in link.sent] == [b"r1"] * 3
+    assert (pump.rejected, pump.acked) == (2, 1)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,35 @@ def test_opencv_camera_converts_bgr_to_rgb(tmp_path: Path) -> None:
     assert r > 200 and g < 40 and b < 40
 
 
+class _SlowCapture:
+    """Wraps a real ``cv2.VideoCapture`` so that ``read`` hangs like a stalled driver."""
+
+    def __init__(self, cap: Any, delay_s: float) -> None:
+        self.cap = cap
+        self.delay_s = delay_s
+
+    def read(self) -> Any:
+        time.sleep(self.delay_s)
+        return self.cap.read()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cap, name)
+
+
+def test_opencv_capture_honours_its_timeout(tmp_path: Path) -> None:
+    video = tmp_path / "grey.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter.fourcc(*"MJPG"), 10, (32, 24))
+    for _ in range(6):
+        writer.write(np.full((24, 32, 3), 128, np.uint8))
+    writer.release()
+    with OpenCVCamera(str(video), backend="any", size=(32, 24), read_timeout_s=5.0) as cam:
+        cam._cap = _SlowCapture(cam._cap, delay_s=0.6)
+        start = time.monotonic()
+        with pytest.raises(BridgeTimeoutError, match=r"more than 0\.1 s"):
+            cam.capture(timeout_s=0.1)
+        assert time.monotonic() - start < 0.5  # the caller's limit, not read_timeout_s
+
+
 def run_omis(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*OMIS, *args],
@@ -216,6 +246,10 @@ def test_omis_acquire_writes_pairs_and_metadata(tmp_path: Path) -> None:
     assert on_disk["fields"][1]["diffuse"] == "field-001-diffuse.png"
     assert on_disk["microscope"]["firmware"]["name"] == "omis-sim"
     assert read_rgb(out / "field-001-polarized.png").shape == (128, 160, 3)
+    # every field carries the device's quality-control verdict
+    for field in on_disk["fields"]:
+        assert field["qc"]["verdict"] in ("ok", "reject")
+        assert 0.0 <= field["qc"]["valid_fraction"] <= 1.0
 
 
 def test_omis_acquire_bad_port_fails_cleanly(tmp_path: Path) -> None:

@@ -319,6 +319,34 @@ def test_unsupported_firmware_is_refused_with_the_reason(config: SimConfig, reas
         assert wait_until(lambda: threading.active_count() == before)
 
 
+def test_concurrent_callers_each_get_their_own_answer(fw: SimulatedFirmware) -> None:
+    # No retries: a reply routed to the wrong caller would surface as a timeout in some thread.
+    strict = ClientConfig(**{**FAST.__dict__, "ack_timeout_s": 1.0, "retries": 0})
+    angles = {10.0 * (i + 1) for i in range(4)}
+    errors: list[BaseException] = []
+    seen: list[float] = []
+    with SerialController(fw.port, strict) as c:
+
+        def worker(angle: float) -> None:
+            try:
+                for _ in range(15):
+                    c.set_polariser(angle)
+                    seen.append(c.status().polariser_deg)
+            except Exception as exc:  # reported below, not lost in the thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(a,)) for a in sorted(angles)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30.0)
+        assert not errors, errors
+        assert len(seen) == 60 and set(seen) <= angles
+        assert c.stats.timeouts == 0 and c.stats.retries == 0
+        assert c.stats.stale_responses == 0
+        assert c.stats.requests >= 120  # plus the supervisor's heartbeats, sent meanwhile
+
+
 def test_events_reach_listeners(
     ctl: SerialController, fw: SimulatedFirmware, events: list[ControllerEvent]
 ) -> None:

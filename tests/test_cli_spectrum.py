@@ -204,6 +204,18 @@ def test_bad_input_is_one_line_and_no_plot(
     assert not plot.parent.exists() or not any(plot.parent.iterdir())
 
 
+@pytest.mark.parametrize("case", ["shapes", "grayscale", "16-bit", "truncated", "missing"])
+def test_bad_file_with_quiet_logging_is_exactly_one_line(
+    case: str, field: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # Libraries must not add their own chatter (OpenCV warns about truncated PNGs on stderr).
+    args, needle = _bad_inputs(tmp_path, field)[case]
+    proc = run(*args, "-q")
+    line = error_line(proc)
+    assert needle in line
+    assert proc.stderr.splitlines() == [line]
+
+
 def test_all_fields_rejected_is_an_error(dark_field: tuple[Path, Path], tmp_path: Path) -> None:
     plot = tmp_path / "plot.png"
     plot.write_bytes(b"previous")

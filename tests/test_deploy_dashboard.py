@@ -4,8 +4,9 @@ mosquitto runs the rendered production configuration (MQTT over WebSockets over 
 dashboard, certificate + password for devices); the page is served as static files; a
 simulated appliance (paho, client certificate) publishes availability, a retained status and
 ``omis.result/1`` payloads that pass the shipped JSON Schemas.  The page must show the device,
-its state and model, the result rows (label, probability, model version), per-device counts,
-and draw the spectrum with uPlot.  Screenshots go to test-artifacts/ for a person to look at.
+its state, model and model-store versions, the result rows (label, probability, abstained,
+model version), per-device counts, and draw the spectrum with uPlot.  Screenshots go to
+test-artifacts/ for a person to look at.
 
 Debian's chromium is driven by Playwright for Python with ``executable_path`` (no browser
 download).  deploy/dashboard/node_modules comes from ``scripts/dashboard-deps.sh``.
@@ -191,6 +192,8 @@ def test_dashboard_shows_devices_results_and_spectrum(
         # Retained state is published before the page exists: the page must still get it.
         assert appliance.publish_ok(f"{PREFIX}/scope-07/availability", "online", retain=True)
         publish_json(appliance, "status", status_payload("idle"), "status", retain=True)
+        store = {"schema": "omis.ota_state/1", "current": 3, "previous": 2, "pending": None}
+        publish_json(appliance, "ota/state", {**store, "last_outcome": None}, "ota_state", True)
 
         query = urlencode(
             {
@@ -209,14 +212,20 @@ def test_dashboard_shows_devices_results_and_spectrum(
         expect(card.locator(".state")).to_have_text("idle")
         expect(card.locator(".fact-model dd")).to_have_text("omis-vgg16 v3")
         expect(card.locator(".fact-engine dd")).to_have_text("tensorrt fp16")
+        expect(card.locator(".fact-ota dd")).to_have_text("current v3, previous v2")
 
         first, second = result_payload(1, "S-0001", 0.92), result_payload(2, "S-0002", 0.18)
         publish_json(appliance, "result", first, "result")
         publish_json(appliance, "result", second, "result")
+        third = result_payload(3, "S-0003", 0.55, abstained=True)
+        publish_json(appliance, "result", third, "result")
         publish_json(appliance, "status", status_payload("scanning"), "status", retain=True)
 
         rows = page.locator("#results tbody tr")
-        expect(rows).to_have_count(2, timeout=5_000)
+        expect(rows).to_have_count(3, timeout=5_000)
+        unsure = page.locator(f'tr[data-message-id="{third["message_id"]}"]')
+        expect(unsure.locator("td.label")).to_have_text("abstained (high)")
+        expect(unsure.locator("td.prob")).to_have_text("0.550")
         newest = page.locator(f'tr[data-message-id="{second["message_id"]}"]')
         expect(newest.locator("td.label")).to_have_text("low")
         expect(newest.locator("td.prob")).to_have_text("0.820")
@@ -225,13 +234,13 @@ def test_dashboard_shows_devices_results_and_spectrum(
         expect(older.locator("td.label")).to_have_text("high")
         expect(older.locator("td.prob")).to_have_text("0.920")
         expect(older.locator("td.slide")).to_have_text("S-0001")
-        expect(rows.first).to_have_attribute("data-message-id", second["message_id"])
-        expect(card.locator(".counts")).to_have_text("2 result(s) · high 1 · low 1 · abstained 0")
+        expect(rows.first).to_have_attribute("data-message-id", third["message_id"])
+        expect(card.locator(".counts")).to_have_text("3 result(s) · high 1 · low 1 · abstained 1")
         expect(card.locator(".state")).to_have_text("scanning")
 
         # The chart follows the newest result; tapping a row shows that row's spectrum.
         expect(page.locator("#chart")).to_have_attribute("data-ready", "true")
-        expect(page.locator("#chart-caption")).to_contain_text("S-0002")
+        expect(page.locator("#chart-caption")).to_contain_text("S-0003 · abstained")
         assert chart_ink(page) > 500, "the spectrum chart drew nothing"
         assert older.locator("svg.sparkline polyline").count() == 1
         older.click()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -209,17 +210,55 @@ def test_unit_commands_exist_in_the_cli() -> None:
     assert build.handler.__name__ == "cmd_engine_build"
 
 
+# Specifiers that systemd 249 (Ubuntu 22.04, JetPack 6) resolves; %d (credentials directory)
+# came in 251, %y/%Y/%q in 250-251.  An unknown one makes systemd drop the whole line.
+SYSTEMD_249_SPECIFIERS = set("aAbBCEfgGhHiIjJlLmMnNoOpPsStTuUvVwW%")
+# $CREDENTIALS_DIRECTORY of a unit, fixed since systemd 247.
+CREDENTIALS_DIR = "/run/credentials/{unit}"
+
+
+def _expand(value: str, unit: str) -> str:
+    """The specifiers the units use, as systemd expands them."""
+    return value.replace("%n", unit).replace("%%", "%")
+
+
+@pytest.mark.parametrize("name", ["omis.service", "omis-engine-prepare.service"])
+def test_units_use_only_specifiers_of_systemd_249(name: str) -> None:
+    unit = _unit(name)
+    values = [v for section in unit.values() for vals in section.values() for v in vals]
+    used = {m for v in values for m in re.findall(r"%(.)", v)}
+    assert used <= SYSTEMD_249_SPECIFIERS, f"{name}: {used - SYSTEMD_249_SPECIFIERS}"
+
+
+def test_device_allow_names_device_nodes_or_classes() -> None:
+    """A path in DeviceAllow= must be a device node: systemd ignores directories (/dev/dri)."""
+    for name in ("omis.service", "omis-engine-prepare.service"):
+        for value in _unit(name)["Service"]["DeviceAllow"]:
+            target = value.split()[0]
+            if target.startswith(("char-", "block-")):
+                continue
+            assert re.fullmatch(r"/dev/[A-Za-z0-9_.-]+", target), f"{name}: {target}"
+            if Path(target).exists():
+                assert stat.S_ISCHR(Path(target).stat().st_mode), f"{name}: {target}"
+            assert target != "/dev/dri", f"{name}: /dev/dri is a directory"
+
+
 def test_credentials_reach_the_configuration(tmp_path: Path) -> None:
-    """The unit's OMIS_MQTT__* variables, with %d = $CREDENTIALS_DIRECTORY, load the secrets."""
+    """The unit's OMIS_MQTT__* variables point into its credentials directory and load."""
     creds = tmp_path / "credentials"
     creds.mkdir()
     (creds / "mqtt-password").write_text("s3cret\n", "utf-8")
     (creds / "mqtt-client.key").write_text("-----BEGIN PRIVATE KEY-----\n", "utf-8")
+    systemd_dir = CREDENTIALS_DIR.format(unit="omis.service")
     env = {}
     for line in _unit("omis.service")["Service"]["Environment"]:
         for item in shlex.split(line):
             key, _, value = item.partition("=")
-            env[key] = value.replace("%d", str(creds))
+            value = _expand(value, "omis.service")
+            if key.startswith("OMIS_MQTT__"):
+                assert value.startswith(systemd_dir + "/"), f"{key}={value}"
+                assert value.rsplit("/", 1)[1] in CREDENTIALS, f"{key}={value}"
+            env[key] = value.replace(systemd_dir, str(creds))
     config_file = tmp_path / "omis.yaml"
     config_file.write_text(
         "mqtt:\n  broker: mqtts://broker.example:8883\n  username: scope-01\n"

@@ -155,11 +155,18 @@ def test_auto_prefers_tensorrt_then_onnxruntime(
 ) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with load_backend("auto", bundle, BackendOptions(state_dir=str(tmp_path))) as b:
-        assert b.describe()["name"] == "onnxruntime"
+        info = b.describe()
+    # The fallback is visible in every result: what was asked for and why TensorRT was passed over.
+    assert info["name"] == "onnxruntime" and info["requested"] == "auto"
+    assert len(info["skipped"]) == 1 and info["skipped"][0].startswith("tensorrt: TensorRT is not")
     fake_trt.install(monkeypatch)
     with load_backend("auto", bundle, BackendOptions(state_dir=str(tmp_path))) as b:
-        assert b.describe()["name"] == "tensorrt"
-        assert b.describe()["precision"] == "fp16"  # TensorRT's default
+        info = b.describe()
+    assert info["name"] == "tensorrt" and info["requested"] == "auto"
+    assert info["precision"] == "fp16"  # TensorRT's default
+    assert "skipped" not in info  # first choice: nothing passed over
+    with load_backend("onnxruntime", bundle) as b:
+        assert b.describe()["requested"] == "onnxruntime"
 
 
 def test_auto_with_fp16_never_silently_runs_fp32(

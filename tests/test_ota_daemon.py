@@ -306,7 +306,7 @@ def test_rejected_offers_are_answered_and_change_nothing(
     for reply, cid in ((forged, "c-forged"), (replay, "c-replay")):
         validate("reply", reply)
         assert reply["ok"] is False and reply["correlation_id"] == cid
-        assert reply["error"]["code"] == "invalid"
+        assert reply["error"]["code"] == "rejected"
     assert "signature" in forged["error"]["message"]
     assert "already installed" in replay["error"]["message"]
     assert ModelStore(state).state()["current"] == 1

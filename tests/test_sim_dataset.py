@@ -86,6 +86,7 @@ def test_same_seed_is_byte_identical_whatever_the_workers(tmp_path: Path) -> Non
         (["--slides", "3", "--size", "160by128"], "bad size"),
         (["--slides", "3", "--size", "0x128"], "out of range"),
         (["--slides", "3", "--difficulty", "-1"], "difficulty"),
+        (["--slides", "3", "--workers", "0"], "--workers must be >= 1, got 0"),
     ],
 )
 def test_bad_arguments_give_one_line(

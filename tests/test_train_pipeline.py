@@ -182,6 +182,37 @@ def test_evaluate_bundle_cli(trained: dict[str, Any]) -> None:
     assert res["metrics"]["n"] == report["data"]["slides_used"]
     assert res["data_manifest_sha256"] == report["data"]["manifest_sha256"]
     assert res["preparation"]["cache_misses"] == 0  # the training run's cache is reused
+    assert res["backend"]["name"] == "onnxruntime"
+    assert len(res["predictions"]) == res["metrics"]["n"]
+
+
+def test_evaluate_agrees_with_the_device_pipeline(trained: dict[str, Any]) -> None:
+    """`omis evaluate` classifies a slide exactly as the device's pipeline (`omis infer`) does."""
+    import csv
+
+    from firmware_bridge.images import read_rgb
+    from inference.backends import load_backend
+    from inference.pipeline import PipelineConfig, SlidePipeline
+    from training.evaluate import evaluate_bundle
+
+    bundle = load_bundle(trained["out"] / "bundle")
+    res = evaluate_bundle(bundle.root, trained["data"], cache_dir=None, max_slides=2)
+    with (trained["data"] / "manifest.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with load_backend("onnxruntime", bundle) as backend:
+        pipe = SlidePipeline(bundle, backend, PipelineConfig(spectrum_backend="numpy"))
+        for pred in res["predictions"]:
+            fields = [
+                (
+                    read_rgb(trained["data"] / r["diffuse"]),
+                    read_rgb(trained["data"] / r["polarized"]),
+                )
+                for r in rows
+                if r["slide_id"] == pred["slide_id"]
+            ]
+            got = pipe.run_slide(fields)
+            want = dict(zip(bundle.manifest.classes, pred["probabilities"], strict=True))
+            assert got.probabilities == pytest.approx(want, abs=1e-6)
 
 
 def test_cli_errors_are_one_line(trained: dict[str, Any], tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.model_selection import StratifiedGroupKFold
 
-from inference.bundle import InputSpec, load_bundle
+from inference.backends import BackendOptions
+from inference.bundle import Bundle, InputSpec, load_bundle
 from inference.exceptions import BundleError, InferenceError
 from inference.preprocess import to_tensor
 from inference.render import RenderParams, render_params_from_json, render_spectrum
@@ -34,6 +35,7 @@ I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
 Fold = tuple[I64, I64]
 VALIDATION_SPLITS = 5
+EVAL_BATCH = 8
 
 
 def make_folds(labels: I64, groups: Sequence[str], k: int, seed: int) -> list[Fold]:
@@ -135,9 +137,11 @@ def evaluate_bundle(
     max_slides: int | None = None,
     run: Callable[[bytes, F32], F32] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of a bundle's ONNX model (ONNX Runtime) on a dataset, with its own parameters."""
-    from training.export import run_onnx
+    """Metrics of a bundle on a dataset, with its own parameters, through the device's code.
 
+    Spectra, QC, rendering and preprocessing are the device's functions; the model runs in the
+    device's ONNX Runtime backend after the golden gate (``run`` replaces that, for tests).
+    """
     try:
         bundle = load_bundle(bundle_path)
         m = bundle.manifest
@@ -150,9 +154,15 @@ def evaluate_bundle(
         raise TrainingError(f"bundle classes {m.classes} differ from task {task.name}")
     ds: Dataset = load_dataset(data_dir, params, cache_dir=cache_dir, max_slides=max_slides)
     inputs = network_inputs(spectra_images(ds.slides, render), m.input)
-    probs = (run or run_onnx)(bundle.model_path.read_bytes(), inputs).astype(np.float64)
+    if run is None:
+        probs, backend = device_probabilities(bundle, inputs)
+    else:
+        probs = run(bundle.model_path.read_bytes(), inputs).astype(np.float64)
+        backend = {"name": "custom"}
     labels = task.labels(ds.groups)
-    metrics = classification_metrics(labels, probs, m.high_classes, threshold=m.thresholds.decision)
+    metrics = classification_metrics(
+        labels, probs.astype(np.float64), m.high_classes, threshold=m.thresholds.decision
+    )
     return {
         "bundle": bundle.describe(),
         "data": str(data_dir),
@@ -160,5 +170,26 @@ def evaluate_bundle(
         "task": task.name,
         "classes": list(task.classes),
         "preparation": ds.stats.to_json(),
+        "backend": backend,
         "metrics": metrics,
+        "predictions": [
+            {"slide_id": sl.slide_id, "probabilities": [float(v) for v in p]}
+            for sl, p in zip(ds.slides, probs, strict=True)
+        ],
     }
+
+
+def device_probabilities(bundle: Bundle, inputs: F32) -> tuple[F64, dict[str, Any]]:
+    """Probabilities from the device's golden-checked ONNX Runtime backend, in its batches."""
+    from inference.golden import open_checked
+
+    try:
+        backend, _ = open_checked("onnxruntime", bundle, BackendOptions(max_batch=EVAL_BATCH))
+    except InferenceError as exc:
+        raise TrainingError(f"bundle {bundle.root}: {exc}") from exc
+    with backend:
+        chunks = [
+            backend.infer(inputs[i : i + EVAL_BATCH]) for i in range(0, len(inputs), EVAL_BATCH)
+        ]
+        info = backend.describe()
+    return np.concatenate(chunks).astype(np.float64), info

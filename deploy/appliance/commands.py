@@ -3,10 +3,12 @@
 Every command gets exactly one reply on ``.../cmd/<verb>/reply`` (``omis.reply/1``) carrying
 the request's correlation id: the JSON ``correlation_id`` field if present (MQTT 3.1.1
 clients), else the MQTT 5 correlation data; MQTT 5 replies also echo the correlation data as a
-property.  Errors are replies, never exceptions: ``too_large``, ``malformed`` (not a JSON
+property, and an MQTT 5 request's *response topic* receives a copy of its reply.  Errors are
+replies, never exceptions: ``too_large``, ``malformed`` (not a JSON
 object), ``invalid`` (fails the verb's schema), ``unknown_command``, ``wrong_device`` (a
 ``device_id`` field naming another device), and handler codes (``queue_full``,
-``outbox_full``, ``stopping``, ``not_found``, ``unavailable``, ``internal``).  Topics of other
+``outbox_full``, ``stopping``, ``not_found``, ``unavailable``, ``internal``; ``cmd/ota`` adds
+``rejected`` for a refused offer and ``busy`` while another update runs).  Topics of other
 devices are never subscribed, so such commands are not seen at all; verbs longer than
 :data:`MAX_VERB_LEN` are ignored without a reply.
 """
@@ -30,7 +32,8 @@ MAX_VERB_LEN = 64
 MAX_CORRELATION_LEN = 128
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
-ReplySender = Callable[[str, bytes, "bytes | None"], None]
+# (verb, reply payload, MQTT 5 correlation data, MQTT 5 response topic)
+ReplySender = Callable[[str, bytes, "bytes | None", "str | None"], None]
 
 
 class CommandFailed(Exception):  # noqa: N818 - a reply, not a crash
@@ -66,8 +69,17 @@ class CommandRouter:
         """The registered verbs."""
         return sorted(self._routes)
 
-    def handle(self, verb: str, payload: bytes, correlation: bytes | None) -> dict[str, Any] | None:
-        """Handle one command and send its reply; returns the reply (None if ignored)."""
+    def handle(
+        self,
+        verb: str,
+        payload: bytes,
+        correlation: bytes | None,
+        response_topic: str | None = None,
+    ) -> dict[str, Any] | None:
+        """Handle one command and send its reply; returns the reply (None if ignored).
+
+        ``response_topic`` (MQTT 5) is passed on to the reply sender, which copies the reply there.
+        """
         if not verb or len(verb) > MAX_VERB_LEN:
             log.warning("ignoring command with an unusable verb (%d chars)", len(verb))
             return None
@@ -81,7 +93,7 @@ class CommandRouter:
             log.info("command %s refused: %s: %s", verb, exc.code, exc)
             error = {"code": exc.code, "message": str(exc)[:500]}
             reply = self._reply(verb, request, correlation, error=error)
-        self.send_reply(verb, json.dumps(reply).encode("utf-8"), correlation)
+        self.send_reply(verb, json.dumps(reply).encode("utf-8"), correlation, response_topic)
         return reply
 
     def _parse(self, payload: bytes) -> dict[str, Any]:

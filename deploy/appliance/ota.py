@@ -33,16 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import paho.mqtt.client as paho
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-
 from deploy import __version__
 from deploy.appliance.base import ScannerInfo
 from deploy.appliance.commands import CommandFailed
 from deploy.appliance.results import rfc3339
+from deploy.config import OtaConfig
 from deploy.exceptions import SchemaError
-from deploy.mqtt import QOS, MqttLink
 from deploy.ota.delivery import (
     ChunkAssembler,
     InlineSource,
@@ -82,7 +78,8 @@ OTA_ERRORS = (OtaError, InferenceError, OSError)
 
 @dataclass(frozen=True)
 class OtaSettings:
-    """Knobs of the daemon's OTA path (defaults as ``docs/ota.md`` suggests)."""
+    """Knobs of the daemon's OTA path (defaults as ``docs/ota.md`` suggests; the service takes
+    them from the ``ota:`` configuration section unless given explicitly)."""
 
     health: HealthPolicy = field(
         default_factory=lambda: HealthPolicy(slides=3, seconds=600.0, check_interval_s=30.0)
@@ -91,6 +88,20 @@ class OtaSettings:
     transfer_timeout_s: float = 300.0  # no chunk for this long: the offer is refused
     fetch_timeout_s: float = 60.0  # HTTPS download socket timeout
     checks: Sequence[Callable[[], None]] = ()  # extra application health checks; raise to fail
+
+    @classmethod
+    def from_config(cls, config: OtaConfig) -> OtaSettings:
+        """The settings of the configuration file's ``ota:`` section."""
+        return cls(
+            health=HealthPolicy(
+                slides=config.health_slides,
+                seconds=config.health_seconds,
+                check_interval_s=config.health_check_interval_s,
+            ),
+            need_after_s=config.need_after_s,
+            transfer_timeout_s=config.transfer_timeout_s,
+            fetch_timeout_s=config.fetch_timeout_s,
+        )
 
 
 @runtime_checkable
@@ -121,7 +132,7 @@ class OtaPorts:
 
     slide_lock: Callable[[], AbstractContextManager[object]]
     publish: Callable[[str, bytes, bool], None]  # (topic, payload, retain); QoS 1
-    send_reply: Callable[[bytes, bytes | None], None]  # a cmd/ota reply
+    send_reply: Callable[[bytes, bytes | None, str | None], None]  # (reply, correlation, to)
     set_updating: Callable[[bool], None]
     model_loaded: Callable[[ScannerInfo], None]
     connected: Callable[[], bool]
@@ -144,6 +155,7 @@ class _HeldReply:
     cid: str
     reply: dict[str, Any] | None = None
     correlation: bytes | None = None
+    response_topic: str | None = None  # MQTT 5 Response Topic of the offer
     verdict: tuple[bool, dict[str, Any]] | None = None
 
 
@@ -242,14 +254,12 @@ class OtaController:
             raise CommandFailed("invalid", str(exc)) from exc
         with self._lock:
             if self._job is not None:
-                raise CommandFailed(
-                    "unavailable", f"busy: v{self._job.version} is being installed; offer later"
-                )
+                raise CommandFailed("busy", f"v{self._job.version} is being installed; offer later")
             try:
                 manifest = precheck_offer(offer, self.trust, self.store, __version__)
             except (RejectedError, DeliveryError) as exc:
                 log.warning("ota: offer %s rejected: %s", offer.correlation_id, exc)
-                raise CommandFailed("invalid", f"rejected: {exc}") from exc
+                raise CommandFailed("rejected", str(exc)) from exc
             job = _Job(offer, manifest.name, manifest.version)
             self._job = job
             self._held = _HeldReply(offer.correlation_id)
@@ -266,7 +276,9 @@ class OtaController:
             "state_topic": f"{self.ports.base_topic}/ota/state",
         }
 
-    def defer_reply(self, payload: bytes, correlation: bytes | None) -> bool:
+    def defer_reply(
+        self, payload: bytes, correlation: bytes | None, response_topic: str | None = None
+    ) -> bool:
         """Hold the acceptance reply of the running job until its bundle is received.
 
         Returns True when the reply was taken (held, or sent patched with the verdict).
@@ -279,6 +291,7 @@ class OtaController:
             if not reply.get("ok") or reply.get("correlation_id") != held.cid:
                 return False
             held.reply, held.correlation = reply, correlation
+            held.response_topic = response_topic
             if held.verdict is None:
                 return True
             self._held = None
@@ -330,7 +343,7 @@ class OtaController:
             archive = self._receive(job, stop)
         except OTA_ERRORS as exc:
             log.warning("ota: %s v%d not received: %s", job.name, job.version, exc)
-            self._release_reply(False, {"code": "invalid", "message": f"not received: {exc}"})
+            self._release_reply(False, {"code": "rejected", "message": f"not received: {exc}"})
             self._record(Outcome(result="rejected", version=job.version, reason=str(exc)))
             return
         self._release_reply(True, {"received": True})
@@ -490,7 +503,8 @@ class OtaController:
         else:
             reply.pop("result", None)
             reply["error"] = {"code": detail["code"], "message": str(detail["message"])[:500]}
-        self.ports.send_reply(json.dumps(reply).encode("utf-8"), held.correlation)
+        body = json.dumps(reply).encode("utf-8")
+        self.ports.send_reply(body, held.correlation, held.response_topic)
 
     def _record(self, outcome: Outcome) -> None:
         try:
@@ -553,23 +567,3 @@ def _drain(q: queue.Queue[Any]) -> None:
             q.get_nowait()
         except queue.Empty:
             return
-
-
-class OtaMqttLink(MqttLink):
-    """The service's MQTT link plus the inline-transfer chunk subscription.
-
-    ``MqttLink`` subscribes to ``cmd/+`` only; chunks arrive on ``ota/chunk/<transfer>/<i>``.
-    (A public ``extra_filters`` on ``MqttLink`` would make this subclass unnecessary.)
-    """
-
-    def _on_connect(
-        self,
-        client: paho.Client,
-        userdata: Any,
-        flags: Any,
-        reason: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        super()._on_connect(client, userdata, flags, reason, properties)
-        if self.connected.is_set():
-            client.subscribe(chunk_filter(self.topics.base), qos=QOS)

@@ -43,9 +43,9 @@ from deploy.appliance.notify import sd_notify, watchdog_interval_s
 from deploy.appliance.ota import (
     ModelSwapper,
     OtaController,
-    OtaMqttLink,
     OtaPorts,
     OtaSettings,
+    chunk_filter,
 )
 from deploy.appliance.queue import ScanQueue
 from deploy.appliance.results import Identity, build_result, rfc3339
@@ -144,7 +144,7 @@ class Appliance:
             state_dir,
             self._ota_ports(),
             scanner if isinstance(scanner, ModelSwapper) else None,
-            ota,
+            ota if ota is not None else OtaSettings.from_config(config.ota),
         )
         self._register_commands()
 
@@ -152,7 +152,7 @@ class Appliance:
         return OtaPorts(
             slide_lock=lambda: self.slide_lock,
             publish=self._publish_retained,
-            send_reply=lambda payload, corr: self._publish_reply("ota", payload, corr),
+            send_reply=lambda payload, corr, to: self._publish_reply("ota", payload, corr, to),
             set_updating=self._set_updating,
             model_loaded=self._model_loaded,
             connected=lambda: bool(self.link and self.link.connected.is_set()),
@@ -203,13 +203,15 @@ class Appliance:
         self._address = address
 
     def _step_mqtt(self) -> None:
-        link_class = OtaMqttLink if self.ota.enabled else MqttLink
-        self.link = link_class(
+        # Inline OTA chunks arrive outside cmd/+; subscribe to them only when OTA can run.
+        extra = [chunk_filter(self.topics.base)] if self.ota.enabled else []
+        self.link = MqttLink(
             self.config.mqtt,
             self._broker_address(),
             self.topics,
             on_command=self._on_command,
             on_online=self._on_online,
+            extra_filters=extra,
         )
         self.pump = OutboxPump(self.outbox, self.link, self.config.mqtt.max_inflight)
         self.link.on_puback = self.pump.on_puback
@@ -394,18 +396,38 @@ class Appliance:
             log.debug("ignoring message on %s", topic)
             return
         correlation = getattr(properties, "CorrelationData", None) if properties else None
-        self.router.handle(verb, payload, correlation if isinstance(correlation, bytes) else None)
+        response_topic = self.link.response_topic(properties) if self.link else None
+        self.router.handle(
+            verb,
+            payload,
+            correlation if isinstance(correlation, bytes) else None,
+            response_topic,
+        )
 
-    def _send_reply(self, verb: str, payload: bytes, correlation: bytes | None) -> None:
+    def _send_reply(
+        self, verb: str, payload: bytes, correlation: bytes | None, response_topic: str | None
+    ) -> None:
         # An accepted offer is answered once its bundle has arrived (see deploy.appliance.ota).
-        if verb == "ota" and self.ota.defer_reply(payload, correlation):
+        if verb == "ota" and self.ota.defer_reply(payload, correlation, response_topic):
             return
-        self._publish_reply(verb, payload, correlation)
+        self._publish_reply(verb, payload, correlation, response_topic)
 
-    def _publish_reply(self, verb: str, payload: bytes, correlation: bytes | None) -> None:
-        if self.link is not None:
-            props = self.link.reply_properties(correlation)
-            self.link.publish(self.topics.reply(verb), payload, qos=1, properties=props)
+    def _publish_reply(
+        self,
+        verb: str,
+        payload: bytes,
+        correlation: bytes | None,
+        response_topic: str | None = None,
+    ) -> None:
+        if self.link is None:
+            return
+        props = self.link.reply_properties(correlation)
+        # The documented reply topic always gets it; an MQTT 5 response topic gets a copy.
+        topics = [self.topics.reply(verb)]
+        if response_topic is not None and response_topic not in topics:
+            topics.append(response_topic)
+        for topic in topics:
+            self.link.publish(topic, payload, qos=1, properties=props)
 
     # ----------------------------------------------------------------- status and metrics
 

@@ -156,21 +156,22 @@ class OpenCVCamera(Camera):
         self._actual_size = (width, height)
         self._verified["size"] = True
 
-    def _call(self, fn: Callable[[], T], what: str) -> T:
+    def _call(self, fn: Callable[[], T], what: str, timeout_s: float | None = None) -> T:
         if self._pool is None:
             raise BridgeOperationError(f"{self._describe()} is closed")
+        limit = self.read_timeout_s if timeout_s is None else timeout_s
         future = self._pool.submit(fn)
         try:
-            return future.result(timeout=self.read_timeout_s)
+            return future.result(timeout=limit)
         except concurrent.futures.TimeoutError as exc:
             raise BridgeTimeoutError(
-                f"{self._describe()}: {what} took more than {self.read_timeout_s:g} s"
+                f"{self._describe()}: {what} took more than {limit:g} s"
             ) from exc
         except cv2.error as exc:
             raise BridgeOperationError(f"{self._describe()}: {what} failed: {exc}") from exc
 
-    def _read(self) -> RGBImage:
-        ok, frame = self._call(self._cap.read, "read")
+    def _read(self, timeout_s: float | None = None) -> RGBImage:
+        ok, frame = self._call(self._cap.read, "read", timeout_s)
         if not ok or frame is None:
             raise BridgeOperationError(f"{self._describe()} returned no frame")
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
@@ -179,7 +180,7 @@ class OpenCVCamera(Camera):
         return rgb
 
     def _capture(self, timeout_s: float | None) -> RGBImage:
-        return self._read()
+        return self._read(timeout_s)
 
     def _flush(self) -> None:
         # Drivers queue a few buffers exposed before the illumination changed: drop them.

@@ -2,8 +2,9 @@
 
 Modules are imported lazily from :data:`BACKEND_MODULES`, so ``import inference.backends`` never
 imports TensorRT, pycuda or torch.  ``auto`` picks TensorRT when it is usable here, else ONNX
-Runtime; the choice shows in ``describe()["name"]``.  A backend asked for by name that cannot
-start raises :class:`BackendUnavailableError`: never a silent switch to another one.
+Runtime; the choice shows in ``describe()``: ``name`` runs, ``requested`` is ``auto`` and
+``skipped`` says why each earlier candidate was passed over.  A backend asked for by name that
+cannot start raises :class:`BackendUnavailableError`: never a silent switch to another one.
 """
 
 from __future__ import annotations
@@ -68,11 +69,16 @@ def load_backend(
     opts = options or BackendOptions()
     if name != "auto":
         return _load_named(name, bundle, opts)
-    reasons = []
+    reasons: list[str] = []
     for candidate in AUTO_ORDER:
         try:
-            return _load_named(candidate, bundle, opts)
+            backend = _load_named(candidate, bundle, opts)
         except BackendUnavailableError as exc:
             log.info("inference backend auto: %s not usable (%s)", candidate, exc)
             reasons.append(f"{candidate}: {exc}")
+            continue
+        if reasons:
+            log.info("inference backend auto: using %s (%s)", candidate, "; ".join(reasons))
+        backend.mark_selected("auto", tuple(reasons))
+        return backend
     raise BackendUnavailableError("no inference backend usable here: " + "; ".join(reasons))

@@ -79,6 +79,8 @@ class InferenceBackend(ABC):
         self._closed = False
         self._lock = threading.Lock()
         self._degraded_reason: str | None = None
+        self._requested = self.name
+        self._skipped: tuple[str, ...] = ()
         self._chw: tuple[int, int, int] = (0, 0, 0)
         self._classes = 0
         self.load_ms = 0.0
@@ -132,7 +134,10 @@ class InferenceBackend(ABC):
             "max_batch": self.options.max_batch,
             "degraded": self._degraded_reason is not None,
             "degraded_reason": self._degraded_reason,
+            "requested": self._requested,
         }
+        if self._skipped:
+            info["skipped"] = list(self._skipped)
         if self._bundle is not None and not self._closed:
             info.update(self._describe())
         return info
@@ -150,10 +155,29 @@ class InferenceBackend(ABC):
         """Record why this backend serves in a degraded mode (e.g. FP32 after an FP16 failure)."""
         self._degraded_reason = reason
 
+    def mark_selected(self, requested: str, skipped: tuple[str, ...] = ()) -> None:
+        """Record that ``requested`` (e.g. ``auto``) chose this backend and what it passed over.
+
+        ``describe()`` and so every result and the status then show that ``auto`` did not get
+        its first choice, and why, instead of only naming the backend that runs.
+        """
+        self._requested = requested
+        self._skipped = skipped
+
     @property
     def precision(self) -> Precision:
         """The precision this backend runs at (asked for, else its default)."""
         return self.options.precision or self.precisions[0]
+
+    @property
+    def requested(self) -> str:
+        """The backend name that was asked for (``auto`` or this backend's own name)."""
+        return self._requested
+
+    @property
+    def skipped(self) -> tuple[str, ...]:
+        """Why ``auto`` passed over earlier candidates (empty when it got its first choice)."""
+        return self._skipped
 
     @property
     def degraded(self) -> bool:
