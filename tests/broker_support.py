@@ -33,18 +33,12 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from deploy.appliance.base import ScannerInfo, ScanRequest, SlideListener
+from deploy.broker import free_port
 from deploy.exceptions import ScanCancelledError
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 TESTS_DIR = Path(__file__).resolve().parent
 SHA = "ab" * 32
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def port_open(port: int) -> bool:

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import importlib.util
-import socket
 import ssl
 import subprocess
 import sys
@@ -21,6 +20,8 @@ from types import ModuleType
 from typing import Any
 
 import paho.mqtt.client as paho
+from broker_support import port_open
+from broker_support import wait_until as wait_for
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,32 +39,6 @@ def dev_broker_module() -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_open(port: int) -> bool:
-    """True if something accepts TCP connections on 127.0.0.1:port."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.3):
-            return True
-    except OSError:
-        return False
-
-
-def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 class RunningBroker:

@@ -23,9 +23,10 @@ from deploy_support import (
     Peer,
     RunningBroker,
     dev_broker_module,
-    free_port,
     wait_for,
 )
+
+from deploy.broker import free_port
 
 NOT_AUTHORIZED = 135
 BAD_CREDENTIALS = 134

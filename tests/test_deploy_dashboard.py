@@ -33,10 +33,10 @@ from deploy_support import (
     Peer,
     RunningBroker,
     dev_broker_module,
-    free_port,
 )
 from playwright.sync_api import Page, expect, sync_playwright
 
+from deploy.broker import free_port
 from deploy.schemas import validate
 
 CHROMIUM = "/usr/bin/chromium"
