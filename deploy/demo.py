@@ -199,7 +199,7 @@ def _row(r: dict[str, Any]) -> list[str]:
     group = (r.get("simulation") or {}).get("pap_group")
     fields = r.get("fields", [])
     ok = sum(1 for f in fields if f.get("quality") == "ok")
-    risk = str(pred.get("risk", "?"))
+    risk = str(pred.get("risk") or "no usable field")
     colour = "red" if risk == "high" else "green"
     return [
         str(r.get("slide_id")),

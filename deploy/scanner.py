@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 from deploy.appliance.base import ScannerInfo, ScanRequest, SlideListener
 from deploy.exceptions import ScanCancelledError, ScanError
 from inference.exceptions import InferenceError
+from inference.pipeline import NoUsableFieldError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,18 @@ class _Served:
     def close(self) -> None:
         """Close the backend."""
         self.backend.close()
+
+
+def _fields_json(fields: Any) -> list[dict[str, Any]]:
+    return [
+        {
+            "index": q.index,
+            "valid_fraction": q.valid_fraction,
+            "quality": q.verdict,
+            "reasons": list(q.reasons),
+        }
+        for q in fields
+    ]
 
 
 class MicroscopeScanner:
@@ -276,10 +289,35 @@ class MicroscopeScanner:
         served = self._served
         if self.simulated:
             self._load_sim_slide(request.slide_id)
-        result = served.pipeline.run_slide(self._fields(request, cancel))
+        try:
+            result = served.pipeline.run_slide(self._fields(request, cancel))
+        except NoUsableFieldError as exc:
+            if cancel.is_set():
+                raise ScanCancelledError(f"scan {request.scan_id} cancelled") from exc
+            # Nothing to classify, but the slide was scanned: publish a result that says so and
+            # flags the slide for review, rather than leaving the dashboard without one.
+            log.warning("slide %s: %s; published for review", request.slide_id, exc)
+            return self._unusable_body(served, exc)
         if cancel.is_set():
             raise ScanCancelledError(f"scan {request.scan_id} cancelled")
         return self._body(result)
+
+    def _unusable_body(self, served: Any, exc: NoUsableFieldError) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": served.bundle.describe(),
+            "backend": served.backend.describe(),
+            "prediction": {
+                "label": None,
+                "probabilities": {},
+                "risk": None,
+                "abstained": True,
+                "reason": "no field passed quality control",
+            },
+            "fields": _fields_json(exc.fields),
+            "spectrum": {"algorithm": served.pipeline.params.algorithm, "axis": [], "values": []},
+            "timings_ms": exc.timings_ms,
+        }
+        return self._add_microscope(body)
 
     def _body(self, result: Any) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -291,15 +329,7 @@ class MicroscopeScanner:
                 "risk": result.risk,
                 "abstained": result.abstained,
             },
-            "fields": [
-                {
-                    "index": q.index,
-                    "valid_fraction": q.valid_fraction,
-                    "quality": q.verdict,
-                    "reasons": list(q.reasons),
-                }
-                for q in result.fields
-            ],
+            "fields": _fields_json(result.fields),
             "spectrum": {
                 "algorithm": result.spectrum.algorithm,
                 "axis": result.spectrum.x_nm.tolist(),
@@ -307,6 +337,9 @@ class MicroscopeScanner:
             },
             "timings_ms": result.timings_ms,
         }
+        return self._add_microscope(body)
+
+    def _add_microscope(self, body: dict[str, Any]) -> dict[str, Any]:
         described = self._microscope.describe()
         body["firmware"] = described.get("firmware")
         simulation = described.get("simulation")

@@ -41,6 +41,21 @@ log = logging.getLogger(__name__)
 STAGES = ("acquire", "qc", "spectrum", "render", "preprocess", "infer", "total")
 
 
+class NoUsableFieldError(SpectrumInputError):
+    """No field of a slide passed quality control: nothing to classify.
+
+    Carries every field's verdict and the stage timings, so the appliance can still publish a
+    result for the slide (flagged for review) instead of losing it.
+    """
+
+    def __init__(
+        self, message: str, fields: list[FieldQuality], timings_ms: dict[str, float]
+    ) -> None:
+        super().__init__(message)
+        self.fields = fields
+        self.timings_ms = timings_ms
+
+
 @dataclass(frozen=True)
 class FieldPair:
     """One field: its index on the slide, the diffuse (W) and polarized (P) RGB images."""
@@ -333,8 +348,10 @@ class SlidePipeline:
             raise SpectrumInputError(f"slide {acc.slide}: no fields")
         if not any(q.ok for q in acc.qualities):
             detail = "; ".join(f"field {q.index}: {', '.join(q.reasons)}" for q in acc.qualities)
-            raise SpectrumInputError(
-                f"slide {acc.slide}: no field passed quality control ({detail})"
+            raise NoUsableFieldError(
+                f"slide {acc.slide}: no field passed quality control ({detail})",
+                list(acc.qualities),
+                {**acc.timings, "total": (time.perf_counter() - acc.started) * 1e3},
             )
         t0 = time.perf_counter()
         spectrum = finalize(acc.hist, self.params, backend_name)

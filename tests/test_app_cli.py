@@ -158,3 +158,25 @@ def test_serve_health_and_sigterm(mosquitto: Mosquitto, tmp_path: Path) -> None:
     status = col.json_on("/status")[-1]
     validate("status", status)
     assert status["model"]["name"] == "tiny"
+
+
+def test_a_slide_without_a_usable_field_is_published_for_review(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """sim5-0000's only field is dark: no classification, but the slide still gets a result."""
+
+    make_bundle(tmp_path / "bundle")
+    with Collector(mosquitto.port, "omis/v1/cli9/result") as col:
+        done = omis(
+            "scan", "--microscope", "sim://?seed=5", "--broker", mosquitto.url,
+            "--bundle", str(tmp_path / "bundle"), "--slides", "1", "--fields", "1",
+            "--device-id", "cli9", "--state-dir", str(tmp_path / "state"), "--json",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout)["summary"] == {"acknowledged": 1, "stored": 0, "failed": 0}
+        assert wait_until(lambda: len(col.results()) >= 1, 10)
+    (result,) = col.unique_results().values()
+    validate("result", result)
+    assert result["slide_id"] == "sim5-0000"
+    assert result["prediction"]["abstained"] is True and result["prediction"]["label"] is None
+    assert [f["quality"] for f in result["fields"]] == ["reject"]
