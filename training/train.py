@@ -150,6 +150,11 @@ def distributed(device: str) -> Iterator[DistInfo]:
     log.info("data parallel: rank %d of %d (%s)", dist.get_rank(), world, backend)
     try:
         yield DistInfo(dist.get_rank(), world)
+        # Every rank reaches this point before any tears the group down: a rank that leaves
+        # first closes its gloo pairs under the other's feet, which aborts that process
+        # ("terminate called without an active exception").  Not on an error: a rank that
+        # failed must not wait for the others.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
