@@ -351,16 +351,42 @@ class OutboxPump:
         self._cursor = 0  # highest row id handed to paho in this process
         self._retry_at: dict[int, float] = {}  # refused row id -> monotonic time of next try
         self._refusals: dict[int, int] = {}  # refused row id -> refusals so far (back-off)
+        self._stale: dict[int, int] = {}  # mid -> row id, in flight before the last reconnect
+        self._replay = threading.Event()
 
     def notify(self) -> None:
-        """Wake the pump (a row was added or the link came up)."""
+        """Wake the pump (a row was added)."""
         self._wake.set()
+
+    def reconnected(self) -> None:
+        """The link came (back) up: replay every unacknowledged row, in order, from the start.
+
+        paho re-sends its own in-flight messages after a reconnect, but not in every case (a
+        broker restart can leave some never re-sent), and the pump would wait for their PUBACK
+        for ever.  So the outbox is the truth: everything not yet acknowledged goes out again
+        with its message_id (consumers de-duplicate).  A late PUBACK for an old mid still
+        acknowledges its row.
+        """
+        self._replay.set()  # done by the pump thread, the only one that moves the cursor
+        self._wake.set()
+
+    def _start_replay(self) -> None:
+        with self._lock:
+            self._stale = dict(self._inflight)
+            self._inflight.clear()
+            self._early.clear()
+        self._cursor = 0
 
     def on_puback(self, mid: int, ok: bool) -> None:
         """PUBACK callback (network thread): remember it, let the pump thread delete."""
         with self._lock:
             rowid = self._inflight.pop(mid, None)
             if rowid is None:
+                rowid = self._stale.pop(mid, None)
+                if rowid is not None:  # from before the reconnect; the row was re-sent anyway
+                    if ok:
+                        self._acked_rows.append(rowid)
+                    return
                 self._early[mid] = ok
                 return
             self._settle(rowid, ok)
@@ -394,7 +420,7 @@ class OutboxPump:
         with self._lock:
             rows, self._acked_rows = self._acked_rows, []
         if rows:
-            self.acked += self.outbox.ack(rows)
+            self.acked += self.outbox.ack(sorted(set(rows)))
 
     def _due_retries(self, room: int) -> list[OutboxItem]:
         """Refused rows whose back-off has passed (rows acknowledged meanwhile are skipped)."""
@@ -424,16 +450,23 @@ class OutboxPump:
         self.published += 1
 
     def _fill(self) -> int:
+        if not self.link.connected.is_set():
+            return 0
+        if self._replay.is_set():
+            self._replay.clear()
+            self._start_replay()
         room = self.max_inflight - self.inflight
-        if room <= 0 or not self.link.connected.is_set():
+        if room <= 0:
             return 0
         retries = self._due_retries(room)
         for item in retries:
             self._send(item)
         items = self.outbox.pending(after_rowid=self._cursor, limit=room - len(retries))
         for item in items:
-            self._send(item)
             self._cursor = item.rowid
+            if item.rowid in self._retry_at:  # refused, waiting for its back-off
+                continue
+            self._send(item)
         return len(retries) + len(items)
 
     def run(self, stop: threading.Event) -> None:

@@ -134,7 +134,11 @@ def test_broker_killed_and_restarted_mid_scan(tmp_path: Path) -> None:
             statuses_before = len(col.on("/status"))
             time.sleep(1.0)
             broker.start()
-            assert wait_until(lambda: len(col.unique_results()) == 8, 30), broker.log_text()
+            arrived = wait_until(lambda: len(col.unique_results()) == 8, 30)
+            assert arrived, (
+                f"{len(col.unique_results())} of 8 results; outbox {app.outbox.stats()}; "
+                f"link connected {app.link.connected.is_set()}\n{broker.log_text()[-2000:]}"
+            )
             assert wait_until(lambda: app.outbox.stats().rows == 0, 10)
             # Retained status and availability are republished after the reconnect.
             assert wait_until(lambda: len(col.on("/status")) > statuses_before, 5)

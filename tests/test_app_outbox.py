@@ -189,3 +189,32 @@ def test_a_refused_result_is_retried_without_a_restart(tmp_path: Path) -> None:
             worker.join(5)
     assert [payload for _, payload in link.sent] == [b"r1"] * 3
     assert (pump.rejected, pump.acked) == (2, 1)
+
+
+def test_unacknowledged_rows_are_replayed_in_order_after_a_reconnect(tmp_path: Path) -> None:
+    """A broker restart can leave publishes that paho never re-sends: the outbox replays them."""
+    link = RefusingLink()  # records publishes; PUBACKs come only from the test
+    stop = threading.Event()
+    with Outbox(tmp_path / "o.db") as box:
+        for i in range(3):
+            box.put(f"m{i}", "p/d/result", f"r{i}".encode())
+        pump = OutboxPump(box, link, max_inflight=8)
+        worker = threading.Thread(target=pump.run, args=(stop,), daemon=True)
+        worker.start()
+        try:
+            assert wait_until(lambda: link.count() == 3, 5)
+            pump.on_puback(1, True)  # r0 acknowledged before the outage
+            assert wait_until(lambda: box.stats().rows == 2, 5)
+            pump.reconnected()  # the link came back; mids 2 and 3 never got their PUBACK
+            assert wait_until(lambda: link.count() == 5, 5), "unacknowledged rows not replayed"
+            pump.on_puback(2, True)  # a late PUBACK for an old mid still acknowledges r1
+            pump.on_puback(5, True)  # r2, re-sent as mid 5
+            assert wait_until(lambda: box.stats().rows == 0, 5)
+            pump.on_puback(4, True)  # duplicate delivery of r1: harmless
+            time.sleep(0.2)
+        finally:
+            stop.set()
+            pump.notify()
+            worker.join(5)
+    assert [payload for _, payload in link.sent] == [b"r0", b"r1", b"r2", b"r1", b"r2"]
+    assert pump.acked == 3

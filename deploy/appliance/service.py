@@ -472,7 +472,7 @@ class Appliance:
         self.publish_status(force=True)
         self.ota.publish_state()
         if self.pump is not None:
-            self.pump.notify()
+            self.pump.reconnected()
 
     def metrics(self) -> dict[str, Any]:
         """The ``omis.metrics/1`` document."""
