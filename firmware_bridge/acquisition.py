@@ -185,6 +185,14 @@ def lights_off(controller: Controller) -> None:
         log.warning("could not turn the LEDs off: %s", exc)
 
 
+def halt_stage(controller: Controller) -> None:
+    """Stop the stage (not an emergency stop), logging (not raising) if the link cannot now."""
+    try:
+        controller.stop(emergency=False)
+    except BridgeError as exc:
+        log.warning("could not stop the stage: %s", exc)
+
+
 def _prepare(controller: Controller, settings: AcquisitionSettings) -> None:
     lights_off(controller)
     status = controller.status()
@@ -236,6 +244,10 @@ def _take_field(
         with timer.step("status"):
             status = controller.status()
     except BaseException:
+        # Never leave the stage running or the LEDs on after a failed field: a move that
+        # failed other than by its own timeout (a link error while polling, say) may still be
+        # under way on the firmware.
+        halt_stage(controller)
         lights_off(controller)
         raise
     disrupted = watch.since(mark)

@@ -255,14 +255,21 @@ def _open_sim(url: str, size: tuple[int, int] | None) -> Microscope:
         delay_s=faults.get("delay", 0.0),
         seed=int(_number(url, opts, "seed", 0)),
     )
+    # Every option is parsed before the firmware starts: a bad one must not leak its pty.
+    exposure_ms = _number(url, opts, "exposure_ms", 20.0)
+    settle_ms = _number(url, opts, "settle_ms", 5.0)
     firmware = SimulatedFirmware(config).start()
-    camera = SyntheticCamera(
-        firmware,
-        slide,
-        size=size or DEFAULT_SIM_SIZE,
-        exposure_ms=_number(url, opts, "exposure_ms", 20.0),
-        settle_ms=_number(url, opts, "settle_ms", 5.0),
-    )
+    try:
+        camera = SyntheticCamera(
+            firmware,
+            slide,
+            size=size or DEFAULT_SIM_SIZE,
+            exposure_ms=exposure_ms,
+            settle_ms=settle_ms,
+        )
+    except BaseException:
+        firmware.close()
+        raise
     extra = {
         "simulation": {
             "slide_id": slide.slide_id,

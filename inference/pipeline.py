@@ -166,6 +166,7 @@ class _Failure:
 
 
 _DONE = object()
+_STOPPED = object()  # a get() ended by the stop flag, not by an item
 
 
 class _Channel:
@@ -176,6 +177,7 @@ class _Channel:
         self._stop = stop
         self._poll = poll_s
         self.max_depth = 0
+        self.undelivered: _Failure | None = None
 
     def put(self, item: object) -> bool:
         while not self._stop.is_set():
@@ -192,6 +194,9 @@ class _Channel:
         try:
             self._q.put(item, timeout=timeout_s)
         except queue.Full:
+            # Kept for the consumer: when it drains the queue it must raise this, not end.
+            if isinstance(item, _Failure):
+                self.undelivered = item
             log.error("pipeline: could not deliver %r (consumer gone)", item)
 
     def get(self) -> object:
@@ -200,7 +205,7 @@ class _Channel:
                 return self._q.get(timeout=self._poll)
             except queue.Empty:
                 if self._stop.is_set():
-                    return _DONE
+                    return _STOPPED
 
 
 class SlidePipeline:
@@ -273,22 +278,36 @@ class SlidePipeline:
             for slide_no, slide in enumerate(slides):
                 started = time.perf_counter()
                 source = iter(slide)
-                i = 0
-                while True:
-                    t0 = time.perf_counter()
-                    item = next(source, _DONE)
-                    if item is _DONE:
-                        break
-                    pair = as_field(item, i)
-                    ms = (time.perf_counter() - t0) * 1e3
-                    if not out.put(_Field(slide_no, pair, started, ms)):
+                try:
+                    if not self._acquire_slide(slide_no, source, started, out):
                         return
-                    i += 1
-                if not out.put(_EndSlide(slide_no, started)):
-                    return
+                finally:
+                    # The caller may still hold the source: close it here, so an acquisition
+                    # generator runs its cleanup (LEDs off, prefetch worker stopped) now.
+                    close = getattr(source, "close", None)
+                    if close is not None:
+                        close()
             out.put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, re-raised there
             out.put(_Failure(exc))
+
+    @staticmethod
+    def _acquire_slide(
+        slide_no: int, source: Iterator[object], started: float, out: _Channel
+    ) -> bool:
+        """Queue one slide's fields and its end; False when the run was stopped."""
+        i = 0
+        while True:
+            t0 = time.perf_counter()
+            item = next(source, _DONE)
+            if item is _DONE:
+                break
+            pair = as_field(item, i)
+            ms = (time.perf_counter() - t0) * 1e3
+            if not out.put(_Field(slide_no, pair, started, ms)):
+                return False
+            i += 1
+        return out.put(_EndSlide(slide_no, started))
 
     def _fields(
         self, spectra: SpectrumBackend, inp: _Channel, out: _Channel, stop: threading.Event
@@ -297,6 +316,8 @@ class SlidePipeline:
         try:
             while True:
                 item = inp.get()
+                if item is _STOPPED:
+                    return
                 if item is _DONE or isinstance(item, _Failure):
                     out.put(item)
                     return
@@ -365,6 +386,12 @@ class SlidePipeline:
             item = inp.get()
             if item is _DONE:
                 return
+            if item is _STOPPED:
+                # Only a failed stage stops the run under the consumer: never end normally.
+                failure = inp.undelivered
+                if failure is not None:
+                    raise failure.error
+                raise InferenceError("pipeline stopped before the last slide was classified")
             if isinstance(item, _Failure):
                 raise item.error
             if isinstance(item, _SlideSpectrum):

@@ -260,3 +260,34 @@ def test_omis_acquire_bad_port_fails_cleanly(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "/dev/ttyNOPE" in lines[0], proc.stderr
     assert not out.exists() and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("option", ["exposure_ms=fast", "settle_ms=soon"])
+def test_bad_camera_option_leaks_no_simulated_firmware(option: str) -> None:
+    # The camera options are parsed after the simulated firmware started: it must be closed.
+    with pytest.raises(InputError, match="is not a number"):
+        open_microscope(f"sim://?{option}")
+    assert not any(t.name == "sim-firmware" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_failed_move_leaves_the_stage_halted_and_the_leds_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A move that fails other than by its own timeout (the link drops while polling) may
+    still be running on the firmware: acquisition must stop it, not just switch the LEDs off."""
+    from firmware_bridge.exceptions import LinkDownError
+
+    with open_microscope("sim://?seed=1&speed=200", size=(64, 48)) as scope:
+        assert isinstance(scope, SimMicroscope)
+        real_move = scope.controller.move_to
+
+        def move_then_lose_the_link(pos: Any, *, wait: bool = True, timeout_s: Any = None) -> None:
+            real_move(pos, wait=False)  # the firmware starts a slow move ...
+            raise LinkDownError("link lost while the stage moved (test)")  # ... then silence
+
+        monkeypatch.setattr(scope.controller, "move_to", move_then_lose_the_link)
+        with pytest.raises(LinkDownError):
+            list(scope.acquire_fields(scope.default_plan(2, "grid")))
+        state = scope.firmware.snapshot()
+        assert not state.moving, "the stage was left running"
+        assert state.illumination is Illumination.OFF

@@ -224,3 +224,12 @@ def test_importing_inference_backends_imports_no_gpu_or_torch_module() -> None:
         "sys.exit(1 if bad else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_onnxruntime_run_error_is_an_inference_error(open_backend: Any, bundle: Bundle) -> None:
+    # onnxruntime raises its own pybind classes; callers catch only InferenceError.
+    backend = open_backend("onnxruntime")
+    backend._output_name = "no-such-output"  # real session, real onnxruntime failure
+    x, _ = bundle.golden()
+    with pytest.raises(InferenceError, match="onnxruntime"):
+        backend.infer(x[:1])

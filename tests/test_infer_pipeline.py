@@ -237,3 +237,43 @@ def test_render_size_must_match_model_input(tmp_path: Path, backend: InferenceBa
     bad = b.manifest.model_copy(update={"render": {**b.manifest.render, "width": 64}})
     with pytest.raises(BundleError, match="does not match the model input"):
         SlidePipeline(type(b)(b.root, bad, b.manifest_bytes), backend)
+
+
+def test_a_failed_run_closes_the_slide_source(bundle: Bundle, backend: InferenceBackend) -> None:
+    # The caller keeps the source alive (as run_slide's argument does), so only the pipeline can
+    # close it: an acquisition generator left suspended keeps its listener and its prefetch
+    # worker (which keeps moving the stage and flashing the LEDs) alive.
+    closed = threading.Event()
+    w, p = make_field(0)
+
+    def source() -> Iterator[tuple[Any, Any]]:
+        try:
+            yield w, p
+            yield w[:8], p  # a field of the wrong shape: the field stage fails
+            for i in range(1, 1000):
+                yield make_field(i)
+        finally:
+            closed.set()
+
+    fields = source()
+    with pytest.raises(SpectrumInputError):
+        _pipe(bundle, backend).run_slide(fields)
+    assert closed.is_set()
+    assert _no_worker_threads()
+
+
+def test_an_undeliverable_error_is_not_a_normal_end(
+    bundle: Bundle, backend: InferenceBackend
+) -> None:
+    # The field stage fails while the slow consumer's queue is full and the bounded delivery
+    # gives up: the run must still end in an error, never as if every slide had been classified.
+    w, p = make_field(0)
+    slides = [[(w, p)], [(w, p)], [(w, p), (w[:8], p)]]
+    pipe = _pipe(bundle, backend, queue_size=1, join_timeout_s=0.2)
+    got = []
+    with pytest.raises(SpectrumInputError, match="slide 2 field 1"):
+        for result in pipe.run(slides):
+            got.append(result)
+            time.sleep(1.0)  # slower than the delivery timeout
+    assert len(got) < 3
+    assert _no_worker_threads()

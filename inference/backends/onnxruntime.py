@@ -78,7 +78,10 @@ class OnnxRuntimeBackend(InferenceBackend):
         return tuple(p for p in chain if p in available)
 
     def _infer(self, batch: F32) -> F32:
-        (out,) = self._session.run([self._output_name], {self._input_name: batch})
+        try:
+            (out,) = self._session.run([self._output_name], {self._input_name: batch})
+        except Exception as exc:  # onnxruntime raises its own untyped error classes
+            raise InferenceError(f"onnxruntime inference failed: {exc}") from exc
         return np.asarray(out, dtype=np.float32)
 
     def _describe(self) -> dict[str, Any]:
