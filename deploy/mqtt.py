@@ -347,6 +347,10 @@ class OutboxPump:
         self._wake = threading.Event()
         self._inflight: dict[int, int] = {}  # paho mid -> outbox row id
         self._early: dict[int, bool] = {}  # PUBACKs that beat their bookkeeping
+        # True while the pump thread is inside link.publish(): only then can an unknown mid be
+        # the result being sent.  Other PUBACKs (status, replies, metrics share the link) are
+        # not kept, or one could match a result's reused mid after paho's 16-bit wrap.
+        self._sending = False
         self._acked_rows: list[int] = []
         self._cursor = 0  # highest row id handed to paho in this process
         self._retry_at: dict[int, float] = {}  # refused row id -> monotonic time of next try
@@ -387,7 +391,8 @@ class OutboxPump:
                     if ok:
                         self._acked_rows.append(rowid)
                     return
-                self._early[mid] = ok
+                if self._sending:
+                    self._early[mid] = ok
                 return
             self._settle(rowid, ok)
         self._wake.set()
@@ -440,9 +445,20 @@ class OutboxPump:
         return items
 
     def _send(self, item: OutboxItem) -> None:
-        mid = self.link.publish(item.topic, item.payload, qos=QOS)
         with self._lock:
+            self._sending = True
+        try:
+            mid = self.link.publish(item.topic, item.payload, qos=QOS)
+        except BaseException:
+            with self._lock:
+                self._sending = False
+                self._early.clear()
+            raise
+        # One critical section: a PUBACK arriving after it finds the mid in _inflight.
+        with self._lock:
+            self._sending = False
             early = self._early.pop(mid, None)
+            self._early.clear()
             if early is None:
                 self._inflight[mid] = item.rowid
             else:

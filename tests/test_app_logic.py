@@ -306,3 +306,24 @@ def test_sd_notify_over_a_real_datagram_socket(
     assert watchdog_interval_s() == 2.0
     monkeypatch.setenv("WATCHDOG_PID", "1")
     assert watchdog_interval_s() is None
+
+
+def test_failed_scan_reasons_are_bounded_in_a_long_running_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Appliance.failures`` (scan id -> reason) must not grow for ever; the newest stay."""
+    from deploy.appliance import service
+    from deploy.config import load_config
+
+    monkeypatch.setattr(service, "MAX_FAILURES", 5, raising=False)
+    slides = [f"s{i}" for i in range(12)]
+    scanner = FakeScanner(fail_slides=frozenset(slides))
+    config = load_config(environ={}, overrides={"device": {"id": "d1"}})
+    app = service.Appliance(config, tmp_path / "state", scanner)
+    requests = [ScanRequest(slide, 1, "full", "cli") for slide in slides]
+    for request in requests:
+        app._scan_one(request)
+    assert app.counters.scans_failed == 12
+    assert len(app.failures) == 5
+    assert list(app.failures) == [r.scan_id for r in requests[-5:]]
+    assert "focus lost" in app.failures[requests[-1].scan_id]

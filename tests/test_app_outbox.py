@@ -218,3 +218,67 @@ def test_unacknowledged_rows_are_replayed_in_order_after_a_reconnect(tmp_path: P
             worker.join(5)
     assert [payload for _, payload in link.sent] == [b"r0", b"r1", b"r2", b"r1", b"r2"]
     assert pump.acked == 3
+
+
+class WrappingLink(RefusingLink):
+    """Hands out message ids from ``first_mid`` on, as paho does after its 16-bit mid wraps;
+    ``ack_inside`` makes the PUBACK arrive before publish() returns (a fast network thread)."""
+
+    def __init__(self, first_mid: int, ack_inside: OutboxPump | None = None) -> None:
+        super().__init__()
+        self.first_mid = first_mid
+        self.ack_inside = ack_inside
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        qos: int = 1,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> int:
+        mid = super().publish(topic, payload, qos, retain, properties) + self.first_mid - 1
+        if self.ack_inside is not None:
+            self.ack_inside.on_puback(mid, True)
+        return mid
+
+
+def _pump_once(pump: OutboxPump, box: Outbox) -> None:
+    stop = threading.Event()
+    worker = threading.Thread(target=pump.run, args=(stop,), daemon=True)
+    worker.start()
+    try:
+        assert wait_until(lambda: pump.published == 1, 5)
+        time.sleep(0.2)  # let the pump flush whatever it believes is acknowledged
+    finally:
+        stop.set()
+        pump.notify()
+        worker.join(5)
+
+
+def test_a_puback_of_another_publish_never_acknowledges_a_result(tmp_path: Path) -> None:
+    """Status, replies and OTA state share the link: their PUBACKs reach the pump too.  One that
+    arrives while no result is being published must not be kept and matched, after paho's mid
+    wraps, to a result that the broker has not acknowledged (the row would be deleted unsent)."""
+    link = WrappingLink(first_mid=7)
+    with Outbox(tmp_path / "o.db") as box:
+        pump = OutboxPump(box, link, max_inflight=4)
+        for foreign in range(1, 2000):  # a long-running daemon's status/metrics PUBACKs
+            pump.on_puback(foreign, True)
+        box.put("m0", "p/d/result", b"r0")
+        _pump_once(pump, box)  # r0 goes out as mid 7, the mid of an old status publish
+        assert box.stats().rows == 1, "result deleted on another message's PUBACK"
+        assert pump.inflight == 1
+        pump.on_puback(7, True)  # its own PUBACK
+        pump._flush_acks()
+        assert box.stats().rows == 0
+
+
+def test_a_puback_that_beats_its_bookkeeping_still_acknowledges(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db") as box:
+        pump = OutboxPump(box, RefusingLink(), max_inflight=4)
+        pump.link = WrappingLink(first_mid=40, ack_inside=pump)
+        box.put("m0", "p/d/result", b"r0")
+        _pump_once(pump, box)
+        assert box.stats().rows == 0
+        assert pump.inflight == 0

@@ -73,6 +73,7 @@ OUTBOX_FILE = "outbox.sqlite"
 LOOP_PERIOD_S = 0.25
 ABANDON_WAIT_S = 10.0
 SETTLE_INFLIGHT_S = 2.0
+MAX_FAILURES = 10000  # failed-scan reasons kept (like ``committed``): the daemon runs for months
 SCAN_ERRORS = (DeployError, BridgeError, InferenceError)
 # Failed slides that say nothing about the model (microscope, QC): they do not fail an update.
 NOT_THE_MODEL = (BridgeError, SpectrumInputError)
@@ -289,12 +290,12 @@ class Appliance:
                 body = self.scanner.scan(request, self.queue.cancel_event)
             except ScanCancelledError as exc:
                 self.counters.scans_cancelled += 1
-                self.failures[request.scan_id] = f"cancelled: {exc}"
+                self._note_failure(request.scan_id, f"cancelled: {exc}")
                 log.warning("scan %s cancelled: %s", request.scan_id, exc)
                 return
             except SCAN_ERRORS as exc:
                 self.counters.scans_failed += 1
-                self.failures[request.scan_id] = str(exc)
+                self._note_failure(request.scan_id, str(exc))
                 self.status.record_error("scan_failed", f"slide {request.slide_id}: {exc}")
                 log.error("scan %s of slide %s failed: %s", request.scan_id, request.slide_id, exc)
                 if not isinstance(exc, NOT_THE_MODEL):
@@ -316,6 +317,11 @@ class Appliance:
         )
         self._commit(result)
         self.counters.scans_ok += 1
+
+    def _note_failure(self, scan_id: str, reason: str) -> None:
+        self.failures[scan_id] = reason
+        while len(self.failures) > MAX_FAILURES:  # dicts keep insertion order: drop the oldest
+            del self.failures[next(iter(self.failures))]
 
     def _commit(self, result: dict[str, Any]) -> None:
         try:
