@@ -106,3 +106,20 @@ def test_golden_batches_larger_than_max_batch_are_chunked(tmp_path: Path) -> Non
     backend, report = open_checked("onnxruntime", bundle, BackendOptions(max_batch=3))
     with backend:
         assert report.passed and report.n == 7
+
+
+def test_torch_fp16_passes_the_gate_with_the_fp16_tolerance(tmp_path: Path) -> None:
+    """The torch backend in FP16 (the GPU stand-in for a TensorRT FP16 engine) is really
+    half precision: it differs from the FP32 golden outputs, but within the FP16 tolerance."""
+    pytest.importorskip("torch")
+    bundle = make_bundle(tmp_path / "b")
+    backend, report = open_checked("torch", bundle, BackendOptions(precision="fp16"))
+    try:
+        assert report.passed and report.precision == "fp16" and report.tolerance == 2e-2
+        assert backend.describe()["precision"] == "fp16"
+        inputs, want = bundle.golden()
+        got = backend.infer(inputs)
+        assert got.dtype == np.float32
+        assert 0.0 < float(np.abs(got - want).max()) <= 2e-2  # rounded, yet within tolerance
+    finally:
+        backend.close()

@@ -108,9 +108,15 @@ OPS: dict[str, Op] = {
 
 
 class TorchBackend(InferenceBackend):
-    """The ONNX graph interpreted with torch; a reference for debugging, FP32 on CPU or CUDA."""
+    """The ONNX graph interpreted with torch; a reference for debugging, on CPU or CUDA.
+
+    FP16 (``precision="fp16"``) casts the weights and the input to half precision: on a GPU
+    this is the stand-in for a TensorRT FP16 engine where TensorRT is not installed, and it
+    goes through the same golden gate with the FP16 tolerance.
+    """
 
     name = "torch"
+    precisions = ("fp32", "fp16")
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -137,7 +143,8 @@ class TorchBackend(InferenceBackend):
         model = onnx.load(str(bundle.model_path))
         dev = torch.device(self.options.device)
         for init in model.graph.initializer:
-            self._consts[init.name] = torch.from_numpy(numpy_helper.to_array(init).copy()).to(dev)
+            tensor = torch.from_numpy(numpy_helper.to_array(init).copy()).to(dev)
+            self._consts[init.name] = self._cast(tensor)
         self._nodes = [self._compile(node, dev) for node in model.graph.node]
         self._nodes = [n for n in self._nodes if n[0] != "Constant"]
         self._input_name = bundle.manifest.input.name
@@ -148,9 +155,9 @@ class TorchBackend(InferenceBackend):
         if node.op_type == "Constant":
             from onnx import numpy_helper
 
-            self._consts[node.output[0]] = self._torch.from_numpy(
-                numpy_helper.to_array(attrs["value"]).copy()
-            ).to(dev)
+            self._consts[node.output[0]] = self._cast(
+                self._torch.from_numpy(numpy_helper.to_array(attrs["value"]).copy()).to(dev)
+            )
         elif node.op_type not in OPS:
             raise BackendUnavailableError(
                 f"torch backend cannot run this model: ONNX op {node.op_type!r} "
@@ -158,11 +165,17 @@ class TorchBackend(InferenceBackend):
             )
         return node.op_type, list(node.input), list(node.output), attrs
 
+    def _cast(self, tensor: Any) -> Any:
+        """Floating-point tensors in the serving precision; integer ones (shapes) unchanged."""
+        if self.precision == "fp16" and tensor.is_floating_point():
+            return tensor.half()
+        return tensor
+
     def _infer(self, batch: F32) -> F32:
         torch = self._torch
         f = torch.nn.functional
         env: dict[str, Any] = dict(self._consts)
-        env[self._input_name] = torch.from_numpy(batch).to(self.options.device)
+        env[self._input_name] = self._cast(torch.from_numpy(batch).to(self.options.device))
         with torch.inference_mode():
             for op, inputs, outputs, attrs in self._nodes:
                 args = [env[i] for i in inputs if i]
@@ -173,7 +186,11 @@ class TorchBackend(InferenceBackend):
         return np.asarray(out, dtype=np.float32)
 
     def _describe(self) -> dict[str, Any]:
-        return {"device": self.options.device, "version": str(self._torch.__version__)}
+        return {
+            "device": self.options.device,
+            "precision": self.precision,
+            "version": str(self._torch.__version__),
+        }
 
     def _close(self) -> None:
         self._consts.clear()
