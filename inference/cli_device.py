@@ -70,6 +70,7 @@ def _options(args: argparse.Namespace) -> BackendOptions:
         dla_core=getattr(args, "dla_core", None),
         version_compatible=getattr(args, "version_compatible", False),
         cuda_graph=getattr(args, "cuda_graph", False),
+        device=getattr(args, "device", "cpu"),
     )
 
 
@@ -85,6 +86,12 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--spectrum-backend", choices=SPECTRUM_BACKENDS, default="auto")
     p.add_argument("--cuda-graph", action="store_true", help="tensorrt: replay a CUDA graph")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="torch backend: where it runs (cuda without a GPU is an error, never a fallback)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
 

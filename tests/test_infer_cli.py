@@ -158,3 +158,16 @@ def test_engine_build_needs_tensorrt(env: dict[str, Path]) -> None:
     assert len(r.stderr.strip().splitlines()) == 1 and "TensorRT" in r.stderr
     r = omis("engine", "list", "--json", state=env["state"])
     assert r.returncode == 0 and json.loads(r.stdout) == []
+
+
+def test_torch_on_cuda_without_a_gpu_fails_with_one_line(env: dict[str, Path]) -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: this checks the machine without one")
+    r = omis(
+        "infer", "--bundle", env["bundle"], env["w0"], env["p0"],
+        "--backend", "torch", "--device", "cuda", state=env["state"],
+    )  # fmt: skip
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA" in lines[0], r.stderr
