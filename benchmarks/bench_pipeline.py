@@ -35,8 +35,8 @@ from inference.pipeline import PipelineConfig, SlidePipeline
 from inference.preprocess import to_tensor
 from inference.render import render_spectrum
 from inference.selftest import simulated_slide
-from inference.spectrum import Histogram, finalize
-from inference.spectrum.qc import assess_field, open_spectrum_backend
+from inference.spectrum import Histogram, finalize, open_backend
+from inference.spectrum.qc import assess_field
 
 STAGES_IN_WORK = ("qc", "spectrum", "render", "preprocess", "infer")
 
@@ -76,7 +76,7 @@ def _acquire_alone(
 
 
 def _fields_alone(pipe: SlidePipeline, data: list[Any], spectrum: str) -> tuple[float, list[Any]]:
-    backend = open_spectrum_backend(spectrum)
+    backend = open_backend(spectrum)
     spectra = []
     t0 = time.perf_counter()
     for slide in data:

@@ -38,6 +38,7 @@ from rich.table import Table
 
 from deploy.broker import EmbeddedBroker
 from deploy.exceptions import DeployError
+from firmware_bridge.sim.sample import RISK
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def _table(run: DemoRun, expected: int) -> Table:
 
 
 def _true_risk(group: str | None) -> str:
-    return {"II": "low", "III": "low", "IV": "high", "V": "high"}.get(group or "", "?")
+    return RISK.get(group or "", "?")
 
 
 def _p_high(result: dict[str, Any]) -> float:

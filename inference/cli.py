@@ -73,7 +73,7 @@ def _register_spectrum(
     p.set_defaults(handler=spectrum_command)
 
 
-def _json_arg(value: str | None, option: str) -> dict[str, Any]:
+def json_object_arg(value: str | None, option: str) -> dict[str, Any]:
     """A JSON object given inline or as @FILE; errors name the option."""
     if value is None:
         return {}
@@ -132,8 +132,8 @@ def spectrum_command(args: argparse.Namespace) -> int:
     from inference.spectrum.qc import compute_slide_spectrum, qc_thresholds_from_json
 
     paths = _field_paths(args)
-    params = parse_params(_json_arg(args.params, "--params"), args.algorithm)
-    qc = _json_arg(args.qc, "--qc")
+    params = parse_params(json_object_arg(args.params, "--params"), args.algorithm)
+    qc = json_object_arg(args.qc, "--qc")
     if args.min_valid_fraction is not None:
         qc["min_valid_fraction"] = args.min_valid_fraction
     thresholds = qc_thresholds_from_json(qc)

@@ -29,21 +29,19 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
     acquire.add_argument("--plan", choices=("grid", "serpentine"), default="serpentine")
     acquire.add_argument("--size", help="camera frame WIDTHxHEIGHT (default: the camera's)")
     acquire.add_argument("--step-um", type=float, help="distance between fields in µm")
-    acquire.add_argument("--params", help="spectrum parameters for QC's validity rule (JSON)")
+    acquire.add_argument(
+        "--params", metavar="JSON", help="spectrum parameters for QC's validity rule, or @FILE"
+    )
     acquire.add_argument("--json", action="store_true", help="print acquisition.json on stdout")
     acquire.set_defaults(handler=_acquire)
 
 
 def _qc_hook(params_json: str | None) -> Callable[[Any], Mapping[str, Any]]:
-    from inference.exceptions import SpectrumInputError
+    from inference.cli import json_object_arg
     from inference.spectrum import parse_params
     from inference.spectrum.qc import assess_field
 
-    try:
-        raw = json.loads(params_json) if params_json else None
-    except json.JSONDecodeError as exc:
-        raise SpectrumInputError(f"--params: not valid JSON ({exc})") from exc
-    params = parse_params(raw)
+    params = parse_params(json_object_arg(params_json, "--params"))
 
     def hook(pair: Any) -> Mapping[str, Any]:
         quality = assess_field(pair.diffuse, pair.polarized, params, index=pair.index)

@@ -31,8 +31,8 @@ from inference.bundle import Bundle
 from inference.exceptions import BundleError, InferenceError, SpectrumInputError
 from inference.preprocess import to_tensor
 from inference.render import render_params_from_json, render_spectrum
-from inference.spectrum import Histogram, SpectrumBackend, finalize, parse_params
-from inference.spectrum.qc import FieldQuality, QCThresholds, assess_field, open_spectrum_backend
+from inference.spectrum import Histogram, SpectrumBackend, finalize, open_backend, parse_params
+from inference.spectrum.qc import FieldQuality, QCThresholds, assess_field
 from inference.spectrum.types import Spectrum
 from inference.spectrum.validate import U8
 
@@ -270,7 +270,7 @@ class SlidePipeline:
     def _open_spectrum(self) -> tuple[SpectrumBackend, bool]:
         chosen = self.config.spectrum_backend
         if isinstance(chosen, str):
-            return open_spectrum_backend(chosen), True
+            return open_backend(chosen), True
         return chosen, False
 
     def _acquire(self, slides: Iterable[Iterable[object]], out: _Channel) -> None:

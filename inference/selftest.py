@@ -23,8 +23,7 @@ import numpy as np
 from inference.backends import BackendOptions, InferenceBackend
 from inference.bundle import Bundle
 from inference.exceptions import InferenceError
-from inference.spectrum import NumpyBackend, parse_params
-from inference.spectrum.qc import open_spectrum_backend
+from inference.spectrum import NumpyBackend, open_backend, parse_params
 from inference.spectrum.validate import U8
 
 log = logging.getLogger(__name__)
@@ -98,7 +97,7 @@ def check_spectrum(check: Check, backend_name: str, bundle: Bundle) -> None:
     """The spectrum backend matches the NumPy reference on a small simulated pair."""
     params = parse_params(bundle.manifest.spectrum)
     w, p = simulated_field(0, 0, (96, 64))
-    backend = open_spectrum_backend(backend_name)
+    backend = open_backend(backend_name)
     try:
         got = backend.histogram(w, p, params)
         check.data["spectrum_backend"] = backend.name

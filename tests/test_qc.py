@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 
 from inference.exceptions import BackendUnavailableError, SpectrumInputError
-from inference.spectrum import NumpyBackend, compute_spectrum, parse_params
+from inference.spectrum import NumpyBackend, compute_spectrum, open_backend, parse_params
 from inference.spectrum.qc import (
     FieldQuality,
     QCThresholds,
     assess_field,
     compute_slide_spectrum,
-    open_spectrum_backend,
     qc_thresholds_from_json,
     registration,
 )
@@ -222,7 +221,7 @@ def test_slide_spectrum_names_the_bad_field() -> None:
 def test_cuda_backend_never_falls_back() -> None:
     """On a machine without a usable GPU this is an error; where CUDA works it is CUDA."""
     try:
-        backend = open_spectrum_backend("cuda")
+        backend = open_backend("cuda")
     except BackendUnavailableError as exc:
         assert "cuda" in str(exc)
     else:
@@ -233,7 +232,7 @@ def test_cuda_backend_never_falls_back() -> None:
 
 
 def test_auto_backend_always_opens() -> None:
-    backend = open_spectrum_backend("auto")
+    backend = open_backend("auto")
     try:
         assert backend.name in ("numpy", "cuda")
     finally:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from inference.cli import json_object_arg
 from training.exceptions import ConfigError
 
 
@@ -20,19 +21,6 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
     _register_train(sub, common)
     _register_export(sub, common)
     _register_evaluate(sub, common)
-
-
-def _json_arg(text: str | None) -> dict[str, Any] | None:
-    if text is None:
-        return None
-    raw = Path(text[1:]).read_text(encoding="utf-8") if text.startswith("@") else text
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--spectrum-params: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError("--spectrum-params: expected a JSON object")
-    return data
 
 
 # --- omis train --------------------------------------------------------------------------------
@@ -115,7 +103,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             max_slides=args.max_slides,
             final=args.final,
             target_sensitivity=args.target_sensitivity,
-            spectrum_params=_json_arg(args.spectrum_params),
+            spectrum_params=json_object_arg(args.spectrum_params, "--spectrum-params") or None,
             cache_dir=args.cache_dir,
             no_cache=args.no_cache,
             augment=Augment(noise_std=args.augment_noise, scale=args.augment_scale),

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from inference.exceptions import BackendUnavailableError, SpectrumInputError
+from inference.exceptions import SpectrumInputError
 from inference.spectrum.backends import SpectrumBackend, open_backend
 from inference.spectrum.params import RbhistParams, WdiffParams
 from inference.spectrum.types import Histogram, Spectrum, finalize
@@ -279,19 +279,6 @@ class SlideSpectrum:
         return self.spectrum.to_json()
 
 
-def open_spectrum_backend(name: str) -> SpectrumBackend:
-    """:func:`open_backend`, with a missing CUDA module reported as an unavailable backend."""
-    try:
-        return open_backend(name)
-    except ImportError as exc:
-        if name == "auto":
-            log.info("spectrum backend auto: CUDA module not importable (%s); using numpy", exc)
-            return open_backend("numpy")
-        raise BackendUnavailableError(
-            f"spectrum backend {name!r} is not available on this machine ({exc})"
-        ) from exc
-
-
 def _field_results(
     backend: SpectrumBackend,
     fields: Sequence[tuple[U8, U8]],
@@ -330,7 +317,7 @@ def compute_slide_spectrum(
     if masks is not None and len(masks) != len(fields):
         raise SpectrumInputError(f"{len(masks)} masks for {len(fields)} fields")
     t = thresholds or QCThresholds()
-    opened = open_spectrum_backend(backend) if isinstance(backend, str) else backend
+    opened = open_backend(backend) if isinstance(backend, str) else backend
     try:
         results = _field_results(opened, fields, params, t, masks)
     finally:
