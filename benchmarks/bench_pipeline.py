@@ -6,7 +6,9 @@
 Stages measured alone, over the same simulated slides:
   acquire   rendering the simulated fields (the firmware simulator's camera), or with
             --camera-ms T a camera-like source: pre-rendered fields delivered T ms apart
-            (exposure and stage time are waiting, not CPU, on the real instrument)
+            (exposure and stage time are waiting, not CPU, on the real instrument), or
+            with --render-process the simulator rendering each field on demand in a child
+            process, as a camera does its work outside the host process
   fields    spectrum histogram + QC per field, slide sum + finalise
   classify  render the spectrum image, preprocess, infer
 The pipelined scan runs them concurrently; goal: its throughput >= 95% of the slowest stage
@@ -18,11 +20,13 @@ Without --bundle a tiny bundle is built with tests/fakes/bundles.py (no torch ne
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,7 @@ from inference.golden import open_checked
 from inference.pipeline import PipelineConfig, SlidePipeline
 from inference.preprocess import to_tensor
 from inference.render import render_spectrum
-from inference.selftest import simulated_slide
+from inference.selftest import simulated_field, simulated_slide
 from inference.spectrum import Histogram, finalize, open_backend
 from inference.spectrum.qc import assess_field
 
@@ -58,13 +62,25 @@ def _camera(slide: list[Any], camera_ms: float) -> Iterator[Any]:
         yield field
 
 
+def _rendered_elsewhere(
+    pool: ProcessPoolExecutor, s: int, fields: int, size: tuple[int, int]
+) -> Iterator[Any]:
+    """The simulator's fields, each rendered when asked for, in another process."""
+    for i in range(fields):
+        w, p = pool.submit(simulated_field, s, i, size).result()
+        yield i, w, p
+
+
+# None: render in this process; (T, fields): camera-like; a pool: render in a child process
+CameraData = tuple[float, list[list[Any]]] | ProcessPoolExecutor | None
+
+
 def _source(s: int, fields: int, size: tuple[int, int], cam: CameraData) -> Iterator[Any]:
     if cam is None:
         return iter(simulated_slide(s, fields, size))
+    if isinstance(cam, ProcessPoolExecutor):
+        return _rendered_elsewhere(cam, s, fields, size)
     return _camera(cam[1][s], cam[0])
-
-
-CameraData = tuple[float, list[list[Any]]] | None
 
 
 def _acquire_alone(
@@ -132,7 +148,14 @@ def main() -> int:
     ap.add_argument(
         "--camera-ms", type=float, help="camera-like source: pre-rendered fields, T ms apart"
     )
+    ap.add_argument(
+        "--render-process",
+        action="store_true",
+        help="the simulator renders each field on demand in a child process",
+    )
     args = ap.parse_args()
+    if args.render_process and args.camera_ms is not None:
+        ap.error("--render-process and --camera-ms are two different sources: pick one")
     size = tuple(int(v) for v in args.size.split("x"))
     assert len(size) == 2
     size2 = (size[0], size[1])
@@ -146,6 +169,10 @@ def main() -> int:
         if args.camera_ms is not None:
             rendered = [list(simulated_slide(s, args.fields, size2)) for s in range(args.slides)]
             cam = (args.camera_ms, rendered)
+        elif args.render_process:
+            # spawn: a clean child (this process has threads); warmed up before measuring
+            cam = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            cam.submit(simulated_field, 0, 0, size2).result()
         # Best of --repeats for each measurement: the machine is shared, the minimum is the
         # least disturbed run.  Alone and pipelined runs are interleaved for the same reason.
         runs: dict[str, list[float]] = {k: [] for k in ("acq", "fields", "cls", "pipe")}
@@ -159,6 +186,8 @@ def main() -> int:
         t_acq, t_fields, t_cls, t_pipe = (min(runs[k]) for k in ("acq", "fields", "cls", "pipe"))
         glue_wall, glue_work = _glue(pipe, data)
         backend.close()
+        if isinstance(cam, ProcessPoolExecutor):
+            cam.shutdown()
     n = args.slides
     alone = {"acquire": t_acq, "fields (spectrum+QC)": t_fields, "classify": t_cls}
     slowest = max(alone, key=lambda k: alone[k])
@@ -166,7 +195,13 @@ def main() -> int:
     print(
         f"{n} slides x {args.fields} fields of {size2[0]}x{size2[1]}, backend "
         f"{backend.describe()['name']}, spectrum {pipe.spectrum_backend_name}, acquisition "
-        + ("simulator rendering" if cam is None else f"camera-like, {cam[0]:g} ms per field")
+        + (
+            "simulator rendering in this process"
+            if cam is None
+            else "simulator rendering in a child process"
+            if isinstance(cam, ProcessPoolExecutor)
+            else f"camera-like, {cam[0]:g} ms per field"
+        )
     )
     print(f"{'stage alone':<24}{'total s':>9}{'slides/s':>10}")
     for k, v in alone.items():

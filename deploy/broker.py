@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -97,11 +98,22 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
     return False
 
 
+def same_user_setting() -> str:
+    """The ``user`` line that keeps mosquitto under this process's user.
+
+    Started as root, mosquitto switches to the user ``mosquitto``, which cannot write into
+    directories this process created (mode 0700): its log and its persistence file would be
+    lost without a word.  Started as any other user it cannot switch, and the line is not needed.
+    """
+    if os.geteuid() != 0:
+        return ""
+    return f"user {pwd.getpwuid(0).pw_name}\n"
+
+
 def mosquitto_config(port: int, workdir: Path) -> str:
     """The minimal embedded configuration: loopback only, no persistence."""
     return (
-        f"listener {port} 127.0.0.1\n"
-        "allow_anonymous true\n"
+        f"listener {port} 127.0.0.1\n" + same_user_setting() + "allow_anonymous true\n"
         "persistence false\n"
         f"log_dest file {workdir / 'mosquitto.log'}\n"
         "log_type error\nlog_type warning\nlog_type notice\n"

@@ -18,8 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
+from firmware_bridge.sim.sample import slide_for
 from inference.backends import BackendOptions, InferenceBackend
 from inference.bundle import Bundle
 from inference.exceptions import InferenceError
@@ -32,23 +31,9 @@ FIELD_STEP_UM = 400.0
 
 
 def simulated_field(slide: int, index: int, size: tuple[int, int], seed: int = 0) -> tuple[U8, U8]:
-    """Field ``index`` of simulated slide ``slide``: the firmware simulator's sample if present,
-    else seeded textured noise that passes QC (so the pipeline can run without it)."""
-    try:
-        from firmware_bridge.sim.sample import slide_for
-    except ImportError:
-        return _noise_field(slide * 1000 + index + seed, size)
+    """Field ``index`` of simulated slide ``slide``, from the firmware simulator's sample."""
     w, p = slide_for(slide, seed).render_pair(index * FIELD_STEP_UM, 0.0, size=size)
     return w, p
-
-
-def _noise_field(seed: int, size: tuple[int, int]) -> tuple[U8, U8]:
-    width, height = size
-    rng = np.random.default_rng(seed)
-    base = rng.integers(40, 200, (height, width, 3), dtype=np.int32)
-    base = (base + np.roll(base, 1, axis=0) + np.roll(base, 1, axis=1)) // 3
-    p = np.clip(base * np.array([1.0, 0.95, 0.85]), 0, 240)
-    return base.astype(np.uint8), p.astype(np.uint8)
 
 
 def simulated_slide(

@@ -33,7 +33,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from deploy.appliance.base import ScannerInfo, ScanRequest, SlideListener
-from deploy.broker import free_port
+from deploy.broker import free_port, same_user_setting
 from deploy.exceptions import ScanCancelledError
 
 MOSQUITTO = "/usr/sbin/mosquitto"
@@ -84,7 +84,8 @@ class Mosquitto:
             else "persistence false\n"
         )
         self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{persistence}"
+            f"listener {self.port} 127.0.0.1\n{same_user_setting()}allow_anonymous true\n"
+            f"{persistence}"
             f"log_dest file {self.log}\nlog_type all\n",
             "utf-8",
         )

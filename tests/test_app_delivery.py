@@ -131,6 +131,9 @@ def test_broker_killed_and_restarted_mid_scan(tmp_path: Path) -> None:
             assert wait_until(lambda: len(col.unique_results()) >= 2, 10)
             boot = app.identity.boot_id
             broker.stop()
+            # the collector's session (and what it has not received) survives in the broker's
+            # file: without it, results sent before the collector reconnects are not queued
+            assert (tmp_path / "mosquitto.db").is_file(), broker.log_text()[-2000:]
             statuses_before = len(col.on("/status"))
             time.sleep(1.0)
             broker.start()

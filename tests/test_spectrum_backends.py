@@ -183,6 +183,32 @@ def test_every_division_case_on_a_large_field(backend: SpectrumBackend) -> None:
         assert_same(backend.histogram(w, p, params), reference_histogram(w, p, params))
 
 
+def test_rbhist_over_several_large_chunks(backend: SpectrumBackend) -> None:
+    """Over a million pixels (more than one chunk of the CPU backend), every threshold path."""
+    rng = np.random.default_rng(77)
+    w, p = random_pair(rng, 1031, 1023)
+    for extra in ({}, {"t_low": 300, "t_sat": 200}):
+        params = parse_params({"algorithm": "omis-rbhist-v1", **extra})
+        mask = random_mask(rng, *w.shape[:2])
+        assert_same(backend.histogram(w, p, params), reference_histogram(w, p, params))
+        want = reference_histogram(w, p, params, mask)
+        assert_same(backend.histogram(w, p, params, mask), want)
+
+
+@pytest.mark.parametrize("chunk", [8, 9, 1000])
+def test_cpu_chunk_boundaries_and_short_tails(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """Chunks of any size, including tails shorter than OpenCV's scalar-like arrays."""
+    from inference.spectrum import cpu
+
+    monkeypatch.setattr(cpu, "RBHIST_CHUNK_PIXELS", chunk)
+    rng = np.random.default_rng(chunk)
+    w, p = simulated_pair(rng, 37, 29)  # 1073 pixels: tails of 1, 2 and 73 pixels
+    mask = random_mask(rng, 37, 29)
+    assert_same(cpu.numpy_histogram(w, p, RBHIST), reference_histogram(w, p, RBHIST))
+    got = cpu.numpy_histogram(w, p, RBHIST, mask)
+    assert_same(got, reference_histogram(w, p, RBHIST, mask))
+
+
 @pytest.mark.parametrize("params", ALGOS)
 def test_non_contiguous_inputs(backend: SpectrumBackend, params: Params) -> None:
     """Views (an RGB<->BGR flip, a crop) give the same result as their contiguous copies."""

@@ -1,0 +1,92 @@
+"""Every benchmark script runs end to end with tiny sizes (CI does not run the real benchmarks).
+
+The numbers are not checked (speed belongs to the benchmarks, not to tests); what is checked is
+that each script still starts, talks to its real parts (pty firmware, mosquitto, ONNX Runtime,
+torch) and prints its table, and that the spectrum benchmark's bit-identity column holds.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def run_bench(script: str, *args: str) -> str:
+    proc = launch(script, *args)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def test_bench_spectrum_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "spectrum.json"
+    text = run_bench(
+        "bench_spectrum.py",
+        "--no-gpu",
+        "--cpu-size",
+        "67x45",
+        "--ref-repeats",
+        "1",
+        "--fast-repeats",
+        "1",
+        "--json",
+        str(out),
+    )
+    assert "omis-wdiff-v1" in text and "omis-rbhist-v1" in text
+    rows = json.loads(out.read_text())["cpu"]
+    assert {r["algorithm"] for r in rows} == {"omis-wdiff-v1", "omis-rbhist-v1"}
+    assert all(r["bit_identical"] is True and r["size"] == "67x45" for r in rows)
+
+
+def test_bench_pipeline() -> None:
+    text = run_bench(
+        "bench_pipeline.py", "--size", "64x48", "--slides", "2", "--fields", "2", "--repeats", "1"
+    )
+    assert "pipelined / slowest stage alone" in text and "glue" in text
+
+
+def test_bench_acquisition() -> None:
+    text = run_bench("bench_acquisition.py", "--fields", "2")
+    assert "640x512, 5 mm/s" in text
+
+
+def test_bench_outbox() -> None:
+    text = run_bench("bench_outbox.py", "--n", "20")
+    rows = json.loads(text.strip().splitlines()[-1])
+    assert {(r["sync"], r["inflight"]) for r in rows} >= {("full", 1), ("normal", 100)}
+    assert all(r["commit"] > 0 and r["drain"] > 0 for r in rows)
+
+
+@pytest.mark.torch
+def test_bench_train() -> None:
+    pytest.importorskip("torch")
+    text = run_bench("bench_train.py", "--batches", "1", "--presets", "tiny")
+    assert "tiny" in text and "img/s" in text
+
+
+def test_bench_spectrum_gpu_requested_says_why_it_cannot_run() -> None:
+    """``--gpu`` never quietly measures only the CPU: without CUDA it fails and says why."""
+    sizes = ("--cpu-size", "16x8", "--gpu-size", "64x48")
+    repeats = ("--ref-repeats", "1", "--fast-repeats", "1", "--gpu-repeats", "2")
+    proc = launch("bench_spectrum.py", "--gpu", *sizes, *repeats)
+    if proc.returncode == 0:  # a machine with a usable GPU and pycuda
+        assert "GPU kernel" in proc.stdout
+    else:
+        assert proc.returncode == 1
+        assert "GPU part requested but CUDA is unusable" in proc.stderr
