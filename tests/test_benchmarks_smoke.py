@@ -54,11 +54,25 @@ def test_bench_spectrum_cpu(tmp_path: Path) -> None:
     assert all(r["bit_identical"] is True and r["size"] == "67x45" for r in rows)
 
 
-def test_bench_pipeline() -> None:
-    text = run_bench(
-        "bench_pipeline.py", "--size", "64x48", "--slides", "2", "--fields", "2", "--repeats", "1"
-    )
+@pytest.mark.parametrize(
+    ("source", "says"),
+    [
+        ((), "simulator rendering in this process"),
+        (("--render-process",), "simulator rendering in a child process"),
+        (("--camera-ms", "2"), "camera-like, 2 ms per field"),
+    ],
+    ids=["in-process", "child-process", "camera-like"],
+)
+def test_bench_pipeline(source: tuple[str, ...], says: str) -> None:
+    sizes = ("--size", "64x48", "--slides", "2", "--fields", "4", "--repeats", "1")
+    text = run_bench("bench_pipeline.py", *sizes, *source)
+    assert says in text
     assert "pipelined / slowest stage alone" in text and "glue" in text
+
+
+def test_bench_pipeline_refuses_two_sources() -> None:
+    proc = launch("bench_pipeline.py", "--render-process", "--camera-ms", "5")
+    assert proc.returncode == 2 and "pick one" in proc.stderr
 
 
 def test_bench_acquisition() -> None:
