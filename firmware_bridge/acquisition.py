@@ -5,14 +5,13 @@
 :class:`FieldPair` per field.  The LEDs are off whenever a field is not being exposed, also
 on errors.  A firmware reset, watchdog or fault during a field invalidates that field: after a
 reset the stage is homed again and the field retaken (bounded), anything else is an error.
-:func:`record_acquisition` writes the pairs and ``acquisition.json`` into a directory that
-appears only when complete.
+Recording the pairs of a :class:`~firmware_bridge.microscope_base.Microscope` into a directory
+is :func:`firmware_bridge.microscope_base.record_acquisition`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import threading
@@ -20,8 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -39,15 +37,9 @@ from firmware_bridge.exceptions import (
     DeviceResetError,
     InputError,
 )
-from firmware_bridge.fsutil import atomic_directory, atomic_write_text
-from firmware_bridge.images import write_png
-
-if TYPE_CHECKING:
-    from firmware_bridge.microscope import Microscope
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "omis.acquisition/1"
 # Events after which frames of the current field cannot be trusted.
 DISRUPTIVE_EVENTS = frozenset({"watchdog", "fault", "over_temperature", "limit_hit", "boot"})
 
@@ -385,52 +377,3 @@ def make_plan(**values: Any) -> ScanPlan:
         first = exc.errors()[0]
         where = ".".join(str(v) for v in first["loc"])
         raise InputError(f"scan plan: {where}: {first['msg']}") from None
-
-
-def _software_version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("omis-edge")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def record_acquisition(
-    microscope: Microscope,
-    plan: ScanPlan,
-    out: str | Path,
-    settings: AcquisitionSettings | None = None,
-    qc: QualityCheck | None = None,
-) -> dict[str, Any]:
-    """Acquire ``plan`` into ``out`` (which must not exist): PNG pairs + ``acquisition.json``.
-
-    The directory appears complete or not at all.  Returns the metadata written.
-    """
-    settings = settings or AcquisitionSettings()
-    target = Path(out)
-    if target.exists():
-        raise InputError(f"{target} already exists; choose a new output directory")
-    started = utc_now()
-    fields: list[dict[str, Any]] = []
-    with atomic_directory(target) as tmp:
-        for pair in microscope.acquire_fields(plan, settings, qc=qc):
-            names = {
-                "diffuse": f"field-{pair.index:03d}-diffuse.png",
-                "polarized": f"field-{pair.index:03d}-polarized.png",
-            }
-            write_png(tmp / names["diffuse"], pair.diffuse)
-            write_png(tmp / names["polarized"], pair.polarized)
-            fields.append({**pair.metadata(), **names})
-        meta = {
-            "schema": SCHEMA,
-            "started_at": started,
-            "finished_at": utc_now(),
-            "software": {"name": "omis-edge", "version": _software_version()},
-            "microscope": microscope.describe(),
-            "plan": plan.model_dump(mode="json"),
-            "settings": settings.model_dump(mode="json"),
-            "fields": fields,
-        }
-        atomic_write_text(tmp / "acquisition.json", json.dumps(meta, indent=2) + "\n")
-    return meta

@@ -12,18 +12,18 @@
   ``omis dataset synth`` (see :mod:`firmware_bridge.replay`).
 
 Nothing falls back silently: a missing port or camera is an error naming what was tried.
+The :class:`~firmware_bridge.microscope_base.Microscope` base they all implement lives in its own
+module, so that implementations (``replay.py``) never import this opener module.
 """
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import logging
 import re
 import zlib
 from collections.abc import Callable, Iterator
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from firmware_bridge.acquisition import (
@@ -32,12 +32,11 @@ from firmware_bridge.acquisition import (
     QualityCheck,
     ScanPlan,
     acquire_fields,
-    make_plan,
-    prefetched,
 )
 from firmware_bridge.base import Camera
 from firmware_bridge.client import ClientConfig, SerialController
 from firmware_bridge.exceptions import InputError
+from firmware_bridge.microscope_base import Microscope
 
 if TYPE_CHECKING:
     from firmware_bridge.camera.synthetic import SyntheticCamera
@@ -47,64 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_SIM_SIZE = (640, 512)
-_MT = TypeVar("_MT", bound="Microscope")
-
-
-class Microscope(abc.ABC):
-    """Something that yields field pairs; a context manager with an idempotent close()."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._closed = False
-
-    def __enter__(self: _MT) -> _MT:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Release everything; idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._close()
-
-    def acquire_fields(
-        self,
-        plan: ScanPlan,
-        settings: AcquisitionSettings | None = None,
-        *,
-        qc: QualityCheck | None = None,
-        prefetch: int = 0,
-    ) -> Iterator[FieldPair]:
-        """Yield one :class:`FieldPair` per field of ``plan``.
-
-        With ``prefetch > 0`` acquisition runs that many fields ahead on a worker thread, so
-        the next field is taken while the caller computes on the current one.
-        """
-        source = self._acquire(plan, settings or AcquisitionSettings(), qc)
-        return prefetched(source, prefetch) if prefetch > 0 else source
-
-    def default_plan(self, fields: int, pattern: str = "serpentine") -> ScanPlan:
-        """A plan of ``fields`` fields suited to this microscope."""
-        return make_plan(fields=fields, pattern=pattern)
-
-    @abc.abstractmethod
-    def describe(self) -> dict[str, Any]:
-        """JSON-ready identity: kind, URL, firmware, camera settings, slide."""
-
-    @abc.abstractmethod
-    def _acquire(
-        self, plan: ScanPlan, settings: AcquisitionSettings, qc: QualityCheck | None
-    ) -> Iterator[FieldPair]: ...
-
-    @abc.abstractmethod
-    def _close(self) -> None: ...
 
 
 class HardwareMicroscope(Microscope):

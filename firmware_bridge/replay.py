@@ -30,7 +30,7 @@ from firmware_bridge.acquisition import (
 from firmware_bridge.base import Position
 from firmware_bridge.exceptions import InputError
 from firmware_bridge.images import read_rgb
-from firmware_bridge.microscope import Microscope
+from firmware_bridge.microscope_base import Microscope
 
 log = logging.getLogger(__name__)
 

@@ -51,9 +51,10 @@ def _qc_hook(params_json: str | None) -> Callable[[Any], Mapping[str, Any]]:
 
 
 def _acquire(args: argparse.Namespace) -> int:
-    from firmware_bridge.acquisition import make_plan, parse_size, record_acquisition
+    from firmware_bridge.acquisition import make_plan, parse_size
     from firmware_bridge.exceptions import InputError
     from firmware_bridge.microscope import open_microscope
+    from firmware_bridge.microscope_base import record_acquisition
 
     if Path(args.out).exists():
         raise InputError(f"{args.out} already exists; choose a new output directory")

@@ -17,12 +17,13 @@ import cv2
 import numpy as np
 import pytest
 
-from firmware_bridge.acquisition import FieldPair, ScanPlan, record_acquisition
+from firmware_bridge.acquisition import FieldPair, ScanPlan
 from firmware_bridge.base import Illumination
 from firmware_bridge.camera import OpenCVCamera
 from firmware_bridge.exceptions import BridgeInitError, BridgeTimeoutError, InputError
 from firmware_bridge.images import read_rgb, write_png
 from firmware_bridge.microscope import SimMicroscope, open_microscope
+from firmware_bridge.microscope_base import record_acquisition
 
 SIZE = (160, 128)
 SIM = "sim://?seed=4&speed=200000&settle_ms=1"
