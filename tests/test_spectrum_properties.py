@@ -1,4 +1,4 @@
-"""Properties of OMIS_SPECTRUM.md, checked with hypothesis on the CPU backends."""
+"""Properties of the spectrum definition (docs/spectrum.md), checked with hypothesis on the CPU."""
 
 from __future__ import annotations
 
@@ -113,6 +113,25 @@ def test_swapping_w_and_p_negates_rbhist(pair: tuple[U8, U8]) -> None:
     rev = numpy_histogram(p, w, params)
     np.testing.assert_array_equal(rev.hist, -fwd.hist)
     np.testing.assert_array_equal(rev.count, fwd.count - fwd.hist)  # h_P = h_W - (h_W - h_P)
+
+
+@FAST
+@given(image_pairs())
+def test_rbhist_sums_to_zero(pair: tuple[U8, U8]) -> None:
+    h = numpy_histogram(*pair, parse_params({"algorithm": "omis-rbhist-v1"}))
+    assert int(h.hist.sum()) == 0
+    assert int(h.count.sum()) == h.valid_pixels
+
+
+@FAST
+@given(image_pairs(), any_params())
+def test_smoothing_keeps_the_total_away_from_the_ends(pair: tuple[U8, U8], params: Any) -> None:
+    h = numpy_histogram(*pair, params)
+    n = params.n_smooth
+    nonzero = np.flatnonzero(h.hist)
+    assume(nonzero.size > 0 and n <= nonzero[0] and nonzero[-1] < h.hist.size - n)
+    s = finalize(h, params, "numpy").smoothed
+    assert int(s.sum()) == 4**n * int(h.hist.sum())
 
 
 @FAST

@@ -1,4 +1,4 @@
-// OMIS spectrum histogram kernels: omis-wdiff-v1 and omis-rbhist-v1 (see OMIS_SPECTRUM.md).
+// OMIS spectrum histogram kernels: omis-wdiff-v1 and omis-rbhist-v1 (defined in docs/spectrum.md).
 //
 // Contract
 //   Inputs are two packed RGB uint8 images W and P of n pixels (3n bytes each, R G B order) and

@@ -1,4 +1,4 @@
-"""The OMIS spectrum of OMIS_SPECTRUM.md: integer-exact on CPU and GPU."""
+"""The OMIS spectrum (defined in ``docs/spectrum.md``): integer-exact on CPU and GPU."""
 
 from inference.spectrum.backends import (
     BACKENDS,

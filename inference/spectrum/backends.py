@@ -30,7 +30,7 @@ class SpectrumBackend(Protocol):
     name: str
 
     def histogram(self, w: U8, p: U8, params: Params, mask: Mask | None = None) -> Histogram:
-        """The exact integer histogram of one field (see OMIS_SPECTRUM.md)."""
+        """The exact integer histogram of one field (see ``docs/spectrum.md``)."""
         ...
 
     def close(self) -> None:

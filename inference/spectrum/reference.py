@@ -1,4 +1,4 @@
-"""A straightforward NumPy transcription of OMIS_SPECTRUM.md.
+"""A straightforward NumPy transcription of the definition in ``docs/spectrum.md``.
 
 Kept deliberately plain: it is the oracle the fast CPU and CUDA backends are tested against
 and the baseline the benchmark compares them with.  Not used on the device's hot path.

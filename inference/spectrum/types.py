@@ -130,7 +130,7 @@ def axis_nm(params: WdiffParams | RbhistParams) -> F64:
 
 
 def finalize(h: Histogram, params: WdiffParams | RbhistParams, backend: str) -> Spectrum:
-    """Turn accumulated integers into the spectrum (``S``, ``y``, ``x``) of OMIS_SPECTRUM.md."""
+    """Turn accumulated integers into the spectrum (``S``, ``y``, ``x``; ``docs/spectrum.md``)."""
     if h.algorithm != params.algorithm or h.hist.shape[0] != params.n_bins:
         raise SpectrumInputError(
             f"histogram of {h.algorithm} does not match parameters of {params.algorithm}"
