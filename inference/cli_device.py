@@ -17,6 +17,7 @@ from typing import Any
 from inference.backends import BACKEND_NAMES, BackendOptions
 from inference.bundle import Bundle, load_bundle
 from inference.exceptions import InferenceError
+from inference.store_state import active_bundle_path
 
 DEFAULT_STATE_DIR = "/var/lib/omis"
 SPECTRUM_BACKENDS = ("auto", "numpy", "cuda")
@@ -31,27 +32,6 @@ def state_dir(args: argparse.Namespace) -> Path:
     return Path(
         getattr(args, "state_dir", None) or os.environ.get("OMIS_STATE_DIR") or DEFAULT_STATE_DIR
     )
-
-
-def active_bundle_path(state: Path) -> Path:
-    """The active model of the model store: ``current.dir`` in ``models/state.json``.
-
-    The layout is owned by ``deploy/ota/store.py`` (``models/bundles/<dir>``); inference must
-    not import deploy, so it reads the one atomically replaced state file itself.
-    """
-    models = state / "models"
-    try:
-        current = json.loads((models / "state.json").read_text("utf-8")).get("current")
-    except FileNotFoundError:
-        current = None
-    except (OSError, ValueError, AttributeError) as exc:
-        raise InferenceError(
-            f"{models / 'state.json'}: unreadable model store state ({exc})"
-        ) from exc
-    name = current.get("dir") if isinstance(current, dict) else None
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise InferenceError(f"no active model in {models}; pass --bundle")
-    return models / "bundles" / name
 
 
 def _bundle(args: argparse.Namespace) -> Bundle:

@@ -8,6 +8,7 @@ Tree::
     ├── BundleError             a model bundle is malformed, tampered with or unsupported
     │   └── SignatureError      the bundle's signature does not verify
     ├── EngineError             a TensorRT engine could not be built, loaded or run
+    ├── ModelStoreError         the model store's state is unreadable or names no active model
     └── GoldenMismatchError     a backend does not reproduce the bundle's golden outputs
 
 Foreign errors are wrapped with ``raise ... from`` at the seam.
@@ -38,6 +39,10 @@ class SignatureError(BundleError):
 
 class EngineError(InferenceError):
     """A TensorRT engine could not be built, deserialised or executed."""
+
+
+class ModelStoreError(InferenceError):
+    """The model store's state file cannot be read, is corrupt, or names no active model."""
 
 
 class GoldenMismatchError(InferenceError):

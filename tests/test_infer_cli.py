@@ -105,6 +105,52 @@ def test_infer_uses_the_active_model_or_says_there_is_none(env: dict[str, Path])
     assert json.loads(r.stdout)["model"]["name"] == "tiny"
 
 
+_SLOT = {
+    "dir": "v1-0123456789ab-01234567",
+    "name": "tiny",
+    "version": 1,
+    "sha256": "0" * 64,
+    "manifest_sha256": "0" * 64,
+    "signer": "k",
+}
+
+
+@pytest.mark.parametrize(
+    "state_json",
+    [
+        None,
+        {"current": _SLOT},
+        {},
+        {"current": {**_SLOT, "dir": "elsewhere"}},  # not a store slot name
+        {"current": {"dir": _SLOT["dir"]}},  # a slot without its identity
+        {"current": _SLOT, "surprise": 1},
+        [],
+    ],
+)
+def test_infer_reads_the_store_with_the_store_reader(tmp_path: Path, state_json: object) -> None:
+    """``omis infer`` finds the active model exactly where the model store says it is."""
+    from deploy.ota.exceptions import StoreError
+    from deploy.ota.store import ModelStore
+    from inference.cli_device import active_bundle_path
+    from inference.exceptions import InferenceError
+
+    if state_json is not None:
+        (tmp_path / "models").mkdir()
+        (tmp_path / "models" / "state.json").write_text(json.dumps(state_json))
+    store = ModelStore(tmp_path)
+    try:
+        current = store.read_state().current
+    except StoreError:
+        with pytest.raises(InferenceError, match=r"state\.json"):
+            active_bundle_path(tmp_path)
+        return
+    if current is None:
+        with pytest.raises(InferenceError, match="no active model in"):
+            active_bundle_path(tmp_path)
+    else:
+        assert active_bundle_path(tmp_path) == store.bundle_path(current)
+
+
 def test_infer_odd_number_of_images(env: dict[str, Path]) -> None:
     r = omis("infer", "--bundle", env["bundle"], env["w0"], state=env["state"])
     assert r.returncode == 1 and "pairs" in r.stderr

@@ -11,7 +11,8 @@ Layout under ``<state-dir>/models/``::
 The one atomic switch is ``os.replace`` of ``state.json`` (fsynced): a reader sees either the
 old or the new state, never a mix.  Bundle directories never move after they are placed, so
 ``current`` and ``previous`` are just names in ``state.json``.  See ``docs/ota.md`` for the
-recovery rules of :meth:`ModelStore.recover`.
+recovery rules of :meth:`ModelStore.recover`.  The records of ``state.json`` and their reader are
+in :mod:`inference.store_state`, shared with ``omis infer`` (which may not import deploy).
 """
 
 from __future__ import annotations
@@ -19,81 +20,47 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from deploy.ota.exceptions import StoreError
 from deploy.ota.signing import load_checked
 from firmware_bridge.fsutil import atomic_write_text
-from inference.bundle import Bundle, now_rfc3339
+from inference.bundle import Bundle
+from inference.exceptions import ModelStoreError
+from inference.store_state import (  # the records are shared with the device CLI's reader
+    BUNDLES_DIR,
+    MODELS_DIR,
+    STATE_FILE,
+    Outcome,
+    Record,
+    Slot,
+    StoreState,
+    read_record,
+    read_state,
+)
+
+# Outcome, Slot and StoreState are defined beside the shared reader and are part of this API.
+__all__ = ["Journal", "ModelStore", "Outcome", "Slot", "StoreState"]
 
 log = logging.getLogger(__name__)
 
-MODELS_DIR = "models"
-STATE_FILE = "state.json"
 JOURNAL_FILE = "journal.json"
-BUNDLES_DIR = "bundles"
 STAGING_DIR = "staging"
 LOCK_FILE = ".lock"
 STATE_SCHEMA = "omis.ota_state/1"
 
 M = TypeVar("M", bound=BaseModel)
-OutcomeResult = Literal["committed", "rolled_back", "rejected", "interrupted"]
 
 
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Slot(_Record):
-    """One installed bundle, as the state file names it."""
-
-    dir: str = Field(pattern=r"^v\d+-[0-9a-f]{12}-[0-9a-f]{8}$", description="under bundles/")
-    name: str = Field(description="bundle name")
-    version: int = Field(ge=1, description="manifest version")
-    sha256: str = Field(description="sha256 of model.onnx")
-    manifest_sha256: str = Field(description="sha256 of the exact manifest bytes")
-    signer: str = Field(description="fingerprint of the key that signed it")
-    installed_at: str = Field("", description="informational only; never used for validity")
-
-    def describe(self) -> dict[str, Any]:
-        """Name, version, model sha256, signer."""
-        return {
-            "name": self.name,
-            "version": self.version,
-            "sha256": self.sha256,
-            "signer": self.signer,
-        }
-
-
-class Outcome(_Record):
-    """What the last OTA operation did."""
-
-    result: OutcomeResult
-    version: int | None = Field(None, description="the version the operation was about")
-    reason: str = Field("", description="why (empty for a plain commit)")
-    at: str = Field(default_factory=now_rfc3339, description="informational device time")
-
-
-class StoreState(_Record):
-    """Content of ``state.json``."""
-
-    generation: int = Field(0, description="grows on every switch; services reload on change")
-    current: Slot | None = None
-    previous: Slot | None = None
-    pending: bool = Field(False, description="current is switched but not yet committed")
-    last_outcome: Outcome | None = None
-
-
-class Journal(_Record):
+class Journal(Record):
     """The install in progress."""
 
     txn: str = Field(pattern=r"^[0-9a-f]{8,32}$")
@@ -114,7 +81,10 @@ class ModelStore:
 
     def read_state(self) -> StoreState:
         """The committed-to-disk state (empty when nothing was ever installed)."""
-        return _read_model(self.root / STATE_FILE, StoreState) or StoreState()
+        try:
+            return read_state(self.root)
+        except ModelStoreError as exc:
+            raise StoreError(str(exc)) from exc
 
     def read_journal(self) -> Journal | None:
         """The journal of an install in progress or interrupted, if any."""
@@ -331,15 +301,9 @@ def _children(path: Path) -> list[Path]:
 
 def _read_model(path: Path, cls: type[M]) -> M | None:
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot read ({exc})") from exc
-    try:
-        return cls.model_validate(json.loads(data))
-    except (ValueError, ValidationError) as exc:
-        raise StoreError(f"{path}: corrupt ({exc})") from exc
+        return read_record(path, cls)
+    except ModelStoreError as exc:
+        raise StoreError(str(exc)) from exc
 
 
 def _write_model(path: Path, model: BaseModel) -> None:
