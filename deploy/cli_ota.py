@@ -180,7 +180,11 @@ def _leaf(
 
 
 def _register_bundle(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("bundle", help="model bundle keys and signatures (Ed25519)")
+    p = sub.add_parser(
+        "bundle",
+        help="model bundle keys and signatures (Ed25519)",
+        description="Model bundle keys and signatures: keygen, sign, verify (Ed25519).",
+    )
     bsub = p.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
     k = _leaf(bsub, common, "keygen", _keygen, "write a private key (0600) and NAME.pub")
     k.add_argument("--out", required=True, help="directory for the key pair")
@@ -194,7 +198,12 @@ def _register_bundle(sub: argparse._SubParsersAction[Any], common: argparse.Argu
 
 
 def _register_ota(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("ota", help="model updates: trust, install, status, rollback, publish")
+    p = sub.add_parser(
+        "ota",
+        help="model updates: trust, install, status, rollback, publish",
+        description="Model updates on this device's trust store and model store (trust, install, "
+        "status, rollback), and offering a bundle to a device over MQTT (publish).",
+    )
     osub = p.add_subparsers(dest="ota_command", metavar="ACTION", required=True)
     t = _leaf(osub, common, "trust", _trust, "trust a public key, or list/remove trusted keys")
     t.add_argument("key", nargs="?", help="public key (.pub) to trust")

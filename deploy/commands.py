@@ -218,6 +218,9 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
         "scan",
         parents=[common],
         help="headless scan: acquire, classify and publish one result per slide",
+        description="Headless scan: acquire, compute and classify each slide and publish one "
+        "result per slide; exits 0 once every result is acknowledged by the broker or stored in "
+        "the outbox (it says which).",
     )
     _add_shared(scan)
     which = scan.add_mutually_exclusive_group()
@@ -236,6 +239,8 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
         "serve",
         parents=[common],
         help="the appliance daemon: scan commands, results over MQTT, status",
+        description="The appliance daemon: waits for scan commands and OTA offers over MQTT, "
+        "publishes results, status and metrics (see docs/deploy.md and docs/mqtt.md).",
     )
     _add_shared(serve)
     serve.add_argument(

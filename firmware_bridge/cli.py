@@ -25,7 +25,12 @@ def _register_dataset(
     sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser
 ) -> None:
     """``omis dataset synth``: the synthetic dataset generator."""
-    dataset = sub.add_parser("dataset", parents=[common], help="synthetic datasets")
+    dataset = sub.add_parser(
+        "dataset",
+        parents=[common],
+        help="synthetic datasets",
+        description="Datasets for training and tests; synth writes simulated slides.",
+    )
     actions = dataset.add_subparsers(dest="dataset_command", metavar="ACTION", required=True)
     synth = actions.add_parser(
         "synth",

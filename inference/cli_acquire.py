@@ -26,7 +26,12 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
     acquire.add_argument("--microscope", required=True, help="microscope URL, e.g. sim://?seed=1")
     acquire.add_argument("--fields", type=int, required=True, help="number of fields")
     acquire.add_argument("--out", required=True, help="output directory (must not exist)")
-    acquire.add_argument("--plan", choices=("grid", "serpentine"), default="serpentine")
+    acquire.add_argument(
+        "--plan",
+        choices=("grid", "serpentine"),
+        default="serpentine",
+        help="order in which the stage visits the fields (default serpentine)",
+    )
     acquire.add_argument("--size", help="camera frame WIDTHxHEIGHT (default: the camera's)")
     acquire.add_argument("--step-um", type=float, help="distance between fields in µm")
     acquire.add_argument(

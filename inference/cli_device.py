@@ -64,7 +64,12 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
         default="cpu",
         help="onnxruntime execution provider (asked for explicitly; never a fallback)",
     )
-    p.add_argument("--spectrum-backend", choices=SPECTRUM_BACKENDS, default="auto")
+    p.add_argument(
+        "--spectrum-backend",
+        choices=SPECTRUM_BACKENDS,
+        default="auto",
+        help="where the spectrum is computed (default auto: CUDA when usable, else numpy)",
+    )
     p.add_argument("--cuda-graph", action="store_true", help="tensorrt: replay a CUDA graph")
     p.add_argument(
         "--device",
@@ -239,35 +244,76 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
     """Add this package's subcommands to ``omis``."""
-    p = sub.add_parser("infer", parents=[common], help="classify one slide from W/P image pairs")
+    p = sub.add_parser(
+        "infer",
+        parents=[common],
+        help="classify one slide from W/P image pairs",
+        description="Classify one slide from its W/P field pairs with a model bundle (default: "
+        "the active model of the state dir's model store): QC, spectrum, render, network.",
+    )
     p.add_argument("images", nargs="*", metavar="IMG", help="W.png P.png of the first field")
     p.add_argument("--field", nargs=2, action="append", metavar=("W", "P"), help="another field")
     _add_backend_args(p)
     p.set_defaults(handler=cmd_infer)
 
-    p = sub.add_parser("bench", parents=[common], help="per-stage latency and throughput")
+    p = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="per-stage latency and throughput",
+        description="Run the device pipeline on simulated slides and report each stage's median "
+        "and p95 latency and the throughput.",
+    )
     _add_backend_args(p)
     p.add_argument("--size", type=_size, default=(320, 240), help="field size WxH")
     p.add_argument("--fields", type=int, default=4, help="fields per slide")
     p.add_argument("--slides", type=int, default=5, help="slides to run")
     p.set_defaults(handler=cmd_bench)
 
-    p = sub.add_parser("engine", parents=[common], help="TensorRT engines: build, list")
+    p = sub.add_parser(
+        "engine",
+        parents=[common],
+        help="TensorRT engines: build, list",
+        description="TensorRT engines, built on the device from a bundle's model.onnx and cached "
+        "under the state dir.",
+    )
     esub = p.add_subparsers(dest="engine_command", metavar="ACTION", required=True)
-    b = esub.add_parser("build", parents=[common], help="build and cache the engine of a bundle")
+    b = esub.add_parser(
+        "build",
+        parents=[common],
+        help="build and cache the engine of a bundle",
+        description="Build (or find in the cache) the TensorRT engine of a bundle and run the "
+        "golden check; exits 0 only if it passes.",
+    )
     b.add_argument("--bundle", help="model bundle directory (default: the active model)")
-    b.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
-    b.add_argument("--max-batch", type=int, default=8)
-    b.add_argument("--opt-batch", type=int, default=1)
-    b.add_argument("--workspace-mb", type=int, default=1024)
+    b.add_argument("--precision", choices=("fp16", "fp32"), default="fp16", help="engine precision")
+    b.add_argument("--max-batch", type=int, default=8, help="largest batch the engine accepts")
+    b.add_argument("--opt-batch", type=int, default=1, help="batch size TensorRT optimises for")
+    b.add_argument(
+        "--workspace-mb", type=int, default=1024, help="TensorRT builder workspace in MiB"
+    )
     b.add_argument("--dla-core", type=int, help="build for this DLA core, GPU fallback on")
-    b.add_argument("--version-compatible", action="store_true")
-    b.add_argument("--json", action="store_true")
+    b.add_argument(
+        "--version-compatible",
+        action="store_true",
+        help="build a version-compatible plan (loads on later TensorRT versions)",
+    )
+    b.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     b.set_defaults(handler=cmd_engine_build)
-    ls = esub.add_parser("list", parents=[common], help="list cached engines")
-    ls.add_argument("--json", action="store_true")
+    ls = esub.add_parser(
+        "list",
+        parents=[common],
+        help="list cached engines",
+        description="List the engines cached under the state dir, with their cache keys.",
+    )
+    ls.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     ls.set_defaults(handler=cmd_engine_list)
 
-    p = sub.add_parser("selftest", parents=[common], help="quick on-device acceptance checks")
+    p = sub.add_parser(
+        "selftest",
+        parents=[common],
+        help="quick on-device acceptance checks",
+        description="Quick on-device acceptance: the backend starts, reproduces the bundle's "
+        "golden outputs and classifies a simulated slide; exits non-zero naming failed checks.",
+    )
     _add_backend_args(p)
     p.set_defaults(handler=cmd_selftest)

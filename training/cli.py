@@ -38,8 +38,8 @@ def _register_train(sub: argparse._SubParsersAction[Any], common: argparse.Argum
     )
     p.add_argument("--data", required=True, type=Path, help="dataset directory (manifest.csv)")
     p.add_argument("--out", required=True, type=Path, help="new (or empty) output directory")
-    p.add_argument("--task", default="binary", choices=("binary", "pap4"))
-    p.add_argument("--preset", default="tiny", choices=("paper", "tiny"))
+    p.add_argument("--task", default="binary", choices=("binary", "pap4"), help="classes to learn")
+    p.add_argument("--preset", default="tiny", choices=("paper", "tiny"), help="model and recipe")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     p.add_argument("--epochs", type=int, help="maximum epochs (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="per-process batch size (preset default)")
@@ -47,7 +47,7 @@ def _register_train(sub: argparse._SubParsersAction[Any], common: argparse.Argum
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="no fallback")
     p.add_argument("--pretrained", type=Path, help="torchvision VGG16 state dict (.pth)")
     p.add_argument("--freeze-features", action="store_true", help="train the head only")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of splits and training (default 0)")
     p.add_argument("--name", default="omis-vgg16", help="bundle name")
     p.add_argument("--version", type=int, default=1, help="bundle version (only grows)")
     p.add_argument("--max-slides", type=int, help="use the first M slides of the manifest")
@@ -57,7 +57,12 @@ def _register_train(sub: argparse._SubParsersAction[Any], common: argparse.Argum
         choices=("all", "best-fold"),
         help="shipped model: retrained on all data (default) or the best fold's",
     )
-    p.add_argument("--target-sensitivity", type=float, default=0.9)
+    p.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=0.9,
+        help="also report the decision threshold reaching this sensitivity (default 0.9)",
+    )
     p.add_argument("--spectrum-params", help="spectrum parameters: JSON object or @FILE")
     p.add_argument("--cache-dir", type=Path, help="spectrum cache (default DATA/.omis-cache)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
@@ -165,6 +170,8 @@ def _register_export(sub: argparse._SubParsersAction[Any], common: argparse.Argu
         "export",
         parents=[common],
         help="re-export a training checkpoint as a verified model bundle",
+        description="Re-export a training checkpoint as a model bundle; the ONNX model is checked "
+        "against the checkpoint's torch outputs.",
     )
     p.add_argument("--checkpoint", required=True, type=Path, help="OUT/checkpoints/*.pt")
     p.add_argument("--out", required=True, type=Path, help="bundle directory (must not exist)")
@@ -201,12 +208,14 @@ def _register_evaluate(
         "evaluate",
         parents=[common],
         help="evaluate a bundle (ONNX Runtime) on a dataset with the bundle's own parameters",
+        description="Classify every slide of a dataset with a bundle (ONNX Runtime, the bundle's "
+        "own spectrum and render parameters) and report the metrics.",
     )
-    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--bundle", required=True, type=Path, help="model bundle directory")
     p.add_argument("--data", required=True, type=Path, help="dataset directory (manifest.csv)")
     p.add_argument("--cache-dir", type=Path, help="spectrum cache (default DATA/.omis-cache)")
-    p.add_argument("--no-cache", action="store_true")
-    p.add_argument("--max-slides", type=int)
+    p.add_argument("--no-cache", action="store_true", help="recompute every spectrum")
+    p.add_argument("--max-slides", type=int, help="use the first M slides of the manifest")
     p.add_argument("--json", action="store_true", help="print all metrics as JSON")
     p.set_defaults(handler=_cmd_evaluate)
 
