@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from firmware_bridge.exceptions import BridgeError
 from inference.exceptions import InferenceError
@@ -92,17 +93,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class LiveStderrHandler(logging.StreamHandler[TextIO]):
+    """Writes each record to ``sys.stderr`` as it is at that moment, one plain line per record.
+
+    While a rich live display draws (progress bars, the demo's table) it replaces ``sys.stderr``
+    with a proxy that prints whole lines above the display.  A handler that kept the stream it was
+    created with would write into the bars instead, gluing the record onto the bar's last line.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write ``record`` to the current ``sys.stderr`` (called with the handler's lock held)."""
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def configure_logging(level: int) -> None:
+    """Log records of ``level`` and above to stderr as ``time LEVEL logger: message``."""
+    handler = LiveStderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.INFO
     if getattr(args, "quiet", False):
         level = logging.WARNING
     elif getattr(args, "verbose", 0):
         level = logging.DEBUG
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
