@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,38 @@ def test_loads_slides_with_device_spectra(small_dataset: Path) -> None:
     for s in ds.slides:
         assert s.y is not None and s.y.shape == (PARAMS.n_bins,)
         assert s.fields_used >= 1
+
+
+def test_qc_rejections_are_summarised_by_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Many rejected fields give one summary line with counts by reason, not a line each."""
+    rows, faulty = [], 0
+    for i in range(3):
+        slide = slide_for(i, seed=5)
+        for f, (x, y) in enumerate(slide.field_positions(3)):
+            w, p = slide.render_pair(x, y, size=(96, 80))
+            if (i + f) % 2 == 1:  # dark: an LED at a few percent of its current
+                w, p = (w * 0.04).astype(np.uint8), (p * 0.04).astype(np.uint8)
+                faulty += 1
+            wp, pp = f"s{i}/f{f}-W.png", f"s{i}/f{f}-P.png"
+            write_png(tmp_path / wp, w)
+            write_png(tmp_path / pp, p)
+            rows.append([slide.slide_id, f"pat{i}", slide.pap_group, str(f), wp, pp])
+    write_manifest(tmp_path, rows)
+    with caplog.at_level(logging.INFO):
+        ds = load_dataset(tmp_path, PARAMS, cache_dir=None)
+    assert ds.stats.fields_rejected >= faulty == 4
+    by_reason = Counter(r for f in ds.stats.rejected for r in f["reasons"])
+    assert by_reason["dark"] >= faulty
+    assert ds.stats.to_json()["rejected_by_reason"] == dict(sorted(by_reason.items()))
+    shown = [r for r in caplog.records if r.levelno >= logging.INFO]
+    # one summary, plus one line per slide left out entirely: never one per field
+    assert len(shown) <= 1 + len(ds.stats.slides_excluded), [r.getMessage() for r in shown]
+    summary = next(r.getMessage() for r in shown if "rejected by QC" in r.getMessage())
+    assert f"{ds.stats.fields_rejected} rejected by QC" in summary
+    for reason, count in by_reason.items():
+        assert f"{reason} {count}" in summary, summary
 
 
 def test_bad_rows_are_reported_together(small_dataset: Path, tmp_path: Path) -> None:

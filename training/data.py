@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,9 +147,16 @@ class PrepStats:
             "fields_rejected": self.fields_rejected,
             "cache_hits": self.cache_hits,
             "cache_misses": self.cache_misses,
+            "rejected_by_reason": self.rejected_by_reason,
             "rejected_fields": self.rejected,
             "slides_excluded": self.slides_excluded,
         }
+
+    @property
+    def rejected_by_reason(self) -> dict[str, int]:
+        """How many rejected fields each QC reason applied to (a field can have several)."""
+        counts = Counter(reason for f in self.rejected for reason in f["reasons"])
+        return dict(sorted(counts.items()))
 
 
 @dataclass(frozen=True)
@@ -559,14 +567,16 @@ def _log_stats(kind: Kind, stats: PrepStats, cache: Path | None) -> None:
     if kind != "fields":
         log.info("dataset: %d slides of precomputed %s", stats.slides_used, kind)
         return
+    reasons = ", ".join(f"{r} {n}" for r, n in stats.rejected_by_reason.items())
     log.info(
-        "spectra: %d slides, %d computed, %d from cache%s; fields: %d used, %d rejected by QC",
+        "spectra: %d slides, %d computed, %d from cache%s; fields: %d used, %d rejected by QC%s",
         stats.slides_used,
         stats.cache_misses,
         stats.cache_hits,
         f" ({cache})" if cache is not None else " (cache off)",
         stats.fields_used,
         stats.fields_rejected,
+        f" ({reasons})" if reasons else "",
     )
     for ex in stats.slides_excluded:
         log.warning("slide %s excluded: %s", ex["slide_id"], ex["reason"])

@@ -295,7 +295,9 @@ def _field_results(
             raise SpectrumInputError(f"field {i}: {exc}") from exc
         q = assess_field(w, p, params, thresholds, index=i, histogram=h)
         if not q.ok:
-            log.info("field %d rejected by quality control: %s", i, ", ".join(q.reasons))
+            # DEBUG: the verdicts are in the result; callers report them (a CLI line per field,
+            # the pipeline's warning, training's summary by reason).
+            log.debug("field %d rejected by quality control: %s", i, ", ".join(q.reasons))
         out.append((h, q))
     return out
 
