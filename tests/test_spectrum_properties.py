@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -201,3 +202,21 @@ def test_y_is_smoothed_histogram_over_n(algorithm: str) -> None:
     want = np.convolve(s.hist, kernel, mode="same") / 16 / s.valid_pixels
     np.testing.assert_array_equal(s.smoothed, np.convolve(s.hist, kernel, mode="same"))
     np.testing.assert_allclose(s.y, want, rtol=1e-15)
+
+
+@FAST
+@given(image_pairs(), st.integers(2, 40), st.integers(0, 12))
+def test_smoothing_follows_the_definition_for_any_kernel_width(
+    pair: tuple[U8, U8], bins: int, n: int
+) -> None:
+    """S[j] = sum_i C(2n, i) hist[j + i - n], zero outside the axis, also when 2n + 1 > L."""
+    params = parse_params({"bins": bins, "n_smooth": n})
+    s = compute_spectrum([pair], params, backend="numpy")
+    taps = [math.comb(2 * n, i) for i in range(2 * n + 1)]
+    hist = [int(v) for v in s.hist]
+    want = [
+        sum(c * hist[j + i - n] for i, c in enumerate(taps) if 0 <= j + i - n < bins)
+        for j in range(bins)
+    ]
+    assert s.smoothed.tolist() == want
+    assert s.y.shape == s.x_nm.shape == (bins,)

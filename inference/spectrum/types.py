@@ -116,7 +116,10 @@ def smooth(hist: I64, n: int) -> I64:
         raise SpectrumInputError(
             f"n_smooth={n} would overflow int64 for a histogram of magnitude {bound}"
         )
-    return np.convolve(hist, binomial_kernel(n), mode="same").astype(np.int64, copy=False)
+    # The full convolution, cut to the axis: S[j] = full[j + n].  (mode="same" is the same cut
+    # only while the kernel is no longer than the histogram; beyond that it returns 2n+1 values.)
+    full = np.convolve(hist, binomial_kernel(n), mode="full")
+    return full[n : n + hist.shape[0]].astype(np.int64, copy=False)
 
 
 def axis_nm(params: WdiffParams | RbhistParams) -> F64:
