@@ -84,11 +84,19 @@ def generate_keypair(out_dir: Path, name: str = DEFAULT_KEY_NAME) -> KeyPair:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(private_path, pem)  # mkstemp creates the file with mode 0600
-    os.chmod(private_path, 0o600)
-    atomic_write_bytes(public_path, public_pem(key.public_key()))
-    os.chmod(public_path, 0o644)
+    written: list[Path] = []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(private_path, pem)  # mkstemp creates the file with mode 0600
+        written.append(private_path)
+        os.chmod(private_path, 0o600)
+        atomic_write_bytes(public_path, public_pem(key.public_key()))
+        written.append(public_path)
+        os.chmod(public_path, 0o644)
+    except OSError as exc:
+        for path in written:  # never leave half a key pair behind
+            path.unlink(missing_ok=True)
+        raise TrustError(f"{out_dir}: cannot write the key pair: {exc.strerror}") from exc
     return KeyPair(private_path, public_path, fingerprint(key.public_key()))
 
 

@@ -50,7 +50,7 @@ OutcomeResult = Literal["committed", "rolled_back", "rejected", "interrupted"]
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
 
 class Slot(_Record):
