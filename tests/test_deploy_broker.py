@@ -3,7 +3,8 @@
 One broker for the module, started from the rendered production mosquitto.conf with a CA,
 server and client certificates made at test time and password files made with
 ``mosquitto_passwd -b``.  Real paho MQTT 5 clients prove: no anonymous access, the client
-certificate as the identity on the device listener, a device publishes only under its own topics (PUBACK
+certificate as the identity on the device listener, a device publishes only under its own
+topics (PUBACK
 reason 135 elsewhere, nothing delivered) and reads only its own commands, a dashboard user
 reads everything and writes nothing, an operator may command.
 """

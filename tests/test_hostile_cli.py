@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from deploy import cli
-from deploy.schemas import load_schema, validate
 from deploy.exceptions import SchemaError
+from deploy.schemas import load_schema, validate
 from firmware_bridge.exceptions import InputError
 from firmware_bridge.images import MAX_IMAGE_PIXELS, encode_png, image_dimensions, read_rgb
 from firmware_bridge.limits import IDENTIFIER_PATTERN, check_identifier, is_identifier

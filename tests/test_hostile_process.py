@@ -2,6 +2,8 @@
 
 * The embedded broker dies with its parent, even when the parent is SIGKILLed, and its
   temporary directory is removed by the next start.
+* An appliance that exits in ``error`` publishes availability ``offline``, not ``stopped``;
+  a normal ``omis scan`` exit logs nothing at WARNING or above.
 * mosquitto 2.0.11 binds a WebSockets listener on every interface whatever address it is
   given; the shipped configuration and docs/deploy.md carry the firewall rule for it.
 """
@@ -17,7 +19,17 @@ import time
 from pathlib import Path
 
 import pytest
+from broker_support import (
+    Collector,
+    FakeScanner,
+    Mosquitto,
+    app_config,
+    mosquitto_fixture,  # noqa: F401 - the "mosquitto" fixture
+    wait_until,
+)
 
+from deploy.appliance.base import ScannerInfo
+from deploy.appliance.service import Appliance
 from deploy.broker import (
     OWNER_FILE,
     WORKDIR_PREFIX,
@@ -26,6 +38,9 @@ from deploy.broker import (
     free_port,
     reap_stale_workdirs,
 )
+from deploy.config import load_config
+from deploy.exceptions import ServiceError
+from firmware_bridge.exceptions import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
@@ -125,3 +140,49 @@ def test_websockets_listener_binds_everywhere_so_the_firewall_rule_is_shipped(
         for doc in (ROOT / "deploy/mosquitto/mosquitto.conf", ROOT / "docs/deploy.md"):
             text = doc.read_text("utf-8")
             assert "tcp dport 8884" in text, doc
+
+
+def test_normal_scan_exit_logs_nothing_at_warning_or_above(tmp_path: Path) -> None:
+    from fakes.bundles import make_bundle
+
+    bundle = tmp_path / "bundle"
+    make_bundle(bundle)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "scan", "--microscope", "sim://?seed=3", "--bundle",
+         str(bundle), "--slides", "1", "--fields", "1", "--state-dir", str(tmp_path / "state")],
+        capture_output=True, text=True, env=env, timeout=180, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loud = [ln for ln in proc.stderr.splitlines() if " ERROR " in ln or " WARNING " in ln]
+    assert loud == []
+
+
+class _BrokenScanner(FakeScanner):
+    """Fails to open once the appliance is online (so the exit happens while connected)."""
+
+    def __init__(self, online: Collector) -> None:
+        super().__init__()
+        self.online = online
+
+    def open(self) -> ScannerInfo:
+        wait_until(lambda: b"online" in self.online.on("/availability"), 10)
+        raise InputError("serial:///dev/ttyNOPE: no such port")
+
+
+def test_exit_in_error_publishes_offline_not_stopped(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    with Collector(mosquitto.port, "omis/v1/#") as col:
+        app = Appliance(
+            load_config(environ={}, overrides=app_config(mosquitto.url)),
+            tmp_path / "state",
+            _BrokenScanner(col),
+        )
+        with pytest.raises(ServiceError, match="scanner could not start"):
+            app.start()
+        app.shutdown()
+        assert wait_until(lambda: len(col.on("/availability")) >= 2, 10)
+        time.sleep(0.3)
+        statuses = col.json_on("/status")
+    assert col.on("/availability")[-1] == b"offline"
+    assert b"stopped" not in col.on("/availability")
+    assert statuses[-1]["state"] == "error"

@@ -622,7 +622,8 @@ class Appliance:
         if self.link is not None:
             if self.status.fatal is None:
                 self.publish_status()
-            self.link.close()
+            # an exit in error is not a clean stop: say offline, as the last will would
+            self.link.close(availability="stopped" if self.status.fatal is None else "offline")
         self.scanner.set_slide_listener(None)
         self.scanner.close()
         self.outbox.close()
