@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import tempfile
 import threading
@@ -22,6 +23,8 @@ from PIL import Image, UnidentifiedImageError
 
 from firmware_bridge.exceptions import InputError
 from firmware_bridge.fsutil import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 RGBImage = npt.NDArray[np.uint8]
 
@@ -77,7 +80,7 @@ def _captured_stderr() -> Iterator[list[str]]:
     """Capture what C libraries (libpng, libjpeg, libtiff) write to file descriptor 2.
 
     The yielded list receives the captured lines afterwards.  The caller decides: decoder
-    messages go into the one-line error; on success anything captured is written back.
+    messages go into the one-line error, or to the debug log when the decode worked.
     """
     lines: list[str] = []
     with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
@@ -117,8 +120,8 @@ def _quiet_imdecode(data: npt.NDArray[np.uint8], name: str) -> cv2.typing.MatLik
             f"{name}: not a readable image (unknown format or truncated file"
             + (f": {detail[:300]})" if detail else ")")
         )
-    if messages:
-        os.write(2, ("\n".join(messages) + "\n").encode("utf-8"))
+    if messages:  # warnings of a decode that worked (e.g. a bad CRC on IEND): not for users
+        log.debug("%s: decoder said: %s", name, "; ".join(messages)[:500])
     return image
 
 
