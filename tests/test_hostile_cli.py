@@ -378,3 +378,24 @@ def test_os_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     args.handler = denied
     assert cli._run(args) == cli.EXIT_ERROR
     assert capsys.readouterr().err == "omis ota: error: /secret: Permission denied\n"
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize(("option", "value"), [("--epochs", "1000000000"), ("--folds", "1000000")])
+def test_train_counts_bounded_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str
+) -> None:
+    pytest.importorskip("torch")
+    argv = [
+        "train",
+        "--data",
+        str(tmp_path / "nodata"),
+        "--out",
+        str(tmp_path / "out"),
+        option,
+        value,
+    ]
+    assert cli.main(argv) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and option in err and "less than or equal" in err, err
+    assert not (tmp_path / "out").exists()
