@@ -399,3 +399,16 @@ def test_train_counts_bounded_before_anything_runs(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and option in err and "less than or equal" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_synth_sigkill_leftover_is_removed_by_the_next_run(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    stale = tmp_path / f".ds.{dead}.0badc0de.partial"
+    (stale / "sim0-0000").mkdir(parents=True)
+    alive = tmp_path / f".ds.{os.getpid()}.feedbeef.partial"  # a run still in progress
+    alive.mkdir()
+    proc = omis("dataset", "synth", "--out", str(tmp_path / "ds"), "--slides", "1", "--fields",
+                "1", "--size", "64x48", "--workers", "1", "-q", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ds", alive.name])

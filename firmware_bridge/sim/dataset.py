@@ -35,7 +35,7 @@ import cv2
 from pydantic import ValidationError
 
 from firmware_bridge.exceptions import InputError
-from firmware_bridge.fsutil import atomic_write_text
+from firmware_bridge.fsutil import atomic_write_text, remove_stale_partials
 from firmware_bridge.images import write_png
 from firmware_bridge.limits import MAX_FIELDS, MAX_SLIDES, check_count
 from firmware_bridge.sim.sample import (
@@ -280,6 +280,7 @@ def synthesize(req: SynthRequest, progress: Progress | None = None) -> SynthResu
     start = time.perf_counter()
     out = req.out
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)  # left by a SIGKILLed run
     # a plain mkdir (not mkdtemp, which forces mode 0700) so the dataset gets the umask's mode
     tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
     tmp.mkdir()
