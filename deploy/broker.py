@@ -4,15 +4,22 @@
 (loopback only, anonymous, no persistence: it serves this process and local dashboards, the
 durable copy of every result is the outbox).  Without the mosquitto binary it fails with a clear
 error rather than pretending: install it (``apt-get install mosquitto``) or configure a broker.
+
+The broker dies with its parent: the child asks the kernel for SIGTERM when the process that
+started it dies (``PR_SET_PDEATHSIG``, checked against a parent that died before the call), so
+even a SIGKILL of the appliance leaves no orphaned mosquitto.  Its temporary directory records
+the owner's pid; the next start removes directories whose owner is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -29,6 +36,47 @@ log = logging.getLogger(__name__)
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 _START_ATTEMPTS = 3
+WORKDIR_PREFIX = "omis-broker-"
+OWNER_FILE = "owner.pid"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Child side, between fork and exec: SIGTERM when ``parent`` dies (Linux ``prctl``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        os._exit(126)  # no guarantee, no broker: the parent reports that it did not start
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(126)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_stale_workdirs(tmp_root: Path | None = None) -> list[Path]:
+    """Remove embedded-broker directories whose owning process is gone; returns them."""
+    root = Path(tmp_root or tempfile.gettempdir())
+    removed: list[Path] = []
+    for workdir in root.glob(f"{WORKDIR_PREFIX}*"):
+        try:
+            if workdir.stat().st_uid != os.geteuid():
+                continue
+            owner = int((workdir / OWNER_FILE).read_text("utf-8").strip())
+        except (OSError, ValueError):
+            continue  # not ours, or not written by this version: leave it
+        if owner != os.getpid() and not _pid_alive(owner):
+            shutil.rmtree(workdir, ignore_errors=True)
+            removed.append(workdir)
+    if removed:
+        log.info("removed %d stale embedded-broker director(y/ies)", len(removed))
+    return removed
 
 
 @dataclass(frozen=True)
@@ -145,8 +193,10 @@ class EmbeddedBroker:
                 "embedded broker needs mosquitto, which is not installed "
                 "(apt-get install mosquitto), or configure mqtt://host:port"
             )
-        self._workdir = tempfile.TemporaryDirectory(prefix="omis-broker-")
+        reap_stale_workdirs()
+        self._workdir = tempfile.TemporaryDirectory(prefix=WORKDIR_PREFIX)
         workdir = Path(self._workdir.name)
+        (workdir / OWNER_FILE).write_text(f"{os.getpid()}\n", "utf-8")
         # A free port can be taken between probing and binding: retry with a new one.
         attempts = 1 if self.requested_port else _START_ATTEMPTS
         for _ in range(attempts):
@@ -162,11 +212,13 @@ class EmbeddedBroker:
     def _try_start(self, binary: str, port: int, workdir: Path, timeout_s: float) -> bool:
         conf = workdir / "mosquitto.conf"
         conf.write_text(mosquitto_config(port, workdir), "utf-8")
+        parent = os.getpid()
         proc = subprocess.Popen(
             [binary, "-c", str(conf)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=lambda: _die_with_parent(parent),  # noqa: PLW1509 - prctl needs it
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and proc.poll() is None:

@@ -1,9 +1,11 @@
 """The ``omis`` command: one entry point, subcommands contributed by each package.
 
 Thin by design: each subcommand parses arguments, calls a library function and formats the
-result.  Machine-readable output goes to stdout (``--json``), logs to stderr.  Errors from the
-project's exception trees become one line on stderr and a non-zero exit; anything else is a bug
-and keeps its traceback.
+result.  Machine-readable output goes to stdout (``--json``), logs to stderr.  No traceback
+reaches a user: errors from the project's exception trees (and ``OSError``) become one line on
+stderr and exit code 1; anything else is a bug, logged with its traceback at DEBUG and reported
+as one line with a hint to rerun with ``-v`` (exit code 3).  Usage errors exit 2 (argparse),
+SIGINT 130 and SIGTERM 143; both signals unwind the handler, so partial outputs are removed.
 
 Subcommand modules are imported here, so they must stay light: no torch, TensorRT or pycuda at
 module level (device-side subcommands work without torch installed).
@@ -15,8 +17,10 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
@@ -40,6 +44,9 @@ COMMAND_MODULES = (
 DEFAULT_STATE_DIR = "/var/lib/omis"
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -126,20 +133,74 @@ def _setup_logging(args: argparse.Namespace) -> None:
     configure_logging(level)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and cleanup handler runs."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while a handler runs (commands like ``serve``
+    install their own graceful handler on top)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (tests calling main() from a worker)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def one_line(text: str) -> str:
+    """``text`` with its lines joined, so an error is always exactly one line."""
+    return " | ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _os_error_text(exc: OSError) -> str:
+    where = exc.filename if exc.filename is not None else ""
+    what = exc.strerror or str(exc)
+    return f"{where}: {what}" if where else what
+
+
+def _run(args: argparse.Namespace) -> int:
+    handler: Handler = args.handler
+    name = f"omis {args.command}"
+    try:
+        return handler(args)
+    except _known_errors() as exc:
+        print(f"{name}: error: {one_line(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"{name}: error: {one_line(_os_error_text(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+    except Terminated:
+        print(f"{name}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # the last line of defence: a bug, reported in one line
+        log.debug("unexpected error in %s", name, exc_info=True)
+        print(
+            f"{name}: internal error: {type(exc).__name__}: {one_line(str(exc))[:300]} "
+            "(rerun with -v for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``omis`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args)
-    handler: Handler = args.handler
-    try:
-        return handler(args)
-    except _known_errors() as exc:
-        print(f"omis {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"omis {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with _sigterm_unwinds():
+        return _run(args)
 
 
 if __name__ == "__main__":

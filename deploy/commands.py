@@ -18,6 +18,7 @@ from deploy.appliance.health import check_health
 from deploy.broker import parse_broker_url
 from deploy.config import AppConfig, load_config
 from deploy.exceptions import ConfigError, DeployError
+from firmware_bridge.limits import MAX_SLIDES, check_count, check_identifier
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _requests(args: argparse.Namespace, config: AppConfig) -> list[ScanRequest]:
     fields = config.scan.fields
-    if args.slide_id:
+    if args.slides is not None:
+        check_count(args.slides, "--slides", MAX_SLIDES)
+    if args.slide_id is not None:
+        check_identifier(args.slide_id, "--slide-id")
         return [ScanRequest(args.slide_id, fields, config.scan.plan, "cli")]
     if config.scan.microscope.startswith("sim://"):
         from deploy.scanner import sim_seed
@@ -177,12 +181,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
     config = _config(args)
     config.scan.queue_size = max(config.scan.queue_size, 1)
     config.scan.scan_on_insert = False  # the CLI scans exactly what it was asked to
+    requests = _requests(args, config)  # ids and counts checked before anything starts
     state_dir = _state_dir(args, config)
     from deploy.appliance.service import Appliance
 
     app = Appliance(config, state_dir, _scanner(config, state_dir))
     _install_signals(app.request_stop)
-    requests = _requests(args, config)
     try:
         app.start()
         app.run_batch(requests, ack_timeout_s=args.ack_timeout)

@@ -18,13 +18,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from deploy.exceptions import ConfigError
+from firmware_bridge.limits import IDENTIFIER_HELP, IDENTIFIER_PATTERN
 
 ENV_PREFIX = "OMIS_"
 ENV_SEPARATOR = "__"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # python-re: the shared IDENTIFIER_PATTERN ends in \Z (Rust regex lacks it)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, validate_assignment=True, regex_engine="python-re"
+    )
 
 
 def _default_device_id() -> str:
@@ -37,8 +41,8 @@ class DeviceConfig(_Section):
 
     id: str = Field(
         default_factory=_default_device_id,
-        pattern=r"^[A-Za-z0-9_-]{1,64}$",
-        description="device id used in MQTT topics and results (no '/', '+', '#')",
+        pattern=IDENTIFIER_PATTERN,
+        description=f"device id used in MQTT topics and results ({IDENTIFIER_HELP})",
     )
     state_dir: Path | None = Field(
         default=None,
@@ -251,7 +255,10 @@ def _read_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -245,19 +245,24 @@ class MqttLink:
             return None
         return topic
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Publish ``stopped`` (retained), disconnect cleanly and stop the loop (idempotent)."""
+    def close(self, timeout_s: float = 5.0, availability: str = AVAILABILITY_STOPPED) -> None:
+        """Publish ``availability`` (retained; ``stopped`` on a clean exit, ``offline`` after
+        an exit in ``error``), disconnect cleanly and stop the loop (idempotent)."""
         client, self._client = self._client, None
         if client is None:
             return
         if self.connected.is_set():
-            info = client.publish(self.topics.availability, AVAILABILITY_STOPPED, QOS, True)
+            info = client.publish(self.topics.availability, availability, QOS, True)
             try:
                 info.wait_for_publish(timeout_s)
             except (RuntimeError, ValueError):
-                log.warning("MQTT: 'stopped' could not be published")
+                log.warning("MQTT: %r could not be published", availability)
+        # paho's network thread logs "Client is not connected" at ERROR once after every
+        # deliberate disconnect; nothing after this point is a fault worth reporting.
+        client.disable_logger()
         client.disconnect()
         client.loop_stop()
+        log.debug("MQTT: disconnected from %s", self.address)
         self.connected.clear()
 
     # paho callbacks (network thread): never let an exception escape into paho.

@@ -49,7 +49,7 @@ QualityCheck = Callable[["FieldPair"], Mapping[str, Any] | None]
 class ScanPlan(BaseModel):
     """Which fields to visit on the slide, in which order."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     pattern: Literal["grid", "serpentine"] = Field(
         "serpentine", description="row by row left to right (grid) or boustrophedon"
@@ -87,7 +87,7 @@ class ScanPlan(BaseModel):
 class AcquisitionSettings(BaseModel):
     """How each field is taken."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     led_current: float = Field(1.0, gt=0.0, le=1.0, description="fraction of rated LED current")
     settle_ms: float = Field(20.0, ge=0.0, le=10_000, description="wait after a move, ms")

@@ -59,6 +59,32 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int = 0o666
     return atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove ``.<name>.<pid>.*.partial`` siblings of ``target`` whose process is gone.
+
+    Temporary siblings are removed on every failure path a process can see (exceptions,
+    SIGINT, SIGTERM); a SIGKILL leaves one behind, which the next run cleans up here.
+    """
+    target = Path(target)
+    removed: list[Path] = []
+    for tmp in target.parent.glob(f".{target.name}.*.partial"):
+        pid_text = tmp.name[len(target.name) + 2 :].split(".", 1)[0]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Build a directory under a temporary name and move it into place only on success.
@@ -70,7 +96,9 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     if target.exists():
         raise FileExistsError(f"{target} already exists")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    remove_stale_partials(target)
+    prefix = f".{target.name}.{os.getpid()}."
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=target.parent))
     try:
         yield tmp
         os.replace(tmp, target)

@@ -6,17 +6,33 @@ OpenCV's BGR order is converted here, at the file seam, and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import numpy.typing as npt
+from PIL import Image, UnidentifiedImageError
 
 from firmware_bridge.exceptions import InputError
 from firmware_bridge.fsutil import atomic_write_bytes
 
+log = logging.getLogger(__name__)
+
 RGBImage = npt.NDArray[np.uint8]
+
+# Documented in docs/security.md: a field image is a few MP; 50 MP bounds memory at ~150 MB
+# per decoded image.  Checked from the header, before anything is decoded.
+MAX_IMAGE_PIXELS = 50_000_000
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
+_STDERR_LOCK = threading.Lock()
 
 
 def check_rgb(image: object, name: str = "image") -> RGBImage:
@@ -32,18 +48,80 @@ def check_rgb(image: object, name: str = "image") -> RGBImage:
     return image
 
 
-def _quiet_imdecode(data: npt.NDArray[np.uint8]) -> cv2.typing.MatLike | None:
-    """``cv2.imdecode`` without OpenCV's own warnings on stderr.
+def image_dimensions(data: bytes, name: str = "image") -> tuple[int, int]:
+    """Width and height declared by an image header, read without decoding any pixel.
 
-    A truncated file makes the decoder print "[ WARN ] ... buffer is incomplete" on stderr
-    before returning None; our error names the file, and the CLI promises one line.
+    Raises :class:`InputError` for an unknown format or a header declaring more than
+    :data:`MAX_IMAGE_PIXELS` pixels (a few bytes can declare gigabytes of pixels).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+    except Image.DecompressionBombError:
+        raise InputError(
+            f"{name}: the image declares too many pixels (limit {MAX_IMAGE_PIXELS:,})"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"{name}: not a readable image ({exc})") from exc
+    if width <= 0 or height <= 0:
+        raise InputError(f"{name}: the image header declares an empty image ({width}x{height})")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(
+            f"{name}: the image declares {width}x{height} pixels, more than the limit of "
+            f"{MAX_IMAGE_PIXELS:,}"
+        )
+    return width, height
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[list[str]]:
+    """Capture what C libraries (libpng, libjpeg, libtiff) write to file descriptor 2.
+
+    The yielded list receives the captured lines afterwards.  The caller decides: decoder
+    messages go into the one-line error, or to the debug log when the decode worked.
+    """
+    lines: list[str] = []
+    with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
+        saved = os.dup(2)
+        try:
+            os.dup2(sink.fileno(), 2)
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace")
+            lines.extend(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _quiet_imdecode(data: npt.NDArray[np.uint8], name: str) -> cv2.typing.MatLike:
+    """``cv2.imdecode`` whose decoder messages end up in the error, never on stderr.
+
+    A truncated file makes libpng print "libpng error: ..." and OpenCV "[ WARN ] ..." on
+    stderr before returning None; the CLI promises one line naming the file.
     """
     old = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    image: cv2.typing.MatLike | None = None
+    failure = ""
     try:
-        image: cv2.typing.MatLike | None = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        with _captured_stderr() as messages:
+            try:
+                image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+            except cv2.error as exc:
+                failure = str(exc).strip().splitlines()[-1]
     finally:
         cv2.utils.logging.setLogLevel(old)
+    if image is None:
+        detail = "; ".join([*messages, failure] if failure else messages)
+        raise InputError(
+            f"{name}: not a readable image (unknown format or truncated file"
+            + (f": {detail[:300]})" if detail else ")")
+        )
+    if messages:  # warnings of a decode that worked (e.g. a bad CRC on IEND): not for users
+        log.debug("%s: decoder said: %s", name, "; ".join(messages)[:500])
     return image
 
 
@@ -52,12 +130,14 @@ def read_rgb(path: str | os.PathLike[str]) -> RGBImage:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such file")
-    data = np.fromfile(p, dtype=np.uint8)
-    if data.size == 0:
+    size = p.stat().st_size
+    if size == 0:
         raise InputError(f"{p}: the file is empty")
-    image = _quiet_imdecode(data)
-    if image is None:
-        raise InputError(f"{p}: not a readable image (unknown format or truncated file)")
+    if size > MAX_IMAGE_BYTES:
+        raise InputError(f"{p}: {size:,} bytes, more than the limit of {MAX_IMAGE_BYTES:,}")
+    raw = p.read_bytes()
+    image_dimensions(raw, str(p))
+    image = _quiet_imdecode(np.frombuffer(raw, dtype=np.uint8), str(p))
     if image.dtype != np.uint8:
         raise InputError(f"{p}: expected an 8-bit image, got {image.dtype} (16-bit is unsupported)")
     if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):

@@ -36,6 +36,7 @@ from firmware_bridge.acquisition import (
 from firmware_bridge.base import Camera
 from firmware_bridge.client import ClientConfig, SerialController
 from firmware_bridge.exceptions import InputError
+from firmware_bridge.limits import check_identifier
 from firmware_bridge.microscope_base import Microscope
 
 if TYPE_CHECKING:
@@ -172,6 +173,7 @@ def _sim_slide(url: str, opts: dict[str, str]) -> Any:
     seed = int(_number(url, opts, "seed", 0))
     slide_id, group = opts.get("slide"), opts.get("group")
     if slide_id is not None:
+        check_identifier(slide_id, f"{url}: slide")
         match = re.fullmatch(rf"sim{seed}-(\d+)", slide_id)
         if match and group is None:
             return slide_for(int(match.group(1)), seed)

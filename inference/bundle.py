@@ -40,7 +40,7 @@ UNLISTED = frozenset({MANIFEST, SIGNATURE})
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
 
 class FileEntry(_Strict):
@@ -141,7 +141,9 @@ class Manifest(_Strict):
     training: Training = Training()
     min_app_version: str = Field("0.1.0", pattern=r"^\d+\.\d+\.\d+$")
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, frozen=True, populate_by_name=True
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:

@@ -73,6 +73,10 @@ def _register_spectrum(
     p.set_defaults(handler=spectrum_command)
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number here (numbers must be finite; strict JSON)")
+
+
 def json_object_arg(value: str | None, option: str) -> dict[str, Any]:
     """A JSON object given inline or as @FILE; errors name the option."""
     if value is None:
@@ -85,9 +89,11 @@ def json_object_arg(value: str | None, option: str) -> dict[str, Any]:
         except OSError as exc:
             raise SpectrumInputError(f"{option}: cannot read {path}: {exc.strerror}") from exc
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise SpectrumInputError(f"{option}: not valid JSON ({exc.msg} at char {exc.pos})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise SpectrumInputError(f"{option}: {exc}") from exc
     if not isinstance(data, dict):
         raise SpectrumInputError(f"{option}: expected a JSON object, got {type(data).__name__}")
     return data

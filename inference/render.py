@@ -44,7 +44,7 @@ RGB = tuple[Channel, Channel, Channel]
 class RenderParams(BaseModel):
     """Every parameter of the spectrum image; bundles record ``model_dump()`` of this model."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     version: Literal["omis-render-v1"] = Field(
         "omis-render-v1", description="drawing algorithm; a new look is a new version"

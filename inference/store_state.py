@@ -29,7 +29,7 @@ OutcomeResult = Literal["committed", "rolled_back", "rejected", "interrupted"]
 class Record(BaseModel):
     """Base of the store's JSON records: frozen, unknown keys rejected."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
 
 class Slot(Record):

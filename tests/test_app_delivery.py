@@ -304,6 +304,10 @@ def test_thousand_results_queued_during_outage_drain(tmp_path: Path) -> None:
         broker.stop()
 
 
+# Response topics must lie under the reply prefix (issue 14; deploy/requests.py).
+INBOX = f"{BASE}/reply/requester/dash-1"
+
+
 def test_mqtt5_response_topic_gets_a_copy_of_the_reply(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
@@ -311,19 +315,19 @@ def test_mqtt5_response_topic_gets_a_copy_of_the_reply(
     config = app_config(mosquitto.url)
     with (
         Collector(port, "omis/v1/#") as col,
-        Collector(port, "inbox/#", client_id="requester") as inbox,
+        Collector(port, f"{BASE}/reply/#", client_id="requester") as inbox,
         running(config, tmp_path / "state", FakeScanner()),
     ):
         assert wait_until(lambda: b"online" in col.on("/availability"), 10)
-        publish(port, f"{BASE}/cmd/status", b"{}", b"c-rt", response_topic="inbox/dash-1")
-        publish(port, f"{BASE}/cmd/nope", b"{}", b"c-bad-rt", response_topic="inbox/+")
-        assert wait_until(lambda: len(inbox.on("inbox/dash-1")) == 1, 10)
+        publish(port, f"{BASE}/cmd/status", b"{}", b"c-rt", response_topic=INBOX)
+        publish(port, f"{BASE}/cmd/nope", b"{}", b"c-bad-rt", response_topic=f"{BASE}/reply/+")
+        assert wait_until(lambda: len(inbox.on(INBOX)) == 1, 10)
         assert wait_until(lambda: len(replies_on(col, "nope")) == 1, 5)
         time.sleep(0.3)  # a wildcard response topic must not produce a second copy
-    (reply,) = inbox.json_on("inbox/dash-1")
+    (reply,) = inbox.json_on(INBOX)
     assert reply == replies_on(col, "status")[0]  # the documented reply topic still gets it
     assert reply["correlation_id"] == "c-rt" and reply["ok"] is True
     validate("reply", reply)
-    props = [p for t, _, p in inbox.messages if t == "inbox/dash-1"]
+    props = [p for t, _, p in inbox.messages if t == INBOX]
     assert props[0].CorrelationData == b"c-rt"
-    assert [t for t, _, _ in inbox.messages] == ["inbox/dash-1"]
+    assert [t for t, _, _ in inbox.messages] == [INBOX]

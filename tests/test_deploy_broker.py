@@ -2,8 +2,9 @@
 
 One broker for the module, started from the rendered production mosquitto.conf with a CA,
 server and client certificates made at test time and password files made with
-``mosquitto_passwd -b``.  Real paho MQTT 5 clients prove: no anonymous access, certificate
-AND password on the device listener, a device publishes only under its own topics (PUBACK
+``mosquitto_passwd -b``.  Real paho MQTT 5 clients prove: no anonymous access, the client
+certificate as the identity on the device listener, a device publishes only under its own
+topics (PUBACK
 reason 135 elsewhere, nothing delivered) and reads only its own commands, a dashboard user
 reads everything and writes nothing, an operator may command.
 """
@@ -103,8 +104,12 @@ def test_production_config_is_hardened() -> None:
     for port, block in listeners.items():
         assert block.get("allow_anonymous") == "false", port
         assert block.get("certfile") and block.get("keyfile"), f"{port} must use TLS"
-        assert block.get("password_file") and block.get("acl_file"), port
+        assert block.get("acl_file"), port
     assert listeners["8883"]["require_certificate"] == "true"
+    # issue 14: the device identity is the certificate's CN, never a password
+    assert listeners["8883"]["use_identity_as_username"] == "true"
+    assert "password_file" not in listeners["8883"]
+    assert listeners["8884"].get("password_file")
     assert listeners["8884"]["protocol"] == "websockets"
     assert "allow_anonymous true" not in text
 
@@ -132,23 +137,39 @@ def test_private_keys_are_not_world_readable(broker: RunningBroker) -> None:
 
 @pytest.mark.parametrize("websockets", [False, True], ids=["device-listener", "dashboard-ws"])
 def test_anonymous_connections_are_refused(broker: RunningBroker, websockets: bool) -> None:
-    peer = Peer(broker, None, None, websockets=websockets, cert=None if websockets else "scope-01")
+    # On the device listener "anonymous" means without a certificate (its CN is the identity).
+    peer = Peer(broker, None, None, websockets=websockets, cert=None)
     try:
-        peer.connect()
+        peer.connect(timeout=3)
         assert not peer.connected.is_set()
-        assert peer.connack in (NOT_AUTHORIZED, BAD_CREDENTIALS)
+        if websockets:
+            assert peer.connack in (NOT_AUTHORIZED, BAD_CREDENTIALS)
+        else:
+            assert peer.connack is None, "the TLS handshake must fail before any CONNACK"
     finally:
         peer.close()
 
 
 def test_wrong_password_is_refused(broker: RunningBroker) -> None:
-    peer = Peer(broker, "scope-01", "not-the-password", cert="scope-01")
+    peer = Peer(broker, "dashboard", "not-the-password", websockets=True)
     try:
         peer.connect()
         assert not peer.connected.is_set()
         assert peer.connack in (NOT_AUTHORIZED, BAD_CREDENTIALS)
     finally:
         peer.close()
+
+
+def test_device_password_does_not_change_the_identity(
+    broker: RunningBroker, peers: list[Peer]
+) -> None:
+    # Issue 14: scope-01's certificate acts as scope-01 whatever it shows as a password, and
+    # another device's credentials do not make it that device (tests/test_hostile_broker.py).
+    peer = Peer(broker, "scope-02", PW["scope-02"], cert="scope-01").connect()
+    peers.append(peer)
+    assert peer.connected.is_set()
+    assert peer.publish_ok(f"{PREFIX}/scope-01/status", b"{}")
+    assert not peer.publish_ok(f"{PREFIX}/scope-02/status", b"{}")
 
 
 def test_device_listener_requires_a_client_certificate(broker: RunningBroker) -> None:
@@ -161,14 +182,18 @@ def test_device_listener_requires_a_client_certificate(broker: RunningBroker) ->
         peer.close()
 
 
-def test_dashboard_account_cannot_use_the_device_listener(broker: RunningBroker) -> None:
-    # Users live in users.passwd, devices in devices.passwd: roles do not cross listeners.
-    peer = Peer(broker, "dashboard", PW["dashboard"], cert="scope-01")
-    try:
-        peer.connect()
-        assert not peer.connected.is_set()
-    finally:
-        peer.close()
+def test_dashboard_account_cannot_use_the_device_listener(
+    broker: RunningBroker, peers: list[Peer]
+) -> None:
+    # Users live in users.passwd on 8884; on 8883 the certificate is the identity, so the
+    # dashboard's name and password give no dashboard rights there: this is scope-01.
+    peer = Peer(broker, "dashboard", PW["dashboard"], cert="scope-01").connect()
+    peers.append(peer)
+    other = device(broker, peers, "scope-02")
+    peer.subscribe(f"{PREFIX}/scope-02/status")
+    assert other.publish_ok(f"{PREFIX}/scope-02/status", b"{}")
+    time.sleep(0.3)
+    assert peer.received(f"{PREFIX}/scope-02/status") == []
 
 
 # ------------------------------------------------------------------------ authorisation ----

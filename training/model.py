@@ -10,6 +10,7 @@ ReLU, batch norm, Dense(classes).  The network returns logits (training uses cro
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,15 @@ def load_pretrained(model: VGG16Classifier, path: str | Path) -> None:
         raise ConfigError(f"--pretrained {p}: no such file")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (
+        OSError,
+        RuntimeError,
+        ValueError,
+        LookupError,
+        EOFError,
+        pickle.UnpicklingError,
+    ) as exc:
+        # torch.load reports a non-checkpoint in many ways (a text file: KeyError, IndexError)
         raise ConfigError(f"--pretrained {p}: not a readable state dict ({exc})") from exc
     if not isinstance(state, dict):
         raise ConfigError(f"--pretrained {p}: expected a state dict, got {type(state).__name__}")

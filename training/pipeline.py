@@ -28,6 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from firmware_bridge.fsutil import atomic_directory, atomic_write_text
+from firmware_bridge.limits import MAX_EPOCHS, MAX_FOLDS
 from inference.bundle import InputSpec, Thresholds, Training
 from inference.exceptions import InferenceError
 from inference.render import RenderParams, fit_x_range, fit_y_range
@@ -80,14 +81,14 @@ GOLDEN_COUNT = 4
 class TrainOptions(BaseModel):
     """Everything ``omis train`` accepts; ``None`` takes the preset's value."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     data: Path = Field(description="dataset directory with manifest.csv")
     out: Path = Field(description="output directory (must not exist, or be empty)")
     task: Literal["binary", "pap4"] = "binary"
     preset: Literal["paper", "tiny"] = "tiny"
-    folds: int = Field(5, ge=2)
-    epochs: int | None = Field(None, ge=1)
+    folds: int = Field(5, ge=2, le=MAX_FOLDS)
+    epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS)
     batch_size: int | None = Field(None, ge=2)
     lr: float | None = Field(None, gt=0.0)
     device: Literal["cpu", "cuda"] = "cpu"

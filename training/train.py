@@ -51,7 +51,7 @@ class Augment(BaseModel):
     No flips or rotations: they move the peaks, which carry the information.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     noise_std: float = Field(0.0, ge=0.0, le=1.0, description="Gaussian noise, times max|y|")
     scale: float = Field(0.0, ge=0.0, le=0.5, description="intensity scaling by 1 ± U(0, scale)")
@@ -65,7 +65,7 @@ class Augment(BaseModel):
 class FitConfig(BaseModel):
     """Optimisation settings of one fit (resolved from the preset and the command line)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     epochs: int = Field(12, ge=1, description="maximum epochs")
     batch_size: int = Field(8, ge=2, description="per-process batch size")

@@ -3,10 +3,11 @@
 Every command gets exactly one reply on ``.../cmd/<verb>/reply`` (``omis.reply/1``) carrying
 the request's correlation id: the JSON ``correlation_id`` field if present (MQTT 3.1.1
 clients), else the MQTT 5 correlation data; MQTT 5 replies also echo the correlation data as a
-property, and an MQTT 5 request's *response topic* receives a copy of its reply.  Errors are
-replies, never exceptions: ``too_large``, ``malformed`` (not a JSON
-object), ``invalid`` (fails the verb's schema), ``unknown_command``, ``wrong_device`` (a
-``device_id`` field naming another device), and handler codes (``queue_full``,
+property, and an MQTT 5 request's *response topic* under the reply prefix receives a copy of
+its reply (:mod:`deploy.requests`).  Errors are replies, never exceptions: ``too_large``,
+``too_deep`` (nested deeper than :data:`deploy.requests.MAX_JSON_DEPTH`), ``malformed`` (not
+strict JSON or not an object), ``invalid`` (fails the verb's schema), ``unknown_command``,
+``wrong_device`` (a ``device_id`` field naming another device), and handler codes (``queue_full``,
 ``outbox_full``, ``stopping``, ``not_found``, ``unavailable``, ``internal``; ``cmd/ota`` adds
 ``rejected`` for a refused offer and ``busy`` while another update runs).  Topics of other
 devices are never subscribed, so such commands are not seen at all; verbs longer than
@@ -23,6 +24,7 @@ from typing import Any
 
 from deploy.appliance.results import rfc3339
 from deploy.exceptions import SchemaError
+from deploy.requests import RequestError, parse_command
 from deploy.schemas import validate
 
 log = logging.getLogger(__name__)
@@ -97,15 +99,10 @@ class CommandRouter:
         return reply
 
     def _parse(self, payload: bytes) -> dict[str, Any]:
-        if len(payload) > self.max_bytes:
-            raise CommandFailed("too_large", f"{len(payload)} bytes > {self.max_bytes}")
-        try:
-            request = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise CommandFailed("malformed", f"not UTF-8 JSON: {exc}") from exc
-        if not isinstance(request, dict):
-            raise CommandFailed("malformed", "the payload must be a JSON object")
-        return request
+        try:  # size, depth and strict JSON, bounded before parsing (deploy.requests)
+            return parse_command(payload, self.max_bytes)
+        except RequestError as exc:
+            raise CommandFailed(exc.code, str(exc)) from exc
 
     def _dispatch(self, verb: str, request: dict[str, Any]) -> dict[str, Any]:
         route = self._routes.get(verb)

@@ -63,6 +63,7 @@ from deploy.exceptions import (
 )
 from deploy.mqtt import MqttLink, OutboxPump, Topics
 from deploy.outbox import Outbox
+from deploy.requests import reply_topics
 from deploy.schemas import validate
 from firmware_bridge.exceptions import BridgeError
 from inference.exceptions import InferenceError, SpectrumInputError
@@ -428,10 +429,12 @@ class Appliance:
         if self.link is None:
             return
         props = self.link.reply_properties(correlation)
-        # The documented reply topic always gets it; an MQTT 5 response topic gets a copy.
-        topics = [self.topics.reply(verb)]
-        if response_topic is not None and response_topic not in topics:
-            topics.append(response_topic)
+        # The documented reply topic always gets it; an allowed response topic gets a copy.
+        topics, refused = reply_topics(
+            self.topics.reply(verb), response_topic, self.topics.prefix, self.topics.device_id
+        )
+        if refused:
+            log.warning("cmd/%s: %s", verb, refused)
         for topic in topics:
             self.link.publish(topic, payload, qos=1, properties=props)
 
@@ -619,7 +622,8 @@ class Appliance:
         if self.link is not None:
             if self.status.fatal is None:
                 self.publish_status()
-            self.link.close()
+            # an exit in error is not a clean stop: say offline, as the last will would
+            self.link.close(availability="stopped" if self.status.fatal is None else "offline")
         self.scanner.set_slide_listener(None)
         self.scanner.close()
         self.outbox.close()

@@ -238,8 +238,9 @@ def build_dev_broker(
 ) -> DevBroker:
     """Write a complete broker tree into ``out`` (created; must be empty or absent).
 
-    ``devices`` and ``services`` (user -> password) get a client certificate and an entry in
-    ``devices.passwd``; ``users`` (dashboard/operator accounts) go to ``users.passwd``.
+    ``devices`` and ``services`` get a client certificate whose CN is their name (the device
+    listener takes the identity from it and ignores passwords, so theirs are not written);
+    ``users`` (dashboard/operator accounts, name -> password) go to ``users.passwd``.
     """
     out.mkdir(parents=True, exist_ok=True)
     if any(out.iterdir()):
@@ -247,7 +248,6 @@ def build_dev_broker(
     (out / "data").mkdir()
     device_accounts = {**devices, **(services or {})}
     clients = generate_pki(out, list(device_accounts))
-    write_password_file(out / "devices.passwd", device_accounts)
     write_password_file(out / "users.passwd", users)
     for name in ACL_FILES:
         shutil.copyfile(HERE / name, out / name)

@@ -48,7 +48,7 @@ SHA256 = r"^[0-9a-f]{64}$"
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
 
 class PathSource(_Model):
@@ -95,7 +95,9 @@ class OtaOffer(_Model):
     signature: str = Field(description="base64 of manifest.sig")
     source: Source
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, frozen=True, populate_by_name=True
+    )
 
     def manifest_bytes(self) -> bytes:
         """Decoded manifest bytes."""

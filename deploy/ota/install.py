@@ -41,10 +41,10 @@ from deploy.ota.exceptions import (
     RejectedError,
     StoreError,
 )
-from deploy.ota.signing import verify_dir
+from deploy.ota.signing import manifest_verifier, verify_dir
 from deploy.ota.store import Journal, ModelStore, Outcome, Slot
 from deploy.ota.trust import TrustStore
-from deploy.ota.unpack import UnpackLimits, copy_tree_checked, is_archive, safe_extract
+from deploy.ota.unpack import UnpackLimits, copy_tree_checked, is_archive, verified_extract
 from inference.bundle import Bundle, Manifest, now_rfc3339
 from inference.exceptions import InferenceError
 
@@ -301,8 +301,9 @@ class Installer:
     def _stage(self, source: Path, staging: Path, limits: UnpackLimits) -> Path:
         if source.is_dir():
             return copy_tree_checked(source, staging / "bundle", limits)
-        if is_archive(source):
-            return safe_extract(source, staging / "bundle", limits)
+        if is_archive(source):  # signature and signed sizes checked before anything expands
+            verify = manifest_verifier(self.trust.keys())
+            return verified_extract(source, staging / "bundle", verify, limits)
         raise RejectedError(f"{source}: neither a bundle directory nor a tar archive")
 
     def _place_and_check(self, txn: str, root: Path, slot: Slot, bundle: Bundle) -> Bundle:

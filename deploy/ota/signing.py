@@ -23,9 +23,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from deploy.ota.exceptions import RejectedError, SignatureInvalidError, TrustError
-from deploy.ota.unpack import UnpackLimits, is_archive, pack_bundle, safe_extract
+from deploy.ota.unpack import (
+    ManifestVerifier,
+    UnpackLimits,
+    is_archive,
+    pack_bundle,
+    safe_extract,
+    verified_extract,
+)
 from firmware_bridge.fsutil import atomic_write_bytes
-from inference.bundle import MANIFEST, SIGNATURE, Bundle, load_bundle
+from inference.bundle import MANIFEST, SIGNATURE, Bundle, load_bundle, parse_manifest
 from inference.exceptions import BundleError
 
 log = logging.getLogger(__name__)
@@ -84,11 +91,19 @@ def generate_keypair(out_dir: Path, name: str = DEFAULT_KEY_NAME) -> KeyPair:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(private_path, pem)  # mkstemp creates the file with mode 0600
-    os.chmod(private_path, 0o600)
-    atomic_write_bytes(public_path, public_pem(key.public_key()))
-    os.chmod(public_path, 0o644)
+    written: list[Path] = []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(private_path, pem)  # mkstemp creates the file with mode 0600
+        written.append(private_path)
+        os.chmod(private_path, 0o600)
+        atomic_write_bytes(public_path, public_pem(key.public_key()))
+        written.append(public_path)
+        os.chmod(public_path, 0o644)
+    except OSError as exc:
+        for path in written:  # never leave half a key pair behind
+            path.unlink(missing_ok=True)
+        raise TrustError(f"{out_dir}: cannot write the key pair: {exc.strerror}") from exc
     return KeyPair(private_path, public_path, fingerprint(key.public_key()))
 
 
@@ -160,21 +175,46 @@ def verify_dir(root: Path, keys: Mapping[str, Ed25519PublicKey]) -> VerifiedBund
     return VerifiedBundle(bundle, signer)
 
 
+def manifest_verifier(keys: Mapping[str, Ed25519PublicKey]) -> ManifestVerifier:
+    """Check a manifest's signature against ``keys``, then parse it: the signed file sizes and
+    hashes, for :func:`deploy.ota.unpack.verified_extract` (verify before you expand)."""
+
+    def verify(manifest: bytes, signature: bytes) -> dict[str, tuple[int, str]]:
+        verify_signature(manifest, signature, keys)
+        try:
+            parsed = parse_manifest(manifest)
+        except BundleError as exc:
+            raise RejectedError(str(exc)) from exc
+        return {name: (entry.size, entry.sha256) for name, entry in parsed.files.items()}
+
+    return verify
+
+
 @contextlib.contextmanager
-def opened(path: Path, limits: UnpackLimits | None = None) -> Iterator[Path]:
-    """Yield a bundle directory for ``path``: itself, or a temporary unpacking of a .tar."""
+def opened(
+    path: Path,
+    limits: UnpackLimits | None = None,
+    keys: Mapping[str, Ed25519PublicKey] | None = None,
+) -> Iterator[Path]:
+    """Yield a bundle directory for ``path``: itself, or a temporary unpacking of a .tar.
+
+    With ``keys`` an archive's signed manifest is verified before anything is expanded.
+    """
     if path.is_dir():
         yield path
         return
     if not is_archive(path):
         raise RejectedError(f"{path}: neither a bundle directory nor a tar archive")
     with tempfile.TemporaryDirectory(prefix="omis-bundle-") as tmp:
-        yield safe_extract(path, Path(tmp) / "b", limits)
+        if keys is None:
+            yield safe_extract(path, Path(tmp) / "b", limits)
+        else:
+            yield verified_extract(path, Path(tmp) / "b", manifest_verifier(keys), limits)
 
 
 def verify_bundle(path: Path, keys: Mapping[str, Ed25519PublicKey]) -> dict[str, object]:
     """Verify a bundle directory or .tar (files and signature); returns its description."""
-    with opened(path) as root:
+    with opened(path, keys=keys) as root:
         return verify_dir(root, keys).describe()
 
 

@@ -35,8 +35,9 @@ import cv2
 from pydantic import ValidationError
 
 from firmware_bridge.exceptions import InputError
-from firmware_bridge.fsutil import atomic_write_text
+from firmware_bridge.fsutil import atomic_write_text, remove_stale_partials
 from firmware_bridge.images import write_png
+from firmware_bridge.limits import MAX_FIELDS, MAX_SLIDES, check_count
 from firmware_bridge.sim.sample import (
     GENERATOR_VERSION,
     PAP_GROUPS,
@@ -149,10 +150,8 @@ def make_config(**knobs: Any) -> SimConfig:
 
 def check_request(req: SynthRequest) -> dict[str, int]:
     """Validate ``req`` (one-line InputErrors); returns the slides per Pap group."""
-    if req.slides < 1:
-        raise InputError(f"--slides must be >= 1, got {req.slides}")
-    if req.fields < 1:
-        raise InputError(f"--fields must be >= 1, got {req.fields}")
+    check_count(req.slides, "--slides", MAX_SLIDES)
+    check_count(req.fields, "--fields", MAX_FIELDS)
     if req.seed < 0:
         raise InputError(f"--seed must be >= 0, got {req.seed}")
     if req.workers < 1:
@@ -281,6 +280,7 @@ def synthesize(req: SynthRequest, progress: Progress | None = None) -> SynthResu
     start = time.perf_counter()
     out = req.out
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)  # left by a SIGKILLed run
     # a plain mkdir (not mkdtemp, which forces mode 0700) so the dataset gets the umask's mode
     tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
     tmp.mkdir()

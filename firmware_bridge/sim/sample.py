@@ -83,7 +83,7 @@ _NOISE_BANK: list[F32] = []
 class SimConfig(BaseModel):
     """Knobs of the synthetic sample and camera (defaults match the published study)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     difficulty: float = Field(
         1.0,

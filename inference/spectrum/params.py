@@ -16,7 +16,7 @@ RBHIST_BINS = 511  # d = R - B over [-255, 255]
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     lambda_r_nm: float = Field(610.0, description="effective wavelength of the red channel (nm)")
     lambda_b_nm: float = Field(465.0, description="effective wavelength of the blue channel (nm)")

@@ -42,7 +42,7 @@ FOCUS_SIGMA_PX = 1.0  # pre-smoothing of the focus measure, in pixels of the hal
 class QCThresholds(BaseModel):
     """Limits of the per-field checks; a field outside any of them is rejected."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
     min_valid_fraction: float = Field(
         0.25, ge=0.0, le=1.0, description="least fraction of pixels passing the validity rule"
