@@ -67,7 +67,7 @@ def test_good_field_is_ok(seed: int) -> None:
     assert q.valid_fraction > 0.9
     assert q.dark_fraction < 0.05
     assert q.saturated_fraction == 0.0
-    assert q.shift_px < QCThresholds().max_shift_px
+    assert q.shift_fraction < QCThresholds().max_shift_fraction
     assert q.registration_response > 0.5
     assert q.focus > QCThresholds().min_focus
 
@@ -120,7 +120,7 @@ def test_p_of_another_field_is_misregistered() -> None:
 
 
 def test_registration_measures_shift_in_full_resolution_pixels() -> None:
-    """Large fields are halved before phase correlation; the shift is scaled back."""
+    """Large fields are reduced before phase correlation; the shift is scaled back."""
     w, p = make_field(10, h=800, w=1024, shift=(0, 6))
     shift, response = registration(w, p)
     assert shift == pytest.approx(6.0, abs=0.6)
@@ -142,7 +142,7 @@ def test_thresholds_are_configurable() -> None:
     assert assess_field(*field, PARAMS).ok
     strict = QCThresholds(min_focus=10.0)
     assert assess_field(*field, PARAMS, strict).reasons == ("out_of_focus",)
-    lenient = QCThresholds(max_shift_px=50.0)
+    lenient = QCThresholds(max_shift_fraction=0.5)
     assert assess_field(*make_field(12, shift=(0, 5)), PARAMS, lenient).ok
 
 
@@ -174,6 +174,7 @@ def test_field_quality_json() -> None:
         "dark_fraction",
         "focus",
         "shift_px",
+        "shift_fraction",
         "registration_response",
         "verdict",
         "reasons",
