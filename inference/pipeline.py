@@ -40,8 +40,16 @@ log = logging.getLogger(__name__)
 
 STAGES = ("acquire", "qc", "spectrum", "render", "preprocess", "infer", "total")
 
-
-__all__ = ["NoUsableFieldError"]  # raised here, defined with the QC it reports on
+__all__ = [  # NoUsableFieldError lives with the QC it reports on; it is raised from here
+    "STAGES",
+    "FieldPair",
+    "NoUsableFieldError",
+    "PipelineConfig",
+    "SlidePipeline",
+    "SlideResult",
+    "as_field",
+    "timing_stats",
+]
 
 
 @dataclass(frozen=True)
