@@ -30,7 +30,7 @@ from inference.spectrum import NumpyBackend, parse_params
 from inference.spectrum.qc import FieldQuality, assess_field
 
 RATES = {"saturated_rate": 0.2, "dark_rate": 0.2, "defocus_rate": 0.2, "misregistration_rate": 0.2}
-# what QC must say for each simulated fault; dark and defocused fields may also fail registration
+# what QC must say for each simulated fault; a faulty field may carry further reasons
 EXPECTED = {
     "ok": {"exact": ()},
     "misregistered": {"exact": ("misregistered",)},

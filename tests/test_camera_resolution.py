@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from fakes.bundles import make_bundle
 
-from firmware_bridge.sim.sample import SimConfig, SyntheticSlide
+from firmware_bridge.sim.sample import SimConfig, SyntheticSlide, slide_for
 from inference.backends import InferenceBackend, load_backend
 from inference.bundle import Bundle
 from inference.pipeline import PipelineConfig, SlidePipeline
-from inference.selftest import simulated_field, simulated_slide
+from inference.selftest import FIELD_STEP_UM, simulated_field, simulated_slide
 from inference.spectrum import parse_params
 from inference.spectrum.qc import FieldQuality, assess_field
 
@@ -80,8 +80,8 @@ def test_qc_finds_the_simulated_fault_at_every_resolution(
 
 
 def check_verdict(fault: str, q: FieldQuality) -> None:
-    """Good and misregistered fields get exactly their reasons; on a dark or blurred field
-    registration cannot be confirmed either, so it may also count as misregistered."""
+    """Good and misregistered fields get exactly their reasons; a dark, saturated or blurred
+    field may carry further ones (registration cannot be confirmed on it either)."""
     assert set(q.reasons) >= set(EXPECTED[fault]), (fault, q)
     if fault in ("ok", "misregistered"):
         assert q.reasons == EXPECTED[fault], (fault, q)
@@ -96,9 +96,7 @@ def test_good_fields_pass_at_camera_resolution(slide: int) -> None:
 
 
 def simulated_fault(slide: int, index: int) -> str:
-    from firmware_bridge.sim.sample import slide_for
-    from inference.selftest import FIELD_STEP_UM
-
+    """The simulator's ground truth for ``simulated_field(slide, index, ...)``."""
     return slide_for(slide, 0).field_fault(index * FIELD_STEP_UM, 0.0)
 
 

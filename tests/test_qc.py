@@ -10,7 +10,9 @@ from inference.exceptions import BackendUnavailableError, SpectrumInputError
 from inference.spectrum import NumpyBackend, compute_spectrum, open_backend, parse_params
 from inference.spectrum.qc import (
     FieldQuality,
+    NoUsableFieldError,
     QCThresholds,
+    SlideQC,
     assess_field,
     compute_slide_spectrum,
     qc_thresholds_from_json,
@@ -125,6 +127,38 @@ def test_registration_measures_shift_in_full_resolution_pixels() -> None:
     shift, response = registration(w, p)
     assert shift == pytest.approx(6.0, abs=0.6)
     assert response > 0.3
+
+
+@pytest.mark.parametrize("width", [375, 612, 625])
+def test_no_half_pixel_bias_at_odd_dft_sizes(width: int) -> None:
+    """cv2.phaseCorrelate is half a pixel off when the DFT size it pads to is odd (375 and 625
+    are odd DFT sizes, 612 pads to 625; a 5 MP field used to be halved to 612): QC crops to
+    even sizes.  The shift is in full-resolution pixels; registration runs at 256-511 px."""
+    w, p = make_field(20, h=300, w=width)
+    shift, response = registration(w, p)
+    assert shift < 0.15 * max(1.0, width / 256), shift
+    assert response > 0.5
+
+
+def test_slide_qc_is_the_slide_spectrum_with_qc() -> None:
+    """SlideQC, fed the caller's histograms, gives exactly what compute_slide_spectrum does."""
+    fields = [make_field(21), tuple(scaled(img, 0.05) for img in make_field(22)), make_field(23)]
+    expected = compute_slide_spectrum(fields, PARAMS, "numpy")  # type: ignore[arg-type]
+    slide = SlideQC(PARAMS)
+    for w, p in fields:
+        slide.add(w, p, NumpyBackend().histogram(w, p, PARAMS))
+    got = slide.finish("numpy")
+    assert got.to_json() == expected.to_json()
+    assert got.used == (0, 2)
+
+
+def test_no_usable_field_error_carries_every_verdict() -> None:
+    slide = SlideQC(PARAMS)
+    dark = [scaled(img, 0.05) for img in make_field(24)]
+    slide.add(dark[0], dark[1], NumpyBackend().histogram(dark[0], dark[1], PARAMS), index=7)
+    with pytest.raises(NoUsableFieldError, match="field 7: dark") as info:
+        slide.finish("numpy")
+    assert [q.index for q in info.value.fields] == [7]
 
 
 def test_exact_valid_fraction_from_the_histogram() -> None:

@@ -1,6 +1,6 @@
 """Per-field quality control, and the slide spectrum over the fields that pass it.
 
-Checks (see ``docs/inference.md``): valid fraction under the spectrum's own validity rule, dark
+Checks (see ``docs/spectrum.md``): valid fraction under the spectrum's own validity rule, dark
 and saturated fractions, a focus measure and a W/P registration check.  Every limit is relative
 to the field, never a pixel count, so a 640x480 and a 5 MP frame of the same field get the same
 verdict: fractions of pixels, a focus measure on the field reduced to QC_WIDTH pixels across
