@@ -257,11 +257,6 @@ def _register(grey_w: U8, grey_p: U8) -> tuple[float, float, int]:
     return shift, float(response), unmeasurable[2]
 
 
-def focus_measure(w: U8) -> float:
-    """The focus measure of a diffuse image (see :class:`QCThresholds.min_focus`)."""
-    return _focus(qc_grey(w))
-
-
 def registration(w: U8, p: U8) -> tuple[float, float]:
     """(shift in full-resolution px, phase-correlation response) between W and P."""
     w, p, _ = check_pair(w, p)
