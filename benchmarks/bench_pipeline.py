@@ -39,8 +39,8 @@ from inference.pipeline import PipelineConfig, SlidePipeline
 from inference.preprocess import to_tensor
 from inference.render import render_spectrum
 from inference.selftest import simulated_field, simulated_slide
-from inference.spectrum import Histogram, finalize, open_backend
-from inference.spectrum.qc import assess_field
+from inference.spectrum import open_backend
+from inference.spectrum.qc import SlideQC
 
 STAGES_IN_WORK = ("qc", "spectrum", "render", "preprocess", "infer")
 
@@ -96,12 +96,10 @@ def _fields_alone(pipe: SlidePipeline, data: list[Any], spectrum: str) -> tuple[
     spectra = []
     t0 = time.perf_counter()
     for slide in data:
-        total = Histogram.empty(pipe.params)
+        qc = SlideQC(pipe.params, pipe.config.qc_thresholds)
         for i, w, p in slide:
-            h = backend.histogram(w, p, pipe.params)
-            if assess_field(w, p, pipe.params, index=i, histogram=h).ok:
-                total = total + h
-        spectra.append(finalize(total, pipe.params, backend.name))
+            qc.add(w, p, backend.histogram(w, p, pipe.params), i)
+        spectra.append(qc.finish(backend.name).spectrum)
     elapsed = time.perf_counter() - t0
     backend.close()
     return elapsed, spectra

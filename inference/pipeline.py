@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Generator, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,8 +31,8 @@ from inference.bundle import Bundle
 from inference.exceptions import BundleError, InferenceError, SpectrumInputError
 from inference.preprocess import to_tensor
 from inference.render import render_params_from_json, render_spectrum
-from inference.spectrum import Histogram, SpectrumBackend, finalize, open_backend, parse_params
-from inference.spectrum.qc import FieldQuality, QCThresholds, assess_field
+from inference.spectrum import SpectrumBackend, open_backend, parse_params
+from inference.spectrum.qc import FieldQuality, NoUsableFieldError, QCThresholds, SlideQC
 from inference.spectrum.types import Spectrum
 from inference.spectrum.validate import U8
 
@@ -40,20 +40,16 @@ log = logging.getLogger(__name__)
 
 STAGES = ("acquire", "qc", "spectrum", "render", "preprocess", "infer", "total")
 
-
-class NoUsableFieldError(SpectrumInputError):
-    """No field of a slide passed quality control: nothing to classify.
-
-    Carries every field's verdict and the stage timings, so the appliance can still publish a
-    result for the slide (flagged for review) instead of losing it.
-    """
-
-    def __init__(
-        self, message: str, fields: list[FieldQuality], timings_ms: dict[str, float]
-    ) -> None:
-        super().__init__(message)
-        self.fields = fields
-        self.timings_ms = timings_ms
+__all__ = [  # NoUsableFieldError lives with the QC it reports on; it is raised from here
+    "STAGES",
+    "FieldPair",
+    "NoUsableFieldError",
+    "PipelineConfig",
+    "SlidePipeline",
+    "SlideResult",
+    "as_field",
+    "timing_stats",
+]
 
 
 @dataclass(frozen=True)
@@ -135,8 +131,7 @@ class _SlideAcc:
 
     slide: int
     started: float
-    hist: Histogram
-    qualities: list[FieldQuality] = field(default_factory=list)
+    qc: SlideQC
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 
 
@@ -321,13 +316,12 @@ class SlidePipeline:
                 if item is _DONE or isinstance(item, _Failure):
                     out.put(item)
                     return
-                if isinstance(item, _Field):
+                if isinstance(item, _Field | _EndSlide):
                     if acc is None or acc.slide != item.slide:
-                        acc = _SlideAcc(item.slide, item.started, Histogram.empty(self.params))
-                    self._one_field(spectra, acc, item)
-                elif isinstance(item, _EndSlide):
-                    if acc is None or acc.slide != item.slide:
-                        acc = _SlideAcc(item.slide, item.started, Histogram.empty(self.params))
+                        acc = _SlideAcc(item.slide, item.started, self._slide_qc())
+                    if isinstance(item, _Field):
+                        self._one_field(spectra, acc, item)
+                        continue
                     if not out.put(self._finish_slide(acc, spectra.name)):
                         return
                     acc = None
@@ -344,40 +338,29 @@ class SlidePipeline:
         except SpectrumInputError as exc:
             raise SpectrumInputError(f"slide {item.slide} field {pair.index}: {exc}") from exc
         t1 = time.perf_counter()
-        q = assess_field(
-            pair.diffuse,
-            pair.polarized,
-            self.params,
-            self.config.qc_thresholds,
-            index=pair.index,
-            histogram=h,
-        )
+        q = acc.qc.add(pair.diffuse, pair.polarized, h, pair.index)
         t2 = time.perf_counter()
-        if q.ok:
-            acc.hist = acc.hist + h
-        else:
+        if not q.ok:
             log.warning(
                 "slide %d field %d rejected by QC: %s", item.slide, pair.index, ", ".join(q.reasons)
             )
-        acc.qualities.append(q)
         acc.timings["acquire"] += item.acquire_ms
         acc.timings["spectrum"] += (t1 - t0) * 1e3
         acc.timings["qc"] += (t2 - t1) * 1e3
 
+    def _slide_qc(self) -> SlideQC:
+        return SlideQC(self.params, self.config.qc_thresholds)
+
     def _finish_slide(self, acc: _SlideAcc, backend_name: str) -> _SlideSpectrum:
-        if not acc.qualities:
-            raise SpectrumInputError(f"slide {acc.slide}: no fields")
-        if not any(q.ok for q in acc.qualities):
-            detail = "; ".join(f"field {q.index}: {', '.join(q.reasons)}" for q in acc.qualities)
-            raise NoUsableFieldError(
-                f"slide {acc.slide}: no field passed quality control ({detail})",
-                list(acc.qualities),
-                {**acc.timings, "total": (time.perf_counter() - acc.started) * 1e3},
-            )
         t0 = time.perf_counter()
-        spectrum = finalize(acc.hist, self.params, backend_name)
-        if len(acc.qualities) > sum(q.ok for q in acc.qualities):
-            spectrum = _with_flag(spectrum, "fields_excluded")
+        try:
+            spectrum = acc.qc.finish(backend_name).spectrum
+        except NoUsableFieldError as exc:
+            total = (time.perf_counter() - acc.started) * 1e3
+            timings = {**acc.timings, "total": total}
+            raise NoUsableFieldError(f"slide {acc.slide}: {exc}", exc.fields, timings) from None
+        except SpectrumInputError as exc:
+            raise SpectrumInputError(f"slide {acc.slide}: {exc}") from None
         acc.timings["spectrum"] += (time.perf_counter() - t0) * 1e3
         return _SlideSpectrum(acc, spectrum)
 
@@ -424,14 +407,10 @@ class SlidePipeline:
             model=self.bundle.describe(),
             backend=self.backend.describe(),
             spectrum_backend=spectrum.backend,
-            fields=tuple(acc.qualities),
+            fields=tuple(acc.qc.fields),
             spectrum=spectrum,
             timings_ms={k: round(v, 3) for k, v in acc.timings.items()},
         )
-
-
-def _with_flag(spectrum: Spectrum, flag: str) -> Spectrum:
-    return replace(spectrum, flags=(*spectrum.flags, flag))
 
 
 def timing_stats(results: list[SlideResult], wall_s: float) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from firmware_bridge.sim.sample import slide_for
+from firmware_bridge.sim.sample import SimConfig, slide_for
 from inference.backends import BackendOptions, InferenceBackend
 from inference.bundle import Bundle
 from inference.exceptions import InferenceError
@@ -30,18 +30,29 @@ log = logging.getLogger(__name__)
 FIELD_STEP_UM = 400.0
 
 
-def simulated_field(slide: int, index: int, size: tuple[int, int], seed: int = 0) -> tuple[U8, U8]:
-    """Field ``index`` of simulated slide ``slide``, from the firmware simulator's sample."""
-    w, p = slide_for(slide, seed).render_pair(index * FIELD_STEP_UM, 0.0, size=size)
+# The simulator without its rare faulty fields: a benchmark's short slides must all be usable.
+WITHOUT_FAULTS = SimConfig(saturated_rate=0, dark_rate=0, defocus_rate=0, misregistration_rate=0)
+
+
+def simulated_field(
+    slide: int, index: int, size: tuple[int, int], seed: int = 0, *, faults: bool = True
+) -> tuple[U8, U8]:
+    """Field ``index`` of simulated slide ``slide``, from the firmware simulator's sample.
+
+    ``faults=False`` renders the same slide without the simulator's dark, saturated, defocused
+    and misregistered fields (a fault-free field looks exactly as with faults on).
+    """
+    sim = slide_for(slide, seed, config=None if faults else WITHOUT_FAULTS)
+    w, p = sim.render_pair(index * FIELD_STEP_UM, 0.0, size=size)
     return w, p
 
 
 def simulated_slide(
-    slide: int, fields: int, size: tuple[int, int], seed: int = 0
+    slide: int, fields: int, size: tuple[int, int], seed: int = 0, *, faults: bool = True
 ) -> Iterator[tuple[int, U8, U8]]:
     """The fields of one simulated slide, rendered lazily as a microscope would deliver them."""
     for i in range(fields):
-        w, p = simulated_field(slide, i, size, seed)
+        w, p = simulated_field(slide, i, size, seed, faults=faults)
         yield i, w, p
 
 

@@ -75,6 +75,12 @@ def test_bench_pipeline_refuses_two_sources() -> None:
     assert proc.returncode == 2 and "pick one" in proc.stderr
 
 
+def test_bench_qc() -> None:
+    args = ("--sizes", "96x64,128x96", "--slides", "2", "--fields", "2", "--repeats", "1")
+    text = run_bench("bench_qc.py", *args)
+    assert "QC/spec" in text and "96x64" in text and "128x96" in text
+
+
 def test_bench_acquisition() -> None:
     text = run_bench("bench_acquisition.py", "--fields", "2")
     assert "640x512, 5 mm/s" in text

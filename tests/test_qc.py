@@ -10,7 +10,9 @@ from inference.exceptions import BackendUnavailableError, SpectrumInputError
 from inference.spectrum import NumpyBackend, compute_spectrum, open_backend, parse_params
 from inference.spectrum.qc import (
     FieldQuality,
+    NoUsableFieldError,
     QCThresholds,
+    SlideQC,
     assess_field,
     compute_slide_spectrum,
     qc_thresholds_from_json,
@@ -67,7 +69,7 @@ def test_good_field_is_ok(seed: int) -> None:
     assert q.valid_fraction > 0.9
     assert q.dark_fraction < 0.05
     assert q.saturated_fraction == 0.0
-    assert q.shift_px < QCThresholds().max_shift_px
+    assert q.shift_fraction < QCThresholds().max_shift_fraction
     assert q.registration_response > 0.5
     assert q.focus > QCThresholds().min_focus
 
@@ -120,11 +122,43 @@ def test_p_of_another_field_is_misregistered() -> None:
 
 
 def test_registration_measures_shift_in_full_resolution_pixels() -> None:
-    """Large fields are halved before phase correlation; the shift is scaled back."""
+    """Large fields are reduced before phase correlation; the shift is scaled back."""
     w, p = make_field(10, h=800, w=1024, shift=(0, 6))
     shift, response = registration(w, p)
     assert shift == pytest.approx(6.0, abs=0.6)
     assert response > 0.3
+
+
+@pytest.mark.parametrize("width", [375, 612, 625])
+def test_no_half_pixel_bias_at_odd_dft_sizes(width: int) -> None:
+    """cv2.phaseCorrelate is half a pixel off when the DFT size it pads to is odd (375 and 625
+    are odd DFT sizes, 612 pads to 625; a 5 MP field used to be halved to 612): QC crops to
+    even sizes.  The shift is in full-resolution pixels; registration runs at 256-511 px."""
+    w, p = make_field(20, h=300, w=width)
+    shift, response = registration(w, p)
+    assert shift < 0.15 * max(1.0, width / 256), shift
+    assert response > 0.5
+
+
+def test_slide_qc_is_the_slide_spectrum_with_qc() -> None:
+    """SlideQC, fed the caller's histograms, gives exactly what compute_slide_spectrum does."""
+    fields = [make_field(21), tuple(scaled(img, 0.05) for img in make_field(22)), make_field(23)]
+    expected = compute_slide_spectrum(fields, PARAMS, "numpy")  # type: ignore[arg-type]
+    slide = SlideQC(PARAMS)
+    for w, p in fields:
+        slide.add(w, p, NumpyBackend().histogram(w, p, PARAMS))
+    got = slide.finish("numpy")
+    assert got.to_json() == expected.to_json()
+    assert got.used == (0, 2)
+
+
+def test_no_usable_field_error_carries_every_verdict() -> None:
+    slide = SlideQC(PARAMS)
+    dark = [scaled(img, 0.05) for img in make_field(24)]
+    slide.add(dark[0], dark[1], NumpyBackend().histogram(dark[0], dark[1], PARAMS), index=7)
+    with pytest.raises(NoUsableFieldError, match="field 7: dark") as info:
+        slide.finish("numpy")
+    assert [q.index for q in info.value.fields] == [7]
 
 
 def test_exact_valid_fraction_from_the_histogram() -> None:
@@ -142,7 +176,7 @@ def test_thresholds_are_configurable() -> None:
     assert assess_field(*field, PARAMS).ok
     strict = QCThresholds(min_focus=10.0)
     assert assess_field(*field, PARAMS, strict).reasons == ("out_of_focus",)
-    lenient = QCThresholds(max_shift_px=50.0)
+    lenient = QCThresholds(max_shift_fraction=0.5)
     assert assess_field(*make_field(12, shift=(0, 5)), PARAMS, lenient).ok
 
 
@@ -174,6 +208,7 @@ def test_field_quality_json() -> None:
         "dark_fraction",
         "focus",
         "shift_px",
+        "shift_fraction",
         "registration_response",
         "verdict",
         "reasons",

@@ -201,3 +201,23 @@ def test_field_positions_show_different_cells() -> None:
     assert len(set(pos)) == 3
     imgs = [slide.render_field(x, y, "diffuse", (320, 256)) for x, y in pos]
     assert abs(_corr(imgs[0], imgs[1])) < 0.3
+
+
+def _on_a_2um_grid(img: np.ndarray) -> np.ndarray:
+    """The central 400x400 µm of a 640 µm wide field, area-averaged to 2 µm pixels."""
+    h, w = img.shape[:2]
+    grey = cv2.resize(_gray(img), (320, round(h * 320 / w)), interpolation=cv2.INTER_AREA)
+    top = round(grey.shape[0] / 2 - 100)
+    return np.asarray(grey[top : top + 200, 60:260])
+
+
+def test_same_field_looks_the_same_at_640x480_and_5_mp() -> None:
+    """The sample and the optics are physical: a sensor's pixel count only changes sampling."""
+    slide = slide_for(1, 0, config=NO_FAULTS)
+    for x in (0.0, 400.0):
+        small = _on_a_2um_grid(slide.render_field(x, 0.0, "diffuse", (640, 480)))
+        large = _on_a_2um_grid(slide.render_field(x, 0.0, "diffuse", (2448, 2048)))
+        other = _on_a_2um_grid(slide.render_field(x + 400.0, 0.0, "diffuse", (640, 480)))
+        assert abs(small.mean() - large.mean()) < 0.3  # same illumination, whatever the shape
+        assert np.abs(small - large).mean() < 2.5  # sensor noise only
+        assert np.abs(small - other).mean() > 10.0

@@ -36,7 +36,7 @@ from firmware_bridge.exceptions import InputError
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION: Final = "omis-sim-v1"
+GENERATOR_VERSION: Final = "omis-sim-v2"
 PAP_GROUPS: tuple[str, ...] = ("II", "III", "IV", "V")
 STUDY_COUNTS: dict[str, int] = {"II": 141, "III": 112, "IV": 42, "V": 146}
 RISK: dict[str, str] = {"II": "low", "III": "low", "IV": "high", "V": "high"}
@@ -73,8 +73,15 @@ WHITE_DN: Final = np.array([214.0, 222.0, 200.0], dtype=np.float32)  # clear gla
 TILE_UM: Final = 200.0
 SUBPIXEL: Final = 16  # cv2 drawing with shift=4: 1/16 pixel precision
 MAX_BLOB_UM: Final = 40.0  # no blob reaches further than this from its tile
+# The scene is rasterised 320-640 px across the field of view (1-2 µm at 640 µm), then resampled
+# to the sensor: a raster detail, not part of the sample, which is defined in µm throughout.
 RENDER_MIN_PX: Final = 320
 RENDER_MAX_PX: Final = 640
+CHROMATIN_GRAIN_UM: Final = 2.0  # grain of the chromatin texture
+MIN_BLOB_PX: Final = 0.35  # smaller blobs are drawn this size at the same integrated density
+# Vignetting is radial about the optical axis: ``vignetting`` is the loss at the corner of a
+# 5:4 field (squared distance 1 + 0.8**2 half-widths), so every sensor shape sees the same optics.
+VIGNETTE_CORNER2: Final = 1.0 + 0.8**2
 TILE_CACHE: Final = 256
 NOISE_BANK_LEN: Final = 1 << 23
 _NOISE_BANK: list[F32] = []
@@ -549,12 +556,16 @@ class SyntheticSlide:
 
 
 def _vignette(shape: tuple[int, ...], centre: tuple[float, float], amount: float) -> F32:
-    """Radial illumination fall-off, normalised so that the corners lose ``amount``."""
+    """Radial illumination fall-off about the optical axis, in half field widths.
+
+    ``centre`` is the axis's offset from the field centre, in half widths; the loss is
+    ``amount`` at the squared distance VIGNETTE_CORNER2 (the corner of a 5:4 field).
+    """
     rh, rw = shape[0], shape[1]
-    aspect2 = (rh / rw) ** 2
-    xs = (np.linspace(-1, 1, rw, dtype=np.float32) - centre[0]) ** 2
-    ys = (np.linspace(-1, 1, rh, dtype=np.float32) - centre[1]) ** 2 * aspect2
-    illum: F32 = 1.0 - np.float32(amount / (1 + aspect2)) * (ys[:, None] + xs[None, :])
+    # pixel centres in half field widths: the same point of the field at any raster size
+    xs = ((np.arange(rw, dtype=np.float32) + 0.5) * (2 / rw) - 1 - centre[0]) ** 2
+    ys = ((np.arange(rh, dtype=np.float32) + 0.5) * (2 / rw) - rh / rw - centre[1]) ** 2
+    illum: F32 = 1.0 - np.float32(amount / VIGNETTE_CORNER2) * (ys[:, None] + xs[None, :])
     np.maximum(illum, 0.05, out=illum)  # strong settings must not give negative light
     return illum
 
@@ -569,12 +580,12 @@ def _rasterize(
     """Additive maps (H, E, L, K, D, A) of the field at render resolution."""
     rh, rw = shape
     maps = np.zeros((rh, rw, N_MAPS), np.float32)
-    # chromatin texture: smooth noise at ~2 px grain, shared by all nuclei of the field
+    # chromatin texture: smooth noise of CHROMATIN_GRAIN_UM grain, shared by the field's nuclei
+    grain_px = CHROMATIN_GRAIN_UM / px_um
+    grid = (math.ceil(rh / grain_px) + 1, math.ceil(rw / grain_px) + 1)
     tex = _f32(
         cv2.resize(
-            rng.standard_normal((rh // 2 + 1, rw // 2 + 1), dtype=np.float32),
-            (rw, rh),
-            interpolation=cv2.INTER_LINEAR,
+            rng.standard_normal(grid, dtype=np.float32), (rw, rh), interpolation=cv2.INTER_LINEAR
         )
     )
     # mucus / background haze: very low-frequency counterstain
@@ -582,11 +593,15 @@ def _rasterize(
     maps[..., 1] += 0.02 * haze
     maps[..., 2] += 0.02 * (1 - haze)
     d = blobs.data
-    geom = np.empty((d.shape[0], 5), np.float64)  # centre x, y, half-axes, reach (pixels)
+    # centre x, y, half-axes, reach (pixels), density scale
+    geom = np.empty((d.shape[0], 6), np.float64)
     geom[:, 0] = (d[:, 0] - origin_um[0]) / px_um
     geom[:, 1] = (d[:, 1] - origin_um[1]) / px_um
-    geom[:, 2:4] = np.maximum(d[:, 2:4] / px_um, 0.35)  # sub-pixel blobs still leave a trace
+    axes = d[:, 2:4] / px_um
+    # sub-pixel blobs are drawn larger and fainter: the same integrated density at any raster
+    geom[:, 2:4] = np.maximum(axes, MIN_BLOB_PX)
     geom[:, 4] = geom[:, 2:4].max(axis=1) + 2
+    geom[:, 5] = axes.prod(axis=1) / geom[:, 2:4].prod(axis=1)
     cx, cy, reach = geom[:, 0], geom[:, 1], geom[:, 4]
     keep = (cx + reach > 0) & (cx - reach < rw) & (cy + reach > 0) & (cy - reach < rh)
     for i in np.flatnonzero(keep):
@@ -596,7 +611,7 @@ def _rasterize(
 
 def _draw_blob(maps: F32, tex: F32, row: F32, geom: npt.NDArray[np.float64]) -> None:
     """Add one anti-aliased ellipse's map values, drawn only inside its bounding box."""
-    cx, cy, ax, ay, reach = (float(v) for v in geom)
+    cx, cy, ax, ay, reach, density = (float(v) for v in geom)
     rh, rw = maps.shape[:2]
     x0, x1 = max(int(cx - reach), 0), min(int(cx + reach) + 1, rw)
     y0, y1 = max(int(cy - reach), 0), min(int(cy + reach) + 1, rh)
@@ -619,7 +634,7 @@ def _draw_blob(maps: F32, tex: F32, row: F32, geom: npt.NDArray[np.float64]) -> 
     amp = row[5]
     if amp > 0:
         m *= np.maximum(1.0 + amp * tex[y0:y1, x0:x1], 0.0)
-    maps[y0:y1, x0:x1] += m[..., None] * row[6:]
+    maps[y0:y1, x0:x1] += m[..., None] * (row[6:] * np.float32(density))
 
 
 def scale_counts(n: int, groups: dict[str, float] | None = None) -> dict[str, int]:
