@@ -5,7 +5,6 @@ at least the ``viewer`` role; unauthenticated requests are accepted from localho
 :mod:`deploy.collector.auth`).  The dashboard's static files are served at ``/`` when present.
 """
 
-
 import csv
 import io
 from collections.abc import Iterator
