@@ -53,7 +53,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
     out: dict[str, Any] = {"mqtt": mqtt} if mqtt else {}
     if args.db is not None:
-        out["db"] = args.db
+        out["database"] = {"url": args.db}
     if args.http is not None:
         host, sep, port = args.http.rpartition(":")
         if not sep or not port.isdigit() or not host:
@@ -79,7 +79,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     try:
         service.start()
         print(
-            f"omis collect: archiving into {service.db_url.split('@')[-1]}; "
+            f"omis collect: archiving into {service.db_display}; "
             f"API and dashboard on {service.http_url}",
             file=sys.stderr,
             flush=True,

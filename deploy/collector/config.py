@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from sqlalchemy import make_url
 
 from deploy.config import TlsConfig, _merge, _read_file, _read_secret, env_overrides
 from deploy.config import format_validation_error as _format
@@ -103,15 +104,33 @@ class HttpConfig(_Section):
     max_page: int = Field(default=1000, ge=1, le=100000, description="largest page of results")
 
 
+class DatabaseConfig(_Section):
+    """Where the archive lives."""
+
+    url: str | None = Field(
+        default=None,
+        description="sqlite:///PATH or postgresql://user@host[:port]/db; None = "
+        f"sqlite under the state directory ({DB_FILE})",
+    )
+    password_file: Path | None = Field(
+        default=None, description="file holding the database password, read at load time"
+    )
+    password: SecretStr | None = Field(
+        default=None, description="database password (prefer password_file)"
+    )
+
+    @model_validator(mode="after")
+    def _scheme(self) -> DatabaseConfig:
+        if self.url is not None and not self.url.startswith(("sqlite:///", "postgresql")):
+            raise ValueError("url must be sqlite:///PATH or postgresql://...")
+        return self
+
+
 class CollectorConfig(_Section):
     """The whole ``omis collect`` configuration."""
 
     mqtt: CollectorMqtt = Field(default_factory=CollectorMqtt, description="MQTT session")
-    db: str | None = Field(
-        default=None,
-        description="sqlite:///PATH or postgresql://user@host/db; None = "
-        f"sqlite under the state directory ({DB_FILE})",
-    )
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig, description="storage")
     http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP API")
     high_risk_alerts: bool = Field(default=True, description="an alert for every high-risk result")
 
@@ -119,13 +138,17 @@ class CollectorConfig(_Section):
     def _check(self) -> CollectorConfig:
         if self.mqtt.reconnect_max_s < self.mqtt.reconnect_min_s:
             raise ValueError("mqtt.reconnect_max_s must be >= mqtt.reconnect_min_s")
-        if self.db is not None and not self.db.startswith(("sqlite:///", "postgresql")):
-            raise ValueError("db must be sqlite:///PATH or postgresql://...")
         return self
 
     def database_url(self, state_dir: Path) -> str:
-        """The SQLAlchemy URL: ``db``, else ``sqlite:///<state_dir>/collector.sqlite``."""
-        return self.db or f"sqlite:///{state_dir / DB_FILE}"
+        """``database.url`` (with its password), else ``sqlite:///<state_dir>/collector.sqlite``."""
+        db = self.database
+        if db.url is None:
+            return f"sqlite:///{state_dir / DB_FILE}"
+        if db.password is None:
+            return db.url
+        url = make_url(db.url).set(password=db.password.get_secret_value())
+        return url.render_as_string(hide_password=False)
 
 
 def load_collector_config(
@@ -147,6 +170,9 @@ def load_collector_config(
     mqtt = config.mqtt
     if mqtt.password is None and mqtt.password_file is not None:
         mqtt.password = _read_secret(mqtt.password_file, "mqtt.password_file")
+    db = config.database
+    if db.password is None and db.password_file is not None:
+        db.password = _read_secret(db.password_file, "database.password_file")
     tls = mqtt.tls
     if tls.key_passphrase is None and tls.key_passphrase_file is not None:
         tls.key_passphrase = _read_secret(tls.key_passphrase_file, "mqtt.tls.key_passphrase_file")

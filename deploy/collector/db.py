@@ -6,8 +6,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -59,6 +57,10 @@ def open_engine(url: str, *, writer: bool = True) -> Engine:
 
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision (concurrent instances wait in turn)."""
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines are per-plugin noise
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     try:

@@ -13,11 +13,11 @@ from pathlib import Path
 from types import TracebackType
 
 import uvicorn
-from sqlalchemy import Engine
+from sqlalchemy import Engine, make_url
 
 from deploy.collector.api import create_app
 from deploy.collector.config import CollectorConfig
-from deploy.collector.db import migrate, open_engine
+from deploy.collector.db import migrate, normalise_url, open_engine
 from deploy.collector.ingest import ArchiveSubscriber
 from deploy.collector.queries import ArchiveQueries
 from deploy.collector.store import ArchiveStore
@@ -55,6 +55,11 @@ class ArchiveService:
         self._socket: socket.socket | None = None
 
     @property
+    def db_display(self) -> str:
+        """The database URL without its password."""
+        return make_url(normalise_url(self.db_url)).render_as_string(hide_password=True)
+
+    @property
     def http_url(self) -> str:
         """http://host:port/ of the bound API (after :meth:`start`)."""
         if self._socket is None:
@@ -73,7 +78,7 @@ class ArchiveService:
         self.subscriber = ArchiveSubscriber(self.config.mqtt, store)
         self.subscriber.start()
         self._serve_http(ArchiveQueries(reader))
-        log.info("archive %s; API on %s", writer.url.render_as_string(), self.http_url)
+        log.info("archive %s; API on %s", writer.url, self.http_url)
 
     def _serve_http(self, queries: ArchiveQueries) -> None:
         http = self.config.http
