@@ -41,7 +41,8 @@ def open_engine(url: str, *, writer: bool = True) -> Engine:
         scheme = url.partition(":")[0]
         raise ArchiveError(f"db: {scheme!r} is not supported (sqlite:///PATH or postgresql://)")
     try:
-        engine = create_engine(normalise_url(url), pool_pre_ping=True)
+        # A pre-ping notices a PostgreSQL restart; a local SQLite file needs none.
+        engine = create_engine(normalise_url(url), pool_pre_ping=url.startswith("postgres"))
     except (ArgumentError, ImportError, ValueError) as exc:
         raise ArchiveError(f"db: cannot use {url!r}: {exc}") from exc
     if engine.dialect.name == "sqlite":

@@ -62,6 +62,7 @@ class ArchiveSubscriber:
             raise MqttError("mqtt.broker: the collector needs mqtt:// or mqtts://, not embedded")
         self.prefix = config.prefix
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # the broker confirmed the subscriptions
         self.trouble = threading.Event()  # the database failed: reconnect for redelivery
         self.stored = 0
         self.duplicates = 0
@@ -112,6 +113,7 @@ class ArchiveSubscriber:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = lambda *_: self.subscribed.set()
         return client
 
     def start(self) -> None:
@@ -180,6 +182,7 @@ class ArchiveSubscriber:
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.connected.clear()
+        self.subscribed.clear()
         log.info("disconnected from %s: %s", self.address, reason)
 
     def _on_message(self, client: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
