@@ -29,6 +29,7 @@ from broker_support import (
     wait_until,
 )
 from collector_support import (
+    PostgresServer,
     collector_child,
     database_url,  # noqa: F401
     make_result,
@@ -196,3 +197,43 @@ def _devices(api: httpx.Client) -> list[str]:
 
 def _open_kinds(api: httpx.Client) -> list[str]:
     return [a["kind"] for a in api.get("/api/alerts", params={"open": True}).json()]
+
+
+def test_nothing_is_acknowledged_while_the_database_is_down(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    server = PostgresServer().start()
+    config = load_collector_config(
+        environ={},
+        overrides={
+            "mqtt": {"broker": mosquitto.url, "client_id": "archive-pg", "reconnect_max_s": 2},
+            "database": {"url": server.new_database()},
+            "http": {"port": free_port()},
+        },
+    )
+    service = ArchiveService(config, tmp_path / "state")
+    stop = threading.Event()
+    runner = threading.Thread(target=service.run, args=(stop,))
+    try:
+        service.start()
+        runner.start()
+        subscriber = service.subscriber
+        assert subscriber is not None and subscriber.subscribed.wait(10)
+        api = httpx.Client(base_url=service.http_url, timeout=30)
+        first, second = make_result(1), make_result(2)
+        publish(mosquitto.port, "omis/v1/scope-07/result", json.dumps(first))
+        assert wait_until(lambda: subscriber.stored == 1, 20)
+        server.halt()
+        publish(mosquitto.port, "omis/v1/scope-07/result", json.dumps(second))
+        assert wait_until(subscriber.trouble.is_set, 30)  # the commit failed: no PUBACK
+        server.launch()
+        # The broker redelivers the unacknowledged result after the collector reconnects.
+        assert wait_until(lambda: subscriber.stored == 2, 60), mosquitto.log_text()[-1500:]
+        ids = {r["message_id"] for r in api.get("/api/results").json()["items"]}
+        assert ids == {first["message_id"], second["message_id"]}
+    finally:
+        stop.set()
+        if runner.is_alive():
+            runner.join(10)
+        service.close()
+        server.stop()
