@@ -137,6 +137,7 @@ def make_result(
         "scan_id": f"scan-{seq}",
         "started_at": "2026-01-01T11:59:58.000Z",
         "finished_at": finished_at,
+        "source": "mqtt",
         "model": {"name": "omis-test", "version": 4, "sha256": SHA},
         "backend": {"name": "onnxruntime", "precision": "fp32"},
         "prediction": {

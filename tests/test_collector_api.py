@@ -40,7 +40,9 @@ def stored(tmp_path: Path) -> Iterator[dict[str, dict[str, Any]]]:
             slide="S-3002",
             finished_at="2026-01-01T12:00:04.000Z",
             device="scope-08",
-            outcome={"status": "failed", "stage": "acquire", "reason": "focus lost"},
+            outcome="failed",
+            stage="acquire",
+            reason="focus lost",
         ),
     }
     for row in rows.values():

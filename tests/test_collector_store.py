@@ -152,9 +152,11 @@ def test_stated_outcome_wins_and_old_results_derive_it() -> None:
     assert outcome_of(old).kind == "abstained"
     assert outcome_of(old).reason
     assert outcome_of(make_result(1)).kind == "classified"
-    failed = make_result(1, outcome={"status": "failed", "stage": "acquire", "reason": "focus"})
+    failed = make_result(1, outcome="failed", stage="acquire", reason="focus")
     assert (outcome_of(failed).kind, outcome_of(failed).stage) == ("failed", "acquire")
-    assert outcome_of(make_result(1, outcome="cancelled")).review is True
+    assert outcome_of(make_result(1, outcome="cancelled", reason="cmd/cancel")).review is True
+    stated = outcome_of(make_result(1, outcome="abstained", reason="no_usable_field"))
+    assert (stated.kind, stated.reason) == ("abstained", "no_usable_field")
     with pytest.raises(ValueError, match="unknown kind"):
         outcome_of(make_result(1, outcome="exploded"))
 

@@ -128,6 +128,8 @@ def result(seq: int, slide: str, high: float, **extra: Any) -> dict[str, Any]:
         "scan_id": f"scan-{seq}",
         "started_at": "2026-01-01T12:00:00.000Z",
         "finished_at": f"2026-01-01T12:00:0{seq}.000Z",
+        "source": "mqtt",
+        "outcome": "classified",
         "model": {"name": "omis-vgg16", "version": 3, "sha256": SHA},
         "backend": {"name": "onnxruntime", "precision": "fp32"},
         "prediction": {
@@ -175,15 +177,12 @@ def test_history_filters_csv_detail_and_zoom(
     try:
         high = result(1, "S-0001", 0.92)
         low = result(2, "S-0002", 0.18)
-        unsure = result(3, "S-0003", 0.55)
+        unsure = result(3, "S-0003", 0.55, outcome="abstained", reason="uncertain_probability")
         unsure["prediction"]["abstained"] = True
-        unsure["prediction"]["reason"] = "p(high) inside the abstain band 0.4-0.6"
-        failed = result(
-            4,
-            "S-0004",
-            0.1,
-            outcome={"status": "failed", "stage": "acquire", "reason": "focus lost"},
-        )
+        failed = result(4, "S-0004", 0.1, outcome="failed", stage="acquire", reason="focus lost")
+        failed["prediction"] = {"label": None, "probabilities": {}, "risk": None, "abstained": True}
+        for body in (unsure, failed):
+            validate("result", body)
         for body in (high, low, unsure, failed):
             assert device.publish_ok(f"{PREFIX}/scope-07/result", json.dumps(body))
         assert device.publish_ok(f"{PREFIX}/scope-07/availability", "online", retain=True)
@@ -204,9 +203,7 @@ def test_history_filters_csv_detail_and_zoom(
     expect(high_row.locator("td.outcome")).to_have_text("classified")
     unsure_row = page.locator(f'tr[data-message-id="{unsure["message_id"]}"]')
     expect(unsure_row.locator("td.outcome")).to_contain_text("abstained")
-    expect(unsure_row.locator("td.outcome .reason")).to_have_text(
-        "p(high) inside the abstain band 0.4-0.6"
-    )
+    expect(unsure_row.locator("td.outcome .reason")).to_have_text("uncertain_probability")
     expect(unsure_row.locator("td.phigh")).to_have_text("0.550")
     failed_row = page.locator(f'tr[data-message-id="{failed["message_id"]}"]')
     expect(failed_row.locator("td.outcome .reason")).to_have_text("at acquire: focus lost")
@@ -216,9 +213,7 @@ def test_history_filters_csv_detail_and_zoom(
     # The slide detail: outcome, reason and per-field QC; the chart zoomed to the signal.
     unsure_row.click()
     detail = page.locator("#detail")
-    expect(detail.locator(".fact-outcome dd")).to_have_text(
-        "abstained: p(high) inside the abstain band 0.4-0.6"
-    )
+    expect(detail.locator(".fact-outcome dd")).to_have_text("abstained: uncertain_probability")
     qc = detail.locator("#qc tbody tr")
     expect(qc).to_have_count(2)
     expect(qc.nth(1)).to_contain_text("reject")

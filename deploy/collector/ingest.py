@@ -28,6 +28,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from deploy.broker import parse_broker_url
 from deploy.collector.config import CollectorMqtt
+from deploy.collector.outcome import check_result
 from deploy.collector.store import ArchiveStore
 from deploy.exceptions import ArchiveError, MqttError, SchemaError
 from deploy.schemas import validate
@@ -40,15 +41,20 @@ STATE_KINDS = ("availability", "status", "ota/state")
 
 
 def _json(payload: bytes, schema: str) -> dict[str, Any] | None:
-    """A decoded, validated payload; None for an empty (cleared retained) message."""
+    """A decoded JSON object naming ``schema``; None for an empty (cleared retained) message.
+
+    Only the envelope is checked: devices of several app versions share a fleet, and the
+    archive keeps what each of them sends (results: :func:`check_result`).
+    """
     if not payload:
         return None
     try:
         data = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise SchemaError(f"{schema}: not UTF-8 JSON: {exc}") from exc
-    validate(schema, data)
-    return data  # type: ignore[no-any-return]
+    if not isinstance(data, dict) or data.get("schema") != schema:
+        raise SchemaError(f"not a JSON object with schema {schema!r}")
+    return data
 
 
 class ArchiveSubscriber:
@@ -207,9 +213,10 @@ class ArchiveSubscriber:
         client.ack(msg.mid, msg.qos)
 
     def _on_result(self, device: str, payload: bytes) -> None:
-        result = _json(payload, "result")
+        result = _json(payload, "omis.result/1")
         if result is None:
             return
+        check_result(result)
         if result["device_id"] != device:
             raise ValueError(f"result names device {result['device_id']!r}, topic {device!r}")
         if self.store.add_result(result):
@@ -224,7 +231,7 @@ class ArchiveSubscriber:
         self.store.set_availability(device, value)
 
     def _on_status(self, device: str, payload: bytes) -> None:
-        self.store.set_status(device, _json(payload, "status"))
+        self.store.set_status(device, _json(payload, "omis.status/1"))
 
     def _on_ota_state(self, device: str, payload: bytes) -> None:
-        self.store.set_ota_state(device, _json(payload, "ota_state"))
+        self.store.set_ota_state(device, _json(payload, "omis.ota_state/1"))

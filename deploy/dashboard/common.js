@@ -27,21 +27,19 @@ window.Omis = (function common() {
 
   // The outcome as the archive stores it (deploy/collector/outcome.py does the same).
   function outcomeOf(result) {
-    const raw = result.outcome;
+    const kind = result.outcome;
     const p = result.prediction || {};
-    if (raw && typeof raw === "object") {
-      const kind = raw.status || raw.kind || raw.outcome;
-      return { kind, reason: raw.reason || (kind === "abstained" ? p.reason || ABSTAIN_REASON : null), stage: raw.stage || null };
+    if (typeof kind === "string") {
+      return { kind, reason: result.reason || (kind === "abstained" ? p.reason || ABSTAIN_REASON : null), stage: result.stage || null };
     }
-    if (typeof raw === "string") {
-      return { kind: raw, reason: result.outcome_reason || result.reason || (raw === "abstained" ? p.reason || ABSTAIN_REASON : null), stage: result.outcome_stage || result.stage || null };
-    }
-    if (p.abstained) return { kind: "abstained", reason: p.reason || ABSTAIN_REASON, stage: null };
+    if (p.abstained) return { kind: "abstained", reason: p.reason || ABSTAIN_REASON, stage: null }; // older results
     return { kind: "classified", reason: null, stage: null };
   }
 
   function pHigh(result) {
-    const probs = (result.prediction || {}).probabilities || {};
+    const p = result.prediction || {};
+    if (typeof p.p_high === "number") return p.p_high;
+    const probs = p.probabilities || {};
     return typeof probs.high === "number" ? probs.high : null;
   }
 
