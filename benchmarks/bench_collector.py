@@ -98,8 +98,11 @@ def ingest_mqtt(url: str, n: int, port: int) -> float:
     engine = open_engine(url)
     migrate(engine)
     store = ArchiveStore(engine)
+    tag = uuid.uuid4().hex[:8]
     cfg = CollectorMqtt(
-        broker=f"mqtt://127.0.0.1:{port}", client_id=f"bench-{uuid.uuid4().hex[:8]}"
+        broker=f"mqtt://127.0.0.1:{port}",
+        client_id=f"bench-{tag}",
+        group=f"bench-{tag}",  # its own group: an earlier run's session would keep a share
     )
     subscriber = ArchiveSubscriber(cfg, store)
     subscriber.start()
