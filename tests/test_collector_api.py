@@ -5,11 +5,10 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from collector_support import make_result
+from collector_support import database_url, make_result, postgres_server  # noqa: F401
 from fastapi.testclient import TestClient
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
@@ -25,8 +24,8 @@ PASSWORD = "correct horse"
 
 
 @pytest.fixture
-def stored(tmp_path: Path) -> Iterator[dict[str, dict[str, Any]]]:
-    engine = open_engine(f"sqlite:///{tmp_path / 'a.sqlite'}")
+def stored(db_url: str) -> Iterator[dict[str, dict[str, Any]]]:
+    engine = open_engine(db_url)
     migrate(engine)
     store = ArchiveStore(engine)
     rows = {
@@ -51,8 +50,8 @@ def stored(tmp_path: Path) -> Iterator[dict[str, dict[str, Any]]]:
     engine.dispose()
 
 
-def client(tmp_path: Path, **http: Any) -> TestClient:
-    engine = open_engine(f"sqlite:///{tmp_path / 'a.sqlite'}", writer=False)
+def client(db_url: str, **http: Any) -> TestClient:
+    engine = open_engine(db_url, writer=False)
     accounts = [
         Account(name="lab", role="viewer", password_hash=hash_password(PASSWORD)),
         Account(name="op", role="operator", password_hash=hash_password(PASSWORD)),
@@ -64,8 +63,8 @@ def client(tmp_path: Path, **http: Any) -> TestClient:
     return api
 
 
-def test_results_filters_and_paging(stored: dict[str, Any], tmp_path: Path) -> None:
-    api = client(tmp_path)
+def test_results_filters_and_paging(stored: dict[str, Any], db_url: str) -> None:
+    api = client(db_url)
     body = api.get("/api/results", params={"limit": 2}).json()
     assert body["total"] == 4
     assert [r["slide_id"] for r in body["items"]] == ["S-3002", "S-3001"]
@@ -89,8 +88,8 @@ def test_results_filters_and_paging(stored: dict[str, Any], tmp_path: Path) -> N
     assert api.get("/api/results", params={"outcome": "exploded"}).status_code == 422
 
 
-def test_one_result_csv_and_openapi(stored: dict[str, Any], tmp_path: Path) -> None:
-    api = client(tmp_path)
+def test_one_result_csv_and_openapi(stored: dict[str, Any], db_url: str) -> None:
+    api = client(db_url)
     unsure = stored["unsure"]
     full = api.get(f"/api/results/{unsure['message_id']}").json()
     assert full["result"] == unsure  # the payload as received: spectrum, per-field QC
@@ -110,8 +109,8 @@ def test_one_result_csv_and_openapi(stored: dict[str, Any], tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("kind", ["high", "unsure", "failed"])
-def test_fhir_bundle_is_valid_r4(stored: dict[str, Any], tmp_path: Path, kind: str) -> None:
-    api = client(tmp_path)
+def test_fhir_bundle_is_valid_r4(stored: dict[str, Any], db_url: str, kind: str) -> None:
+    api = client(db_url)
     result = stored[kind]
     response = api.get(f"/api/results/{result['message_id']}/fhir")
     assert response.headers["content-type"] == "application/fhir+json"
@@ -146,8 +145,8 @@ def test_fhir_bundle_is_valid_r4(stored: dict[str, Any], tmp_path: Path, kind: s
     assert {r.reference for r in report.result} <= refs
 
 
-def test_remote_requests_need_an_account(stored: dict[str, Any], tmp_path: Path) -> None:
-    api = client(tmp_path)
+def test_remote_requests_need_an_account(stored: dict[str, Any], db_url: str) -> None:
+    api = client(db_url)
     assert api.get("/api/me").json() == {"name": "lab", "role": "viewer"}
     assert api.get("/api/me", auth=("op", PASSWORD)).json()["role"] == "operator"
     for auth in (("lab", "wrong"), ("nobody", PASSWORD)):

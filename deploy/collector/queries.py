@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -100,15 +101,14 @@ class ArchiveQueries:
             rows = conn.execute(page.limit(limit).offset(offset)).all()
         return count, [summary(r) for r in rows]
 
-    def iter_results(self, where: ResultFilter, chunk: int = 1000) -> Any:
-        """Every matching row, newest first, in chunks (CSV export)."""
-        offset = 0
-        while True:
-            _, rows = self.list_results(where, chunk, offset)
-            yield from rows
-            if len(rows) < chunk:
-                return
-            offset += chunk
+    def iter_results(self, where: ResultFilter, chunk: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every matching row, newest first, streamed from one query (CSV export)."""
+        query = where.apply(select(*LIST_COLUMNS))
+        query = query.order_by(results.c.finished_at.desc(), results.c.id.desc())
+        with self.engine.connect() as conn:
+            rows = conn.execution_options(yield_per=chunk).execute(query)
+            for row in rows:
+                yield summary(row)
 
     def get_result(self, message_id: str) -> dict[str, Any] | None:
         """The full stored payload plus the archive's columns, or None."""
