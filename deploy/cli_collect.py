@@ -31,6 +31,11 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
     p.add_argument("--client-id", help="MQTT client id (stable per instance)")
     p.add_argument("--group", help="shared-subscription group (default omis-archive)")
     p.add_argument(
+        "--validate-config",
+        action="store_true",
+        help="check the configuration (file, environment, flags), print it without secrets, exit",
+    )
+    p.add_argument(
         "--hash-password",
         action="store_true",
         help="read a password (stdin or prompt), print its hash for http.accounts, exit",
@@ -73,6 +78,9 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         print(hash_password(password))
         return 0
     config = load_collector_config(args.config, overrides=_overrides(args))
+    if args.validate_config:
+        print(config.model_dump_json(indent=2, exclude={"mqtt": {"password"}}))
+        return 0
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     service = ArchiveService(config, resolve_state_dir(args.state_dir))

@@ -115,6 +115,24 @@ def test_cli_reports_bad_input_in_one_line(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == [
         "omis collect: error: --http: expected HOST:PORT, got 'nope'"
     ]
+    checked = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deploy.cli",
+            "collect",
+            "--validate-config",
+            "--db",
+            "postgresql://x@db/a",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**env, "OMIS_COLLECT_MQTT__PASSWORD": "hunter2"},
+        timeout=60,
+    )
+    assert '"url": "postgresql://x@db/a"' in checked.stdout
+    assert "hunter2" not in checked.stdout
     hashed = subprocess.run(
         [sys.executable, "-m", "deploy.cli", "collect", "--hash-password"],
         input="pw\n",
