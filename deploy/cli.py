@@ -39,6 +39,7 @@ COMMAND_MODULES = (
     "deploy.commands",
     "deploy.cli_ota",
     "deploy.cli_demo",
+    "deploy.cli_collect",
 )
 
 DEFAULT_STATE_DIR = "/var/lib/omis"

@@ -22,6 +22,11 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
     p.add_argument("--seed", type=int, default=2026, help="simulation seed")
     p.add_argument("--cache-dir", type=Path, help="cache (default $OMIS_CACHE_DIR or ~/.cache)")
     p.add_argument("--fresh", action="store_true", help="ignore cached data and model")
+    p.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="keep the broker and the result archive (dashboard, API) running until Ctrl-C",
+    )
     p.set_defaults(handler=_cmd_demo)
 
 
@@ -38,5 +43,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         fields=args.fields,
         seed=args.seed,
         fresh=args.fresh,
+        dashboard=args.dashboard,
     )
     return run_demo(cfg)

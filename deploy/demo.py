@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from rich.live import Live
 from rich.table import Table
 
 from deploy.broker import EmbeddedBroker
+from deploy.collector.embedded import embedded_archive
 from deploy.exceptions import DeployError
 from firmware_bridge.sim.sample import RISK
 
@@ -59,6 +61,7 @@ class DemoConfig:
     train_size: str = "320x256"
     folds: int = 3
     fresh: bool = False
+    dashboard: bool = False  # keep the broker and the archive running until Ctrl-C
 
 
 @dataclass
@@ -291,6 +294,14 @@ def _watch(
                 return int(code or 0)
 
 
+def _serve_until_interrupted(console: Console) -> None:
+    console.print("[bold]dashboard running: press Ctrl-C to stop")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        console.print("stopped")
+
+
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> int:
     """Run the demo; returns the exit code (0 when every result arrived)."""
     console = console or Console(stderr=False)
@@ -310,12 +321,18 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> int:
         console.print(f"broker: mqtt://127.0.0.1:{port}; subscribed to {PREFIX}/{DEVICE_ID}/#")
         viewer = _subscriber(port, inbox)
         try:
-            console.rule(f"[bold]4/4 scan {cfg.slides} simulated slides (sim:// over a pty)")
-            log_path = cfg.cache_dir / "last-scan.log"
-            console.print(f"[dim]scan log: {log_path}")
-            proc = _scan(cfg, bundle, port, Path(tmp), log_path)
-            code = _watch(proc, run, inbox, cfg, console)
-            out, _ = proc.communicate()
+            with embedded_archive(cfg.cache_dir / "archive", port) as archive:
+                console.print(f"archive (omis collect): {archive.service.db_display}")
+                console.rule(f"[bold]4/4 scan {cfg.slides} simulated slides (sim:// over a pty)")
+                log_path = cfg.cache_dir / "last-scan.log"
+                console.print(f"[dim]scan log: {log_path}")
+                proc = _scan(cfg, bundle, port, Path(tmp), log_path)
+                code = _watch(proc, run, inbox, cfg, console)
+                out, _ = proc.communicate()
+                archived = archive.wait_for(set(run.results), 10.0)
+                console.print(f"archived: {archived} of {len(run.results)}; history: {archive.url}")
+                if cfg.dashboard:
+                    _serve_until_interrupted(console)
         finally:
             viewer.loop_stop()
             viewer.disconnect()

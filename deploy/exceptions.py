@@ -12,7 +12,8 @@ Tree::
     ├── ScanError               a scan cannot be set up or failed (no model, bad microscope URL)
     │   ├── ScanRejectedError   a scan request was refused (queue full, outbox full, stopping)
     │   └── ScanCancelledError  a scan was cancelled before it produced a result
-    └── ServiceError            the daemon cannot start or a worker exceeded its restart cap
+    ├── ServiceError            the daemon cannot start or a worker exceeded its restart cap
+    └── ArchiveError            the result archive (omis collect) cannot open, migrate or write
 
 Foreign errors (``sqlite3.Error``, ``OSError``, ``pydantic.ValidationError``) are wrapped at the
 seam with ``raise ... from``.
@@ -71,3 +72,7 @@ class ScanCancelledError(ScanError):
 
 class ServiceError(DeployError):
     """The daemon could not start, or a worker failed more often than its restart cap allows."""
+
+
+class ArchiveError(DeployError):
+    """The result archive's database cannot be opened, migrated or written."""

@@ -2,7 +2,8 @@
 # Installs the system binaries that the tests and the demo talk to, when missing.
 # Idempotent: prints nothing and does nothing when everything is present.
 #   scripts/system-deps.sh          what the demo needs (the MQTT broker)
-#   scripts/system-deps.sh --test   plus what the tests need (mosquitto clients, Chromium)
+#   scripts/system-deps.sh --test   plus what the tests need (mosquitto clients, Chromium,
+#                                   PostgreSQL)
 set -euo pipefail
 mode=${1:-}
 need=()
@@ -13,6 +14,8 @@ if [ "$mode" = --test ]; then
   [ -x /usr/bin/chromium ] || need+=(chromium)
   # systemd-analyze verifies the unit files (tests/test_deploy_units.py)
   command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+  # A real PostgreSQL for the archive's tests (clusters are created in temp dirs by the tests)
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 fi
 if ((${#need[@]})); then
   if [ "$(id -u)" != 0 ]; then

@@ -110,3 +110,8 @@ def test_bench_spectrum_gpu_requested_says_why_it_cannot_run() -> None:
     else:
         assert proc.returncode == 1
         assert "GPU part requested but CUDA is unusable" in proc.stderr
+
+
+def test_bench_collector_sqlite() -> None:
+    text = run_bench("bench_collector.py", "--n", "5")
+    assert "| sqlite |" in text and "via MQTT" in text

@@ -30,7 +30,9 @@ def test_demo_scans_publishes_and_summarises(tmp_path: Path) -> None:
     assert "sim2026-0000" in text and "sim2026-0001" in text
     assert '"acknowledged": 2' in text
     assert "not clinical performance" in text
+    assert "archived: 2 of 2; history: http://127.0.0.1:" in text  # omis collect ran beside
     # Second run: data and model come from the cache.
     out = io.StringIO()
     assert run_demo(cfg, Console(file=out, width=120)) == 0
     assert "dataset: cached" in out.getvalue() and "cached bundle" in out.getvalue()
+    assert "archived: 2 of 2" in out.getvalue()  # the same archive file keeps both runs

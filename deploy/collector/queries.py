@@ -1,0 +1,167 @@
+"""Reading the archive: filtered, paged result lists, one result, devices, alerts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Engine, Select, func, select
+
+from deploy.collector.tables import alerts, devices, results
+
+LIST_COLUMNS = (
+    results.c.message_id,
+    results.c.device_id,
+    results.c.boot_id,
+    results.c.seq,
+    results.c.slide_id,
+    results.c.scan_id,
+    results.c.started_at,
+    results.c.finished_at,
+    results.c.received_at,
+    results.c.outcome,
+    results.c.outcome_reason,
+    results.c.outcome_stage,
+    results.c.review,
+    results.c.label,
+    results.c.risk,
+    results.c.p_high,
+    results.c.model_name,
+    results.c.model_version,
+    results.c.model_sha256,
+)
+
+
+def rfc3339(value: datetime | None) -> str | None:
+    """Naive UTC as RFC 3339 with milliseconds and ``Z``."""
+    return None if value is None else value.isoformat(timespec="milliseconds") + "Z"
+
+
+@dataclass(frozen=True)
+class ResultFilter:
+    """The filters of ``GET /api/results`` (None = any)."""
+
+    device: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    outcome: str | None = None
+    risk: str | None = None
+    review: bool | None = None
+    slide: str | None = None
+
+    def apply(self, query: Select[Any]) -> Select[Any]:
+        """``query`` narrowed by every filter that is set."""
+        c = results.c
+        conditions: list[ColumnElement[bool]] = []
+        if self.device is not None:
+            conditions.append(c.device_id == self.device)
+        if self.since is not None:
+            conditions.append(c.finished_at >= self.since)
+        if self.until is not None:
+            conditions.append(c.finished_at < self.until)
+        if self.outcome is not None:
+            conditions.append(c.outcome == self.outcome)
+        if self.risk is not None:
+            conditions.append(c.risk == self.risk)
+        if self.review is not None:
+            conditions.append(c.review == self.review)
+        if self.slide is not None:
+            needle = self.slide.lower()
+            conditions.append(func.lower(c.slide_id).contains(needle, autoescape=True))
+        return query.where(*conditions) if conditions else query
+
+
+def summary(row: Any) -> dict[str, Any]:
+    """One list row as JSON."""
+    data = dict(row._mapping)
+    for key in ("started_at", "finished_at", "received_at"):
+        data[key] = rfc3339(data[key])
+    data["review"] = bool(data["review"])
+    return data
+
+
+class ArchiveQueries:
+    """The read side of the archive."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def list_results(
+        self, where: ResultFilter, limit: int, offset: int = 0
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """(total matching, one page newest first)."""
+        page = where.apply(select(*LIST_COLUMNS))
+        page = page.order_by(results.c.finished_at.desc(), results.c.id.desc())
+        total = where.apply(select(func.count()).select_from(results))
+        with self.engine.connect() as conn:
+            count = int(conn.execute(total).scalar_one())
+            rows = conn.execute(page.limit(limit).offset(offset)).all()
+        return count, [summary(r) for r in rows]
+
+    def iter_results(self, where: ResultFilter, chunk: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every matching row, newest first, streamed from one query (CSV export)."""
+        query = where.apply(select(*LIST_COLUMNS))
+        query = query.order_by(results.c.finished_at.desc(), results.c.id.desc())
+        with self.engine.connect() as conn:
+            rows = conn.execution_options(yield_per=chunk).execute(query)
+            for row in rows:
+                yield summary(row)
+
+    def get_result(self, message_id: str) -> dict[str, Any] | None:
+        """The full stored payload plus the archive's columns, or None."""
+        query = select(*LIST_COLUMNS, results.c.payload).where(results.c.message_id == message_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None
+        data = summary(row)
+        payload = json.loads(data.pop("payload"))
+        return {"archive": data, "result": payload}
+
+    def devices(self) -> list[dict[str, Any]]:
+        """Every known device with its live state and result count."""
+        counts = (
+            select(results.c.device_id, func.count().label("results"))
+            .group_by(results.c.device_id)
+            .subquery()
+        )
+        query = (
+            select(devices, func.coalesce(counts.c.results, 0).label("results"))
+            .outerjoin(counts, counts.c.device_id == devices.c.device_id)
+            .order_by(devices.c.device_id)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        out = []
+        for row in rows:
+            data = dict(row._mapping)
+            for key in ("status", "ota_state"):
+                data[key] = json.loads(data[key]) if data[key] else None
+            for key in ("availability_at", "last_result_at", "updated_at"):
+                data[key] = rfc3339(data[key])
+            data.pop("status_at")
+            out.append(data)
+        return out
+
+    def alerts(
+        self, *, open_only: bool = False, device: str | None = None, limit: int = 200
+    ) -> list[dict[str, Any]]:
+        """Alerts, newest first."""
+        query = select(alerts).order_by(alerts.c.created_at.desc(), alerts.c.id.desc())
+        if open_only:
+            query = query.where(alerts.c.resolved_at.is_(None))
+        if device is not None:
+            query = query.where(alerts.c.device_id == device)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.limit(limit)).all()
+        out = []
+        for row in rows:
+            data = dict(row._mapping)
+            data["created_at"] = rfc3339(data["created_at"])
+            data["resolved_at"] = rfc3339(data["resolved_at"])
+            data.pop("key")
+            out.append(data)
+        return out
