@@ -22,13 +22,23 @@ import tarfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
-from inference.exceptions import BundleError
+from inference.exceptions import BundleError, InferenceError
 
 SCHEMA = "omis.bundle/1"
 MANIFEST = "manifest.json"
@@ -37,6 +47,14 @@ MODEL = "model.onnx"
 GOLDEN_INPUTS = "golden/inputs.npy"
 GOLDEN_OUTPUTS = "golden/outputs.npy"
 UNLISTED = frozenset({MANIFEST, SIGNATURE})
+#: Versions are JSON numbers: above 2**53 a double no longer holds every integer exactly.
+MAX_VERSION = 2**53
+MAX_GOLDEN = 256  # golden inputs per bundle: enough to prove a backend, small enough to load
+
+# Strict scalar types: no "2" for 2, no true for 1, no NaN or infinity.
+Finite = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+PositiveFinite = Annotated[StrictFloat, Field(gt=0.0, allow_inf_nan=False)]
+Probability = Annotated[StrictFloat, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -46,28 +64,39 @@ class _Strict(BaseModel):
 class FileEntry(_Strict):
     """Integrity record of one bundle file."""
 
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of the file")
-    size: int = Field(ge=0, description="size in bytes")
+    sha256: StrictStr = Field(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of the file")
+    size: StrictInt = Field(ge=0, lt=MAX_VERSION, description="size in bytes")
 
 
 class Normalization(_Strict):
     """``x = (pixel * scale - mean[c]) / std[c]`` per channel, in R, G, B order."""
 
-    scale: float = Field(1.0 / 255.0, description="applied to uint8 pixels first")
-    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="per channel")
-    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="per channel")
+    scale: PositiveFinite = Field(1.0 / 255.0, description="applied to uint8 pixels first")
+    mean: tuple[Finite, Finite, Finite] = Field((0.485, 0.456, 0.406), description="per channel")
+    std: tuple[PositiveFinite, PositiveFinite, PositiveFinite] = Field(
+        (0.229, 0.224, 0.225), description="per channel; a zero would divide by zero"
+    )
 
 
 class InputSpec(_Strict):
     """The network input tensor."""
 
-    name: str = Field("input", description="ONNX input name")
-    shape: tuple[int, int, int, int] = Field(
+    name: StrictStr = Field("input", min_length=1, description="ONNX input name")
+    shape: tuple[StrictInt, Literal[3], StrictInt, StrictInt] = Field(
         (-1, 3, 224, 224), description="N, C, H, W; -1 marks the dynamic batch axis"
     )
     dtype: Literal["float32"] = "float32"
     layout: Literal["NCHW"] = "NCHW"
     normalization: Normalization = Normalization()
+
+    @model_validator(mode="after")
+    def _sizes(self) -> InputSpec:
+        n, _, h, w = self.shape
+        if n != -1 and n < 1:
+            raise ValueError(f"shape: batch must be -1 (dynamic) or at least 1, got {n}")
+        if not (1 <= h <= 4096 and 1 <= w <= 4096):
+            raise ValueError(f"shape: height and width must be within 1..4096, got {h}x{w}")
+        return self
 
     @property
     def height(self) -> int:
@@ -83,15 +112,15 @@ class InputSpec(_Strict):
 class OutputSpec(_Strict):
     """The network output tensor (softmax probabilities)."""
 
-    name: str = Field("probabilities", description="ONNX output name")
+    name: StrictStr = Field("probabilities", min_length=1, description="ONNX output name")
 
 
 class Thresholds(_Strict):
     """Decision on the probability of high risk, with an abstain band for human review."""
 
-    decision: float = Field(0.5, ge=0.0, le=1.0, description="p(high) >= decision -> high risk")
-    abstain_low: float = Field(0.35, ge=0.0, le=1.0, description="lower edge of the abstain band")
-    abstain_high: float = Field(0.65, ge=0.0, le=1.0, description="upper edge of the band")
+    decision: Probability = Field(0.5, description="p(high) >= decision -> high risk")
+    abstain_low: Probability = Field(0.35, description="lower edge of the abstain band")
+    abstain_high: Probability = Field(0.65, description="upper edge of the band")
 
     @model_validator(mode="after")
     def _ordered(self) -> Thresholds:
@@ -103,11 +132,11 @@ class Thresholds(_Strict):
 class GoldenSpec(_Strict):
     """How closely a backend must reproduce the golden outputs before it serves."""
 
-    tolerance: dict[str, float] = Field(
+    tolerance: dict[Literal["fp32", "fp16"], Annotated[PositiveFinite, Field(le=1.0)]] = Field(
         default_factory=lambda: {"fp32": 1e-4, "fp16": 2e-2},
         description="max absolute probability difference per precision",
     )
-    allow_fp32_fallback: bool = Field(
+    allow_fp32_fallback: StrictBool = Field(
         True, description="if an FP16 engine fails the gate, FP32 may serve (device: degraded)"
     )
 
@@ -115,21 +144,25 @@ class GoldenSpec(_Strict):
 class Training(_Strict):
     """Where the model came from."""
 
-    code_revision: str = Field("unknown", description="git revision of the training code")
-    data_manifest_sha256: str = Field("", description="sha256 of the training data manifest")
+    code_revision: StrictStr = Field("unknown", description="git revision of the training code")
+    data_manifest_sha256: StrictStr = Field(
+        "", pattern=r"^([0-9a-f]{64})?$", description="sha256 of the training data manifest"
+    )
     metrics: dict[str, Any] = Field(default_factory=dict, description="pooled CV metrics")
-    preset: str = Field("", description="training preset (paper, tiny)")
+    preset: StrictStr = Field("", description="training preset (paper, tiny)")
 
 
 class Manifest(_Strict):
     """``manifest.json`` of a bundle."""
 
     schema_: Literal["omis.bundle/1"] = Field("omis.bundle/1", alias="schema")
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
-    version: int = Field(ge=1, description="only grows; the device refuses downgrades")
-    created: str = Field(description="RFC 3339 UTC time of creation (informational only)")
+    name: StrictStr = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    version: StrictInt = Field(
+        ge=1, lt=MAX_VERSION, description="a JSON integer below 2**53 that only grows"
+    )
+    created: StrictStr = Field(description="RFC 3339 UTC time of creation (informational only)")
     task: Literal["binary", "pap4"]
-    classes: tuple[str, ...] = Field(min_length=2)
+    classes: tuple[Annotated[StrictStr, Field(min_length=1)], ...] = Field(min_length=2)
     risk: dict[str, Literal["low", "high"]] = Field(description="class -> risk")
     input: InputSpec = InputSpec()
     output: OutputSpec = OutputSpec()
@@ -139,7 +172,7 @@ class Manifest(_Strict):
     golden: GoldenSpec = GoldenSpec()
     files: dict[str, FileEntry]
     training: Training = Training()
-    min_app_version: str = Field("0.1.0", pattern=r"^\d+\.\d+\.\d+$")
+    min_app_version: StrictStr = Field("0.1.0", pattern=r"^\d+\.\d+\.\d+$")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -154,6 +187,9 @@ class Manifest(_Strict):
                 raise ValueError(f"files must list {required}")
         for name in self.files:
             _check_relpath(name)
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes must be distinct")
+        _check_runnable(self)
         return self
 
     def to_json_bytes(self) -> bytes:
@@ -165,6 +201,33 @@ class Manifest(_Strict):
     def high_classes(self) -> tuple[int, ...]:
         """Indices of the classes whose risk is high."""
         return tuple(i for i, c in enumerate(self.classes) if self.risk[c] == "high")
+
+
+def _check_runnable(m: Manifest) -> None:
+    """The spectrum and render sections must describe something this code can compute."""
+    from inference.render import render_params_from_json
+    from inference.spectrum import parse_params
+    from inference.spectrum.types import axis_nm
+
+    try:
+        params = parse_params(m.spectrum)
+        render = render_params_from_json(m.render)
+    except InferenceError as exc:
+        raise ValueError(str(exc)) from exc
+    if (render.height, render.width) != (m.input.height, m.input.width):
+        raise ValueError(
+            f"render size {render.width}x{render.height} does not match the model input "
+            f"{m.input.width}x{m.input.height}"
+        )
+    if render.x_range_nm is not None:
+        axis = axis_nm(params)
+        lo, hi = render.x_range_nm
+        inside = int(np.count_nonzero((axis >= lo) & (axis <= hi)))
+        if inside < 2:
+            raise ValueError(
+                f"render x_range_nm {render.x_range_nm} holds {inside} point(s) of the spectrum "
+                f"axis [{axis[0]:g}, {axis[-1]:g}] nm; need at least 2"
+            )
 
 
 def _check_relpath(name: str) -> None:
@@ -202,11 +265,36 @@ def file_entries(root: Path) -> dict[str, FileEntry]:
     return entries
 
 
+def first_error(exc: ValidationError) -> str:
+    """``key.path: message (got value)`` of the first validation error, for one clear line."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "manifest"
+    msg = str(first["msg"]).removeprefix("Value error, ")
+    got = first.get("input")
+    if first["loc"] and isinstance(got, str | int | float | bool) and got is not None:
+        msg += f" (got {got!r})"
+    return f"{where}: {msg}"
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number (strict JSON: finite numbers only)")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ValueError(f"duplicate key(s) {', '.join(map(repr, dup))}")
+    return dict(pairs)
+
+
 def parse_manifest(data: bytes, source: str = MANIFEST) -> Manifest:
     """Parse and validate manifest bytes, with an error naming the offending key."""
     try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = json.loads(
+            data.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_unique_keys
+        )
+    except (UnicodeDecodeError, ValueError) as exc:
         raise BundleError(f"{source}: not valid JSON ({exc})") from exc
     if not isinstance(raw, dict):
         raise BundleError(f"{source}: expected a JSON object")
@@ -215,9 +303,7 @@ def parse_manifest(data: bytes, source: str = MANIFEST) -> Manifest:
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "manifest"
-        raise BundleError(f"{source}: {where}: {first['msg']}") from exc
+        raise BundleError(f"{source}: {first_error(exc)}") from exc
 
 
 @dataclass(frozen=True)
@@ -244,19 +330,40 @@ class Bundle:
         return self.root / SIGNATURE
 
     def golden(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-        """The golden inputs and reference outputs."""
-        inputs = np.load(self.root / GOLDEN_INPUTS, allow_pickle=False)
-        outputs = np.load(self.root / GOLDEN_OUTPUTS, allow_pickle=False)
-        if inputs.dtype != np.float32 or outputs.dtype != np.float32:
-            raise BundleError("golden arrays must be float32")
-        if inputs.shape[0] != outputs.shape[0] or inputs.ndim != 4:
-            raise BundleError(f"golden shapes disagree: {inputs.shape} vs {outputs.shape}")
+        """The golden inputs and reference outputs, checked for dtype, shape and finiteness."""
+        m = self.manifest
+        inputs = load_array(self.root, GOLDEN_INPUTS, np.float32, (None, *m.input.shape[1:]))
+        outputs = load_array(self.root, GOLDEN_OUTPUTS, np.float32, (len(inputs), len(m.classes)))
         return inputs, outputs
 
     def describe(self) -> dict[str, Any]:
         """Name, version and model hash, as results and status report them."""
         m = self.manifest
         return {"name": m.name, "version": m.version, "sha256": self.model_sha256}
+
+
+def load_array(
+    root: Path, name: str, dtype: type[np.generic], shape: tuple[int | None, ...]
+) -> npt.NDArray[Any]:
+    """Load ``root/name`` (.npy, never pickle) and require ``dtype``, ``shape`` and finiteness.
+
+    ``None`` in ``shape`` is the count of golden items: 1 to :data:`MAX_GOLDEN`.
+    """
+    try:
+        arr = np.load(root / name, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise BundleError(f"{name}: not a readable .npy array ({exc})") from exc
+    if not isinstance(arr, np.ndarray):
+        raise BundleError(f"{name}: not a single .npy array")
+    want = tuple("N" if s is None else s for s in shape)
+    if arr.dtype != np.dtype(dtype) or arr.ndim != len(shape):
+        raise BundleError(f"{name}: expected {np.dtype(dtype)} {want}, got {arr.dtype} {arr.shape}")
+    for got, expect in zip(arr.shape, shape, strict=True):
+        if (expect is None and not 1 <= got <= MAX_GOLDEN) or (expect not in (None, got)):
+            raise BundleError(f"{name}: expected shape {want}, got {arr.shape}")
+    if arr.dtype.kind == "f" and not bool(np.isfinite(arr).all()):
+        raise BundleError(f"{name}: holds NaN or infinity")
+    return arr
 
 
 def verify_files(root: Path, manifest: Manifest) -> None:
@@ -301,6 +408,4 @@ def build_manifest(root: Path, **fields: Any) -> Manifest:
     try:
         return Manifest.model_validate({**fields, "files": file_entries(root)})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "manifest"
-        raise BundleError(f"manifest: {where}: {first['msg']}") from exc
+        raise BundleError(f"manifest: {first_error(exc)}") from exc

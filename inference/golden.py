@@ -10,6 +10,7 @@ An FP16 backend that fails is reported; an FP32 one of the same kind serves inst
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,12 @@ import numpy as np
 
 from inference.backends import BackendOptions, InferenceBackend, load_backend
 from inference.bundle import Bundle
-from inference.exceptions import BundleError, GoldenMismatchError
+from inference.exceptions import (
+    BundleError,
+    GoldenMismatchError,
+    InvalidValueError,
+    NonFiniteError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +39,16 @@ class GoldenReport:
     tolerance: float
     top_class_mismatches: tuple[int, ...]
     nan: bool
+    invalid: str = ""  # why the outputs are not usable probabilities (empty: they are)
 
     @property
     def passed(self) -> bool:
         """Within tolerance, no NaN, same top class everywhere."""
         return (
-            not self.nan and self.max_abs_diff <= self.tolerance and not self.top_class_mismatches
+            not self.nan
+            and not self.invalid
+            and self.max_abs_diff <= self.tolerance
+            and not self.top_class_mismatches
         )
 
     def summary(self) -> str:
@@ -48,6 +58,7 @@ class GoldenReport:
             f"(tolerance {self.tolerance:g}) over {self.n} golden inputs, "
             f"top-class mismatches at {list(self.top_class_mismatches)}"
             + (", NaN in outputs" if self.nan else "")
+            + (f", invalid outputs ({self.invalid})" if self.invalid else "")
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -56,10 +67,12 @@ class GoldenReport:
             "backend": self.backend,
             "precision": self.precision,
             "n": self.n,
-            "max_abs_diff": self.max_abs_diff,
+            # Strict JSON: an infinite difference (NaN outputs) is reported as null.
+            "max_abs_diff": self.max_abs_diff if math.isfinite(self.max_abs_diff) else None,
             "tolerance": self.tolerance,
             "top_class_mismatches": list(self.top_class_mismatches),
             "nan": self.nan,
+            "invalid": self.invalid,
             "passed": self.passed,
         }
 
@@ -71,7 +84,21 @@ def golden_report(backend: InferenceBackend, bundle: Bundle) -> GoldenReport:
     if backend.precision not in tol_map:
         raise BundleError(f"manifest golden.tolerance has no entry for {backend.precision}")
     step = backend.options.max_batch
-    got = np.concatenate([backend.infer(inputs[i : i + step]) for i in range(0, len(inputs), step)])
+    try:
+        got = np.concatenate(
+            [backend.infer(inputs[i : i + step]) for i in range(0, len(inputs), step)]
+        )
+    except InvalidValueError as exc:
+        return GoldenReport(
+            backend=backend.name,
+            precision=backend.precision,
+            n=len(inputs),
+            max_abs_diff=math.inf,
+            tolerance=float(tol_map[backend.precision]),
+            top_class_mismatches=(),
+            nan=isinstance(exc, NonFiniteError),
+            invalid=exc.detail,
+        )
     nan = bool(np.isnan(got).any())
     diffs = np.abs(got - expected)
     # NaN counts as an infinite difference, so the number reported is never hiding it.
@@ -113,6 +140,16 @@ def _fp32_fallback(
     return fallback, report
 
 
+def _warmup(backend: InferenceBackend, enabled: bool) -> None:
+    if not enabled:
+        return
+    try:
+        backend.warmup()
+    except InvalidValueError as exc:
+        # Unusable outputs already at warm-up fail the gate like bad golden outputs do.
+        raise GoldenMismatchError(f"warm-up outputs are unusable: {exc}") from exc
+
+
 def open_checked(
     name: str, bundle: Bundle, options: BackendOptions | None = None, warmup: bool = True
 ) -> tuple[InferenceBackend, GoldenReport]:
@@ -120,8 +157,7 @@ def open_checked(
     opts = options or BackendOptions()
     backend = load_backend(name, bundle, opts)
     try:
-        if warmup:
-            backend.warmup()
+        _warmup(backend, warmup)
         return backend, check_golden(backend, bundle)
     except GoldenMismatchError as exc:
         backend.close()

@@ -1,6 +1,6 @@
 """Tiny signed bundles for the OTA tests, built without torch (onnx.helper + ONNX Runtime).
 
-The model: input "input" N×3×8×8 -> GlobalAveragePool -> Flatten -> Gemm -> Softmax ->
+The model: input "input" N×3×16×16 -> GlobalAveragePool -> Flatten -> Gemm -> Softmax ->
 "probabilities" (dynamic batch); its weights depend on ``seed`` so versions differ.
 """
 
@@ -21,7 +21,8 @@ from firmware_bridge.fsutil import atomic_write_bytes
 from inference.bundle import GOLDEN_INPUTS, GOLDEN_OUTPUTS, MANIFEST, MODEL, build_manifest
 from inference.spectrum import parse_params
 
-SIZE = 8
+SIZE = 16  # the smallest image the renderer draws
+RENDER = {"width": SIZE, "height": SIZE, "margin_px": 2, "line_width": 1}
 
 
 def tiny_onnx(seed: int) -> bytes:
@@ -82,7 +83,7 @@ def make_bundle(
         risk={"low": "low", "high": "high"},
         input={"name": "input", "shape": (-1, 3, SIZE, SIZE)},
         spectrum=parse_params().model_dump(),
-        render={},
+        render=dict(RENDER),
         min_app_version=min_app_version,
     )
     atomic_write_bytes(root / MANIFEST, manifest.to_json_bytes())
