@@ -22,7 +22,11 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
     # Results go to stdout (logs go to stderr); sys.stdout.write keeps library lint rules intact.
-    out = json.dumps(data, indent=2, sort_keys=True) if getattr(args, "json", False) else text
+    out = (
+        json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
+        if getattr(args, "json", False)
+        else text
+    )
     sys.stdout.write(out + "\n")
 
 
@@ -159,7 +163,7 @@ def _publish(args: argparse.Namespace) -> int:
     with OfferSender(parse_broker_url(args.broker), args.prefix, args.device_id) as sender:
         sender.connect()
         reply = sender.deliver(offer, archive, args.wait)
-    _emit(args, reply, json.dumps(reply))
+    _emit(args, reply, json.dumps(reply, allow_nan=False))
     return 0 if reply.get("ok", reply.get("status") == "ok") else 1
 
 

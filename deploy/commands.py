@@ -190,7 +190,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     finally:
         app.shutdown()
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2, allow_nan=False))
     else:
         _print_scan_report(report)
     if report["summary"]["failed"]:

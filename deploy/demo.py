@@ -244,7 +244,9 @@ def _summary(console: Console, run: DemoRun, scan_report: dict[str, Any] | None)
         f"({len(results) - len(decided)} abstained for human review)"
     )
     if scan_report is not None:
-        console.print(f"scan report: {json.dumps(scan_report.get('summary', scan_report))}")
+        console.print(
+            f"scan report: {json.dumps(scan_report.get('summary', scan_report), allow_nan=False)}"
+        )
     console.print(
         "[yellow]These numbers describe the synthetic sample simulator, not clinical performance."
     )

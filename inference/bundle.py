@@ -195,7 +195,7 @@ class Manifest(_Strict):
     def to_json_bytes(self) -> bytes:
         """Canonical bytes of the manifest (sorted keys, 2-space indent, trailing newline)."""
         data = self.model_dump(mode="json", by_alias=True)
-        return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        return (json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
 
     @property
     def high_classes(self) -> tuple[int, ...]:

@@ -135,7 +135,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         pipe.backend.close()
     data = result.to_json()
     if args.json:
-        _out(json.dumps(data))
+        _out(json.dumps(data, allow_nan=False))
         return 0
     _out(
         f"label      {data['label']}  (risk {data['risk']}, p(high) {data['p_high']:.3f})"
@@ -185,7 +185,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         size=list(args.size),
     )
     if args.json:
-        _out(json.dumps(stats))
+        _out(json.dumps(stats, allow_nan=False))
         return 0
     _out(
         f"{stats['slides']} slides x {args.fields} fields of {args.size[0]}x{args.size[1]}; "
@@ -211,7 +211,7 @@ def cmd_engine_build(args: argparse.Namespace) -> int:
         report = golden_report(backend, bundle)
         info = {"backend": backend.describe(), "golden": report.to_json()}
     if args.json:
-        _out(json.dumps(info))
+        _out(json.dumps(info, allow_nan=False))
     else:
         _out(f"engine  {info['backend']['engine']}")
         _out(f"golden  {'PASS' if report.passed else 'FAIL'}  {report.summary()}")
@@ -224,7 +224,7 @@ def cmd_engine_list(args: argparse.Namespace) -> int:
 
     entries = EngineCache(state_dir(args)).entries()
     if args.json:
-        _out(json.dumps(entries))
+        _out(json.dumps(entries, allow_nan=False))
         return 0
     for e in entries:
         k = e["key"]
@@ -247,7 +247,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         bundle, args.backend, options=_options(args), spectrum_backend=args.spectrum_backend
     )
     if args.json:
-        _out(json.dumps(report.to_json()))
+        _out(json.dumps(report.to_json(), allow_nan=False))
     else:
         for c in report.checks:
             _out(f"{'PASS' if c.passed else 'FAIL'}  {c.name:<9} {c.ms:8.1f} ms  {c.detail}")

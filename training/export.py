@@ -166,7 +166,7 @@ def metadata_props(meta: BundleMeta) -> dict[str, str]:
         "name": meta.name,
         "version": str(meta.version),
         "task": meta.task,
-        "classes": json.dumps(list(meta.classes)),
+        "classes": json.dumps(list(meta.classes), allow_nan=False),
         "spectrum_algorithm": str(meta.spectrum.get("algorithm", "")),
         "render_version": str(meta.render.get("version", "")),
     }
