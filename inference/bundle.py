@@ -49,6 +49,7 @@ GOLDEN_OUTPUTS = "golden/outputs.npy"
 UNLISTED = frozenset({MANIFEST, SIGNATURE})
 #: Versions are JSON numbers: above 2**53 a double no longer holds every integer exactly.
 MAX_VERSION = 2**53
+DEFAULT_TOLERANCE: dict[Literal["fp32", "fp16"], float] = {"fp32": 1e-4, "fp16": 2e-2}
 MAX_GOLDEN = 256  # golden inputs per bundle: enough to prove a backend, small enough to load
 
 # Strict scalar types: no "2" for 2, no true for 1, no NaN or infinity.
@@ -133,7 +134,7 @@ class GoldenSpec(_Strict):
     """How closely a backend must reproduce the golden outputs before it serves."""
 
     tolerance: dict[Literal["fp32", "fp16"], Annotated[PositiveFinite, Field(le=1.0)]] = Field(
-        default_factory=lambda: {"fp32": 1e-4, "fp16": 2e-2},
+        default_factory=lambda: dict(DEFAULT_TOLERANCE),
         description="max absolute probability difference per precision",
     )
     allow_fp32_fallback: StrictBool = Field(

@@ -292,11 +292,13 @@ class Installer:
                 self._step("verified", version=version, signer=verified.signer)
                 slot = _slot_for(verified.bundle, verified.signer, txn)
                 return slot, self._place_and_check(txn, root, slot, verified.bundle)
-            except (OtaError, OSError) as exc:
+            except OtaError as exc:
                 self._reject(version, exc)
-                if isinstance(exc, OSError):
-                    raise RejectedError(f"install failed: {exc}") from exc
                 raise
+            except Exception as exc:  # whatever failed: undo it all, then say why
+                self._reject(version, exc)
+                what = "" if isinstance(exc, OSError) else f"{type(exc).__name__}: "
+                raise RejectedError(f"install failed: {what}{exc}") from exc
 
     def _stage(self, source: Path, staging: Path, limits: UnpackLimits) -> Path:
         if source.is_dir():

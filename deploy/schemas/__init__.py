@@ -54,7 +54,7 @@ def _finite_number(checker: Any, instance: Any) -> bool:
 
 
 #: Draft 2020-12 whose ``number`` (and so ``integer``) never matches NaN or infinity.
-StrictValidator = jsonschema.validators.extend(
+StrictValidator = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
     jsonschema.Draft202012Validator,
     type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("number", _finite_number),
 )
