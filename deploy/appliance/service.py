@@ -62,6 +62,7 @@ from deploy.exceptions import (
     ServiceError,
 )
 from deploy.mqtt import MqttLink, OutboxPump, Topics
+from deploy.ota.watch import StoreWatcher
 from deploy.outbox import Outbox
 from deploy.schemas import validate
 from firmware_bridge.exceptions import BridgeError
@@ -246,6 +247,8 @@ class Appliance:
         self.supervisor.add("publish", pump.run)
         if self.ota.enabled:
             self.supervisor.add("ota", self.ota.run)
+        # ota/state follows the store whoever changes it (e.g. a local omis ota install).
+        self.supervisor.add("store-watch", StoreWatcher(self.ota.store, self.ota.publish_state).run)
         self.supervisor.start()
 
     # ----------------------------------------------------------------- scanning
