@@ -167,12 +167,11 @@ def _publish(args: argparse.Namespace) -> int:
         reply = sender.deliver(offer, archive, args.wait)
         if not reply.get("ok", False):
             out = {"outcome": "rejected", "reason": _reply_reason(reply), "reply": reply}
-            _emit(args, out, f"rejected: {out['reason']}")
+            _emit(args, out, json.dumps(out, allow_nan=False))
             return 1
         state = sender.outcome(offer, max(0.0, deadline - time.monotonic()))
     out = {**final_outcome(state, cid), "reply": reply, "state": state}
-    text = f"{out['outcome']} v{out['version']}" + (f": {out['reason']}" if out["reason"] else "")
-    _emit(args, out, text)
+    _emit(args, out, json.dumps(out, allow_nan=False))  # JSON either way, as it always was
     return 0 if out["outcome"] == "committed" else 1
 
 
