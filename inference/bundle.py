@@ -7,6 +7,8 @@ Layout::
     model.onnx        probabilities as output, dynamic batch axis
     golden/inputs.npy   float32 N×C×H×W network inputs (already preprocessed)
     golden/outputs.npy  float32 N×K reference probabilities
+    golden/fields/NNN-diffuse.png, NNN-polarized.png   golden field pairs (``golden.fields``)
+    golden/path/*.npy   what the whole device path must make of them (inference.golden_path)
 
 Every file other than the manifest and its signature is listed with its sha256 and size;
 :func:`load_bundle` refuses missing, extra or altered files.  Nothing on the device guesses
@@ -46,6 +48,16 @@ SIGNATURE = "manifest.sig"
 MODEL = "model.onnx"
 GOLDEN_INPUTS = "golden/inputs.npy"
 GOLDEN_OUTPUTS = "golden/outputs.npy"
+#: The whole-path goldens: per field pair, spectrum integers, image, tensor, probabilities.
+GOLDEN_PATH_ARRAYS = (
+    "golden/path/histograms.npy",
+    "golden/path/counts.npy",
+    "golden/path/pixels.npy",
+    "golden/path/images.npy",
+    "golden/path/inputs.npy",
+    "golden/path/outputs.npy",
+)
+MAX_GOLDEN_FIELDS = 16
 UNLISTED = frozenset({MANIFEST, SIGNATURE})
 #: Versions are JSON numbers: above 2**53 a double no longer holds every integer exactly.
 MAX_VERSION = 2**53
@@ -137,6 +149,14 @@ class GoldenSpec(_Strict):
         default_factory=lambda: dict(DEFAULT_TOLERANCE),
         description="max absolute probability difference per precision",
     )
+    fields: StrictInt = Field(
+        0,
+        ge=0,
+        le=MAX_GOLDEN_FIELDS,
+        description="golden field pairs under golden/fields/, with their expected spectrum, "
+        "image, tensor and probabilities under golden/path/ (0: none; the device then refuses "
+        "the bundle, since its own path cannot be proven)",
+    )
     allow_fp32_fallback: StrictBool = Field(
         True, description="if an FP16 engine fails the gate, FP32 may serve (device: degraded)"
     )
@@ -183,7 +203,7 @@ class Manifest(_Strict):
             raise ValueError("risk must map exactly the classes")
         if set(self.risk.values()) != {"low", "high"}:
             raise ValueError("risk must contain both low and high classes")
-        for required in (MODEL, GOLDEN_INPUTS, GOLDEN_OUTPUTS):
+        for required in (MODEL, GOLDEN_INPUTS, GOLDEN_OUTPUTS, *golden_path_files(self.golden)):
             if required not in self.files:
                 raise ValueError(f"files must list {required}")
         for name in self.files:
@@ -202,6 +222,19 @@ class Manifest(_Strict):
     def high_classes(self) -> tuple[int, ...]:
         """Indices of the classes whose risk is high."""
         return tuple(i for i, c in enumerate(self.classes) if self.risk[c] == "high")
+
+
+def golden_field_files(index: int) -> tuple[str, str]:
+    """Bundle-relative names of golden field pair ``index``: (diffuse, polarized)."""
+    return f"golden/fields/{index:03d}-diffuse.png", f"golden/fields/{index:03d}-polarized.png"
+
+
+def golden_path_files(golden: GoldenSpec) -> list[str]:
+    """Every whole-path golden file a manifest with ``golden.fields`` pairs must list."""
+    if golden.fields == 0:
+        return []
+    pairs = [name for i in range(golden.fields) for name in golden_field_files(i)]
+    return [*pairs, *GOLDEN_PATH_ARRAYS]
 
 
 def _check_runnable(m: Manifest) -> None:

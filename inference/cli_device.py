@@ -11,12 +11,13 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from inference.backends import BACKEND_NAMES, BackendOptions
 from inference.bundle import Bundle, load_bundle
-from inference.exceptions import InferenceError
+from inference.exceptions import GoldenMismatchError, InferenceError
 
 DEFAULT_STATE_DIR = "/var/lib/omis"
 SPECTRUM_BACKENDS = ("auto", "numpy", "cuda")
@@ -99,7 +100,8 @@ def _pipeline(args: argparse.Namespace, bundle: Bundle) -> Any:
     from inference.golden import open_checked
     from inference.pipeline import PipelineConfig, SlidePipeline
 
-    backend, _ = open_checked(args.backend, bundle, _options(args))
+    spectrum = args.spectrum_backend
+    backend, _ = open_checked(args.backend, bundle, _options(args), spectrum_backend=spectrum)
     return SlidePipeline(bundle, backend, PipelineConfig(spectrum_backend=args.spectrum_backend))
 
 
@@ -205,10 +207,17 @@ def cmd_engine_build(args: argparse.Namespace) -> int:
     """Build (or find in the cache) the TensorRT engine of a bundle and pass the golden gate."""
     from inference.backends import load_backend
     from inference.golden import golden_report
+    from inference.golden_path import check_device_path
 
     bundle = _bundle(args)
     with load_backend("tensorrt", bundle, _options(args)) as backend:
         report = golden_report(backend, bundle)
+        if report.passed:  # the engine must also reproduce the whole device path
+            try:
+                path = check_device_path(backend, bundle, args.spectrum_backend)
+                report = replace(report, path=path.to_json())
+            except GoldenMismatchError as exc:
+                report = replace(report, invalid=f"device path: {exc}")
         info = {"backend": backend.describe(), "golden": report.to_json()}
     if args.json:
         _out(json.dumps(info, allow_nan=False))
@@ -282,6 +291,7 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
     b.add_argument("--workspace-mb", type=int, default=1024)
     b.add_argument("--dla-core", type=int, help="build for this DLA core, GPU fallback on")
     b.add_argument("--version-compatible", action="store_true")
+    b.add_argument("--spectrum-backend", choices=SPECTRUM_BACKENDS, default="auto")
     b.add_argument("--json", action="store_true")
     b.set_defaults(handler=cmd_engine_build)
     ls = esub.add_parser("list", parents=[common], help="list cached engines")

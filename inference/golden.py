@@ -1,5 +1,8 @@
 """The golden gate: a backend serves only after it reproduces the bundle's golden outputs.
 
+:func:`open_checked` runs both halves: the golden tensors through the backend (here), then the
+golden field pairs through the whole device path (:mod:`inference.golden_path`).
+
 Pass means, for every golden input: the maximum absolute probability difference is within the
 manifest's tolerance for the backend's precision, nothing is NaN, and the top class is the same.
 An FP16 backend that fails is reported; an FP32 one of the same kind serves instead only where
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -24,6 +27,8 @@ from inference.exceptions import (
     InvalidValueError,
     NonFiniteError,
 )
+from inference.golden_path import check_device_path
+from inference.spectrum import SpectrumBackend
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ class GoldenReport:
     top_class_mismatches: tuple[int, ...]
     nan: bool
     invalid: str = ""  # why the outputs are not usable probabilities (empty: they are)
+    path: dict[str, Any] | None = None  # the whole-path check (inference.golden_path), if run
 
     @property
     def passed(self) -> bool:
@@ -73,6 +79,7 @@ class GoldenReport:
             "top_class_mismatches": list(self.top_class_mismatches),
             "nan": self.nan,
             "invalid": self.invalid,
+            "path": self.path,
             "passed": self.passed,
         }
 
@@ -124,15 +131,28 @@ def check_golden(backend: InferenceBackend, bundle: Bundle) -> GoldenReport:
     return report
 
 
+def gate(
+    backend: InferenceBackend, bundle: Bundle, spectrum: str | SpectrumBackend = "auto"
+) -> GoldenReport:
+    """The full gate: golden tensors, then the golden field pairs through the device path."""
+    report = check_golden(backend, bundle)
+    path = check_device_path(backend, bundle, spectrum)
+    return replace(report, path=path.to_json())
+
+
 def _fp32_fallback(
-    failed: InferenceBackend, bundle: Bundle, options: BackendOptions, failure: GoldenMismatchError
+    failed: InferenceBackend,
+    bundle: Bundle,
+    options: BackendOptions,
+    failure: GoldenMismatchError,
+    spectrum: str | SpectrumBackend,
 ) -> tuple[InferenceBackend, GoldenReport]:
     log.error("FP16 engine failed the golden gate (%s); falling back to FP32, degraded", failure)
     fallback = load_backend(failed.name, bundle, options.with_precision("fp32"))
     # Keep what was asked for (e.g. auto) visible through the fallback.
     fallback.mark_selected(failed.requested, failed.skipped)
     try:
-        report = check_golden(fallback, bundle)
+        report = gate(fallback, bundle, spectrum)
     except BaseException:
         fallback.close()
         raise
@@ -151,14 +171,21 @@ def _warmup(backend: InferenceBackend, enabled: bool) -> None:
 
 
 def open_checked(
-    name: str, bundle: Bundle, options: BackendOptions | None = None, warmup: bool = True
+    name: str,
+    bundle: Bundle,
+    options: BackendOptions | None = None,
+    warmup: bool = True,
+    spectrum_backend: str | SpectrumBackend = "auto",
 ) -> tuple[InferenceBackend, GoldenReport]:
-    """Load a backend, warm it up and pass it through the golden gate before it serves."""
+    """Load a backend, warm it up and pass it through the golden gate before it serves.
+
+    The gate covers the whole device path: ``spectrum_backend`` is the one that will serve.
+    """
     opts = options or BackendOptions()
     backend = load_backend(name, bundle, opts)
     try:
         _warmup(backend, warmup)
-        return backend, check_golden(backend, bundle)
+        return backend, gate(backend, bundle, spectrum_backend)
     except GoldenMismatchError as exc:
         backend.close()
         if backend.precision != "fp16":
@@ -167,7 +194,7 @@ def open_checked(
             raise GoldenMismatchError(
                 f"{exc}; the bundle does not allow an FP32 fallback (golden.allow_fp32_fallback)"
             ) from exc
-        return _fp32_fallback(backend, bundle, opts, exc)
+        return _fp32_fallback(backend, bundle, opts, exc, spectrum_backend)
     except BaseException:
         backend.close()
         raise

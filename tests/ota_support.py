@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from fakes.bundles import SPECTRUM, write_fields
 from onnx import TensorProto, helper
 
 from deploy.ota.signing import generate_keypair, sign_bundle
@@ -74,6 +75,7 @@ def make_bundle(
     (root / "golden").mkdir()
     np.save(root / GOLDEN_INPUTS, inputs)
     np.save(root / GOLDEN_OUTPUTS, outputs)
+    write_fields(root, 2, SIZE, dict(RENDER))
     manifest = build_manifest(
         root,
         name=name,
@@ -82,8 +84,9 @@ def make_bundle(
         classes=("low", "high"),
         risk={"low": "low", "high": "high"},
         input={"name": "input", "shape": (-1, 3, SIZE, SIZE)},
-        spectrum=parse_params().model_dump(),
+        spectrum=parse_params(SPECTRUM).model_dump(),
         render=dict(RENDER),
+        golden={"fields": 2},
         min_app_version=min_app_version,
     )
     atomic_write_bytes(root / MANIFEST, manifest.to_json_bytes())

@@ -67,15 +67,19 @@ class GoldenGate:
 
     backend: str = "auto"
     state_dir: Path | None = None
+    spectrum_backend: str = "auto"
 
     def __call__(self, bundle: Bundle) -> None:
-        """Raise :class:`ModelCheckError` unless the model reproduces its golden outputs."""
+        """Raise :class:`ModelCheckError` unless the model reproduces its golden outputs,
+        from the golden tensors and from the golden field pairs through the device path."""
         from inference.backends import BackendOptions
         from inference.golden import open_checked
 
         options = BackendOptions(state_dir=str(self.state_dir) if self.state_dir else None)
         try:
-            backend, report = open_checked(self.backend, bundle, options, warmup=False)
+            backend, report = open_checked(
+                self.backend, bundle, options, warmup=False, spectrum_backend=self.spectrum_backend
+            )
         except InferenceError as exc:
             raise ModelCheckError(f"engine/golden gate failed: {exc}") from exc
         with backend:
