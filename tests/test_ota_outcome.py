@@ -51,7 +51,12 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "v1": make_bundle(d / "v1", seed=1, version=1),
         "v2": make_bundle(d / "v2", seed=2, version=2),
         "bad": make_bundle(d / "bad", seed=3, version=2, golden_offset=0.5),
+        "nan": make_bundle(d / "nan", seed=4, version=2),
     }
+    # Preprocessing that overflows to infinity: the tensor-level gate alone passed this one.
+    raw = json.loads((d / "nan" / "manifest.json").read_bytes())
+    raw["input"]["normalization"]["std"] = [0.2, 1e-39, 0.2]
+    (d / "nan" / "manifest.json").write_text(json.dumps(raw))
     for name, bundle in bundles.items():
         sign_bundle(bundle.root, key.private)
         out[name] = bundle.root
@@ -110,6 +115,7 @@ CASES: list[tuple[str, str, list[Callable[[], None]], str, int, str]] = [
     ("committed", "v2.tar", [], "committed", 0, ""),
     ("rejected", "bad.tar", [], "rejected", 1, "golden outputs not reproduced"),
     ("rolled back", "v2.tar", [_failing_check], "rolled_back", 1, "firmware handshake failed"),
+    ("non-finite path", "nan.tar", [], "rejected", 1, "preprocess: input tensor holds"),
 ]
 
 

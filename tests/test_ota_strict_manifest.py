@@ -8,26 +8,17 @@ checks are the only thing between a signed mistake and the serving model.
 from __future__ import annotations
 
 import io
-import json
-import os
 import pickle
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from ota_support import make_bundle, make_keys
+from ota_support import Edit, install_cli, make_bundle, make_keys, resigned, set_key
 
 from deploy.ota import GoldenGate, Installer, ModelStore, TrustStore
 from deploy.ota.exceptions import RejectedError
-from deploy.ota.signing import load_private_key
-from inference.bundle import MANIFEST, SIGNATURE, file_entries
-
-OMIS = [sys.executable, "-m", "deploy.cli"]
-Edit = Callable[[Path, dict[str, Any]], None]
 
 
 @pytest.fixture(scope="module")
@@ -44,28 +35,6 @@ def device(tmp_path: Path, keys: tuple[Path, Path]) -> Path:
         make_bundle(tmp_path / "v2", 2, key=keys[0])
     )
     return state
-
-
-def resigned(root: Path, key: Path, edit: Edit) -> Path:
-    """Apply ``edit(root, raw_manifest)``, re-list every file and sign the exact bytes."""
-    raw = json.loads((root / MANIFEST).read_bytes())
-    edit(root, raw)
-    raw["files"] = {k: v.model_dump() for k, v in file_entries(root).items()}
-    data = json.dumps(raw, indent=2).encode()
-    (root / MANIFEST).write_bytes(data)
-    (root / SIGNATURE).write_bytes(load_private_key(key).sign(data))
-    return root
-
-
-def _set(path: str, value: Any) -> Edit:
-    def edit(root: Path, raw: dict[str, Any]) -> None:
-        *parents, last = path.split(".")
-        node = raw
-        for p in parents:
-            node = node[p]
-        node[last] = value
-
-    return edit
 
 
 def _npy(name: str, writer: Callable[[Path], None]) -> Edit:
@@ -108,17 +77,17 @@ def _npz(path: Path) -> None:
 
 
 CASES: list[tuple[str, Edit, str]] = [
-    ("version string", _set("version", "3"), "version: Input should be a valid integer"),
-    ("version float", _set("version", 3.0), "version: Input should be a valid integer"),
-    ("version bool", _set("version", True), "version: Input should be a valid integer"),
-    ("version 10**30", _set("version", 10**30), "version: Input should be less than"),
-    ("version zero", _set("version", 0), "version: Input should be greater than or equal to 1"),
-    ("std zero", _set("input.normalization.std", [0.2, 0.0, 0.2]), "std.1"),
-    ("threshold string", _set("thresholds.decision", "0.5"), "thresholds.decision"),
-    ("unknown key", _set("surprise", 1), "surprise: Extra inputs are not permitted"),
-    ("unknown algorithm", _set("spectrum.algorithm", "omis-magic-v9"), "unknown spectrum"),
-    ("render size", _set("render.width", 64), "render size 64x16 does not match"),
-    ("render off axis", _set("render.x_range_nm", [900.0, 1000.0]), "x_range_nm"),
+    ("version string", set_key("version", "3"), "version: Input should be a valid integer"),
+    ("version float", set_key("version", 3.0), "version: Input should be a valid integer"),
+    ("version bool", set_key("version", True), "version: Input should be a valid integer"),
+    ("version 10**30", set_key("version", 10**30), "version: Input should be less than"),
+    ("version zero", set_key("version", 0), "version: Input should be greater than or equal to 1"),
+    ("std zero", set_key("input.normalization.std", [0.2, 0.0, 0.2]), "std.1"),
+    ("threshold string", set_key("thresholds.decision", "0.5"), "thresholds.decision"),
+    ("unknown key", set_key("surprise", 1), "surprise: Extra inputs are not permitted"),
+    ("unknown algorithm", set_key("spectrum.algorithm", "omis-magic-v9"), "unknown spectrum"),
+    ("render size", set_key("render.width", 64), "render size 64x16 does not match"),
+    ("render off axis", set_key("render.x_range_nm", [900.0, 1000.0]), "x_range_nm"),
     ("pickled golden", _npy("golden/outputs.npy", _pickled), "golden/outputs.npy"),
     ("garbage golden", _npy("golden/inputs.npy", _garbage), "golden/inputs.npy"),
     ("float64 golden", _npy("golden/outputs.npy", _as("float64")), "expected float32"),
@@ -148,16 +117,7 @@ def test_omis_ota_install_refuses_and_leaves_nothing(
 ) -> None:
     before = _leftovers(device)
     bundle = resigned(make_bundle(tmp_path / "v3", 3), keys[0], edit)
-    env = {**os.environ, "OMIS_STATE_DIR": str(device)}
-    r = subprocess.run(
-        [*OMIS, "ota", "install", "-q", str(bundle), "--backend", "onnxruntime"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
-    )
-    assert r.returncode != 0
+    r = install_cli(device, bundle)
     last_line = r.stderr.strip().splitlines()[-1]
     assert "Traceback" not in r.stderr and last_line.startswith("omis ota: error: "), r.stderr
     assert reason in last_line
