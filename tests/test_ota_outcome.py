@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from broker_support import (
     Collector,
@@ -24,6 +25,7 @@ from broker_support import (
     wait_until,
 )
 from fakes.bundles import make_bundle
+from ota_support import resigned, set_key
 
 from deploy.appliance.ota import OtaSettings
 from deploy.appliance.service import Appliance
@@ -61,7 +63,20 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         sign_bundle(bundle.root, key.private)
         out[name] = bundle.root
         out[f"{name}.tar"] = pack_bundle(bundle.root, d / f"{name}.tar")
+    # Correctly signed, yet malformed: a pickled golden array, and a version that is a string.
+    odd = {
+        "pickled": resigned(make_bundle(d / "pickled", seed=5, version=2).root, key.private, _pkl),
+        "string-version": resigned(
+            make_bundle(d / "sv", seed=6, version=2).root, key.private, set_key("version", "2")
+        ),
+    }
+    for name, root in odd.items():
+        out[f"{name}.tar"] = pack_bundle(root, d / f"{name}.tar")
     return out
+
+
+def _pkl(root: Path, raw: dict[str, Any]) -> None:
+    np.save(root / "golden" / "outputs.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
 
 
 @contextlib.contextmanager
@@ -116,6 +131,7 @@ CASES: list[tuple[str, str, list[Callable[[], None]], str, int, str]] = [
     ("rejected", "bad.tar", [], "rejected", 1, "golden outputs not reproduced"),
     ("rolled back", "v2.tar", [_failing_check], "rolled_back", 1, "firmware handshake failed"),
     ("non-finite path", "nan.tar", [], "rejected", 1, "preprocess: input tensor holds"),
+    ("pickled golden", "pickled.tar", [], "rejected", 1, "golden/outputs.npy"),
 ]
 
 
@@ -135,14 +151,29 @@ def test_publish_exits_zero_only_when_committed(
 ) -> None:
     state = _device(tmp_path, kit)
     settings = OtaSettings(health=FAST, need_after_s=0.5, transfer_timeout_s=20.0, checks=checks)
-    with running(mosquitto, state, settings):
+    with running(mosquitto, state, settings) as app:
         done = _publish(mosquitto, kit[tar])
+        assert app.supervisor.last_error is None  # no worker crashed, whatever the bundle
+        assert app.publish_status()["state"] == "idle"
     assert done.returncode == code, done.stderr[-2000:]
     out = json.loads(done.stdout)
     assert out["outcome"] == outcome and out["version"] == 2
     assert out["reply"]["ok"] is True  # the bundle did arrive in every case
     assert reason in out["reason"]
     assert ModelStore(state).state()["current"] == (2 if outcome == "committed" else 1)
+
+
+def test_an_offer_with_a_string_version_is_refused_before_download(
+    mosquitto: Mosquitto, tmp_path: Path, kit: dict[str, Path]
+) -> None:
+    state = _device(tmp_path, kit)
+    with running(mosquitto, state, OtaSettings(health=FAST)):
+        done = _publish(mosquitto, kit["string-version.tar"])
+    assert done.returncode == 1
+    out = json.loads(done.stdout)
+    assert out["outcome"] == "rejected" and out["reply"]["ok"] is False
+    assert "version: Input should be a valid integer" in out["reason"]
+    assert ModelStore(state).state()["current"] == 1
 
 
 def test_publish_without_a_final_outcome_times_out(
