@@ -85,7 +85,7 @@ def _trust(args: argparse.Namespace) -> int:
 
 def _installer(args: argparse.Namespace) -> Any:
     from deploy.ota import GoldenGate, Installer, ModelStore, ServiceHooks, TrustStore
-    from deploy.ota.install import store_checks
+    from deploy.ota.gate import store_checks
 
     state_dir = _state_dir(args)
     store = ModelStore(state_dir)

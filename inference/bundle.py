@@ -33,14 +33,26 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
-    StrictFloat,
     StrictInt,
     StrictStr,
     ValidationError,
     model_validator,
 )
 
-from inference.exceptions import BundleError, InferenceError
+from inference.bundle_checks import (
+    DEFAULT_TOLERANCE,
+    MAX_GOLDEN_FIELDS,
+    MAX_VERSION,
+    Finite,
+    PositiveFinite,
+    Probability,
+    check_runnable,
+    first_error,
+    golden_path_files,
+    load_array,
+    strict_json,
+)
+from inference.exceptions import BundleError
 
 SCHEMA = "omis.bundle/1"
 MANIFEST = "manifest.json"
@@ -48,26 +60,7 @@ SIGNATURE = "manifest.sig"
 MODEL = "model.onnx"
 GOLDEN_INPUTS = "golden/inputs.npy"
 GOLDEN_OUTPUTS = "golden/outputs.npy"
-#: The whole-path goldens: per field pair, spectrum integers, image, tensor, probabilities.
-GOLDEN_PATH_ARRAYS = (
-    "golden/path/histograms.npy",
-    "golden/path/counts.npy",
-    "golden/path/pixels.npy",
-    "golden/path/images.npy",
-    "golden/path/inputs.npy",
-    "golden/path/outputs.npy",
-)
-MAX_GOLDEN_FIELDS = 16
 UNLISTED = frozenset({MANIFEST, SIGNATURE})
-#: Versions are JSON numbers: above 2**53 a double no longer holds every integer exactly.
-MAX_VERSION = 2**53
-DEFAULT_TOLERANCE: dict[Literal["fp32", "fp16"], float] = {"fp32": 1e-4, "fp16": 2e-2}
-MAX_GOLDEN = 256  # golden inputs per bundle: enough to prove a backend, small enough to load
-
-# Strict scalar types: no "2" for 2, no true for 1, no NaN or infinity.
-Finite = Annotated[StrictFloat, Field(allow_inf_nan=False)]
-PositiveFinite = Annotated[StrictFloat, Field(gt=0.0, allow_inf_nan=False)]
-Probability = Annotated[StrictFloat, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -203,14 +196,15 @@ class Manifest(_Strict):
             raise ValueError("risk must map exactly the classes")
         if set(self.risk.values()) != {"low", "high"}:
             raise ValueError("risk must contain both low and high classes")
-        for required in (MODEL, GOLDEN_INPUTS, GOLDEN_OUTPUTS, *golden_path_files(self.golden)):
+        path_files = golden_path_files(self.golden.fields)
+        for required in (MODEL, GOLDEN_INPUTS, GOLDEN_OUTPUTS, *path_files):
             if required not in self.files:
                 raise ValueError(f"files must list {required}")
         for name in self.files:
             _check_relpath(name)
         if len(set(self.classes)) != len(self.classes):
             raise ValueError("classes must be distinct")
-        _check_runnable(self)
+        check_runnable(self.spectrum, self.render, (self.input.height, self.input.width))
         return self
 
     def to_json_bytes(self) -> bytes:
@@ -222,46 +216,6 @@ class Manifest(_Strict):
     def high_classes(self) -> tuple[int, ...]:
         """Indices of the classes whose risk is high."""
         return tuple(i for i, c in enumerate(self.classes) if self.risk[c] == "high")
-
-
-def golden_field_files(index: int) -> tuple[str, str]:
-    """Bundle-relative names of golden field pair ``index``: (diffuse, polarized)."""
-    return f"golden/fields/{index:03d}-diffuse.png", f"golden/fields/{index:03d}-polarized.png"
-
-
-def golden_path_files(golden: GoldenSpec) -> list[str]:
-    """Every whole-path golden file a manifest with ``golden.fields`` pairs must list."""
-    if golden.fields == 0:
-        return []
-    pairs = [name for i in range(golden.fields) for name in golden_field_files(i)]
-    return [*pairs, *GOLDEN_PATH_ARRAYS]
-
-
-def _check_runnable(m: Manifest) -> None:
-    """The spectrum and render sections must describe something this code can compute."""
-    from inference.render import render_params_from_json
-    from inference.spectrum import parse_params
-    from inference.spectrum.types import axis_nm
-
-    try:
-        params = parse_params(m.spectrum)
-        render = render_params_from_json(m.render)
-    except InferenceError as exc:
-        raise ValueError(str(exc)) from exc
-    if (render.height, render.width) != (m.input.height, m.input.width):
-        raise ValueError(
-            f"render size {render.width}x{render.height} does not match the model input "
-            f"{m.input.width}x{m.input.height}"
-        )
-    if render.x_range_nm is not None:
-        axis = axis_nm(params)
-        lo, hi = render.x_range_nm
-        inside = int(np.count_nonzero((axis >= lo) & (axis <= hi)))
-        if inside < 2:
-            raise ValueError(
-                f"render x_range_nm {render.x_range_nm} holds {inside} point(s) of the spectrum "
-                f"axis [{axis[0]:g}, {axis[-1]:g}] nm; need at least 2"
-            )
 
 
 def _check_relpath(name: str) -> None:
@@ -299,35 +253,10 @@ def file_entries(root: Path) -> dict[str, FileEntry]:
     return entries
 
 
-def first_error(exc: ValidationError) -> str:
-    """``key.path: message (got value)`` of the first validation error, for one clear line."""
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "manifest"
-    msg = str(first["msg"]).removeprefix("Value error, ")
-    got = first.get("input")
-    if first["loc"] and isinstance(got, str | int | float | bool) and got is not None:
-        msg += f" (got {got!r})"
-    return f"{where}: {msg}"
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number (strict JSON: finite numbers only)")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    dup = sorted({k for k in keys if keys.count(k) > 1})
-    if dup:
-        raise ValueError(f"duplicate key(s) {', '.join(map(repr, dup))}")
-    return dict(pairs)
-
-
 def parse_manifest(data: bytes, source: str = MANIFEST) -> Manifest:
     """Parse and validate manifest bytes, with an error naming the offending key."""
     try:
-        raw = json.loads(
-            data.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_unique_keys
-        )
+        raw = strict_json(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise BundleError(f"{source}: not valid JSON ({exc})") from exc
     if not isinstance(raw, dict):
@@ -374,30 +303,6 @@ class Bundle:
         """Name, version and model hash, as results and status report them."""
         m = self.manifest
         return {"name": m.name, "version": m.version, "sha256": self.model_sha256}
-
-
-def load_array(
-    root: Path, name: str, dtype: type[np.generic], shape: tuple[int | None, ...]
-) -> npt.NDArray[Any]:
-    """Load ``root/name`` (.npy, never pickle) and require ``dtype``, ``shape`` and finiteness.
-
-    ``None`` in ``shape`` is the count of golden items: 1 to :data:`MAX_GOLDEN`.
-    """
-    try:
-        arr = np.load(root / name, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise BundleError(f"{name}: not a readable .npy array ({exc})") from exc
-    if not isinstance(arr, np.ndarray):
-        raise BundleError(f"{name}: not a single .npy array")
-    want = tuple("N" if s is None else s for s in shape)
-    if arr.dtype != np.dtype(dtype) or arr.ndim != len(shape):
-        raise BundleError(f"{name}: expected {np.dtype(dtype)} {want}, got {arr.dtype} {arr.shape}")
-    for got, expect in zip(arr.shape, shape, strict=True):
-        if (expect is None and not 1 <= got <= MAX_GOLDEN) or (expect not in (None, got)):
-            raise BundleError(f"{name}: expected shape {want}, got {arr.shape}")
-    if arr.dtype.kind == "f" and not bool(np.isfinite(arr).all()):
-        raise BundleError(f"{name}: holds NaN or infinity")
-    return arr
 
 
 def verify_files(root: Path, manifest: Manifest) -> None:

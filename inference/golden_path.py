@@ -34,13 +34,8 @@ import numpy.typing as npt
 from firmware_bridge.exceptions import BridgeError
 from firmware_bridge.images import read_rgb, write_png
 from inference.backends.base import InferenceBackend
-from inference.bundle import (
-    GOLDEN_PATH_ARRAYS,
-    Bundle,
-    InputSpec,
-    golden_field_files,
-    load_array,
-)
+from inference.bundle import Bundle, InputSpec
+from inference.bundle_checks import GOLDEN_PATH_ARRAYS, golden_field_files, load_array
 from inference.exceptions import (
     BundleError,
     GoldenMismatchError,

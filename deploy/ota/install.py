@@ -57,37 +57,6 @@ StepCallback = Callable[[str, dict[str, Any]], None]
 Verdict = Literal["pending", "healthy", "unhealthy"]
 
 
-# -- the default model checker: inference's backends and golden gate ----------------------------
-
-
-@dataclass(frozen=True)
-class GoldenGate:
-    """Open ``backend`` for the bundle (building/loading a TensorRT engine under ``state_dir``)
-    and require the golden outputs within the manifest's tolerance and the same top class."""
-
-    backend: str = "auto"
-    state_dir: Path | None = None
-    spectrum_backend: str = "auto"
-
-    def __call__(self, bundle: Bundle) -> None:
-        """Raise :class:`ModelCheckError` unless the model reproduces its golden outputs,
-        from the golden tensors and from the golden field pairs through the device path."""
-        from inference.backends import BackendOptions
-        from inference.golden import open_checked
-
-        options = BackendOptions(state_dir=str(self.state_dir) if self.state_dir else None)
-        try:
-            backend, report = open_checked(
-                self.backend, bundle, options, warmup=False, spectrum_backend=self.spectrum_backend
-            )
-        except InferenceError as exc:
-            raise ModelCheckError(f"engine/golden gate failed: {exc}") from exc
-        with backend:
-            log.info("ota: golden gate passed on %s: %s", backend.name, report.summary())
-            if backend.degraded:
-                log.warning("ota: the new model would serve degraded: %s", backend.describe())
-
-
 # -- health ----------------------------------------------------------------------------------
 
 
@@ -416,15 +385,3 @@ def _slot_for(bundle: Bundle, signer: str, txn: str) -> Slot:
         signer=signer,
         installed_at=now_rfc3339(),
     )
-
-
-def store_checks(store: ModelStore, checker: ModelChecker) -> list[Callable[[], None]]:
-    """Default health checks without a service: the active model loads and passes its gate."""
-
-    def active_model_serves() -> None:
-        bundle = store.active()
-        if bundle is None:
-            raise HealthCheckError("no active model")
-        checker(bundle)
-
-    return [active_model_serves]
