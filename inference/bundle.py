@@ -174,7 +174,10 @@ class Manifest(_Strict):
     version: StrictInt = Field(
         ge=1, lt=MAX_VERSION, description="a JSON integer below 2**53 that only grows"
     )
-    created: StrictStr = Field(description="RFC 3339 UTC time of creation (informational only)")
+    created: StrictStr = Field(
+        pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$",
+        description="RFC 3339 time of creation (informational only)",
+    )
     task: Literal["binary", "pap4"]
     classes: tuple[Annotated[StrictStr, Field(min_length=1)], ...] = Field(min_length=2)
     risk: dict[str, Literal["low", "high"]] = Field(description="class -> risk")
@@ -192,6 +195,8 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes must be distinct")
         if set(self.risk) != set(self.classes):
             raise ValueError("risk must map exactly the classes")
         if set(self.risk.values()) != {"low", "high"}:
@@ -202,8 +207,6 @@ class Manifest(_Strict):
                 raise ValueError(f"files must list {required}")
         for name in self.files:
             _check_relpath(name)
-        if len(set(self.classes)) != len(self.classes):
-            raise ValueError("classes must be distinct")
         check_runnable(self.spectrum, self.render, (self.input.height, self.input.width))
         return self
 
