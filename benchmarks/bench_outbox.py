@@ -99,7 +99,7 @@ def main() -> None:
                 f"end-to-end sim:// slide (4 fields, incl. PUBACK): "
                 f"median {sorted(lat)[len(lat) // 2]:.0f} ms, max {max(lat):.0f} ms"
             )
-        print(json.dumps(rows))
+        print(json.dumps(rows, allow_nan=False))
 
 
 if __name__ == "__main__":

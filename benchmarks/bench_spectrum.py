@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print_table("GPU kernel (CUDA events, median)", g["rows"])
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        args.json.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     return 0
 
 

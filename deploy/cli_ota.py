@@ -7,6 +7,7 @@ import argparse
 import json
 import secrets
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,11 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
     # Results go to stdout (logs go to stderr); sys.stdout.write keeps library lint rules intact.
-    out = json.dumps(data, indent=2, sort_keys=True) if getattr(args, "json", False) else text
+    out = (
+        json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
+        if getattr(args, "json", False)
+        else text
+    )
     sys.stdout.write(out + "\n")
 
 
@@ -80,7 +85,7 @@ def _trust(args: argparse.Namespace) -> int:
 
 def _installer(args: argparse.Namespace) -> Any:
     from deploy.ota import GoldenGate, Installer, ModelStore, ServiceHooks, TrustStore
-    from deploy.ota.install import store_checks
+    from deploy.ota.gate import store_checks
 
     state_dir = _state_dir(args)
     store = ModelStore(state_dir)
@@ -135,7 +140,7 @@ def _publish(args: argparse.Namespace) -> int:
     from deploy.broker import parse_broker_url
     from deploy.ota.delivery import PathSource, UrlSource, inline_source, make_offer
     from deploy.ota.exceptions import DeliveryError
-    from deploy.ota.sender import OfferSender
+    from deploy.ota.sender import OfferSender, final_outcome
     from deploy.ota.signing import opened
     from deploy.ota.unpack import is_archive
     from inference.bundle import sha256_file
@@ -156,11 +161,23 @@ def _publish(args: argparse.Namespace) -> int:
         src = inline_source(bundle, secrets.token_hex(8), args.chunk_kib * 1024)
     with opened(bundle):
         offer = make_offer(bundle, src, cid)
+    deadline = time.monotonic() + args.wait
     with OfferSender(parse_broker_url(args.broker), args.prefix, args.device_id) as sender:
         sender.connect()
         reply = sender.deliver(offer, archive, args.wait)
-    _emit(args, reply, json.dumps(reply))
-    return 0 if reply.get("ok", reply.get("status") == "ok") else 1
+        if not reply.get("ok", False):
+            out = {"outcome": "rejected", "reason": _reply_reason(reply), "reply": reply}
+            _emit(args, out, json.dumps(out, allow_nan=False))
+            return 1
+        state = sender.outcome(offer, max(0.0, deadline - time.monotonic()))
+    out = {**final_outcome(state, cid), "reply": reply, "state": state}
+    _emit(args, out, json.dumps(out, allow_nan=False))  # JSON either way, as it always was
+    return 0 if out["outcome"] == "committed" else 1
+
+
+def _reply_reason(reply: dict[str, Any]) -> str:
+    error = reply.get("error")
+    return str(error.get("message", error)) if isinstance(error, dict) else str(error or reply)
 
 
 def _leaf(
@@ -228,7 +245,13 @@ def _register_ota(sub: argparse._SubParsersAction[Any], common: argparse.Argumen
     how.add_argument("--url", help="HTTPS URL the device downloads the .tar from")
     how.add_argument("--path", help="path of the bundle on the device")
     pub.add_argument("--chunk-kib", type=int, default=256, help="chunk size for --inline")
-    pub.add_argument("--wait", type=float, default=600.0, help="seconds to wait for the reply")
+    pub.add_argument(
+        "--wait",
+        type=float,
+        default=900.0,
+        help="seconds to wait for the final outcome (committed, rolled back, rejected); "
+        "exits 0 only when committed",
+    )
 
 
 def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:

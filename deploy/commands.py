@@ -89,14 +89,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(("OK " if healthy else "UNHEALTHY ") + reason)
         return 0 if healthy else EXIT_UNHEALTHY
     from deploy.appliance.service import Appliance
+    from deploy.daemon_lock import DaemonLock
 
-    app = Appliance(config, state_dir, _scanner(config, state_dir))
-    _install_signals(app.request_stop)
-    try:
-        app.start()
-        app.run()
-    finally:
-        app.shutdown()
+    with DaemonLock(state_dir):  # first: a second daemon must not touch anything
+        app = Appliance(config, state_dir, _scanner(config, state_dir))
+        _install_signals(app.request_stop)
+        try:
+            app.start()
+            app.run()
+        finally:
+            app.shutdown()
     return 0
 
 
@@ -194,7 +196,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     finally:
         app.shutdown()
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2, allow_nan=False))
     else:
         _print_scan_report(report)
     if report["summary"]["failed"]:

@@ -115,12 +115,15 @@ def ensure_dataset(cfg: DemoConfig, console: Console) -> Path:
 
 
 def ensure_bundle(cfg: DemoConfig, dataset: Path, console: Console) -> Path:
-    """The cached tiny model bundle, trained when missing."""
+    """The cached tiny model bundle, trained when missing or no longer servable."""
     out = cfg.cache_dir / f"{dataset.name}-tiny"
     bundle = out / "bundle"
     if (bundle / "manifest.json").is_file():
-        console.print(f"[green]model[/]: cached bundle {bundle}")
-        return bundle
+        stale = _stale_reason(bundle)
+        if stale is None:
+            console.print(f"[green]model[/]: cached bundle {bundle}")
+            return bundle
+        console.print(f"[yellow]model[/]: cached bundle is stale ({stale}); training again")
     if out.exists():
         shutil.rmtree(out)
     _run_step(
@@ -132,6 +135,20 @@ def ensure_bundle(cfg: DemoConfig, dataset: Path, console: Console) -> Path:
         ),
     )  # fmt: skip
     return bundle
+
+
+def _stale_reason(bundle: Path) -> str | None:
+    """Why a cached bundle cannot serve with this code (an older format), or None."""
+    from inference.bundle import load_bundle
+    from inference.exceptions import BundleError
+
+    try:
+        loaded = load_bundle(bundle)
+    except BundleError as exc:
+        return str(exc)
+    if loaded.manifest.golden.fields == 0:
+        return "no golden field pairs"
+    return None
 
 
 def _subscriber(port: int, inbox: queue.Queue[tuple[str, bytes]]) -> mqtt.Client:
@@ -247,7 +264,9 @@ def _summary(console: Console, run: DemoRun, scan_report: dict[str, Any] | None)
         f"({len(results) - len(decided)} abstained for human review)"
     )
     if scan_report is not None:
-        console.print(f"scan report: {json.dumps(scan_report.get('summary', scan_report))}")
+        console.print(
+            f"scan report: {json.dumps(scan_report.get('summary', scan_report), allow_nan=False)}"
+        )
     console.print(
         "[yellow]These numbers describe the synthetic sample simulator, not clinical performance."
     )

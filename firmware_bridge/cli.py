@@ -87,7 +87,7 @@ def _dataset_synth(args: argparse.Namespace) -> int:
     check_request(req)  # before the progress bar, so that bad input gives one line
     result = synthesize(req) if args.quiet else _synth_with_progress(req)
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps(result.to_json(), indent=2, allow_nan=False))
     else:
         counts = ", ".join(f"{g}={n}" for g, n in result.counts.items())
         print(

@@ -135,5 +135,7 @@ def record_acquisition(
             "settings": settings.model_dump(mode="json"),
             "fields": fields,
         }
-        atomic_write_text(tmp / "acquisition.json", json.dumps(meta, indent=2) + "\n")
+        atomic_write_text(
+            tmp / "acquisition.json", json.dumps(meta, indent=2, allow_nan=False) + "\n"
+        )
     return meta

@@ -7,6 +7,8 @@ Layout::
     model.onnx        probabilities as output, dynamic batch axis
     golden/inputs.npy   float32 N×C×H×W network inputs (already preprocessed)
     golden/outputs.npy  float32 N×K reference probabilities
+    golden/fields/NNN-diffuse.png, NNN-polarized.png   golden field pairs (``golden.fields``)
+    golden/path/*.npy   what the whole device path must make of them (inference.golden_path)
 
 Every file other than the manifest and its signature is listed with its sha256 and size;
 :func:`load_bundle` refuses missing, extra or altered files.  Nothing on the device guesses
@@ -22,12 +24,34 @@ import tarfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
+from inference.bundle_checks import (
+    DEFAULT_TOLERANCE,
+    MAX_GOLDEN_FIELDS,
+    MAX_VERSION,
+    Finite,
+    PositiveFinite,
+    Probability,
+    check_runnable,
+    first_error,
+    golden_path_files,
+    load_array,
+    strict_json,
+)
 from inference.exceptions import BundleError
 
 SCHEMA = "omis.bundle/1"
@@ -46,28 +70,39 @@ class _Strict(BaseModel):
 class FileEntry(_Strict):
     """Integrity record of one bundle file."""
 
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of the file")
-    size: int = Field(ge=0, description="size in bytes")
+    sha256: StrictStr = Field(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of the file")
+    size: StrictInt = Field(ge=0, lt=MAX_VERSION, description="size in bytes")
 
 
 class Normalization(_Strict):
     """``x = (pixel * scale - mean[c]) / std[c]`` per channel, in R, G, B order."""
 
-    scale: float = Field(1.0 / 255.0, description="applied to uint8 pixels first")
-    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="per channel")
-    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="per channel")
+    scale: PositiveFinite = Field(1.0 / 255.0, description="applied to uint8 pixels first")
+    mean: tuple[Finite, Finite, Finite] = Field((0.485, 0.456, 0.406), description="per channel")
+    std: tuple[PositiveFinite, PositiveFinite, PositiveFinite] = Field(
+        (0.229, 0.224, 0.225), description="per channel; a zero would divide by zero"
+    )
 
 
 class InputSpec(_Strict):
     """The network input tensor."""
 
-    name: str = Field("input", description="ONNX input name")
-    shape: tuple[int, int, int, int] = Field(
+    name: StrictStr = Field("input", min_length=1, description="ONNX input name")
+    shape: tuple[StrictInt, Literal[3], StrictInt, StrictInt] = Field(
         (-1, 3, 224, 224), description="N, C, H, W; -1 marks the dynamic batch axis"
     )
     dtype: Literal["float32"] = "float32"
     layout: Literal["NCHW"] = "NCHW"
     normalization: Normalization = Normalization()
+
+    @model_validator(mode="after")
+    def _sizes(self) -> InputSpec:
+        n, _, h, w = self.shape
+        if n != -1 and n < 1:
+            raise ValueError(f"shape: batch must be -1 (dynamic) or at least 1, got {n}")
+        if not (1 <= h <= 4096 and 1 <= w <= 4096):
+            raise ValueError(f"shape: height and width must be within 1..4096, got {h}x{w}")
+        return self
 
     @property
     def height(self) -> int:
@@ -83,15 +118,15 @@ class InputSpec(_Strict):
 class OutputSpec(_Strict):
     """The network output tensor (softmax probabilities)."""
 
-    name: str = Field("probabilities", description="ONNX output name")
+    name: StrictStr = Field("probabilities", min_length=1, description="ONNX output name")
 
 
 class Thresholds(_Strict):
     """Decision on the probability of high risk, with an abstain band for human review."""
 
-    decision: float = Field(0.5, ge=0.0, le=1.0, description="p(high) >= decision -> high risk")
-    abstain_low: float = Field(0.35, ge=0.0, le=1.0, description="lower edge of the abstain band")
-    abstain_high: float = Field(0.65, ge=0.0, le=1.0, description="upper edge of the band")
+    decision: Probability = Field(0.5, description="p(high) >= decision -> high risk")
+    abstain_low: Probability = Field(0.35, description="lower edge of the abstain band")
+    abstain_high: Probability = Field(0.65, description="upper edge of the band")
 
     @model_validator(mode="after")
     def _ordered(self) -> Thresholds:
@@ -103,11 +138,19 @@ class Thresholds(_Strict):
 class GoldenSpec(_Strict):
     """How closely a backend must reproduce the golden outputs before it serves."""
 
-    tolerance: dict[str, float] = Field(
-        default_factory=lambda: {"fp32": 1e-4, "fp16": 2e-2},
+    tolerance: dict[Literal["fp32", "fp16"], Annotated[PositiveFinite, Field(le=1.0)]] = Field(
+        default_factory=lambda: dict(DEFAULT_TOLERANCE),
         description="max absolute probability difference per precision",
     )
-    allow_fp32_fallback: bool = Field(
+    fields: StrictInt = Field(
+        0,
+        ge=0,
+        le=MAX_GOLDEN_FIELDS,
+        description="golden field pairs under golden/fields/, with their expected spectrum, "
+        "image, tensor and probabilities under golden/path/ (0: none; the device then refuses "
+        "the bundle, since its own path cannot be proven)",
+    )
+    allow_fp32_fallback: StrictBool = Field(
         True, description="if an FP16 engine fails the gate, FP32 may serve (device: degraded)"
     )
 
@@ -115,21 +158,28 @@ class GoldenSpec(_Strict):
 class Training(_Strict):
     """Where the model came from."""
 
-    code_revision: str = Field("unknown", description="git revision of the training code")
-    data_manifest_sha256: str = Field("", description="sha256 of the training data manifest")
+    code_revision: StrictStr = Field("unknown", description="git revision of the training code")
+    data_manifest_sha256: StrictStr = Field(
+        "", pattern=r"^([0-9a-f]{64})?$", description="sha256 of the training data manifest"
+    )
     metrics: dict[str, Any] = Field(default_factory=dict, description="pooled CV metrics")
-    preset: str = Field("", description="training preset (paper, tiny)")
+    preset: StrictStr = Field("", description="training preset (paper, tiny)")
 
 
 class Manifest(_Strict):
     """``manifest.json`` of a bundle."""
 
     schema_: Literal["omis.bundle/1"] = Field("omis.bundle/1", alias="schema")
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
-    version: int = Field(ge=1, description="only grows; the device refuses downgrades")
-    created: str = Field(description="RFC 3339 UTC time of creation (informational only)")
+    name: StrictStr = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    version: StrictInt = Field(
+        ge=1, lt=MAX_VERSION, description="a JSON integer below 2**53 that only grows"
+    )
+    created: StrictStr = Field(
+        pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$",
+        description="RFC 3339 time of creation (informational only)",
+    )
     task: Literal["binary", "pap4"]
-    classes: tuple[str, ...] = Field(min_length=2)
+    classes: tuple[Annotated[StrictStr, Field(min_length=1)], ...] = Field(min_length=2)
     risk: dict[str, Literal["low", "high"]] = Field(description="class -> risk")
     input: InputSpec = InputSpec()
     output: OutputSpec = OutputSpec()
@@ -139,7 +189,7 @@ class Manifest(_Strict):
     golden: GoldenSpec = GoldenSpec()
     files: dict[str, FileEntry]
     training: Training = Training()
-    min_app_version: str = Field("0.1.0", pattern=r"^\d+\.\d+\.\d+$")
+    min_app_version: StrictStr = Field("0.1.0", pattern=r"^\d+\.\d+\.\d+$")
 
     model_config = ConfigDict(
         extra="forbid", allow_inf_nan=False, frozen=True, populate_by_name=True
@@ -147,21 +197,25 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes must be distinct")
         if set(self.risk) != set(self.classes):
             raise ValueError("risk must map exactly the classes")
         if set(self.risk.values()) != {"low", "high"}:
             raise ValueError("risk must contain both low and high classes")
-        for required in (MODEL, GOLDEN_INPUTS, GOLDEN_OUTPUTS):
+        path_files = golden_path_files(self.golden.fields)
+        for required in (MODEL, GOLDEN_INPUTS, GOLDEN_OUTPUTS, *path_files):
             if required not in self.files:
                 raise ValueError(f"files must list {required}")
         for name in self.files:
             _check_relpath(name)
+        check_runnable(self.spectrum, self.render, (self.input.height, self.input.width))
         return self
 
     def to_json_bytes(self) -> bytes:
         """Canonical bytes of the manifest (sorted keys, 2-space indent, trailing newline)."""
         data = self.model_dump(mode="json", by_alias=True)
-        return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        return (json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
 
     @property
     def high_classes(self) -> tuple[int, ...]:
@@ -207,8 +261,8 @@ def file_entries(root: Path) -> dict[str, FileEntry]:
 def parse_manifest(data: bytes, source: str = MANIFEST) -> Manifest:
     """Parse and validate manifest bytes, with an error naming the offending key."""
     try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = strict_json(data)
+    except (UnicodeDecodeError, ValueError) as exc:
         raise BundleError(f"{source}: not valid JSON ({exc})") from exc
     if not isinstance(raw, dict):
         raise BundleError(f"{source}: expected a JSON object")
@@ -217,9 +271,7 @@ def parse_manifest(data: bytes, source: str = MANIFEST) -> Manifest:
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "manifest"
-        raise BundleError(f"{source}: {where}: {first['msg']}") from exc
+        raise BundleError(f"{source}: {first_error(exc)}") from exc
 
 
 @dataclass(frozen=True)
@@ -246,13 +298,10 @@ class Bundle:
         return self.root / SIGNATURE
 
     def golden(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-        """The golden inputs and reference outputs."""
-        inputs = np.load(self.root / GOLDEN_INPUTS, allow_pickle=False)
-        outputs = np.load(self.root / GOLDEN_OUTPUTS, allow_pickle=False)
-        if inputs.dtype != np.float32 or outputs.dtype != np.float32:
-            raise BundleError("golden arrays must be float32")
-        if inputs.shape[0] != outputs.shape[0] or inputs.ndim != 4:
-            raise BundleError(f"golden shapes disagree: {inputs.shape} vs {outputs.shape}")
+        """The golden inputs and reference outputs, checked for dtype, shape and finiteness."""
+        m = self.manifest
+        inputs = load_array(self.root, GOLDEN_INPUTS, np.float32, (None, *m.input.shape[1:]))
+        outputs = load_array(self.root, GOLDEN_OUTPUTS, np.float32, (len(inputs), len(m.classes)))
         return inputs, outputs
 
     def describe(self) -> dict[str, Any]:
@@ -303,6 +352,4 @@ def build_manifest(root: Path, **fields: Any) -> Manifest:
     try:
         return Manifest.model_validate({**fields, "files": file_entries(root)})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "manifest"
-        raise BundleError(f"manifest: {where}: {first['msg']}") from exc
+        raise BundleError(f"manifest: {first_error(exc)}") from exc

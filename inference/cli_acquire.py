@@ -71,7 +71,7 @@ def _acquire(args: argparse.Namespace) -> int:
         plan = make_plan(**{**base.model_dump(), "fields": args.fields, **extra})
         meta = record_acquisition(scope, plan, args.out, qc=qc)
     if args.json:
-        print(json.dumps(meta, indent=2))
+        print(json.dumps(meta, indent=2, allow_nan=False))
     else:
         rejected = [f for f in meta["fields"] if (f.get("qc") or {}).get("verdict") == "reject"]
         print(

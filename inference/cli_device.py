@@ -11,12 +11,13 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from inference.backends import BACKEND_NAMES, BackendOptions
 from inference.bundle import Bundle, load_bundle
-from inference.exceptions import InferenceError
+from inference.exceptions import GoldenMismatchError, InferenceError
 from inference.store_state import active_bundle_path
 
 DEFAULT_STATE_DIR = "/var/lib/omis"
@@ -84,7 +85,8 @@ def _pipeline(args: argparse.Namespace, bundle: Bundle) -> Any:
     from inference.golden import open_checked
     from inference.pipeline import PipelineConfig, SlidePipeline
 
-    backend, _ = open_checked(args.backend, bundle, _options(args))
+    spectrum = args.spectrum_backend
+    backend, _ = open_checked(args.backend, bundle, _options(args), spectrum_backend=spectrum)
     return SlidePipeline(bundle, backend, PipelineConfig(spectrum_backend=args.spectrum_backend))
 
 
@@ -120,7 +122,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         pipe.backend.close()
     data = result.to_json()
     if args.json:
-        _out(json.dumps(data))
+        _out(json.dumps(data, allow_nan=False))
         return 0
     _out(
         f"label      {data['label']}  (risk {data['risk']}, p(high) {data['p_high']:.3f})"
@@ -173,7 +175,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         size=list(args.size),
     )
     if args.json:
-        _out(json.dumps(stats))
+        _out(json.dumps(stats, allow_nan=False))
         return 0
     _out(
         f"{stats['slides']} slides x {args.fields} fields of {args.size[0]}x{args.size[1]}; "
@@ -193,13 +195,20 @@ def cmd_engine_build(args: argparse.Namespace) -> int:
     """Build (or find in the cache) the TensorRT engine of a bundle and pass the golden gate."""
     from inference.backends import load_backend
     from inference.golden import golden_report
+    from inference.golden_path import check_device_path
 
     bundle = _bundle(args)
     with load_backend("tensorrt", bundle, _options(args)) as backend:
         report = golden_report(backend, bundle)
+        if report.passed:  # the engine must also reproduce the whole device path
+            try:
+                path = check_device_path(backend, bundle, args.spectrum_backend)
+                report = replace(report, path=path.to_json())
+            except GoldenMismatchError as exc:
+                report = replace(report, invalid=f"device path: {exc}")
         info = {"backend": backend.describe(), "golden": report.to_json()}
     if args.json:
-        _out(json.dumps(info))
+        _out(json.dumps(info, allow_nan=False))
     else:
         _out(f"engine  {info['backend']['engine']}")
         _out(f"golden  {'PASS' if report.passed else 'FAIL'}  {report.summary()}")
@@ -212,7 +221,7 @@ def cmd_engine_list(args: argparse.Namespace) -> int:
 
     entries = EngineCache(state_dir(args)).entries()
     if args.json:
-        _out(json.dumps(entries))
+        _out(json.dumps(entries, allow_nan=False))
         return 0
     for e in entries:
         k = e["key"]
@@ -235,7 +244,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         bundle, args.backend, options=_options(args), spectrum_backend=args.spectrum_backend
     )
     if args.json:
-        _out(json.dumps(report.to_json()))
+        _out(json.dumps(report.to_json(), allow_nan=False))
     else:
         for c in report.checks:
             _out(f"{'PASS' if c.passed else 'FAIL'}  {c.name:<9} {c.ms:8.1f} ms  {c.detail}")
@@ -299,6 +308,12 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
         "--version-compatible",
         action="store_true",
         help="build a version-compatible plan (loads on later TensorRT versions)",
+    )
+    b.add_argument(
+        "--spectrum-backend",
+        choices=SPECTRUM_BACKENDS,
+        default="auto",
+        help="spectrum backend for the golden field pairs",
     )
     b.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     b.set_defaults(handler=cmd_engine_build)

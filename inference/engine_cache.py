@@ -63,7 +63,7 @@ class EngineKey:
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of the key."""
-        canon = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        canon = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
     def file_stem(self) -> str:
@@ -122,7 +122,9 @@ class EngineCache:
             "plan_bytes": len(plan),
             **(info or {}),
         }
-        atomic_write_text(self.sidecar_path(key), json.dumps(sidecar, indent=2, sort_keys=True))
+        atomic_write_text(
+            self.sidecar_path(key), json.dumps(sidecar, indent=2, sort_keys=True, allow_nan=False)
+        )
         return path
 
     def remove(self, key: EngineKey) -> None:

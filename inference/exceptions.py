@@ -9,7 +9,10 @@ Tree::
     │   └── SignatureError      the bundle's signature does not verify
     ├── EngineError             a TensorRT engine could not be built, loaded or run
     ├── ModelStoreError         the model store's state is unreadable or names no active model
-    └── GoldenMismatchError     a backend does not reproduce the bundle's golden outputs
+    ├── GoldenMismatchError     a backend does not reproduce the bundle's golden outputs
+    └── InvalidValueError       a value on the way from pixels to decision is unusable (.stage)
+        ├── NonFiniteError      NaN or infinity in a spectrum, image, tensor or model output
+        └── ProbabilityError    model outputs that are not probabilities (range, sum, shape)
 
 Foreign errors are wrapped with ``raise ... from`` at the seam.
 """
@@ -47,3 +50,24 @@ class ModelStoreError(InferenceError):
 
 class GoldenMismatchError(InferenceError):
     """A backend's outputs differ from the bundle's golden outputs beyond tolerance."""
+
+
+class InvalidValueError(InferenceError):
+    """A value produced on the way from pixels to decision cannot be used.
+
+    ``stage`` names where it was produced (``spectrum``, ``render``, ``preprocess``,
+    ``infer``), so the caller can fail the slide with that stage instead of deciding a label.
+    """
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+        self.detail = message
+
+
+class NonFiniteError(InvalidValueError):
+    """NaN or infinity where only finite numbers are meaningful."""
+
+
+class ProbabilityError(InvalidValueError):
+    """Model outputs outside [0, 1] or not summing to 1 within the stated tolerance."""

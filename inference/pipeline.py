@@ -29,6 +29,7 @@ import numpy as np
 from inference.backends.base import InferenceBackend
 from inference.bundle import Bundle
 from inference.exceptions import BundleError, InferenceError, SpectrumInputError
+from inference.integrity import check_image
 from inference.preprocess import to_tensor
 from inference.render import render_params_from_json, render_spectrum
 from inference.spectrum import SpectrumBackend, open_backend, parse_params
@@ -385,6 +386,8 @@ class SlidePipeline:
         t = acc.timings
         t0 = time.perf_counter()
         image = render_spectrum(spectrum.x_nm, spectrum.y, self.render_params)
+        rp = self.render_params
+        check_image("render", image, (rp.height, rp.width, 3))
         t1 = time.perf_counter()
         tensor = to_tensor([image], self.bundle.manifest.input)
         t2 = time.perf_counter()

@@ -12,6 +12,7 @@ import numpy.typing as npt
 
 from inference.bundle import InputSpec
 from inference.exceptions import SpectrumInputError
+from inference.integrity import check_finite
 
 F32 = npt.NDArray[np.float32]
 
@@ -28,7 +29,9 @@ def to_tensor(images: Sequence[npt.NDArray[np.uint8]], spec: InputSpec) -> F32:
             )
     norm = spec.normalization
     batch = np.stack(images).astype(np.float32)
-    batch *= np.float32(norm.scale)
-    batch -= np.asarray(norm.mean, dtype=np.float32)
-    batch /= np.asarray(norm.std, dtype=np.float32)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # checked just below
+        batch *= np.float32(norm.scale)
+        batch -= np.asarray(norm.mean, dtype=np.float32)
+        batch /= np.asarray(norm.std, dtype=np.float32)
+    check_finite("preprocess", batch, "input tensor")
     return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))

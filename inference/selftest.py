@@ -6,7 +6,8 @@ Checks, each independent, each reported with its numbers:
 - ``spectrum``: the configured spectrum backend (CUDA when usable) reproduces the NumPy
   histogram of a small simulated field pair bit for bit;
 - ``backend``: the inference backend loads the bundle;
-- ``golden``: it reproduces the bundle's golden outputs (the golden gate);
+- ``golden``: it reproduces the bundle's golden outputs, and the golden field pairs through the
+  device's spectrum backend, renderer and preprocessing (the golden gate, whole path);
 - ``slide``: one simulated slide runs end to end through the pipeline.
 """
 
@@ -140,7 +141,7 @@ def run_selftest(
 ) -> SelftestReport:
     """Run every quick acceptance check; never raises for a failed check."""
     from inference.backends import load_backend
-    from inference.golden import check_golden
+    from inference.golden import gate
     from inference.pipeline import PipelineConfig, SlidePipeline
 
     state: dict[str, InferenceBackend] = {}
@@ -154,7 +155,7 @@ def run_selftest(
     def golden(c: Check) -> None:
         if "b" not in state:
             raise InferenceError("no backend loaded")
-        report = check_golden(state["b"], bundle)
+        report = gate(state["b"], bundle, spectrum_backend)
         c.data["golden"] = report.to_json()
         c.detail = report.summary()
 

@@ -1,6 +1,6 @@
 """Tiny signed bundles for the OTA tests, built without torch (onnx.helper + ONNX Runtime).
 
-The model: input "input" N×3×8×8 -> GlobalAveragePool -> Flatten -> Gemm -> Softmax ->
+The model: input "input" N×3×16×16 -> GlobalAveragePool -> Flatten -> Gemm -> Softmax ->
 "probabilities" (dynamic batch); its weights depend on ``seed`` so versions differ.
 """
 
@@ -8,20 +8,36 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from fakes.bundles import SPECTRUM, write_fields
 from onnx import TensorProto, helper
 
-from deploy.ota.signing import generate_keypair, sign_bundle
+from deploy.ota.signing import generate_keypair, load_private_key, sign_bundle
 from firmware_bridge.fsutil import atomic_write_bytes
-from inference.bundle import GOLDEN_INPUTS, GOLDEN_OUTPUTS, MANIFEST, MODEL, build_manifest
+from inference.bundle import (
+    GOLDEN_INPUTS,
+    GOLDEN_OUTPUTS,
+    MANIFEST,
+    MODEL,
+    SIGNATURE,
+    build_manifest,
+    file_entries,
+)
 from inference.spectrum import parse_params
 
-SIZE = 8
+OMIS = [sys.executable, "-m", "deploy.cli"]
+SIZE = 16  # the smallest image the renderer draws
+RENDER = {"width": SIZE, "height": SIZE, "margin_px": 2, "line_width": 1}
 
 
 def tiny_onnx(seed: int) -> bytes:
@@ -73,6 +89,7 @@ def make_bundle(
     (root / "golden").mkdir()
     np.save(root / GOLDEN_INPUTS, inputs)
     np.save(root / GOLDEN_OUTPUTS, outputs)
+    write_fields(root, 2, SIZE, dict(RENDER))
     manifest = build_manifest(
         root,
         name=name,
@@ -81,14 +98,57 @@ def make_bundle(
         classes=("low", "high"),
         risk={"low": "low", "high": "high"},
         input={"name": "input", "shape": (-1, 3, SIZE, SIZE)},
-        spectrum=parse_params().model_dump(),
-        render={},
+        spectrum=parse_params(SPECTRUM).model_dump(),
+        render=dict(RENDER),
+        golden={"fields": 2},
         min_app_version=min_app_version,
     )
     atomic_write_bytes(root / MANIFEST, manifest.to_json_bytes())
     if key is not None:
         sign_bundle(root, key)
     return root
+
+
+#: ``edit(bundle_root, raw_manifest)``: change files and/or the manifest before re-signing.
+Edit = Callable[[Path, dict[str, Any]], None]
+
+
+def resigned(root: Path, key: Path, edit: Edit) -> Path:
+    """Apply ``edit``, re-list every file and sign the exact manifest bytes (even invalid ones:
+    the signature covers whatever the manifest says)."""
+    raw = json.loads((root / MANIFEST).read_bytes())
+    edit(root, raw)
+    raw["files"] = {k: v.model_dump() for k, v in file_entries(root).items()}
+    data = json.dumps(raw, indent=2).encode()
+    (root / MANIFEST).write_bytes(data)
+    (root / SIGNATURE).write_bytes(load_private_key(key).sign(data))
+    return root
+
+
+def set_key(path: str, value: Any) -> Edit:
+    """An edit setting the manifest key ``a.b.c`` to ``value``."""
+
+    def edit(root: Path, raw: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node = raw
+        for p in parents:
+            node = node[p]
+        node[last] = value
+
+    return edit
+
+
+def install_cli(state: Path, bundle: Path) -> subprocess.CompletedProcess[str]:
+    """``omis ota install -q BUNDLE`` (ONNX Runtime gate) as a real subprocess on ``state``."""
+    env = {**os.environ, "OMIS_STATE_DIR": str(state)}
+    return subprocess.run(
+        [*OMIS, "ota", "install", "-q", str(bundle), "--backend", "onnxruntime"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
 
 
 def make_keys(out_dir: Path, name: str = "signer") -> tuple[Path, Path]:

@@ -221,8 +221,11 @@ def test_inline_update_with_omis_ota_publish_takes_over_between_slides(
             timeout=60,
             check=False,
         )
+        # publish waits for the final outcome: committed here, after 3 s of passing checks.
         assert publish.returncode == 0, publish.stderr[-2000:]
-        reply = json.loads(publish.stdout)
+        out = json.loads(publish.stdout)
+        assert out["outcome"] == "committed" and out["version"] == 2
+        reply = out["reply"]
         assert reply["ok"] is True and reply["result"]["received"] is True
         assert reply["result"]["version"] == 2
         assert wait_until(lambda: _switched(col, 2), 20), _last_state(col)

@@ -124,7 +124,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = _summary(result.report)
     summary.update(out=str(result.out), bundle=str(result.bundle), seconds=result.seconds)
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2, allow_nan=False))
     else:
         _print_summary(summary)
     return 0
@@ -189,7 +189,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     )
     desc = {**bundle.describe(), "path": str(args.out), "onnx_vs_torch_max_abs_diff": diff}
     if args.json:
-        print(json.dumps(desc, indent=2))
+        print(json.dumps(desc, indent=2, allow_nan=False))
     else:
         print(
             f"bundle {desc['name']} v{desc['version']} written to {args.out} "
@@ -226,7 +226,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     cache = None if args.no_cache else (args.cache_dir or args.data / ".omis-cache")
     result = evaluate_bundle(args.bundle, args.data, cache_dir=cache, max_slides=args.max_slides)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2, allow_nan=False))
         return 0
     m = result["metrics"]
     b = result["bundle"]

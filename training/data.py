@@ -335,6 +335,7 @@ def cache_key(params: Params, thresholds: QCThresholds, file_hashes: Sequence[st
             "files": list(file_hashes),
         },
         sort_keys=True,
+        allow_nan=False,
     )
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
@@ -360,7 +361,9 @@ def _cache_load(path: Path) -> _Cached | None:
 
 def _cache_store(path: Path, entry: _Cached) -> None:
     buf = io.BytesIO()
-    np.savez(buf, x_nm=entry.x_nm, y=entry.y, fields=np.array(json.dumps(entry.fields)))
+    np.savez(
+        buf, x_nm=entry.x_nm, y=entry.y, fields=np.array(json.dumps(entry.fields, allow_nan=False))
+    )
     atomic_write_bytes(path, buf.getvalue())
 
 

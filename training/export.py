@@ -6,7 +6,10 @@ here explicitly (``dynamo=False``); it handles VGG16 with a dynamic batch axis a
 
 The bundle is built in a temporary directory and renamed into place only when every check has
 passed: ``onnx.checker``, ONNX Runtime reproducing PyTorch on the golden inputs (max absolute
-difference ≤ 1e-4) and :func:`inference.bundle.load_bundle` on the finished directory.
+difference ≤ 1e-4), :func:`inference.bundle.load_bundle` on the finished directory, and the
+device's golden gate over the whole path (golden field pairs -> spectrum -> image -> tensor ->
+probabilities, :mod:`inference.golden_path`).  The golden field pairs are simulated fields of
+:data:`GOLDEN_FIELD_SLIDES`, small enough to keep the bundle small.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 from torch import nn
 
 from firmware_bridge.fsutil import atomic_directory, atomic_write_bytes
+from inference.backends import load_backend
 from inference.bundle import (
     GOLDEN_INPUTS,
     GOLDEN_OUTPUTS,
@@ -41,7 +45,8 @@ from inference.bundle import (
     build_manifest,
     load_bundle,
 )
-from inference.exceptions import BundleError
+from inference.exceptions import BundleError, InferenceError
+from inference.golden_path import check_device_path, write_path_goldens
 from training.exceptions import ExportError
 from training.model import WithSoftmax
 
@@ -52,6 +57,8 @@ OPSET = 17
 GOLDEN_TOLERANCE = 1e-4
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
+GOLDEN_FIELD_SLIDES = (0, 1, 2)  # simulated slides whose first field is a golden field pair
+GOLDEN_FIELD_SIZE = (96, 64)  # width, height of the golden fields
 
 
 @dataclass(frozen=True)
@@ -166,7 +173,7 @@ def metadata_props(meta: BundleMeta) -> dict[str, str]:
         "name": meta.name,
         "version": str(meta.version),
         "task": meta.task,
-        "classes": json.dumps(list(meta.classes)),
+        "classes": json.dumps(list(meta.classes), allow_nan=False),
         "spectrum_algorithm": str(meta.spectrum.get("algorithm", "")),
         "render_version": str(meta.render.get("version", "")),
     }
@@ -195,6 +202,7 @@ def write_bundle(
         atomic_write_bytes(tmp / MODEL, model_bytes)
         atomic_write_bytes(tmp / GOLDEN_INPUTS, _npy_bytes(golden))
         atomic_write_bytes(tmp / GOLDEN_OUTPUTS, _npy_bytes(outputs))
+        n_fields = _write_golden_fields(tmp, model_bytes, meta)
         try:
             manifest = build_manifest(
                 tmp,
@@ -209,6 +217,7 @@ def write_bundle(
                 thresholds=meta.thresholds,
                 training=meta.training,
                 min_app_version=meta.min_app_version,
+                golden={"fields": n_fields},
             )
         except BundleError as exc:
             raise ExportError(f"bundle manifest: {exc}") from exc
@@ -216,6 +225,24 @@ def write_bundle(
         _verify(tmp, golden, outputs)
     log.info("bundle written: %s (%s v%d)", out, meta.name, meta.version)
     return load_bundle(out), diff
+
+
+def _write_golden_fields(root: Path, model_bytes: bytes, meta: BundleMeta) -> int:
+    """Golden field pairs and their reference path outputs (NumPy spectrum, ONNX Runtime)."""
+    from inference.selftest import simulated_field
+
+    pairs = [simulated_field(s, 0, GOLDEN_FIELD_SIZE) for s in GOLDEN_FIELD_SLIDES]
+    try:
+        return write_path_goldens(
+            root,
+            pairs,
+            spectrum=meta.spectrum,
+            render=meta.render,
+            spec=meta.input,
+            infer=lambda x: run_onnx(model_bytes, x),
+        )
+    except InferenceError as exc:
+        raise ExportError(f"golden field pairs: {exc}") from exc
 
 
 def _verify(root: Path, golden: F32, outputs: F32) -> None:
@@ -227,3 +254,8 @@ def _verify(root: Path, golden: F32, outputs: F32) -> None:
     again = run_onnx(bundle.model_path.read_bytes(), golden)
     if not np.array_equal(again, outputs):
         raise ExportError("model.onnx in the bundle does not reproduce golden/outputs.npy")
+    try:
+        with load_backend("onnxruntime", bundle) as backend:
+            check_device_path(backend, bundle, "numpy")
+    except InferenceError as exc:
+        raise ExportError(f"the written bundle fails the device-path golden gate: {exc}") from exc

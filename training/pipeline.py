@@ -370,7 +370,7 @@ def meta_to_json(meta: BundleMeta) -> dict[str, Any]:
         "risk": meta.risk,
         "input": meta.input.model_dump(mode="json"),
         "spectrum": meta.spectrum,
-        "render": json.loads(json.dumps(meta.render)),
+        "render": json.loads(json.dumps(meta.render, allow_nan=False)),
         "thresholds": meta.thresholds.model_dump(mode="json"),
         "training": meta.training.model_dump(mode="json"),
         "min_app_version": meta.min_app_version,

@@ -46,7 +46,7 @@ SYNTHETIC_WARNING = (
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Pretty JSON, written atomically."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def _pct(p: dict[str, Any] | None) -> str:

@@ -95,7 +95,9 @@ class CommandRouter:
             log.info("command %s refused: %s: %s", verb, exc.code, exc)
             error = {"code": exc.code, "message": str(exc)[:500]}
             reply = self._reply(verb, request, correlation, error=error)
-        self.send_reply(verb, json.dumps(reply).encode("utf-8"), correlation, response_topic)
+        self.send_reply(
+            verb, json.dumps(reply, allow_nan=False).encode("utf-8"), correlation, response_topic
+        )
         return reply
 
     def _parse(self, payload: bytes) -> dict[str, Any]:

@@ -27,7 +27,7 @@ def health_path(state_dir: Path) -> Path:
 def write_health(state_dir: Path, report: dict[str, Any]) -> None:
     """Write the health report atomically, stamped with pid and time."""
     body = dict(report, pid=os.getpid(), at=time.time())
-    atomic_write_text(health_path(state_dir), json.dumps(body, sort_keys=True))
+    atomic_write_text(health_path(state_dir), json.dumps(body, sort_keys=True, allow_nan=False))
 
 
 def _pid_alive(pid: int) -> bool:

@@ -249,7 +249,7 @@ class OtaController:
         if reason is not None:
             raise CommandFailed("unavailable", f"OTA unavailable: {reason}")
         try:
-            offer = parse_offer(json.dumps(request).encode("utf-8"))
+            offer = parse_offer(json.dumps(request, allow_nan=False).encode("utf-8"))
         except DeliveryError as exc:
             raise CommandFailed("invalid", str(exc)) from exc
         with self._lock:
@@ -503,7 +503,7 @@ class OtaController:
         else:
             reply.pop("result", None)
             reply["error"] = {"code": detail["code"], "message": str(detail["message"])[:500]}
-        body = json.dumps(reply).encode("utf-8")
+        body = json.dumps(reply, allow_nan=False).encode("utf-8")
         self.ports.send_reply(body, held.correlation, held.response_topic)
 
     def _record(self, outcome: Outcome) -> None:
@@ -537,7 +537,7 @@ class OtaController:
             validate("ota_state", payload)
         except SchemaError as exc:
             log.error("ota: ota/state does not match its schema: %s", exc)
-        body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
         self.ports.publish(f"{self.ports.base_topic}/ota/state", body, True)
 
     def stop(self) -> None:

@@ -62,6 +62,7 @@ from deploy.exceptions import (
     ServiceError,
 )
 from deploy.mqtt import MqttLink, OutboxPump, Topics
+from deploy.ota.watch import StoreWatcher
 from deploy.outbox import Outbox
 from deploy.requests import reply_topics
 from deploy.schemas import validate
@@ -247,6 +248,8 @@ class Appliance:
         self.supervisor.add("publish", pump.run)
         if self.ota.enabled:
             self.supervisor.add("ota", self.ota.run)
+        # ota/state follows the store whoever changes it (e.g. a local omis ota install).
+        self.supervisor.add("store-watch", StoreWatcher(self.ota.store, self.ota.publish_state).run)
         self.supervisor.start()
 
     # ----------------------------------------------------------------- scanning
@@ -331,7 +334,7 @@ class Appliance:
             # Keep it anyway: a result the dashboard may reject beats a lost slide.
             self.status.record_error("result_invalid", str(exc))
             log.error("result %s does not match its schema: %s", result["message_id"], exc)
-        payload = json.dumps(result, separators=(",", ":")).encode("utf-8")
+        payload = json.dumps(result, separators=(",", ":"), allow_nan=False).encode("utf-8")
         while True:
             try:
                 self.outbox.put(result["message_id"], self.topics.result, payload)
@@ -449,12 +452,16 @@ class Appliance:
     def publish_status(self, force: bool = False) -> dict[str, Any]:
         """Publish the retained status if it changed (or ``force``); returns it."""
         payload = self.status.payload(self.snapshot())
-        key = json.dumps({k: v for k, v in payload.items() if k != "at"}, sort_keys=True)
+        key = json.dumps(
+            {k: v for k, v in payload.items() if k != "at"}, sort_keys=True, allow_nan=False
+        )
         with self._lock:
             changed = force or key != self._last_status
             self._last_status = key
         if changed and self.link is not None:
-            self.link.publish(self.topics.status, json.dumps(payload), qos=1, retain=True)
+            self.link.publish(
+                self.topics.status, json.dumps(payload, allow_nan=False), qos=1, retain=True
+            )
             sd_notify(f"STATUS={payload['state']}")
         return payload
 
@@ -567,7 +574,9 @@ class Appliance:
                 self._write_health()
                 next_health = now + svc.health_interval_s
             if now >= next_metrics and self.link is not None:
-                self.link.publish(self.topics.metrics, json.dumps(self.metrics()), qos=0)
+                self.link.publish(
+                    self.topics.metrics, json.dumps(self.metrics(), allow_nan=False), qos=0
+                )
                 next_metrics = now + svc.metrics_interval_s
             self.publish_status()
             self._stop_requested.wait(LOOP_PERIOD_S)

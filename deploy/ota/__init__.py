@@ -10,8 +10,8 @@ Entry points for the appliance daemon (see ``docs/ota.md``)::
 """
 
 from deploy.ota.exceptions import OtaError
+from deploy.ota.gate import GoldenGate
 from deploy.ota.install import (
-    GoldenGate,
     HealthMonitor,
     HealthPolicy,
     Installer,

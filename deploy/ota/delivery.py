@@ -255,7 +255,7 @@ class ChunkAssembler:
 
     def need_payload(self, limit: int = 1024) -> bytes:
         """``{"missing": [...]}`` for the need topic (at most ``limit`` indices)."""
-        return json.dumps({"missing": self.missing()[:limit]}).encode()
+        return json.dumps({"missing": self.missing()[:limit]}, allow_nan=False).encode()
 
     def assemble(self, out: Path) -> Path:
         """Concatenate into ``out`` (atomically), checking size and sha256; then drop chunks."""

@@ -57,33 +57,6 @@ StepCallback = Callable[[str, dict[str, Any]], None]
 Verdict = Literal["pending", "healthy", "unhealthy"]
 
 
-# -- the default model checker: inference's backends and golden gate ----------------------------
-
-
-@dataclass(frozen=True)
-class GoldenGate:
-    """Open ``backend`` for the bundle (building/loading a TensorRT engine under ``state_dir``)
-    and require the golden outputs within the manifest's tolerance and the same top class."""
-
-    backend: str = "auto"
-    state_dir: Path | None = None
-
-    def __call__(self, bundle: Bundle) -> None:
-        """Raise :class:`ModelCheckError` unless the model reproduces its golden outputs."""
-        from inference.backends import BackendOptions
-        from inference.golden import open_checked
-
-        options = BackendOptions(state_dir=str(self.state_dir) if self.state_dir else None)
-        try:
-            backend, report = open_checked(self.backend, bundle, options, warmup=False)
-        except InferenceError as exc:
-            raise ModelCheckError(f"engine/golden gate failed: {exc}") from exc
-        with backend:
-            log.info("ota: golden gate passed on %s: %s", backend.name, report.summary())
-            if backend.degraded:
-                log.warning("ota: the new model would serve degraded: %s", backend.describe())
-
-
 # -- health ----------------------------------------------------------------------------------
 
 
@@ -292,11 +265,13 @@ class Installer:
                 self._step("verified", version=version, signer=verified.signer)
                 slot = _slot_for(verified.bundle, verified.signer, txn)
                 return slot, self._place_and_check(txn, root, slot, verified.bundle)
-            except (OtaError, OSError) as exc:
+            except OtaError as exc:
                 self._reject(version, exc)
-                if isinstance(exc, OSError):
-                    raise RejectedError(f"install failed: {exc}") from exc
                 raise
+            except Exception as exc:  # whatever failed: undo it all, then say why
+                self._reject(version, exc)
+                what = "" if isinstance(exc, OSError) else f"{type(exc).__name__}: "
+                raise RejectedError(f"install failed: {what}{exc}") from exc
 
     def _stage(self, source: Path, staging: Path, limits: UnpackLimits) -> Path:
         if source.is_dir():
@@ -411,15 +386,3 @@ def _slot_for(bundle: Bundle, signer: str, txn: str) -> Slot:
         signer=signer,
         installed_at=now_rfc3339(),
     )
-
-
-def store_checks(store: ModelStore, checker: ModelChecker) -> list[Callable[[], None]]:
-    """Default health checks without a service: the active model loads and passes its gate."""
-
-    def active_model_serves() -> None:
-        bundle = store.active()
-        if bundle is None:
-            raise HealthCheckError("no active model")
-        checker(bundle)
-
-    return [active_model_serves]

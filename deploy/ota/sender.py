@@ -2,7 +2,9 @@
 
 Publishes the offer on ``cmd/ota``; for an inline transfer publishes every chunk (QoS 1) and
 re-sends the chunks the device lists on ``ota/need/<transfer-id>``; waits for the device's
-reply on ``cmd/ota/reply`` carrying the offer's correlation id.
+reply on ``cmd/ota/reply`` carrying the offer's correlation id, then (:meth:`OfferSender.outcome`)
+for the install's final outcome on the retained ``ota/state``: ``committed``, ``rolled_back`` or
+``rejected``.  A reply only says the bundle arrived; the outcome says whether it serves.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import queue
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,8 @@ from deploy.ota.exceptions import DeliveryError
 
 log = logging.getLogger(__name__)
 QOS = 1
+#: ``ota/state`` progress steps that end an install.
+FINAL_STEPS = frozenset({"committed", "rolled_back", "rejected"})
 
 
 class OfferSender:
@@ -35,6 +40,12 @@ class OfferSender:
         self.device_id = device_id
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._client: paho.Client | None = None
+        self._states: list[dict[str, Any]] = []  # ota/state seen while waiting for the reply
+
+    @property
+    def state_topic(self) -> str:
+        """The device's retained ``ota/state`` topic."""
+        return f"{self.base}/ota/state"
 
     def connect(self, timeout_s: float = 10.0) -> None:
         """Connect and subscribe to the reply and need topics."""
@@ -48,7 +59,8 @@ class OfferSender:
             raise DeliveryError(f"cannot connect to {self.address}: {exc}") from exc
         self._client = client
         client.loop_start()
-        for topic in (f"{self.base}/cmd/ota/reply", f"{self.base}/ota/need/+"):
+        topics = (f"{self.base}/cmd/ota/reply", f"{self.base}/ota/need/+", self.state_topic)
+        for topic in topics:
             info = client.subscribe(topic, qos=QOS)
             if info[0] != paho.MQTT_ERR_SUCCESS:
                 raise DeliveryError(f"cannot subscribe to {topic}")
@@ -94,7 +106,9 @@ class OfferSender:
                     f"no reply from {self.device_id} within {wait_s:.0f} s"
                 ) from None
             data = _json(payload)
-            if topic == need and isinstance(source, InlineSource) and archive is not None:
+            if topic == self.state_topic:
+                self._states.append(data)
+            elif topic == need and isinstance(source, InlineSource) and archive is not None:
                 missing = {int(i) for i in data.get("missing", [])}
                 log.info("device asks for %d chunk(s) again", len(missing))
                 self.send_chunks(archive, source, missing)
@@ -102,6 +116,32 @@ class OfferSender:
                 offer.correlation_id
             ):
                 return data
+
+    def outcome(self, offer: OtaOffer, wait_s: float) -> dict[str, Any]:
+        """Wait for the final ``ota/state`` of this offer's install; return that state.
+
+        The device names the offer's correlation id in ``progress`` while it installs, so an
+        older retained state (even of the same version) is never taken for this outcome.
+        Raises :class:`DeliveryError` when no final state arrives within ``wait_s``.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            for state in self._states:
+                if _final_step(state, offer.correlation_id) is not None:
+                    return state
+            self._states.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeliveryError(
+                    f"{self.device_id} received the bundle but reported no final outcome "
+                    f"(committed, rolled back, rejected) within {wait_s:.0f} s"
+                )
+            try:
+                topic, payload = self._inbox.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if topic == self.state_topic:
+                self._states.append(_json(payload))
 
     def close(self) -> None:
         """Disconnect (idempotent)."""
@@ -115,6 +155,25 @@ class OfferSender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _final_step(state: dict[str, Any], correlation_id: str) -> str | None:
+    progress = state.get("progress")
+    if not isinstance(progress, dict) or progress.get("correlation_id") != correlation_id:
+        return None
+    step = progress.get("step")
+    return step if step in FINAL_STEPS else None
+
+
+def final_outcome(state: dict[str, Any], correlation_id: str) -> dict[str, Any]:
+    """``{"outcome", "version", "reason"}`` of a final ``ota/state`` for this offer."""
+    progress = state.get("progress") or {}
+    last = state.get("last_outcome") or {}
+    return {
+        "outcome": _final_step(state, correlation_id),
+        "version": progress.get("version"),
+        "reason": progress.get("reason") or last.get("reason", ""),
+    }
 
 
 def _json(payload: bytes) -> dict[str, Any]:

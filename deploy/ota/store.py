@@ -48,7 +48,7 @@ from inference.store_state import (  # the records are shared with the device CL
 )
 
 # Outcome, Slot and StoreState are defined beside the shared reader and are part of this API.
-__all__ = ["Journal", "ModelStore", "Outcome", "Slot", "StoreState"]
+__all__ = ["JOURNAL_FILE", "STATE_FILE", "Journal", "ModelStore", "Outcome", "Slot", "StoreState"]
 
 log = logging.getLogger(__name__)
 

@@ -286,7 +286,9 @@ def synthesize(req: SynthRequest, progress: Progress | None = None) -> SynthResu
     tmp.mkdir()
     try:
         rows = _render_all(req, counts, tmp, progress)
-        desc = json.dumps(_description(req, counts), indent=2, sort_keys=True) + "\n"
+        desc = (
+            json.dumps(_description(req, counts), indent=2, sort_keys=True, allow_nan=False) + "\n"
+        )
         atomic_write_text(tmp / "dataset.json", desc)
         atomic_write_text(tmp / "manifest.csv", _manifest_text(rows))
         # replaces an empty directory at ``out``; a non-empty one was refused above

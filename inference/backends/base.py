@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from inference.bundle import Bundle
 from inference.exceptions import BackendUnavailableError, InferenceError
+from inference.integrity import check_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,7 @@ class InferenceBackend(ABC):
             raise InferenceError(
                 f"{self.name}: model returned shape {arr.shape}, expected {(n, self._classes)}"
             )
+        check_probabilities("infer", arr, self._classes)
         return arr.astype(np.float32, copy=False)
 
     # -- the steps subclasses implement ------------------------------------------------------

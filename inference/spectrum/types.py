@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from inference.exceptions import SpectrumInputError
+from inference.integrity import check_finite
 from inference.spectrum.params import RbhistParams, WdiffParams
 
 I64 = npt.NDArray[np.int64]
@@ -145,6 +146,7 @@ def finalize(h: Histogram, params: WdiffParams | RbhistParams, backend: str) -> 
         flags.append("empty")
     else:
         y = s.astype(np.float64) / float(4**params.n_smooth) / float(h.valid_pixels)
+    check_finite("spectrum", y, "spectrum values")
     return Spectrum(
         params=params,
         x_nm=axis_nm(params),

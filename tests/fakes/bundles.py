@@ -17,7 +17,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from inference.bundle import Bundle, build_manifest, load_bundle
+from inference.bundle import Bundle, InputSpec, build_manifest, load_bundle
+from inference.golden_path import write_path_goldens
 
 SIZE = 32
 SPECTRUM = {"algorithm": "omis-wdiff-v1", "bins": 64, "n_smooth": 2}
@@ -92,8 +93,12 @@ def make_bundle(
     version: int = 1,
     golden_offset: float = 0.0,
     swap_golden_classes: bool = False,
+    golden_fields: int = 2,
 ) -> Bundle:
-    """Write a complete, valid bundle directory at ``root`` and load it."""
+    """Write a complete, valid bundle directory at ``root`` and load it.
+
+    ``golden_fields`` field pairs (from :func:`make_field`) carry the whole-path goldens.
+    """
     root.mkdir(parents=True, exist_ok=True)
     (root / "golden").mkdir(exist_ok=True)
     model = tiny_model(len(classes), seed=seed, logits=logits)
@@ -105,8 +110,9 @@ def make_bundle(
         y = np.ascontiguousarray(y[:, ::-1])
     np.save(root / "golden" / "inputs.npy", x)
     np.save(root / "golden" / "outputs.npy", y)
+    write_fields(root, golden_fields, SIZE)
     risk = risk or {c: ("high" if i == len(classes) - 1 else "low") for i, c in enumerate(classes)}
-    golden: dict[str, Any] = {"allow_fp32_fallback": allow_fp32_fallback}
+    golden: dict[str, Any] = {"allow_fp32_fallback": allow_fp32_fallback, "fields": golden_fields}
     if tolerance is not None:
         golden["tolerance"] = tolerance
     fields: dict[str, Any] = {
@@ -126,6 +132,22 @@ def make_bundle(
     manifest = build_manifest(root, **fields)
     (root / "manifest.json").write_bytes(manifest.to_json_bytes())
     return load_bundle(root)
+
+
+def write_fields(root: Path, n: int, size: int, render: dict[str, Any] | None = None) -> None:
+    """Whole-path goldens for ``n`` field pairs, with ``root/model.onnx`` as the model."""
+    if n == 0:
+        return
+    sess = ort.InferenceSession(str(root / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def infer(x: Any) -> Any:
+        return sess.run(["probabilities"], {"input": x})[0]
+
+    pairs = [make_field(100 + i) for i in range(n)]
+    spec = InputSpec(shape=(-1, 3, size, size))
+    write_path_goldens(
+        root, pairs, spectrum=dict(SPECTRUM), render=render or dict(RENDER), spec=spec, infer=infer
+    )
 
 
 def make_field(seed: int, size: tuple[int, int] = (48, 48)) -> tuple[Any, Any]:
