@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from firmware_bridge.exceptions import BridgeError
 from inference.exceptions import InferenceError
+from inference.state_dir import DEFAULT_STATE_DIR
 
 log = logging.getLogger("omis")
 
@@ -36,7 +35,6 @@ COMMAND_MODULES = (
     "deploy.cli_demo",
 )
 
-DEFAULT_STATE_DIR = "/var/lib/omis"
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -57,11 +55,6 @@ def _known_errors() -> tuple[type[BaseException], ...]:
             continue
         errors.append(getattr(module, cls_name))
     return tuple(errors)
-
-
-def resolve_state_dir(arg: str | None) -> Path:
-    """``--state-dir``, else ``$OMIS_STATE_DIR``, else ``/var/lib/omis``."""
-    return Path(arg or os.environ.get("OMIS_STATE_DIR") or DEFAULT_STATE_DIR)
 
 
 def common_parent() -> argparse.ArgumentParser:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -18,17 +17,16 @@ from deploy.appliance.health import check_health
 from deploy.broker import parse_broker_url
 from deploy.config import AppConfig, load_config
 from deploy.exceptions import ConfigError, DeployError
+from inference.state_dir import resolve_state_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STATE_DIR = "/var/lib/omis"
 EXIT_UNHEALTHY = 1
 
 
 def _state_dir(args: argparse.Namespace, config: AppConfig) -> Path:
-    """``--state-dir``, else ``$OMIS_STATE_DIR``, else ``device.state_dir``, else the default."""
-    chosen = args.state_dir or os.environ.get("OMIS_STATE_DIR") or config.device.state_dir
-    return Path(chosen or DEFAULT_STATE_DIR)
+    """The state directory (:func:`inference.state_dir.resolve_state_dir`)."""
+    return resolve_state_dir(args.state_dir, config.device.state_dir)
 
 
 def _config(args: argparse.Namespace) -> AppConfig:

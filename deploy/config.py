@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from deploy.exceptions import ConfigError
+from firmware_bridge.validation import first_error
 
 ENV_PREFIX = "OMIS_"
 ENV_SEPARATOR = "__"
@@ -259,13 +260,6 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """The first error as ``section.key: message``."""
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(root)"
-    return f"{where}: {first['msg']}"
-
-
 def load_config(
     path: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -279,6 +273,6 @@ def load_config(
     try:
         config = AppConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from exc
+        raise ConfigError(first_error(exc)) from exc
     _load_secrets(config)
     return config

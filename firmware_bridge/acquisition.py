@@ -41,6 +41,7 @@ from firmware_bridge.exceptions import (
 )
 from firmware_bridge.fsutil import atomic_directory, atomic_write_text
 from firmware_bridge.images import write_png
+from firmware_bridge.validation import first_error
 
 if TYPE_CHECKING:
     from firmware_bridge.microscope import Microscope
@@ -382,9 +383,7 @@ def make_plan(**values: Any) -> ScanPlan:
     try:
         return ScanPlan(**values)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(v) for v in first["loc"])
-        raise InputError(f"scan plan: {where}: {first['msg']}") from None
+        raise InputError(f"scan plan: {first_error(exc, 'plan')}") from None
 
 
 def _software_version() -> str:

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from firmware_bridge.validation import first_error
 from inference.exceptions import BundleError
 
 SCHEMA = "omis.bundle/1"
@@ -215,9 +216,7 @@ def parse_manifest(data: bytes, source: str = MANIFEST) -> Manifest:
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "manifest"
-        raise BundleError(f"{source}: {where}: {first['msg']}") from exc
+        raise BundleError(f"{source}: {first_error(exc, 'manifest')}") from exc
 
 
 @dataclass(frozen=True)
@@ -301,6 +300,4 @@ def build_manifest(root: Path, **fields: Any) -> Manifest:
     try:
         return Manifest.model_validate({**fields, "files": file_entries(root)})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "manifest"
-        raise BundleError(f"manifest: {where}: {first['msg']}") from exc
+        raise BundleError(f"manifest: {first_error(exc, 'manifest')}") from exc

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,8 +16,8 @@ from typing import Any
 from inference.backends import BACKEND_NAMES, BackendOptions
 from inference.bundle import Bundle, load_bundle
 from inference.exceptions import InferenceError
+from inference.state_dir import resolve_state_dir
 
-DEFAULT_STATE_DIR = "/var/lib/omis"
 SPECTRUM_BACKENDS = ("auto", "numpy", "cuda")
 
 
@@ -27,10 +26,8 @@ def _out(text: str) -> None:
 
 
 def state_dir(args: argparse.Namespace) -> Path:
-    """``--state-dir``, else ``$OMIS_STATE_DIR``, else ``/var/lib/omis`` (as deploy.cli)."""
-    return Path(
-        getattr(args, "state_dir", None) or os.environ.get("OMIS_STATE_DIR") or DEFAULT_STATE_DIR
-    )
+    """The state directory (:func:`inference.state_dir.resolve_state_dir`)."""
+    return resolve_state_dir(getattr(args, "state_dir", None))
 
 
 def active_bundle_path(state: Path) -> Path:
