@@ -54,7 +54,9 @@ def _scanner(config: AppConfig, state_dir: Path) -> SlideScanner:
 
     if config.scan.bundle is None:
         active_bundle_path(state_dir)  # fail early, in one line, when nothing is installed
-    return MicroscopeScanner(config.scan.microscope, config.scan.bundle, state_dir)
+    return MicroscopeScanner(
+        config.scan.microscope, config.scan.bundle, state_dir, inference=config.inference
+    )
 
 
 def _install_signals(stop: Callable[[], None]) -> None:

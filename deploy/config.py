@@ -177,6 +177,47 @@ class OtaConfig(_Section):
     )
 
 
+class InferenceConfig(_Section):
+    """How the device path runs the model (the model contract itself comes from the bundle).
+
+    The same rules as ``omis infer``: a backend or precision asked for by name that cannot run
+    here is an error at start-up, never a silent switch to another one.
+    """
+
+    backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = Field(
+        default="auto",
+        description="inference backend; auto = TensorRT when usable, else ONNX Runtime",
+    )
+    precision: Literal["fp16", "fp32"] | None = Field(
+        default=None,
+        description="engine precision; None = the backend's own default (a backend that cannot "
+        "run the precision asked for refuses to start)",
+    )
+    spectrum_backend: Literal["auto", "numpy", "cuda"] = Field(
+        default="auto", description="spectrum backend; auto = CUDA when usable, else numpy"
+    )
+    max_batch: int = Field(default=8, ge=1, le=1024, description="largest batch an engine takes")
+    opt_batch: int = Field(
+        default=1, ge=1, le=1024, description="batch size TensorRT optimises the engine for"
+    )
+    ort_provider: Literal["cpu", "cuda", "tensorrt"] = Field(
+        default="cpu", description="onnxruntime execution provider (onnxruntime backend only)"
+    )
+    device: Literal["cpu", "cuda"] = Field(
+        default="cpu", description="where the torch backend runs (torch backend only)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InferenceConfig:
+        if self.opt_batch > self.max_batch:
+            raise ValueError("opt_batch must be <= max_batch")
+        if self.ort_provider != "cpu" and self.backend != "onnxruntime":
+            raise ValueError(f"ort_provider {self.ort_provider} needs backend onnxruntime")
+        if self.device != "cpu" and self.backend != "torch":
+            raise ValueError(f"device {self.device} needs backend torch")
+        return self
+
+
 class AppConfig(_Section):
     """The whole configuration file."""
 
@@ -186,6 +227,9 @@ class AppConfig(_Section):
     scan: ScanConfig = Field(default_factory=ScanConfig, description="scanning")
     service: ServiceConfig = Field(default_factory=ServiceConfig, description="supervision")
     ota: OtaConfig = Field(default_factory=OtaConfig, description="model updates")
+    inference: InferenceConfig = Field(
+        default_factory=InferenceConfig, description="inference and spectrum backends"
+    )
 
 
 def _set_path(tree: dict[str, Any], keys: list[str], value: Any, var: str) -> None:

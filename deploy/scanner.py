@@ -28,9 +28,11 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from deploy.appliance.base import ScannerInfo, ScanRequest, SlideListener
+from deploy.config import InferenceConfig
 from deploy.exceptions import ScanCancelledError, ScanError
 from inference.exceptions import InferenceError
 from inference.pipeline import NoUsableFieldError
+from inference.spectrum import SpectrumBackend
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +96,14 @@ class MicroscopeScanner:
         microscope_url: str,
         bundle_path: Path | None,
         state_dir: Path,
-        backend: str = "auto",
+        inference: InferenceConfig | None = None,
         sim_size: tuple[int, int] = SIM_SIZE,
     ) -> None:
         self.microscope_url = microscope_url
         self.bundle_path = bundle_path
         self.state_dir = state_dir
-        self.backend_name = backend
+        self.inference = inference or InferenceConfig()
+        self._spectra: SpectrumBackend | None = None  # opened once by open(), shared by models
         self.sim_size = sim_size
         self._microscope: Any = None
         self._served: _Served | None = None
@@ -130,18 +133,33 @@ class MicroscopeScanner:
         return None if served is None else dict(served.bundle.describe())
 
     def _open_model(self, bundle: Any, generation: int | None) -> _Served:
-        from inference.backends import BackendOptions
-        from inference.golden import open_checked
-        from inference.pipeline import SlidePipeline
+        from inference.opening import open_inference_backend
+        from inference.pipeline import PipelineConfig, SlidePipeline
 
-        options = BackendOptions(state_dir=str(self.state_dir))
-        backend, _ = open_checked(self.backend_name, bundle, options)
+        if self._spectra is None:
+            raise ScanError("the spectrum backend is not open")
+        backend = open_inference_backend(self.inference.backend, bundle, self._backend_options())
         try:
-            pipeline = SlidePipeline(bundle, backend)
+            pipeline = SlidePipeline(
+                bundle, backend, PipelineConfig(spectrum_backend=self._spectra)
+            )
         except BaseException:
             backend.close()
             raise
         return _Served(bundle, backend, pipeline, generation)
+
+    def _backend_options(self) -> Any:
+        from inference.backends import BackendOptions
+
+        cfg = self.inference
+        return BackendOptions(
+            precision=cfg.precision,
+            max_batch=cfg.max_batch,
+            opt_batch=cfg.opt_batch,
+            state_dir=str(self.state_dir),
+            provider=cfg.ort_provider,
+            device=cfg.device,
+        )
 
     def _store_model(self) -> tuple[Any, int]:
         from deploy.ota.store import ModelStore
@@ -156,7 +174,10 @@ class MicroscopeScanner:
         """Load and golden-check the model, then open the microscope."""
         from firmware_bridge.microscope import open_microscope
         from inference.bundle import load_bundle
+        from inference.opening import open_spectrum_backend
 
+        if self._spectra is None:
+            self._spectra = open_spectrum_backend(self.inference.spectrum_backend)
         if self.bundle_path is None:
             bundle, generation = self._store_model()
             self._served = self._open_model(bundle, generation)
@@ -361,6 +382,9 @@ class MicroscopeScanner:
             self.discard_prepared()
             if served is not None:
                 served.close()
+            spectra, self._spectra = self._spectra, None
+            if spectra is not None:
+                spectra.close()
 
 
 def resolve_bundle(bundle: str | os.PathLike[str] | None, state_dir: Path) -> Path:
