@@ -121,6 +121,39 @@ class OutboxConfig(_Section):
     )
 
 
+PLAN_NAME = r"^[A-Za-z0-9._-]{1,64}$"
+
+
+class PlanConfig(_Section):
+    """A field layout: how many fields, in which pattern, how far apart."""
+
+    pattern: Literal["grid", "serpentine"] = Field(
+        default="serpentine", description="row by row left to right (grid) or boustrophedon"
+    )
+    fields: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="fields per slide; None = the command's fields, else scan.fields",
+    )
+    step_um: tuple[float, float] = Field(
+        default=(800.0, 800.0), description="distance between neighbouring fields (x, y), µm"
+    )
+    columns: int | None = Field(
+        default=None, ge=1, description="fields per row; None = ceil(sqrt(fields))"
+    )
+
+    @model_validator(mode="after")
+    def _positive_step(self) -> PlanConfig:
+        if min(self.step_um) <= 0:
+            raise ValueError("step_um must be positive")
+        return self
+
+
+def _default_plans() -> dict[str, PlanConfig]:
+    return {"default": PlanConfig()}
+
+
 class ScanConfig(_Section):
     """Scanning."""
 
@@ -130,7 +163,13 @@ class ScanConfig(_Section):
         description="model bundle; None = the model store's active model (models/state.json)",
     )
     fields: int = Field(default=8, ge=1, le=1000, description="fields per slide by default")
-    plan: str = Field(default="default", description="acquisition plan by default")
+    plan: str = Field(
+        default="default", pattern=PLAN_NAME, description="name of the plan (scan.plans) by default"
+    )
+    plans: dict[str, PlanConfig] = Field(
+        default_factory=_default_plans,
+        description="field layouts by name; cmd/scan's plan names one of them",
+    )
     queue_size: int = Field(default=8, ge=1, le=1000, description="scans waiting at most")
     scan_on_insert: bool = Field(
         default=True, description="start a scan when the firmware reports a slide inserted"
@@ -141,6 +180,15 @@ class ScanConfig(_Section):
         description="on SIGTERM the running slide may finish within this time, else it is "
         "abandoned (no result)",
     )
+
+    @model_validator(mode="after")
+    def _known_plan(self) -> ScanConfig:
+        bad = [name for name in self.plans if not re.fullmatch(PLAN_NAME, name)]
+        if bad:
+            raise ValueError(f"plan name {bad[0]!r} must match {PLAN_NAME}")
+        if self.plan not in self.plans:
+            raise ValueError(f"plan {self.plan!r} is not in scan.plans ({', '.join(self.plans)})")
+        return self
 
 
 class ServiceConfig(_Section):

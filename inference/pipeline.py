@@ -31,6 +31,15 @@ from inference.bundle import Bundle
 from inference.exceptions import BundleError, InferenceError, SpectrumInputError
 from inference.preprocess import to_tensor
 from inference.render import render_params_from_json, render_spectrum
+from inference.result import (
+    AbstainReason,
+    ModelRef,
+    Outcome,
+    Prediction,
+    SlideReport,
+    SpectrumReport,
+    field_reports,
+)
 from inference.spectrum import Histogram, SpectrumBackend, finalize, open_backend, parse_params
 from inference.spectrum.qc import FieldQuality, QCThresholds, assess_field
 from inference.spectrum.types import Spectrum
@@ -94,6 +103,30 @@ class SlideResult:
     fields: tuple[FieldQuality, ...]
     spectrum: Spectrum
     timings_ms: dict[str, float]
+
+    def report(self) -> SlideReport:
+        """The typed result of this slide: the body of its ``omis.result/1`` message."""
+        return SlideReport(
+            outcome=Outcome.ABSTAINED if self.abstained else Outcome.CLASSIFIED,
+            reason=AbstainReason.UNCERTAIN_PROBABILITY.value if self.abstained else None,
+            model=ModelRef.model_validate(self.model),
+            backend=self.backend,
+            prediction=Prediction(
+                label=self.label,
+                probabilities=self.probabilities,
+                risk="high" if self.risk == "high" else "low",
+                abstained=self.abstained,
+                p_high=self.p_high,
+            ),
+            fields=field_reports(self.fields),
+            spectrum=SpectrumReport(
+                algorithm=self.spectrum.algorithm,
+                axis=self.spectrum.x_nm.tolist(),
+                values=self.spectrum.y.tolist(),
+                flags=list(self.spectrum.flags),
+            ),
+            timings_ms=self.timings_ms,
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The JSON of ``omis infer --json`` (and the prediction part of results)."""

@@ -2,11 +2,13 @@
 
 Threads and what each does:
 
-* MQTT network thread: :meth:`OtaController.handle_offer` validates the offer (schema, trusted
-  signature, anti-rollback, ``min_app_version``; cheap, no download) and queues it;
-  :meth:`OtaController.on_chunk` queues inline chunks.  Nothing slow runs here.
-* OTA worker (supervised, :meth:`OtaController.run`): receives the bundle (path, HTTPS, or
-  inline chunks kept on disk and re-requested on ``ota/need/<transfer>``), then runs the
+* MQTT network thread: :meth:`OtaController.handle_offer` takes the typed offer (the command
+  router parsed it), checks it (trusted signature, anti-rollback, ``min_app_version``; cheap, no
+  download) and queues it; :meth:`OtaController.on_chunk` queues inline chunks.  Nothing slow
+  runs here.
+* OTA worker (supervised, :meth:`OtaController.run`): receives the bundle
+  (:class:`~deploy.appliance.ota_transfer.OtaReceiver`: path, HTTPS, or inline chunks kept on
+  disk and re-requested on ``ota/need/<transfer>``), then runs the
   :class:`~deploy.ota.install.Installer`: verify -> stage -> golden gate (the scanner loads the
   new model *beside* the serving one) -> switch under the slide lock (never inside a slide) ->
   health period -> commit or automatic rollback.
@@ -16,43 +18,36 @@ Threads and what each does:
 
 The ``cmd/ota`` reply (exactly one, with the offer's ``correlation_id``) is sent once the bundle
 has been received and matches the offer (``ok: true``, ``result.received``), or at once with the
-reason when the offer or the transfer is refused.  Progress and the outcome go to the retained
-``ota/state`` (``omis.ota_state/1`` with ``progress``), republished on every reconnect.
+reason when the offer or the transfer is refused: :meth:`handle_offer` returns a future of the
+reply's result and the command router answers when it resolves.  Progress and the outcome go
+to the retained ``ota/state`` (``omis.ota_state/1`` with ``progress``), republished on every
+reconnect.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from deploy import __version__
-from deploy.appliance.base import ScannerInfo
+from deploy.appliance.base import ModelSwapper, ScannerInfo
 from deploy.appliance.commands import CommandFailed
-from deploy.appliance.results import rfc3339
+from deploy.appliance.ota_transfer import (
+    OtaReceiver,
+    TransferSettings,
+    chunk_filter,
+    offer_json_schema,
+)
 from deploy.config import OtaConfig
 from deploy.exceptions import SchemaError
-from deploy.ota.delivery import (
-    ChunkAssembler,
-    InlineSource,
-    OtaOffer,
-    PathSource,
-    UrlSource,
-    check_matches_offer,
-    fetch_url,
-    need_topic,
-    ota_state_payload,
-    parse_chunk_topic,
-    parse_offer,
-    precheck_offer,
-)
+from deploy.ota.delivery import OtaOffer, ota_state_payload, precheck_offer
 from deploy.ota.exceptions import (
     DeliveryError,
     HealthCheckError,
@@ -66,13 +61,14 @@ from deploy.ota.trust import TrustStore
 from deploy.schemas import validate
 from inference.bundle import Bundle
 from inference.exceptions import InferenceError
+from inference.result import strict_json
 
 log = logging.getLogger(__name__)
 
+__all__ = ["ModelSwapper", "OtaController", "OtaPorts", "OtaSettings", "chunk_filter"]
+__all__ += ["offer_json_schema"]
+
 OTA_DIR = "ota"
-CHUNK_QUEUE = 64  # chunks waiting for the worker; beyond this they are dropped and re-requested
-MAX_CORRUPT = 2  # whole-transfer sha256 failures tolerated before the offer is refused
-POLL_S = 0.2
 OTA_ERRORS = (OtaError, InferenceError, OSError)
 
 
@@ -104,35 +100,12 @@ class OtaSettings:
         )
 
 
-@runtime_checkable
-class ModelSwapper(Protocol):
-    """A scanner that can load a model beside the serving one and switch between slides."""
-
-    @property
-    def follows_store(self) -> bool:
-        """True when it serves the model store's active model (no pinned bundle)."""
-        ...
-
-    def prepare_model(self, bundle: Bundle) -> None:
-        """Load and golden-gate ``bundle`` beside the serving model; raise to refuse it."""
-        ...
-
-    def discard_prepared(self) -> None:
-        """Drop a prepared model (idempotent)."""
-        ...
-
-    def load_model(self, bundle: Bundle, generation: int | None) -> ScannerInfo:
-        """Serve ``bundle`` from the next slide on (slide lock held); raise to refuse it."""
-        ...
-
-
 @dataclass(frozen=True)
 class OtaPorts:
     """What the service lends the controller."""
 
     slide_lock: Callable[[], AbstractContextManager[object]]
     publish: Callable[[str, bytes, bool], None]  # (topic, payload, retain); QoS 1
-    send_reply: Callable[[bytes, bytes | None, str | None], None]  # (reply, correlation, to)
     set_updating: Callable[[bool], None]
     model_loaded: Callable[[ScannerInfo], None]
     connected: Callable[[], bool]
@@ -149,41 +122,11 @@ class _Job:
 
 
 @dataclass
-class _HeldReply:
-    """The acceptance reply of the running job until the bundle is received."""
+class _Reply:
+    """The ``cmd/ota`` reply of the running job: resolved once the bundle is received."""
 
-    cid: str
-    reply: dict[str, Any] | None = None
-    correlation: bytes | None = None
-    response_topic: str | None = None  # MQTT 5 Response Topic of the offer
-    verdict: tuple[bool, dict[str, Any]] | None = None
-
-
-OFFER_SCHEMA_ID = "https://omis.example/schemas/omis.ota_offer/1"
-
-
-def offer_json_schema() -> dict[str, Any]:
-    """``deploy/schemas/cmd_ota.json``: the JSON Schema of :class:`OtaOffer` (draft 2020-12).
-
-    Generated from the pydantic model, with ``kind`` required in every source (pydantic's
-    discriminated union needs it) and the OpenAPI-only ``discriminator`` keyword left out.
-    """
-    schema = OtaOffer.model_json_schema(by_alias=True)
-    for name in ("PathSource", "UrlSource", "InlineSource"):
-        definition = schema["$defs"][name]
-        definition["required"] = ["kind", *definition.get("required", [])]
-    schema["properties"]["source"].pop("discriminator", None)
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": OFFER_SCHEMA_ID,
-        "title": "cmd/ota - omis.ota_offer/1, a signed model offer (deploy.ota.delivery.OtaOffer)",
-        **{k: v for k, v in schema.items() if k != "title"},
-    }
-
-
-def chunk_filter(base_topic: str) -> str:
-    """Subscription for the inline chunks of one device."""
-    return f"{base_topic}/ota/chunk/#"
+    future: Future[dict[str, Any]]
+    accepted: dict[str, Any]
 
 
 class OtaController:
@@ -204,12 +147,18 @@ class OtaController:
         self.trust = TrustStore(state_dir)
         self.work_dir = state_dir / OTA_DIR
         self.monitor = HealthMonitor()
+        s = self.settings
+        self.receiver = OtaReceiver(
+            self.work_dir,
+            TransferSettings(s.need_after_s, s.transfer_timeout_s, s.fetch_timeout_s),
+            lambda topic, payload: ports.publish(topic, payload, False),
+            ports.prefix,
+            ports.device_id,
+        )
         self._lock = threading.Lock()
         self._jobs: queue.Queue[_Job] = queue.Queue()
-        self._chunks: queue.Queue[tuple[str, bytes]] = queue.Queue(CHUNK_QUEUE)
         self._job: _Job | None = None
-        self._transfer: str | None = None
-        self._held: _HeldReply | None = None
+        self._reply: _Reply | None = None
         self._progress: dict[str, Any] | None = None
         self._phase = ""
         self._watch = 0  # id of the health period in progress (0: none)
@@ -243,15 +192,14 @@ class OtaController:
 
     # -- network thread --------------------------------------------------------------------------
 
-    def handle_offer(self, request: dict[str, Any]) -> dict[str, Any]:
-        """``cmd/ota`` handler: precheck and queue the offer; raises :class:`CommandFailed`."""
+    def handle_offer(self, offer: OtaOffer) -> Future[dict[str, Any]]:
+        """``cmd/ota`` handler: precheck and queue the offer; raises :class:`CommandFailed`.
+
+        Returns the future of the reply's result, resolved once the bundle has arrived.
+        """
         reason = self.unavailable_reason()
         if reason is not None:
             raise CommandFailed("unavailable", f"OTA unavailable: {reason}")
-        try:
-            offer = parse_offer(json.dumps(request).encode("utf-8"))
-        except DeliveryError as exc:
-            raise CommandFailed("invalid", str(exc)) from exc
         with self._lock:
             if self._job is not None:
                 raise CommandFailed("busy", f"v{self._job.version} is being installed; offer later")
@@ -262,56 +210,24 @@ class OtaController:
                 raise CommandFailed("rejected", str(exc)) from exc
             job = _Job(offer, manifest.name, manifest.version)
             self._job = job
-            self._held = _HeldReply(offer.correlation_id)
-            source = offer.source
-            self._transfer = source.transfer_id if isinstance(source, InlineSource) else None
+            accepted = {
+                "accepted": True,
+                "name": job.name,
+                "version": job.version,
+                "source": offer.source.kind,
+                "state_topic": f"{self.ports.base_topic}/ota/state",
+            }
+            self._reply = _Reply(Future(), accepted)
+            self.receiver.expect(offer)
             self._jobs.put(job)
+            future = self._reply.future
         self.ports.set_updating(True)
         self._set_progress("offered", job)
-        return {
-            "accepted": True,
-            "name": job.name,
-            "version": job.version,
-            "source": source.kind,
-            "state_topic": f"{self.ports.base_topic}/ota/state",
-        }
-
-    def defer_reply(
-        self, payload: bytes, correlation: bytes | None, response_topic: str | None = None
-    ) -> bool:
-        """Hold the acceptance reply of the running job until its bundle is received.
-
-        Returns True when the reply was taken (held, or sent patched with the verdict).
-        """
-        with self._lock:
-            held = self._held
-            if held is None or held.reply is not None:
-                return False
-            reply = json.loads(payload)
-            if not reply.get("ok") or reply.get("correlation_id") != held.cid:
-                return False
-            held.reply, held.correlation = reply, correlation
-            held.response_topic = response_topic
-            if held.verdict is None:
-                return True
-            self._held = None
-        self._send_verdict(held)
-        return True
+        return future
 
     def on_chunk(self, topic: str, payload: bytes) -> None:
         """An inline chunk arrived: hand it to the worker (dropped when not expected)."""
-        try:
-            transfer, _ = parse_chunk_topic(topic)
-        except DeliveryError:
-            log.debug("ota: ignoring %s", topic)
-            return
-        if transfer != self._transfer:
-            log.debug("ota: chunk of transfer %s, which is not running", transfer)
-            return
-        try:
-            self._chunks.put_nowait((topic, payload))
-        except queue.Full:
-            log.warning("ota: chunk queue full; %s dropped (it will be asked for again)", topic)
+        self.receiver.on_chunk(topic, payload)
 
     # -- scan worker -----------------------------------------------------------------------------
 
@@ -343,10 +259,10 @@ class OtaController:
             archive = self._receive(job, stop)
         except OTA_ERRORS as exc:
             log.warning("ota: %s v%d not received: %s", job.name, job.version, exc)
-            self._release_reply(False, {"code": "rejected", "message": f"not received: {exc}"})
+            self._release_reply(CommandFailed("rejected", f"not received: {exc}"))
             self._record(Outcome(result="rejected", version=job.version, reason=str(exc)))
             return
-        self._release_reply(True, {"received": True})
+        self._release_reply()
         try:
             self._install(job, archive)
         finally:
@@ -377,11 +293,11 @@ class OtaController:
             self._watch = 0
 
     def _finish_job(self) -> None:
+        self._release_reply(CommandFailed("internal", "the update ended before a reply"))
         with self._lock:
             self._job = None
-            self._transfer = None
-            self._held = None
-        _drain(self._chunks)
+            self._reply = None
+            self.receiver.expect(None)
         self._progress = None
         self.ports.set_updating(False)
         self.publish_state()
@@ -389,64 +305,10 @@ class OtaController:
     # -- receiving ---------------------------------------------------------------------------------
 
     def _receive(self, job: _Job, stop: threading.Event) -> Path:
-        source = job.offer.source
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        self._set_progress("receiving", job, source=source.kind)
-        if isinstance(source, PathSource):
-            out = Path(source.path)
-        elif isinstance(source, UrlSource):
-            out = self.work_dir / f"{job.offer.correlation_id}.tar"
-            fetch_url(source, out, self.settings.fetch_timeout_s)
-        else:
-            out = self._receive_inline(job, source, stop)
-        check_matches_offer(out, job.offer)
+        self._set_progress("receiving", job, source=job.offer.source.kind)
+        path = self.receiver.receive(job.offer, lambda: stop.is_set() or self._stopping.is_set())
         self._set_progress("received", job)
-        return out
-
-    def _receive_inline(self, job: _Job, source: InlineSource, stop: threading.Event) -> Path:
-        # ChunkAssembler keeps each chunk on disk, so a re-sent offer of the same transfer
-        # resumes; a bad chunk is dropped and asked for again, never fatal.
-        asm = ChunkAssembler(self.work_dir / "chunks", source)
-        out = self.work_dir / f"{job.offer.correlation_id}.tar"
-        need = need_topic(self.ports.prefix, self.ports.device_id, source.transfer_id)
-        corrupt = 0
-        last_chunk = last_need = time.monotonic()
-        while True:
-            if stop.is_set() or self._stopping.is_set():
-                raise DeliveryError("the appliance is stopping")
-            try:
-                topic, payload = self._chunks.get(timeout=POLL_S)
-            except queue.Empty:
-                idle = time.monotonic() - last_chunk
-                if idle > self.settings.transfer_timeout_s:
-                    raise DeliveryError(
-                        f"transfer incomplete: {len(asm.missing())} chunk(s) missing after "
-                        f"{idle:.0f} s without data"
-                    ) from None
-                if time.monotonic() - last_need > self.settings.need_after_s:
-                    self.ports.publish(need, asm.need_payload(), False)
-                    last_need = time.monotonic()
-                continue
-            last_chunk = time.monotonic()
-            _, index = parse_chunk_topic(topic)
-            try:
-                asm.add(index, payload)
-            except DeliveryError as exc:
-                log.warning("ota: %s", exc)
-                continue
-            missing = asm.missing()
-            if missing and index == source.chunks - 1:
-                self.ports.publish(need, asm.need_payload(), False)  # the tail came, gaps remain
-                last_need = time.monotonic()
-            if missing:
-                continue
-            try:
-                return asm.assemble(out)
-            except DeliveryError:
-                corrupt += 1
-                if corrupt >= MAX_CORRUPT:
-                    raise
-                self.ports.publish(need, asm.need_payload(), False)  # every chunk again
+        return path
 
     # -- installer hooks ---------------------------------------------------------------------------
 
@@ -481,30 +343,16 @@ class OtaController:
 
     # -- replies, state ----------------------------------------------------------------------------
 
-    def _release_reply(self, ok: bool, detail: dict[str, Any]) -> None:
+    def _release_reply(self, error: CommandFailed | None = None) -> None:
+        """Answer the offer (once): received, or refused with ``error``."""
         with self._lock:
-            held = self._held
-            if held is None:
-                return
-            held.verdict = (ok, detail)
-            if held.reply is None:
-                return  # the router has not sent it yet: defer_reply sends it
-            self._held = None
-        self._send_verdict(held)
-
-    def _send_verdict(self, held: _HeldReply) -> None:
-        reply, verdict = held.reply, held.verdict
-        if reply is None or verdict is None:
+            reply, self._reply = self._reply, None
+        if reply is None or reply.future.done():
             return
-        ok, detail = verdict
-        reply = dict(reply, at=rfc3339(), ok=ok)
-        if ok:
-            reply["result"] = {**reply.get("result", {}), **detail}
+        if error is None:
+            reply.future.set_result({**reply.accepted, "received": True})
         else:
-            reply.pop("result", None)
-            reply["error"] = {"code": detail["code"], "message": str(detail["message"])[:500]}
-        body = json.dumps(reply).encode("utf-8")
-        self.ports.send_reply(body, held.correlation, held.response_topic)
+            reply.future.set_exception(error)
 
     def _record(self, outcome: Outcome) -> None:
         try:
@@ -537,7 +385,7 @@ class OtaController:
             validate("ota_state", payload)
         except SchemaError as exc:
             log.error("ota: ota/state does not match its schema: %s", exc)
-        body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        body = strict_json(payload)
         self.ports.publish(f"{self.ports.base_topic}/ota/state", body, True)
 
     def stop(self) -> None:
@@ -559,11 +407,3 @@ def _wrapped(check: Callable[[], None]) -> Callable[[], None]:
             raise HealthCheckError(f"{getattr(check, '__name__', 'check')}: {exc}") from exc
 
     return run
-
-
-def _drain(q: queue.Queue[Any]) -> None:
-    while True:
-        try:
-            q.get_nowait()
-        except queue.Empty:
-            return

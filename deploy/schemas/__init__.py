@@ -15,6 +15,7 @@ from typing import Any
 import jsonschema
 
 from deploy.exceptions import SchemaError
+from inference.result import is_finite_json
 
 SCHEMA_NAMES = (
     "result",
@@ -53,7 +54,12 @@ def _validator(name: str) -> jsonschema.Draft202012Validator:
 
 
 def validate(name: str, payload: Any) -> None:
-    """Raise :class:`SchemaError` if ``payload`` does not match schema ``name``."""
+    """Raise :class:`SchemaError` if ``payload`` does not match schema ``name``.
+
+    Payloads are strict JSON: a NaN or infinity anywhere is an error, whatever the schema says.
+    """
+    if not is_finite_json(payload):
+        raise SchemaError(f"{name}: (root): holds a non-finite number (NaN or Infinity)")
     error = jsonschema.exceptions.best_match(_validator(name).iter_errors(payload))
     if error is not None:
         path = "/".join(str(p) for p in error.absolute_path) or "(root)"
