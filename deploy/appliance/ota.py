@@ -260,7 +260,12 @@ class OtaController:
         except OTA_ERRORS as exc:
             log.warning("ota: %s v%d not received: %s", job.name, job.version, exc)
             self._release_reply(CommandFailed("rejected", f"not received: {exc}"))
-            self._record(Outcome(result="rejected", version=job.version, reason=str(exc)))
+            try:
+                self.store.record_outcome(
+                    Outcome(result="rejected", version=job.version, reason=str(exc))
+                )
+            except StoreError as err:
+                log.warning("ota: outcome not recorded: %s", err)
             return
         self._release_reply()
         try:
@@ -276,7 +281,7 @@ class OtaController:
         hooks = ServiceHooks(
             between_slides=self.ports.slide_lock,
             load=self._load,
-            checks=self._checks(),
+            checks=_health_checks(self.ports.connected, self._stopping, self.settings.checks),
             monitor=self.monitor,
         )
         installer = Installer(self.store, self.trust, swapper.prepare_model, hooks, self._on_step)
@@ -330,17 +335,6 @@ class OtaController:
             self._watch = 0
         self.ports.model_loaded(info)
 
-    def _checks(self) -> list[Callable[[], None]]:
-        def broker_reachable() -> None:
-            if not self.ports.connected():
-                raise HealthCheckError("broker unreachable")
-
-        def not_stopping() -> None:
-            if self._stopping.is_set():
-                raise HealthCheckError("the appliance is stopping")
-
-        return [not_stopping, broker_reachable, *map(_wrapped, self.settings.checks)]
-
     # -- replies, state ----------------------------------------------------------------------------
 
     def _release_reply(self, error: CommandFailed | None = None) -> None:
@@ -353,12 +347,6 @@ class OtaController:
             reply.future.set_result({**reply.accepted, "received": True})
         else:
             reply.future.set_exception(error)
-
-    def _record(self, outcome: Outcome) -> None:
-        try:
-            self.store.record_outcome(outcome)
-        except StoreError as exc:
-            log.warning("ota: outcome not recorded: %s", exc)
 
     def _set_progress(self, step: str, job: _Job, **detail: Any) -> None:
         self._progress = {
@@ -393,6 +381,22 @@ class OtaController:
         self._stopping.set()
         if self._watch:
             self.monitor.record_check(False, "the appliance is stopping")
+
+
+def _health_checks(
+    connected: Callable[[], bool], stopping: threading.Event, extra: Sequence[Callable[[], None]]
+) -> list[Callable[[], None]]:
+    """The application checks of a health period: not stopping, broker reachable, ``extra``."""
+
+    def broker_reachable() -> None:
+        if not connected():
+            raise HealthCheckError("broker unreachable")
+
+    def not_stopping() -> None:
+        if stopping.is_set():
+            raise HealthCheckError("the appliance is stopping")
+
+    return [not_stopping, broker_reachable, *map(_wrapped, extra)]
 
 
 def _wrapped(check: Callable[[], None]) -> Callable[[], None]:

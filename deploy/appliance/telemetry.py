@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deploy.appliance.base import ScannerInfo
 from deploy.appliance.health import write_health
 from deploy.appliance.notify import sd_notify
 from deploy.appliance.results import rfc3339
@@ -60,6 +61,28 @@ class Telemetry:
         if changed:
             sd_notify(f"STATUS={payload['state']}")
         return payload
+
+    def record_error(self, code: str, message: str) -> None:
+        """Remember an error for the status and publish it."""
+        self.status.record_error(code, message)
+        self.publish_status()
+
+    def set_updating(self, updating: bool) -> None:
+        """An update started or ended."""
+        self.status.updating = updating
+        self.publish_status()
+
+    def model_loaded(self, info: ScannerInfo) -> None:
+        """A model (and engine) now serves."""
+        self.status.info = info
+        self.publish_status(force=True)
+
+    def note_model(self, model: dict[str, Any] | None) -> None:
+        """A result named ``model``: the scanner may have followed a switch another process
+        made (``omis ota rollback``)."""
+        info = self.status.info
+        if info is not None and model is not None and model != info.model:
+            self.status.info = ScannerInfo(model, info.engine, info.firmware)
 
     def metrics(self) -> dict[str, Any]:
         """The ``omis.metrics/1`` document."""

@@ -68,7 +68,7 @@ class ScanPorts:
     has_room: Callable[[], bool]  # the outbox can take another result
     slide_started: Callable[[], int]  # OTA health period token
     slide_finished: Callable[[int, bool, str], None]
-    status_changed: Callable[[], None]
+    status_changed: Callable[[], object]
     record_error: Callable[[str, str], None]
     info: Callable[[], ScannerInfo | None]  # what serves now (for failed results)
     model_seen: Callable[[dict[str, Any] | None], None]
@@ -93,12 +93,13 @@ class ScanWorker:
         scanner: SlideScanner,
         queue: ScanQueue,
         ports: ScanPorts,
+        counters: Counters | None = None,
     ) -> None:
         self.identity = identity
         self.scanner = scanner
         self.queue = queue
         self.ports = ports
-        self.counters = Counters()
+        self.counters = counters or Counters()
         self.committed: deque[CommittedResult] = deque(maxlen=MAX_KEPT)
         self.slide_lock = threading.Lock()  # held while a slide is in progress
         self.stopping = threading.Event()
