@@ -49,13 +49,14 @@ def _config(args: argparse.Namespace) -> AppConfig:
     return config
 
 
-def _scanner(config: AppConfig, state_dir: Path) -> SlideScanner:
+def _scanner(config: AppConfig, state_dir: Path, first_boot: bool = False) -> SlideScanner:
     """``--bundle`` pins a bundle for this run; else the model store's active model serves
-    (and OTA updates switch it between slides)."""
+    (and OTA updates switch it between slides).  ``first_boot`` (``omis serve``) lets an empty
+    model store wait for its first model over OTA."""
     from deploy.scanner import MicroscopeScanner
     from deploy.serving import active_bundle_path
 
-    if config.scan.bundle is None:
+    if config.scan.bundle is None and not first_boot:
         active_bundle_path(state_dir)  # fail early, in one line, when nothing is installed
     return MicroscopeScanner(
         config.scan.microscope,
@@ -63,6 +64,7 @@ def _scanner(config: AppConfig, state_dir: Path) -> SlideScanner:
         state_dir,
         inference=config.inference,
         plans=config.scan.plans,
+        allow_no_model=first_boot,
     )
 
 
@@ -96,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0 if healthy else EXIT_UNHEALTHY
     from deploy.appliance.service import Appliance
 
-    app = Appliance(config, state_dir, _scanner(config, state_dir))
+    app = Appliance(config, state_dir, _scanner(config, state_dir, first_boot=True))
     _install_signals(app.request_stop)
     try:
         app.start()

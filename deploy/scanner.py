@@ -67,11 +67,14 @@ class MicroscopeScanner:
         inference: InferenceConfig | None = None,
         sim_size: tuple[int, int] = SIM_SIZE,
         plans: Mapping[str, PlanConfig] | None = None,
+        allow_no_model: bool = False,
     ) -> None:
         self.microscope_url = microscope_url
         self.sim_size = sim_size
         self.plans = dict(plans or {"default": PlanConfig()})
-        self.models = ModelServer(bundle_path, state_dir, inference or InferenceConfig())
+        self.models = ModelServer(
+            bundle_path, state_dir, inference or InferenceConfig(), allow_empty=allow_no_model
+        )
         self._microscope: Microscope | None = None
         self._listener: SlideListener | None = None
         # Our own load_slide must not trigger a scan.  The firmware's "slide inserted" event
@@ -183,13 +186,15 @@ class MicroscopeScanner:
     def scan(self, request: ScanRequest, cancel: threading.Event) -> SlideReport:
         """Acquire and classify one slide with the model serving when it starts."""
         microscope = self._microscope
-        if microscope is None or self.models.served is None:
+        if microscope is None:
             raise ScanError("scanner is not open")
         try:
             self.models.follow_store()
         except InferenceError as exc:
             raise ScanError(f"the store's new model could not be loaded: {exc}") from exc
         served = self.models.served
+        if served is None:
+            raise ScanError("no model installed yet")
         plan = self.plan_for(request)
         if self.simulated:
             self._load_sim_slide(microscope, request.slide_id)

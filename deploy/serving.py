@@ -54,9 +54,14 @@ class ModelServer:
     """Serves one model at a time; ``bundle_path=None`` follows the state dir's model store."""
 
     def __init__(
-        self, bundle_path: Path | None, state_dir: Path, inference: InferenceConfig
+        self,
+        bundle_path: Path | None,
+        state_dir: Path,
+        inference: InferenceConfig,
+        allow_empty: bool = False,
     ) -> None:
         self.bundle_path = bundle_path
+        self.allow_empty = allow_empty  # an empty store waits for its first model (first boot)
         self.state_dir = state_dir
         self.inference = inference
         self.served: Served | None = None
@@ -69,14 +74,18 @@ class ModelServer:
         """True when the model comes from the model store (no pinned ``--bundle``)."""
         return self.bundle_path is None
 
-    def open(self) -> Served:
-        """Open the spectrum backend, then load and golden-gate the model."""
+    def open(self) -> Served | None:
+        """Open the spectrum backend, then load and golden-gate the model (None: the store is
+        empty and ``allow_empty``: the first model will come over OTA)."""
         from inference.bundle import load_bundle
         from inference.opening import open_spectrum_backend
 
         if self._spectra is None:
             self._spectra = open_spectrum_backend(self.inference.spectrum_backend)
         if self.bundle_path is None:
+            if self.allow_empty and self._store_is_empty():
+                log.warning("no model installed in %s yet: waiting for one (OTA)", self.state_dir)
+                return None
             bundle, generation = self._store_model()
             self.served = self._open_model(bundle, generation)
         else:
@@ -109,6 +118,11 @@ class ModelServer:
             backend.close()
             raise
         return Served(bundle, backend, pipeline, generation)
+
+    def _store_is_empty(self) -> bool:
+        from deploy.ota.store import ModelStore
+
+        return ModelStore(self.state_dir).read_state().current is None
 
     def _store_model(self) -> tuple[Bundle, int]:
         from deploy.ota.store import ModelStore
@@ -167,14 +181,13 @@ class ModelServer:
         from deploy.ota.store import ModelStore
 
         served = self.served
-        if not self.follows_store or served is None:
+        if not self.follows_store or (served is None and self._store_is_empty()):
             return
-        if ModelStore(self.state_dir).generation() == served.generation:
+        if served is not None and ModelStore(self.state_dir).generation() == served.generation:
             return
         bundle, generation = self._store_model()
-        log.info(
-            "model store changed (generation %s -> %d): reloading", served.generation, generation
-        )
+        was = None if served is None else served.generation
+        log.info("model store changed (generation %s -> %d): reloading", was, generation)
         self.switch(bundle, generation)
 
     def close(self) -> None:

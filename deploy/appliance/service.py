@@ -235,6 +235,9 @@ class Appliance:
 
     def submit(self, request: ScanRequest) -> int:
         """Queue a scan; returns its queue position.  Raises ScanRejectedError."""
+        info = self.status.info
+        if info is not None and info.model is None:
+            raise ScanRejectedError("no model installed yet: offer one with cmd/ota", "no_model")
         if request.plan not in self.config.scan.plans:
             known = ", ".join(self.config.scan.plans)
             raise ScanRejectedError(f"unknown plan {request.plan!r} (known: {known})", "invalid")
