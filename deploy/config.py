@@ -214,6 +214,11 @@ class OtaConfig(_Section):
     health_check_interval_s: float = Field(
         default=30.0, gt=0, description="application health checks during the health period"
     )
+    health_max_abstentions: int = Field(
+        default=1,
+        ge=0,
+        description="more abstained slides than this in the health period roll the update back",
+    )
     need_after_s: float = Field(
         default=5.0, gt=0, description="inline transfer: ask again for missing chunks after this"
     )

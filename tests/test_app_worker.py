@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,18 +18,18 @@ from deploy.appliance.results import Identity, ResultMessage
 from deploy.appliance.worker import ScanPorts, ScanWorker
 from deploy.schemas import validate
 from firmware_bridge.exceptions import BridgeOperationError
-from inference.exceptions import SpectrumInputError
+from inference.exceptions import EngineError, GoldenMismatchError, SpectrumInputError
 
 
 class Health:
     def __init__(self) -> None:
-        self.finished: list[tuple[int, bool, str]] = []
+        self.finished: list[tuple[int, str, str]] = []
 
     def started(self) -> int:
         return 7
 
-    def done(self, token: int, ok: bool, why: str) -> None:
-        self.finished.append((token, ok, why))
+    def done(self, token: int, verdict: str, why: str) -> None:
+        self.finished.append((token, verdict, why))
 
 
 def make_worker(
@@ -67,7 +68,7 @@ def test_a_classified_slide_is_one_result_with_its_outcome() -> None:
     assert result["outcome"] == "classified" and result["seq"] == 1
     assert result["prediction"]["abstained"] is False and result["prediction"]["label"]
     assert "reason" not in result and "stage" not in result
-    assert health.finished == [(7, True, "")]
+    assert [v for _, v, _ in health.finished] == ["ok"]
 
 
 class Failing(FakeScanner):
@@ -80,15 +81,17 @@ class Failing(FakeScanner):
 
 
 @pytest.mark.parametrize(
-    ("error", "stage", "counts_against_model"),
+    ("error", "stage", "verdict"),
     [
-        (BridgeOperationError("stage jammed"), "acquire", False),
-        (SpectrumInputError("field 0: shapes differ"), "spectrum", False),
-        (worker_module.ScanRejectedError("boom", "x"), "internal", True),
+        (BridgeOperationError("stage jammed"), "acquire", "hardware"),
+        (SpectrumInputError("field 0: shapes differ"), "spectrum", "failed"),
+        (EngineError("engine produced NaN"), "infer", "failed"),
+        (GoldenMismatchError("golden outputs differ"), "model", "failed"),
+        (worker_module.ScanRejectedError("boom", "x"), "internal", "failed"),
     ],
 )
 def test_a_failed_slide_is_published_with_stage_and_reason(
-    error: BaseException, stage: str, counts_against_model: bool
+    error: BaseException, stage: str, verdict: str
 ) -> None:
     worker, publisher, health, errors = make_worker(Failing(error))
     worker.scan_one(ScanRequest("S-2", 1))
@@ -104,7 +107,8 @@ def test_a_failed_slide_is_published_with_stage_and_reason(
     assert result["model"]["name"] == "fake"  # names the model that was serving
     assert errors and errors[0][0] == "scan_failed"
     assert worker.counters.scans_failed == 1
-    assert (health.finished == [(7, False, f"slide S-2: {error}")]) is counts_against_model
+    # The health period of an update judges the model by it: acquisition is the hardware's.
+    assert health.finished == [(7, verdict, f"slide S-2: {error}")]
 
 
 def test_cancelled_running_and_dropped_queued_scans_are_published() -> None:
@@ -138,3 +142,59 @@ def test_committed_results_are_bounded_in_a_long_running_daemon(
         worker.scan_one(request)
     assert [c.scan_id for c in worker.committed] == [r.scan_id for r in requests[-5:]]
     assert worker.counters.scans_failed == 2 and worker.counters.scans_ok == 10
+
+
+def test_the_health_period_judges_the_model() -> None:
+    """Failures after acquisition roll back; abstentions beyond the limit roll back; a hardware
+    fault neither commits nor fails: the period starts over and ota/state names it."""
+    from deploy.appliance.ota import OtaController, OtaPorts, OtaSettings
+    from deploy.ota import HealthPolicy
+
+    now = [0.0]
+    published: list[bytes] = []
+
+    def controller(max_abstentions: int = 1) -> OtaController:
+        ports = OtaPorts(
+            slide_lock=threading.Lock,
+            publish=lambda topic, payload, retain: published.append(payload),
+            set_updating=lambda updating: None,
+            model_loaded=lambda info: None,
+            connected=lambda: True,
+            base_topic="omis/v1/d1",
+            prefix="omis/v1",
+            device_id="d1",
+        )
+        ctl = OtaController(
+            Path("/nonexistent"), ports, None, OtaSettings(max_abstentions=max_abstentions)
+        )
+        ctl.monitor._clock = lambda: now[0]
+        ctl.monitor.start(HealthPolicy(slides=3, seconds=10.0, check_interval_s=1.0))
+        ctl.monitor.record_check(True)
+        ctl._watch = 1  # a switched model is on probation
+        return ctl
+
+    ctl = controller()
+    ctl.slide_finished(1, "ok")
+    ctl.slide_finished(2, "failed", "another period")  # a slide of an older period: ignored
+    assert ctl.monitor.verdict() == "pending"
+    ctl.slide_finished(1, "failed", "slide S: spectrum: shapes differ")
+    assert ctl.monitor.verdict() == "unhealthy"
+
+    ctl = controller(max_abstentions=1)
+    ctl.slide_finished(1, "abstained", "uncertain_probability")
+    assert ctl.monitor.verdict() == "pending"
+    ctl.slide_finished(1, "abstained", "uncertain_probability")
+    assert ctl.monitor.verdict() == "unhealthy"
+    assert "2 abstained slides (limit 1)" in (ctl.monitor.failure or "")
+
+    ctl = controller()
+    ctl.slide_finished(1, "ok")
+    ctl.slide_finished(1, "ok")
+    now[0] = 9.0
+    ctl.slide_finished(1, "hardware", "slide S: camera timeout")
+    now[0] = 12.0  # past the 10 s of the period had it not started over
+    assert ctl.monitor.verdict() == "pending"
+    assert ctl.monitor.hardware_fault == "slide S: camera timeout"
+    for _ in range(3):
+        ctl.slide_finished(1, "ok")
+    assert ctl.monitor.verdict() == "healthy"

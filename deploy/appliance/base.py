@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from inference.result import SlideReport
 
 ScanSource = Literal["cli", "mqtt", "firmware"]
+# How a slide judges the model on probation (OTA health period); see deploy.appliance.worker.
+SlideVerdict = Literal["ok", "abstained", "failed", "hardware"]
 SlideListener = Callable[[str], None]
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy import __version__
-from deploy.appliance.base import ModelSwapper, ScannerInfo
+from deploy.appliance.base import ModelSwapper, ScannerInfo, SlideVerdict
 from deploy.appliance.commands import CommandFailed
 from deploy.appliance.ota_transfer import (
     OtaReceiver,
@@ -84,6 +84,7 @@ class OtaSettings:
     transfer_timeout_s: float = 300.0  # no chunk for this long: the offer is refused
     fetch_timeout_s: float = 60.0  # HTTPS download socket timeout
     checks: Sequence[Callable[[], None]] = ()  # extra application health checks; raise to fail
+    max_abstentions: int = 1  # more abstained slides in a health period roll back
 
     @classmethod
     def from_config(cls, config: OtaConfig) -> OtaSettings:
@@ -97,6 +98,7 @@ class OtaSettings:
             need_after_s=config.need_after_s,
             transfer_timeout_s=config.transfer_timeout_s,
             fetch_timeout_s=config.fetch_timeout_s,
+            max_abstentions=config.health_max_abstentions,
         )
 
 
@@ -162,6 +164,7 @@ class OtaController:
         self._progress: dict[str, Any] | None = None
         self._phase = ""
         self._watch = 0  # id of the health period in progress (0: none)
+        self._abstained = 0  # abstained slides in that period
         self._stopping = threading.Event()
 
     @property
@@ -235,10 +238,32 @@ class OtaController:
         """Called with the slide lock held: the health period this slide belongs to (0: none)."""
         return self._watch
 
-    def slide_finished(self, token: int, ok: bool, reason: str = "") -> None:
-        """Feed the health period with a slide that started on the new model."""
-        if token and token == self._watch:
-            self.monitor.record_slide(ok, reason)
+    def slide_finished(self, token: int, verdict: SlideVerdict, reason: str = "") -> None:
+        """Judge the new model by a slide that started on it (``token``: its health period).
+
+        ``ok`` counts towards the commit; ``failed`` (any failure after acquisition, non-finite
+        outputs included) rolls back; abstentions beyond ``max_abstentions`` roll back;
+        ``hardware`` (firmware, camera) neither: the period starts over, and ``ota/state``
+        names the fault.
+        """
+        if not token or token != self._watch:
+            return
+        if verdict == "ok":
+            self.monitor.record_slide(True)
+        elif verdict == "failed":
+            self.monitor.record_slide(False, reason)
+        elif verdict == "abstained":
+            self._abstained += 1
+            limit = self.settings.max_abstentions
+            if self._abstained > limit:
+                why = f"{self._abstained} abstained slides (limit {limit}); last: {reason}"
+                self.monitor.record_slide(False, why)
+        else:
+            log.warning("ota: hardware fault in the health period (period extended): %s", reason)
+            self.monitor.record_hardware_fault(reason)
+            job = self._job
+            if job is not None:
+                self._set_progress("health", job, hardware_fault=reason, extended=True)
 
     # -- OTA worker ------------------------------------------------------------------------------
 
@@ -331,6 +356,7 @@ class OtaController:
         info = swapper.load_model(bundle, self.store.generation())
         if self._phase == "switched":
             self._watch += 1  # slides from now on run on the new model and count for it
+            self._abstained = 0
         else:
             self._watch = 0
         self.ports.model_loaded(info)

@@ -18,13 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from deploy.appliance.base import ScannerInfo, ScanRequest, SlideScanner
+from deploy.appliance.base import ScannerInfo, ScanRequest, SlideScanner, SlideVerdict
 from deploy.appliance.publisher import ResultPublisher
 from deploy.appliance.queue import ScanQueue
 from deploy.appliance.results import Identity, ResultMessage, build_result, rfc3339
 from deploy.exceptions import DeployError, ScanCancelledError, ScanRejectedError
 from firmware_bridge.exceptions import BridgeError
-from inference.exceptions import InferenceError, SpectrumInputError
+from inference.exceptions import InferenceError
 from inference.result import Outcome, SlideReport, Stage, cancelled, failed, stage_of
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 ABANDON_WAIT_S = 10.0
 MAX_KEPT = 10000  # committed results / failure reasons kept: the daemon runs for months
 SCAN_ERRORS = (DeployError, BridgeError, InferenceError)
-# Failed slides that say nothing about the model (microscope, QC): they do not fail an update.
-NOT_THE_MODEL = (BridgeError, SpectrumInputError)
 
 
 @dataclass(frozen=True)
@@ -67,11 +65,26 @@ class ScanPorts:
     publisher: ResultPublisher
     has_room: Callable[[], bool]  # the outbox can take another result
     slide_started: Callable[[], int]  # OTA health period token
-    slide_finished: Callable[[int, bool, str], None]
+    slide_finished: Callable[[int, SlideVerdict, str], None]  # judges a model on probation
     status_changed: Callable[[], object]
     record_error: Callable[[str, str], None]
     info: Callable[[], ScannerInfo | None]  # what serves now (for failed results)
     model_seen: Callable[[dict[str, Any] | None], None]
+
+
+def verdict_of(report: SlideReport) -> SlideVerdict | None:
+    """How a slide judges the model that produced it (None: it says nothing, e.g. cancelled).
+
+    A failure in acquisition is the hardware's (firmware, camera); any later failure is the
+    device path's, which the model's bundle defines (spectrum, render, input, outputs).
+    """
+    if report.outcome is Outcome.CLASSIFIED:
+        return "ok"
+    if report.outcome is Outcome.ABSTAINED:
+        return "abstained"
+    if report.outcome is Outcome.FAILED:
+        return "hardware" if report.stage is Stage.ACQUIRE else "failed"
+    return None
 
 
 def stage_of_scan_error(exc: BaseException) -> Stage:
@@ -148,15 +161,17 @@ class ScanWorker:
             started = rfc3339()  # after the lock: the slide starts on the model serving now
             t0 = time.monotonic()
             health = self.ports.slide_started()
-            report = self._scan(request, health)
+            report = self._scan(request)
+        verdict = verdict_of(report)
+        if verdict is not None:
+            self.ports.slide_finished(health, verdict, f"slide {request.slide_id}: {report.reason}")
         if report.outcome in (Outcome.CLASSIFIED, Outcome.ABSTAINED):
-            self.ports.slide_finished(health, True, "")
             self.ports.model_seen(report.model.model_dump() if report.model else None)
             self.counters.scan_ms.append((time.monotonic() - t0) * 1000.0)
             self.counters.scans_ok += 1
         return self._commit(request, started, report)
 
-    def _scan(self, request: ScanRequest, health: int) -> SlideReport:
+    def _scan(self, request: ScanRequest) -> SlideReport:
         try:
             return self.scanner.scan(request, self.queue.cancel_event)
         except ScanCancelledError as exc:
@@ -167,8 +182,6 @@ class ScanWorker:
             self.counters.scans_failed += 1
             self.ports.record_error("scan_failed", f"slide {request.slide_id}: {exc}")
             log.error("scan %s of slide %s failed: %s", request.scan_id, request.slide_id, exc)
-            if not isinstance(exc, NOT_THE_MODEL):
-                self.ports.slide_finished(health, False, f"slide {request.slide_id}: {exc}")
             return self._failed(stage_of_scan_error(exc), str(exc))
 
     def _serving(self) -> dict[str, Any]:
