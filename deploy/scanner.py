@@ -24,10 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
+from pydantic import ValidationError
+
 from deploy.appliance.base import ScannerInfo, ScanRequest, SlideListener
 from deploy.config import InferenceConfig, PlanConfig
-from deploy.exceptions import ScanCancelledError, ScanError
+from deploy.exceptions import InvalidResultError, ScanCancelledError, ScanError
 from deploy.serving import ModelServer, Served, active_bundle_path
+from firmware_bridge.validation import first_error
 from inference.bundle import Bundle
 from inference.exceptions import InferenceError
 from inference.pipeline import NoUsableFieldError
@@ -129,6 +132,11 @@ class MicroscopeScanner:
         """Drop a prepared model that will not be switched to (idempotent)."""
         self.models.discard_prepared()
 
+    def unload_model(self) -> ScannerInfo:
+        """Serve no model any more (a rolled-back first model); slide lock held."""
+        self.models.unload()
+        return self.info()
+
     def load_model(self, bundle: Bundle, generation: int | None) -> ScannerInfo:
         """Serve ``bundle`` from the next slide on; call between slides (slide lock held)."""
         self.models.switch(bundle, generation)
@@ -210,7 +218,10 @@ class MicroscopeScanner:
         else:
             if cancel.is_set():
                 raise ScanCancelledError(f"scan {request.scan_id} cancelled")
-            report = result.report()
+            try:
+                report = result.report()
+            except ValidationError as exc:  # NaN or out-of-range outputs: never a label
+                raise InvalidResultError(f"slide {request.slide_id}: {first_error(exc)}") from exc
         return self._with_context(microscope, report, request.plan, plan)
 
     @staticmethod

@@ -176,6 +176,13 @@ class ModelServer:
             served.close()
         log.info("now serving %s", bundle.describe())
 
+    def unload(self) -> None:
+        """Stop serving (the store has no model): scans are refused until one comes."""
+        served, self.served = self.served, None
+        if served is not None:
+            log.warning("no model serves any more (%s v%s unloaded)", *_name(served))
+            served.close()
+
     def follow_store(self) -> None:
         """Reload at a slide boundary when another process switched the store's model."""
         from deploy.ota.store import ModelStore
@@ -201,3 +208,8 @@ class ModelServer:
         finally:
             if spectra is not None:
                 spectra.close()
+
+
+def _name(served: Served) -> tuple[str, int]:
+    m = served.bundle.manifest
+    return m.name, m.version

@@ -115,3 +115,64 @@ def test_a_fresh_device_comes_up_degraded_and_takes_its_first_model_over_mqtt(
                 proc.wait()
     status = json.loads(omis("ota", "status", "--json", "--state-dir", str(state)).stdout)
     assert status["current"] == 1
+
+
+def test_a_first_model_that_fails_its_health_period_leaves_the_device_without_a_model(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """A zero in input.normalization.std makes every output NaN: the slide fails in ``infer``
+    (never a label), the health period rolls back, and with no previous model the device
+    serves none again (``degraded``, ``no_model``) rather than the refused one."""
+    state = tmp_path / "state"
+    keys = generate_keypair(tmp_path / "keys", "fleet")
+    bundle = make_bundle(tmp_path / "bundle", seed=1, version=1)
+    manifest = json.loads((bundle.root / "manifest.json").read_text())
+    manifest["input"]["normalization"]["std"] = [0.0, 0.0, 0.0]
+    (bundle.root / "manifest.json").write_text(json.dumps(manifest))
+    sign_bundle(bundle.root, keys.private)
+    archive = pack_bundle(bundle.root, tmp_path / "nan-v1.tar")
+    log = tmp_path / "serve.log"
+    config = tmp_path / "omis.yaml"
+    config.write_text(
+        f"device:\n  id: {DEVICE}\nmqtt:\n  broker: {mosquitto.url}\n"
+        "scan:\n  microscope: sim://\n  fields: 1\n  scan_on_insert: false\n"
+        "ota:\n  health_slides: 2\n  health_seconds: 60\n  health_check_interval_s: 0.2\n"
+    )
+    assert omis("ota", "trust", str(keys.public), "--state-dir", str(state)).returncode == 0
+    with Collector(mosquitto.port, f"{BASE}/#") as col:
+        proc = subprocess.Popen(
+            [*OMIS, "serve", "--config", str(config), "--state-dir", str(state)],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("w"),
+        )
+        try:
+            assert wait_until(lambda: col.json_on("/status")[-1:] and col.json_on("/status")[
+                -1]["reasons"] == ["no_model"], 60), log.read_text()[-2000:]  # fmt: skip
+            done = omis(
+                "ota", "publish", str(archive), "--broker", mosquitto.url,
+                "--device-id", DEVICE, "--wait", "60",
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr[-2000:]
+            assert wait_until(lambda: col.json_on("/status")[-1]["model"] is not None, 30)
+            publish(mosquitto.port, f"{BASE}/cmd/scan", b'{"slide_id": "sim0-0001"}', b"probe")
+            assert wait_until(
+                lambda: any(
+                    (s.get("last_outcome") or {}).get("result") == "rolled_back"
+                    for s in col.json_on("/ota/state")
+                ),
+                60,
+            ), log.read_text()[-3000:]
+            assert wait_until(lambda: col.json_on("/status")[-1]["reasons"] == ["no_model"], 10)
+            (result,) = col.unique_results().values()
+            validate("result", result)
+            assert (result["outcome"], result["stage"]) == ("failed", "infer")
+            assert result["prediction"]["label"] is None
+            publish(mosquitto.port, f"{BASE}/cmd/scan", b'{"slide_id": "S-2"}', b"after")
+            assert wait_until(lambda: _replies(col, "after"), 10)
+            assert _replies(col, "after")[0]["error"]["code"] == "no_model"  # type: ignore[index]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

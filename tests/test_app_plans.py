@@ -76,3 +76,43 @@ def test_the_configured_plan_must_exist() -> None:
 
     with pytest.raises(ConfigError, match=r"plan 'wide' is not in scan\.plans"):
         load_config(environ={}, overrides={"scan": {"plan": "wide"}})
+
+
+def test_non_finite_model_outputs_end_in_a_failed_infer_result(
+    scanner: MicroscopeScanner,
+) -> None:
+    import numpy as np
+
+    from deploy.appliance.publisher import MemoryPublisher
+    from deploy.appliance.queue import ScanQueue
+    from deploy.appliance.results import Identity
+    from deploy.appliance.worker import ScanPorts, ScanWorker
+    from deploy.schemas import validate
+
+    served = scanner.models.served
+    assert served is not None
+    served.backend.infer = lambda tensor: np.full((1, 2), np.nan, np.float32)  # type: ignore[method-assign]
+    verdicts: list[str] = []
+    publisher = MemoryPublisher()
+    ports = ScanPorts(
+        publisher=publisher,
+        has_room=lambda: True,
+        slide_started=lambda: 1,
+        slide_finished=lambda token, verdict, why: verdicts.append(verdict),
+        status_changed=lambda: None,
+        record_error=lambda code, msg: None,
+        info=scanner.info,
+        model_seen=lambda model: None,
+    )
+    worker = ScanWorker(Identity("d1", "b"), scanner, ScanQueue(2), ports)
+    worker.scan_one(ScanRequest("sim4-0001", 1))
+    (result,) = publisher.results
+    data = result.to_json()
+    validate("result", data)
+    assert (data["outcome"], data["stage"], data["prediction"]["label"]) == (
+        "failed",
+        "infer",
+        None,
+    )
+    assert "finite" in data["reason"] or "nan" in data["reason"].lower()
+    assert verdicts == ["failed"]  # it counts against a model on probation

@@ -92,6 +92,10 @@ class ModelSwapper(Protocol):
         """Drop a prepared model (idempotent)."""
         ...
 
+    def unload_model(self) -> ScannerInfo:
+        """Serve no model any more (the store has none); slide lock held."""
+        ...
+
     def load_model(self, bundle: Bundle, generation: int | None) -> ScannerInfo:
         """Serve ``bundle`` from the next slide on (slide lock held); raise to refuse it."""
         ...

@@ -275,6 +275,17 @@ class OtaController:
         finally:
             swapper.discard_prepared()
             self._watch = 0
+            self._unload_if_store_empty(swapper)
+
+    def _unload_if_store_empty(self, swapper: ModelSwapper) -> None:
+        """A first model that was rolled back leaves nothing to serve: stop serving it."""
+        try:
+            empty = self.store.read_state().current is None
+        except StoreError:
+            return
+        if empty:
+            with self.ports.slide_lock():
+                self.ports.model_loaded(swapper.unload_model())
 
     def _finish_job(self) -> None:
         self._release_reply(CommandFailed("internal", "the update ended before a reply"))
