@@ -163,6 +163,8 @@ def test_a_first_model_that_fails_its_health_period_leaves_the_device_without_a_
                 60,
             ), log.read_text()[-3000:]
             assert wait_until(lambda: col.json_on("/status")[-1]["reasons"] == ["no_model"], 10)
+            # (the verdict reaches the health period before the result reaches the broker)
+            assert wait_until(lambda: len(col.unique_results()) == 1, 10)
             (result,) = col.unique_results().values()
             validate("result", result)
             assert (result["outcome"], result["stage"]) == ("failed", "infer")

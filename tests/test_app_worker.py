@@ -88,6 +88,7 @@ class Failing(FakeScanner):
         (EngineError("engine produced NaN"), "infer", "failed"),
         (GoldenMismatchError("golden outputs differ"), "model", "failed"),
         (worker_module.ScanRejectedError("boom", "x"), "internal", "failed"),
+        (RuntimeError("a defect"), "internal", "failed"),
     ],
 )
 def test_a_failed_slide_is_published_with_stage_and_reason(
@@ -108,7 +109,8 @@ def test_a_failed_slide_is_published_with_stage_and_reason(
     assert errors and errors[0][0] == "scan_failed"
     assert worker.counters.scans_failed == 1
     # The health period of an update judges the model by it: acquisition is the hardware's.
-    assert health.finished == [(7, verdict, f"slide S-2: {error}")]
+    ((token, judged, why),) = health.finished
+    assert (token, judged) == (7, verdict) and why.startswith("slide S-2: ") and str(error) in why
 
 
 def test_cancelled_running_and_dropped_queued_scans_are_published() -> None:

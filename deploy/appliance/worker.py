@@ -183,6 +183,11 @@ class ScanWorker:
             self.ports.record_error("scan_failed", f"slide {request.slide_id}: {exc}")
             log.error("scan %s of slide %s failed: %s", request.scan_id, request.slide_id, exc)
             return self._failed(stage_of_scan_error(exc), str(exc))
+        except Exception as exc:  # a defect: still one published outcome for this scan
+            self.counters.scans_failed += 1
+            self.ports.record_error("scan_failed", f"slide {request.slide_id}: {exc!r}")
+            log.exception("scan %s of slide %s: internal error", request.scan_id, request.slide_id)
+            return self._failed(stage_of(exc, Stage.INTERNAL), f"{type(exc).__name__}: {exc}")
 
     def _serving(self) -> dict[str, Any]:
         info = self.ports.info()
