@@ -7,8 +7,8 @@ property, and an MQTT 5 request's *response topic* receives a copy of its reply.
 replies, never exceptions: ``too_large``, ``malformed`` (not a JSON
 object), ``invalid`` (fails the verb's schema), ``unknown_command``, ``wrong_device`` (a
 ``device_id`` field naming another device), and handler codes (``queue_full``,
-``outbox_full``, ``stopping``, ``not_found``, ``unavailable``, ``internal``; ``cmd/ota`` adds
-``rejected`` for a refused offer and ``busy`` while another update runs).  Topics of other
+``outbox_full``, ``stopping``, ``not_found``, ``unavailable``, ``no_model``, ``internal``;
+``cmd/ota`` adds ``rejected`` for a refused offer and ``busy`` while another update runs).  Topics of other
 devices are never subscribed, so such commands are not seen at all; verbs longer than
 :data:`MAX_VERB_LEN` are ignored without a reply.
 

@@ -63,8 +63,14 @@ from inference.result import strict_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelSwapper", "OtaController", "OtaPorts", "OtaSettings", "chunk_filter"]
-__all__ += ["offer_json_schema"]
+__all__ = [
+    "ModelSwapper",
+    "OtaController",
+    "OtaPorts",
+    "OtaSettings",
+    "chunk_filter",
+    "offer_json_schema",
+]
 
 OTA_DIR = "ota"
 OTA_ERRORS = (OtaError, InferenceError, OSError)
