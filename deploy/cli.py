@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TextIO
 
 from firmware_bridge.exceptions import BridgeError
 from inference.exceptions import InferenceError
+from inference.state_dir import DEFAULT_STATE_DIR
 
 log = logging.getLogger("omis")
 
@@ -42,7 +41,6 @@ COMMAND_MODULES = (
     "deploy.cli_collect",
 )
 
-DEFAULT_STATE_DIR = "/var/lib/omis"
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
@@ -66,11 +64,6 @@ def _known_errors() -> tuple[type[BaseException], ...]:
             continue
         errors.append(getattr(module, cls_name))
     return tuple(errors)
-
-
-def resolve_state_dir(arg: str | None) -> Path:
-    """``--state-dir``, else ``$OMIS_STATE_DIR``, else ``/var/lib/omis``."""
-    return Path(arg or os.environ.get("OMIS_STATE_DIR") or DEFAULT_STATE_DIR)
 
 
 def common_parent() -> argparse.ArgumentParser:

@@ -68,10 +68,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
-    from deploy.cli import resolve_state_dir
     from deploy.collector.auth import hash_password
     from deploy.collector.config import load_collector_config
     from deploy.collector.service import ArchiveService
+    from inference.state_dir import resolve_state_dir
 
     if args.hash_password:
         password = getpass.getpass() if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")

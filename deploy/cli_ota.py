@@ -12,12 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from inference.state_dir import resolve_state_dir
+
 Handler = Callable[[argparse.Namespace], int]
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
-    from deploy.cli import resolve_state_dir
-
     return resolve_state_dir(args.state_dir)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -19,17 +18,18 @@ from deploy.broker import parse_broker_url
 from deploy.config import AppConfig, load_config
 from deploy.exceptions import ConfigError, DeployError
 from firmware_bridge.limits import MAX_SLIDES, check_count, check_identifier
+from inference.state_dir import resolve_state_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STATE_DIR = "/var/lib/omis"
+OUTCOMES = ("classified", "abstained", "failed", "cancelled")
+
 EXIT_UNHEALTHY = 1
 
 
 def _state_dir(args: argparse.Namespace, config: AppConfig) -> Path:
-    """``--state-dir``, else ``$OMIS_STATE_DIR``, else ``device.state_dir``, else the default."""
-    chosen = args.state_dir or os.environ.get("OMIS_STATE_DIR") or config.device.state_dir
-    return Path(chosen or DEFAULT_STATE_DIR)
+    """The state directory (:func:`inference.state_dir.resolve_state_dir`)."""
+    return resolve_state_dir(args.state_dir, config.device.state_dir)
 
 
 def _config(args: argparse.Namespace) -> AppConfig:
@@ -50,14 +50,23 @@ def _config(args: argparse.Namespace) -> AppConfig:
     return config
 
 
-def _scanner(config: AppConfig, state_dir: Path) -> SlideScanner:
+def _scanner(config: AppConfig, state_dir: Path, first_boot: bool = False) -> SlideScanner:
     """``--bundle`` pins a bundle for this run; else the model store's active model serves
-    (and OTA updates switch it between slides)."""
-    from deploy.scanner import MicroscopeScanner, active_bundle_path
+    (and OTA updates switch it between slides).  ``first_boot`` (``omis serve``) lets an empty
+    model store wait for its first model over OTA."""
+    from deploy.scanner import MicroscopeScanner
+    from deploy.serving import active_bundle_path
 
-    if config.scan.bundle is None:
+    if config.scan.bundle is None and not first_boot:
         active_bundle_path(state_dir)  # fail early, in one line, when nothing is installed
-    return MicroscopeScanner(config.scan.microscope, config.scan.bundle, state_dir)
+    return MicroscopeScanner(
+        config.scan.microscope,
+        config.scan.bundle,
+        state_dir,
+        inference=config.inference,
+        plans=config.scan.plans,
+        allow_no_model=first_boot,
+    )
 
 
 def _install_signals(stop: Callable[[], None]) -> None:
@@ -92,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from deploy.daemon_lock import DaemonLock
 
     with DaemonLock(state_dir):  # first: a second daemon must not touch anything
-        app = Appliance(config, state_dir, _scanner(config, state_dir))
+        app = Appliance(config, state_dir, _scanner(config, state_dir, first_boot=True))
         _install_signals(app.request_stop)
         try:
             app.start()
@@ -114,9 +123,10 @@ def _requests(args: argparse.Namespace, config: AppConfig) -> list[ScanRequest]:
         return [ScanRequest(args.slide_id, fields, config.scan.plan, "cli")]
     if config.scan.microscope.startswith("sim://"):
         from deploy.scanner import sim_seed
+        from firmware_bridge.sim.sample import slide_id_for
 
         seed = sim_seed(config.scan.microscope)
-        ids = [f"sim{seed}-{i:04d}" for i in range(args.slides or 1)]
+        ids = [slide_id_for(i, seed) for i in range(args.slides or 1)]
     else:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         ids = [f"{config.device.id}-{stamp}-{i + 1:03d}" for i in range(args.slides or 1)]
@@ -128,9 +138,10 @@ def _scan_report(app: Any, requests: list[ScanRequest]) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for request in requests:
         committed = by_scan.get(request.scan_id)
-        if committed is None:
-            reason = app.failures.get(request.scan_id, "not scanned")
-            rows.append({"slide_id": request.slide_id, "delivery": "failed", "error": reason})
+        if committed is None:  # the run was interrupted before this scan started
+            rows.append(
+                {"slide_id": request.slide_id, "delivery": "failed", "error": "not scanned"}
+            )
             continue
         pending = app.outbox.contains(committed.message_id)
         rows.append(
@@ -139,6 +150,8 @@ def _scan_report(app: Any, requests: list[ScanRequest]) -> dict[str, Any]:
                 "scan_id": request.scan_id,
                 "message_id": committed.message_id,
                 "seq": committed.seq,
+                "outcome": committed.outcome,
+                "reason": committed.reason,
                 "label": committed.label,
                 "delivery": "stored" if pending else "acknowledged",
             }
@@ -146,6 +159,8 @@ def _scan_report(app: Any, requests: list[ScanRequest]) -> dict[str, Any]:
     counts = {
         k: sum(r["delivery"] == k for r in rows) for k in ("acknowledged", "stored", "failed")
     }
+    seen = [r.get("outcome") for r in rows]
+    outcomes = {o: seen.count(o) for o in OUTCOMES if o in seen}
     return {
         "device_id": app.identity.device_id,
         "boot_id": app.identity.boot_id,
@@ -153,7 +168,19 @@ def _scan_report(app: Any, requests: list[ScanRequest]) -> dict[str, Any]:
         "outbox": str(app.outbox.path),
         "results": rows,
         "summary": counts,
+        "outcomes": outcomes,
     }
+
+
+def _outcome_words(row: dict[str, Any]) -> str:
+    """``classified high``, ``abstained (no_usable_field)``, ``failed: <reason>``, ..."""
+    outcome = row["outcome"]
+    if outcome == "classified":
+        return f"classified {row['label']}"
+    if outcome == "abstained":
+        leaning = f", leaning {row['label']}" if row["label"] else ""
+        return f"abstained ({row['reason']}){leaning}"
+    return f"{outcome}: {row['reason']}"
 
 
 def _print_scan_report(report: dict[str, Any]) -> None:
@@ -166,7 +193,7 @@ def _print_scan_report(report: dict[str, Any]) -> None:
             print(f"slide {row['slide_id']}: FAILED: {row['error']}")
             continue
         print(
-            f"slide {row['slide_id']}: {row['label']}  seq {row['seq']}  "
+            f"slide {row['slide_id']}: {_outcome_words(row)}  seq {row['seq']}  "
             f"message {row['message_id']}  {words[row['delivery']]}"
         )
     s = report["summary"]
@@ -199,8 +226,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, allow_nan=False))
     else:
         _print_scan_report(report)
-    if report["summary"]["failed"]:
-        raise DeployError(f"{report['summary']['failed']} slide(s) produced no result")
+    broken = report["summary"]["failed"] + sum(
+        n for o, n in report["outcomes"].items() if o in ("failed", "cancelled")
+    )
+    if broken:
+        raise DeployError(f"{broken} slide(s) failed or were cancelled (see above)")
     return 0
 
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 from deploy.exceptions import ConfigError
 from firmware_bridge.limits import IDENTIFIER_HELP, IDENTIFIER_PATTERN
+from firmware_bridge.validation import first_error
 
 ENV_PREFIX = "OMIS_"
 ENV_SEPARATOR = "__"
@@ -124,6 +125,39 @@ class OutboxConfig(_Section):
     )
 
 
+PLAN_NAME = r"^[A-Za-z0-9._-]{1,64}$"
+
+
+class PlanConfig(_Section):
+    """A field layout: how many fields, in which pattern, how far apart."""
+
+    pattern: Literal["grid", "serpentine"] = Field(
+        default="serpentine", description="row by row left to right (grid) or boustrophedon"
+    )
+    fields: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="fields per slide; None = the command's fields, else scan.fields",
+    )
+    step_um: tuple[float, float] = Field(
+        default=(800.0, 800.0), description="distance between neighbouring fields (x, y), µm"
+    )
+    columns: int | None = Field(
+        default=None, ge=1, description="fields per row; None = ceil(sqrt(fields))"
+    )
+
+    @model_validator(mode="after")
+    def _positive_step(self) -> PlanConfig:
+        if min(self.step_um) <= 0:
+            raise ValueError("step_um must be positive")
+        return self
+
+
+def _default_plans() -> dict[str, PlanConfig]:
+    return {"default": PlanConfig()}
+
+
 class ScanConfig(_Section):
     """Scanning."""
 
@@ -133,7 +167,13 @@ class ScanConfig(_Section):
         description="model bundle; None = the model store's active model (models/state.json)",
     )
     fields: int = Field(default=8, ge=1, le=1000, description="fields per slide by default")
-    plan: str = Field(default="default", description="acquisition plan by default")
+    plan: str = Field(
+        default="default", pattern=PLAN_NAME, description="name of the plan (scan.plans) by default"
+    )
+    plans: dict[str, PlanConfig] = Field(
+        default_factory=_default_plans,
+        description="field layouts by name; cmd/scan's plan names one of them",
+    )
     queue_size: int = Field(default=8, ge=1, le=1000, description="scans waiting at most")
     scan_on_insert: bool = Field(
         default=True, description="start a scan when the firmware reports a slide inserted"
@@ -144,6 +184,15 @@ class ScanConfig(_Section):
         description="on SIGTERM the running slide may finish within this time, else it is "
         "abandoned (no result)",
     )
+
+    @model_validator(mode="after")
+    def _known_plan(self) -> ScanConfig:
+        bad = [name for name in self.plans if not re.fullmatch(PLAN_NAME, name)]
+        if bad:
+            raise ValueError(f"plan name {bad[0]!r} must match {PLAN_NAME}")
+        if self.plan not in self.plans:
+            raise ValueError(f"plan {self.plan!r} is not in scan.plans ({', '.join(self.plans)})")
+        return self
 
 
 class ServiceConfig(_Section):
@@ -169,6 +218,11 @@ class OtaConfig(_Section):
     health_check_interval_s: float = Field(
         default=30.0, gt=0, description="application health checks during the health period"
     )
+    health_max_abstentions: int = Field(
+        default=1,
+        ge=0,
+        description="more abstained slides than this in the health period roll the update back",
+    )
     need_after_s: float = Field(
         default=5.0, gt=0, description="inline transfer: ask again for missing chunks after this"
     )
@@ -180,6 +234,47 @@ class OtaConfig(_Section):
     )
 
 
+class InferenceConfig(_Section):
+    """How the device path runs the model (the model contract itself comes from the bundle).
+
+    The same rules as ``omis infer``: a backend or precision asked for by name that cannot run
+    here is an error at start-up, never a silent switch to another one.
+    """
+
+    backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = Field(
+        default="auto",
+        description="inference backend; auto = TensorRT when usable, else ONNX Runtime",
+    )
+    precision: Literal["fp16", "fp32"] | None = Field(
+        default=None,
+        description="engine precision; None = the backend's own default (a backend that cannot "
+        "run the precision asked for refuses to start)",
+    )
+    spectrum_backend: Literal["auto", "numpy", "cuda"] = Field(
+        default="auto", description="spectrum backend; auto = CUDA when usable, else numpy"
+    )
+    max_batch: int = Field(default=8, ge=1, le=1024, description="largest batch an engine takes")
+    opt_batch: int = Field(
+        default=1, ge=1, le=1024, description="batch size TensorRT optimises the engine for"
+    )
+    ort_provider: Literal["cpu", "cuda", "tensorrt"] = Field(
+        default="cpu", description="onnxruntime execution provider (onnxruntime backend only)"
+    )
+    device: Literal["cpu", "cuda"] = Field(
+        default="cpu", description="where the torch backend runs (torch backend only)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InferenceConfig:
+        if self.opt_batch > self.max_batch:
+            raise ValueError("opt_batch must be <= max_batch")
+        if self.ort_provider != "cpu" and self.backend != "onnxruntime":
+            raise ValueError(f"ort_provider {self.ort_provider} needs backend onnxruntime")
+        if self.device != "cpu" and self.backend != "torch":
+            raise ValueError(f"device {self.device} needs backend torch")
+        return self
+
+
 class AppConfig(_Section):
     """The whole configuration file."""
 
@@ -189,6 +284,9 @@ class AppConfig(_Section):
     scan: ScanConfig = Field(default_factory=ScanConfig, description="scanning")
     service: ServiceConfig = Field(default_factory=ServiceConfig, description="supervision")
     ota: OtaConfig = Field(default_factory=OtaConfig, description="model updates")
+    inference: InferenceConfig = Field(
+        default_factory=InferenceConfig, description="inference and spectrum backends"
+    )
 
 
 def _set_path(tree: dict[str, Any], keys: list[str], value: Any, var: str) -> None:
@@ -266,13 +364,6 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """The first error as ``section.key: message``."""
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(root)"
-    return f"{where}: {first['msg']}"
-
-
 def load_config(
     path: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -286,6 +377,6 @@ def load_config(
     try:
         config = AppConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from exc
+        raise ConfigError(first_error(exc)) from exc
     _load_secrets(config)
     return config

@@ -11,7 +11,8 @@ Tree::
     ├── MqttError               the MQTT link cannot be configured or connected
     ├── ScanError               a scan cannot be set up or failed (no model, bad microscope URL)
     │   ├── ScanRejectedError   a scan request was refused (queue full, outbox full, stopping)
-    │   └── ScanCancelledError  a scan was cancelled before it produced a result
+    │   ├── ScanCancelledError  a scan was cancelled before it produced a result
+    │   └── InvalidResultError  the model's outputs make no valid result (NaN, out of range)
     ├── ServiceError            the daemon cannot start or a worker exceeded its restart cap
     └── ArchiveError            the result archive (omis collect) cannot open, migrate or write
 
@@ -72,6 +73,13 @@ class ScanCancelledError(ScanError):
 
 class ServiceError(DeployError):
     """The daemon could not start, or a worker failed more often than its restart cap allows."""
+
+
+class InvalidResultError(ScanError):
+    """The model's outputs make no valid result (non-finite or out-of-range probabilities):
+    the slide ends ``failed`` in stage ``infer``, never with a label."""
+
+    stage = "infer"
 
 
 class ArchiveError(DeployError):

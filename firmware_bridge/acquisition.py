@@ -37,6 +37,7 @@ from firmware_bridge.exceptions import (
     DeviceResetError,
     InputError,
 )
+from firmware_bridge.validation import first_error
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +375,4 @@ def make_plan(**values: Any) -> ScanPlan:
     try:
         return ScanPlan(**values)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(v) for v in first["loc"])
-        raise InputError(f"scan plan: {where}: {first['msg']}") from None
+        raise InputError(f"scan plan: {first_error(exc, 'plan')}") from None

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
-import zlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -169,15 +167,13 @@ _SIM_OPTIONS = {
 
 def _sim_slide(url: str, opts: dict[str, str]) -> Any:
     from firmware_bridge.sim.sample import SyntheticSlide, slide_for
+    from firmware_bridge.sim.slides import slide_by_id
 
     seed = int(_number(url, opts, "seed", 0))
     slide_id, group = opts.get("slide"), opts.get("group")
     if slide_id is not None:
         check_identifier(slide_id, f"{url}: slide")
-        match = re.fullmatch(rf"sim{seed}-(\d+)", slide_id)
-        if match and group is None:
-            return slide_for(int(match.group(1)), seed)
-        return SyntheticSlide(slide_id, group or "II", seed ^ zlib.crc32(slide_id.encode()))
+        return slide_by_id(slide_id, seed, group)
     if group is not None:
         return SyntheticSlide(f"sim{seed}-{group}", group, seed)
     return slide_for(int(_number(url, opts, "index", 0)), seed)

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field, StrictFloat, ValidationError
 
+from firmware_bridge.validation import first_error_parts
 from inference.exceptions import BundleError, InferenceError
 
 #: Versions are JSON numbers: above 2**53 a double no longer holds every integer exactly.
@@ -81,10 +82,10 @@ def check_runnable(spectrum: dict[str, Any], render: dict[str, Any], hw: tuple[i
 
 
 def first_error(exc: ValidationError) -> str:
-    """``key.path: message (got value)`` of the first validation error, for one clear line."""
+    """``key.path: message (got value)`` of the first error: the shared one-line form
+    (:func:`firmware_bridge.validation.first_error_parts`) plus the offending scalar."""
+    where, msg = first_error_parts(exc, root="manifest")
     first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "manifest"
-    msg = str(first["msg"]).removeprefix("Value error, ")
     got = first.get("input")
     if first["loc"] and isinstance(got, str | int | float | bool):
         msg += f" (got {got!r})"

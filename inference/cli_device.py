@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import replace
@@ -18,9 +17,9 @@ from typing import Any
 from inference.backends import BACKEND_NAMES, BackendOptions
 from inference.bundle import Bundle, load_bundle
 from inference.exceptions import GoldenMismatchError, InferenceError
+from inference.state_dir import resolve_state_dir
 from inference.store_state import active_bundle_path
 
-DEFAULT_STATE_DIR = "/var/lib/omis"
 SPECTRUM_BACKENDS = ("auto", "numpy", "cuda")
 
 
@@ -29,10 +28,8 @@ def _out(text: str) -> None:
 
 
 def state_dir(args: argparse.Namespace) -> Path:
-    """``--state-dir``, else ``$OMIS_STATE_DIR``, else ``/var/lib/omis`` (as deploy.cli)."""
-    return Path(
-        getattr(args, "state_dir", None) or os.environ.get("OMIS_STATE_DIR") or DEFAULT_STATE_DIR
-    )
+    """The state directory (:func:`inference.state_dir.resolve_state_dir`)."""
+    return resolve_state_dir(getattr(args, "state_dir", None))
 
 
 def _bundle(args: argparse.Namespace) -> Bundle:

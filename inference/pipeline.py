@@ -32,6 +32,15 @@ from inference.exceptions import BundleError, InferenceError, SpectrumInputError
 from inference.integrity import check_image
 from inference.preprocess import to_tensor
 from inference.render import render_params_from_json, render_spectrum
+from inference.result import (
+    AbstainReason,
+    ModelRef,
+    Outcome,
+    Prediction,
+    SlideReport,
+    SpectrumReport,
+    field_reports,
+)
 from inference.spectrum import SpectrumBackend, open_backend, parse_params
 from inference.spectrum.qc import FieldQuality, NoUsableFieldError, QCThresholds, SlideQC
 from inference.spectrum.types import Spectrum
@@ -91,6 +100,30 @@ class SlideResult:
     fields: tuple[FieldQuality, ...]
     spectrum: Spectrum
     timings_ms: dict[str, float]
+
+    def report(self) -> SlideReport:
+        """The typed result of this slide: the body of its ``omis.result/1`` message."""
+        return SlideReport(
+            outcome=Outcome.ABSTAINED if self.abstained else Outcome.CLASSIFIED,
+            reason=AbstainReason.UNCERTAIN_PROBABILITY.value if self.abstained else None,
+            model=ModelRef.model_validate(self.model),
+            backend=self.backend,
+            prediction=Prediction(
+                label=self.label,
+                probabilities=self.probabilities,
+                risk="high" if self.risk == "high" else "low",
+                abstained=self.abstained,
+                p_high=self.p_high,
+            ),
+            fields=field_reports(self.fields),
+            spectrum=SpectrumReport(
+                algorithm=self.spectrum.algorithm,
+                axis=self.spectrum.x_nm.tolist(),
+                values=self.spectrum.y.tolist(),
+                flags=list(self.spectrum.flags),
+            ),
+            timings_ms=self.timings_ms,
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The JSON of ``omis infer --json`` (and the prediction part of results)."""

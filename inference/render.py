@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from firmware_bridge.validation import first_error
 from inference.exceptions import SpectrumInputError
 
 log = logging.getLogger(__name__)
@@ -109,9 +110,7 @@ def render_params_from_json(d: dict[str, Any] | None) -> RenderParams:
     try:
         return RenderParams.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "render"
-        raise SpectrumInputError(f"bad render parameter {where}: {first['msg']}") from exc
+        raise SpectrumInputError(f"bad render parameter {first_error(exc, 'render')}") from exc
 
 
 def _check_inputs(x_nm: object, y: object) -> tuple[F64, F64]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,4 +180,39 @@ def test_a_slide_without_a_usable_field_is_published_for_review(
     validate("result", result)
     assert result["slide_id"] == "sim5-0000"
     assert result["prediction"]["abstained"] is True and result["prediction"]["label"] is None
+    assert (result["outcome"], result["reason"]) == ("abstained", "no_usable_field")
     assert [f["quality"] for f in result["fields"]] == ["reject"]
+
+
+def test_a_multi_slide_scan_opens_each_backend_once(tmp_path: Path) -> None:
+    make_bundle(tmp_path / "bundle")
+    done = omis(
+        "scan",
+        "-v",
+        "--microscope",
+        "sim://?seed=3",
+        "--broker",
+        "embedded",
+        "--bundle",
+        str(tmp_path / "bundle"),
+        "--slides",
+        "4",
+        "--fields",
+        "1",
+        "--state-dir",
+        str(tmp_path / "state"),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stderr.splitlines()
+    opened = [line for line in lines if "backend" in line and "opened" in line]
+    spectrum = [line for line in opened if "spectrum backend" in line]
+    inference = [line for line in opened if "inference backend" in line]
+    assert len(opened) == 2, "\n".join(opened)
+    assert len(spectrum) == 1, "\n".join(spectrum)
+    assert len(inference) == 1, "\n".join(inference)
+    assert " INFO " in spectrum[0] and "numpy" in spectrum[0]
+    # and the report names each slide's outcome (abstained ones with their reason)
+    outcomes = re.findall(
+        r"^slide sim3-000\d: (classified \w+|abstained \(\w+\).*?)  seq", done.stdout, re.M
+    )
+    assert len(outcomes) == 4, done.stdout

@@ -115,3 +115,63 @@ def test_ota_section_reaches_the_daemon(tmp_path: Path) -> None:
     assert settings.need_after_s == config.ota.need_after_s == 5.0
     with pytest.raises(ConfigError, match=r"ota\.health_slides"):
         load_config(environ={"OMIS_OTA__HEALTH_SLIDES": "0"})
+
+
+def test_inference_section_is_validated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        "inference:\n  backend: onnxruntime\n  precision: fp32\n  spectrum_backend: numpy\n"
+        "  max_batch: 4\n  opt_batch: 2\n"
+    )
+    assert main(["serve", "--config", str(good), "--validate-config"]) == 0
+    config = load_config(good, environ={})
+    assert (config.inference.backend, config.inference.spectrum_backend) == ("onnxruntime", "numpy")
+    for text, where in (
+        ("inference:\n  backend: tpu\n", "inference.backend"),
+        ("inference:\n  precision: int8\n", "inference.precision"),
+        ("inference:\n  spectrum_backend: opencl\n", "inference.spectrum_backend"),
+        ("inference:\n  max_batch: 2\n  opt_batch: 4\n", "opt_batch must be <= max_batch"),
+        ("inference:\n  ort_provider: cuda\n", "needs backend onnxruntime"),
+        ("inference:\n  device: cuda\n", "needs backend torch"),
+    ):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        capsys.readouterr()
+        assert main(["serve", "--config", str(bad), "--validate-config"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert where in err and "\n" not in err, err
+
+
+def test_inference_section_never_falls_back_silently(tmp_path: Path) -> None:
+    """A spectrum backend asked for by name that cannot start stops the scan, in one line."""
+    import subprocess
+    import sys
+
+    from fakes.bundles import make_bundle
+
+    make_bundle(tmp_path / "bundle")
+    cfg = tmp_path / "omis.yaml"
+    cfg.write_text("inference:\n  spectrum_backend: cuda\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deploy.cli",
+            "scan",
+            "--config",
+            str(cfg),
+            "--microscope",
+            "sim://",
+            "--bundle",
+            str(tmp_path / "bundle"),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "CUDA" in done.stderr.splitlines()[-1], done.stderr[-1500:]
+    assert "Traceback" not in done.stderr

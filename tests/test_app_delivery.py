@@ -250,6 +250,12 @@ def test_bad_commands_over_mqtt_never_kill_the_daemon(mosquitto: Mosquitto, tmp_
         assert wait_until(lambda: len(replies_on(col, "cancel")) == 1, 5)
         assert replies_on(col, "cancel")[0]["ok"] is True
         assert wait_until(lambda: app.counters.scans_cancelled == 1, 10)
+        # ... and it still ends in a published outcome, through the outbox and the broker.
+        assert wait_until(lambda: any(r["slide_id"] == "LONG" for r in col.results()), 10)
+        (long,) = [r for r in col.unique_results().values() if r["slide_id"] == "LONG"]
+        validate("result", long)
+        assert (long["outcome"], long["prediction"]["label"]) == ("cancelled", None)
+        assert "cancelled" in long["reason"]
         publish(port, f"{BASE}/cmd/status", b"{}", correlation=b"c-status")
         assert wait_until(lambda: len(replies_on(col, "status")) == 1, 5)
         for verb in ("scan", "cancel", "status", "selfdestruct"):
@@ -331,3 +337,29 @@ def test_mqtt5_response_topic_gets_a_copy_of_the_reply(
     props = [p for t, _, p in inbox.messages if t == INBOX]
     assert props[0].CorrelationData == b"c-rt"
     assert [t for t, _, _ in inbox.messages] == [INBOX]
+
+
+def test_a_failed_scan_is_published_through_the_outbox(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    config = app_config(mosquitto.url)
+    scanner = FakeScanner(fail_slides=frozenset({"BAD"}))
+    with (
+        Collector(mosquitto.port, f"{BASE}/result") as col,
+        running(config, tmp_path / "state", scanner) as app,
+    ):
+        submit(app, "BAD", "GOOD")
+        assert wait_until(lambda: len(col.unique_results()) == 2, 10)
+        assert wait_until(lambda: app.outbox.stats().rows == 0, 10)
+    by_slide = {r["slide_id"]: r for r in col.unique_results().values()}
+    for result in by_slide.values():
+        validate("result", result)
+    bad = by_slide["BAD"]
+    assert (bad["outcome"], bad["stage"], bad["prediction"]["label"]) == (
+        "failed",
+        "internal",
+        None,
+    )
+    assert "focus lost" in bad["reason"]
+    assert by_slide["GOOD"]["outcome"] == "classified"
+    assert [bad["seq"], by_slide["GOOD"]["seq"]] == [1, 2]

@@ -182,17 +182,17 @@ def test_every_schema_loads_and_rejects_garbage() -> None:
 def test_result_envelope_matches_schema_and_has_a_fresh_uuid() -> None:
     identity = Identity(DEVICE, "boot1")
     request = ScanRequest("S-1", 2)
-    body = FakeScanner().scan(request, threading.Event())
+    report = FakeScanner().scan(request, threading.Event())
     a = build_result(
-        identity, seq=1, request=request, started_at=rfc3339(), finished_at=rfc3339(), body=body
-    )
+        identity, seq=1, request=request, started_at=rfc3339(), finished_at=rfc3339(), report=report
+    ).to_json()
     b = build_result(
-        identity, seq=2, request=request, started_at=rfc3339(), finished_at=rfc3339(), body=body
-    )
+        identity, seq=2, request=request, started_at=rfc3339(), finished_at=rfc3339(), report=report
+    ).to_json()
     validate("result", a)
     assert a["message_id"] != b["message_id"]
     assert a["finished_at"].endswith("Z")
-    assert a["simulation"] == {"pap_group": "II"}
+    assert a["simulation"]["pap_group"] == "II"
     broken = dict(a, model={"name": "x", "version": 1, "sha256": "short"})
     with pytest.raises(SchemaError, match="model/sha256"):
         validate("result", broken)
@@ -306,24 +306,3 @@ def test_sd_notify_over_a_real_datagram_socket(
     assert watchdog_interval_s() == 2.0
     monkeypatch.setenv("WATCHDOG_PID", "1")
     assert watchdog_interval_s() is None
-
-
-def test_failed_scan_reasons_are_bounded_in_a_long_running_daemon(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``Appliance.failures`` (scan id -> reason) must not grow for ever; the newest stay."""
-    from deploy.appliance import service
-    from deploy.config import load_config
-
-    monkeypatch.setattr(service, "MAX_FAILURES", 5, raising=False)
-    slides = [f"s{i}" for i in range(12)]
-    scanner = FakeScanner(fail_slides=frozenset(slides))
-    config = load_config(environ={}, overrides={"device": {"id": "d1"}})
-    app = service.Appliance(config, tmp_path / "state", scanner)
-    requests = [ScanRequest(slide, 1, "full", "cli") for slide in slides]
-    for request in requests:
-        app._scan_one(request)
-    assert app.counters.scans_failed == 12
-    assert len(app.failures) == 5
-    assert list(app.failures) == [r.scan_id for r in requests[-5:]]
-    assert "focus lost" in app.failures[requests[-1].scan_id]

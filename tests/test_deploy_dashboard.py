@@ -145,6 +145,8 @@ def result_payload(seq: int, slide: str, high: float, abstained: bool = False) -
         "started_at": "2026-01-01T12:00:00.000Z",
         "finished_at": f"2026-01-01T12:00:0{seq}.500Z",
         "source": "mqtt",
+        "outcome": "abstained" if abstained else "classified",
+        **({"reason": "uncertain_probability"} if abstained else {}),
         "model": {"name": "omis-vgg16", "version": 3, "sha256": SHA},
         "backend": {"name": "tensorrt", "precision": "fp16"},
         "prediction": {

@@ -85,6 +85,7 @@ def _register_train(sub: argparse._SubParsersAction[Any], common: argparse.Argum
 def _cmd_train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from firmware_bridge.validation import first_error_parts
     from training.pipeline import TrainOptions, run_training
     from training.progress import Progress
     from training.train import Augment
@@ -114,9 +115,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             augment=Augment(noise_std=args.augment_noise, scale=args.augment_scale),
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        raise ConfigError(f"--{where.replace('_', '-')}: {first['msg']}") from exc
+        where, message = first_error_parts(exc, "options")
+        raise ConfigError(f"--{where.replace('_', '-')}: {message}") from exc
     with Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
         result = run_training(opts, progress)
     if not result.report.get("schema"):

@@ -1,8 +1,9 @@
 """The scanning seam: a :class:`SlideScanner` turns a :class:`ScanRequest` into a result body.
 
 The real implementation (:class:`deploy.scanner.MicroscopeScanner`) composes the microscope
-bridge and the inference pipeline; tests use an in-memory fake.  The service wraps the body in
-the ``omis.result/1`` envelope (ids, sequence number, timestamps).
+bridge and the inference pipeline; tests use an in-memory fake.  The scan worker wraps the
+report in the ``omis.result/1`` envelope (ids, sequence number, timestamps).  A scanner that can
+also switch models between slides is a :class:`ModelSwapper` (OTA).
 """
 
 from __future__ import annotations
@@ -11,9 +12,15 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from inference.bundle import Bundle
+    from inference.result import SlideReport
 
 ScanSource = Literal["cli", "mqtt", "firmware"]
+# How a slide judges the model on probation (OTA health period); see deploy.appliance.worker.
+SlideVerdict = Literal["ok", "abstained", "failed", "hardware"]
 SlideListener = Callable[[str], None]
 
 
@@ -45,18 +52,17 @@ class ScannerInfo:
 class SlideScanner(Protocol):
     """Acquire, compute and classify one slide.
 
-    ``scan`` returns the result body: ``model``, ``backend``, ``prediction`` (``label``,
-    ``probabilities``, ``risk``, ``abstained``), ``fields`` (``index``, ``valid_fraction``,
-    ``quality``), ``spectrum`` (``algorithm``, ``axis``, ``values``), ``timings_ms`` and, for
-    simulated slides, ``simulation`` (``pap_group``).  It checks ``cancel`` between fields and
-    raises :class:`~deploy.exceptions.ScanCancelledError` when it is set.
+    ``scan`` returns the slide's typed :class:`~inference.result.SlideReport` (classified or
+    abstained); it raises :class:`~deploy.exceptions.ScanCancelledError` when ``cancel`` is set
+    between fields and a project error when the device path breaks (the worker turns both into
+    ``cancelled`` / ``failed`` results).
     """
 
     def open(self) -> ScannerInfo:
         """Open the microscope and warm the engine up; called once before any scan."""
         ...
 
-    def scan(self, request: ScanRequest, cancel: threading.Event) -> dict[str, Any]:
+    def scan(self, request: ScanRequest, cancel: threading.Event) -> SlideReport:
         """Scan one slide; blocking."""
         ...
 
@@ -66,4 +72,30 @@ class SlideScanner(Protocol):
 
     def close(self) -> None:
         """Release the microscope and engine (idempotent)."""
+        ...
+
+
+@runtime_checkable
+class ModelSwapper(Protocol):
+    """A scanner that can load a model beside the serving one and switch between slides."""
+
+    @property
+    def follows_store(self) -> bool:
+        """True when it serves the model store's active model (no pinned bundle)."""
+        ...
+
+    def prepare_model(self, bundle: Bundle) -> None:
+        """Load and golden-gate ``bundle`` beside the serving model; raise to refuse it."""
+        ...
+
+    def discard_prepared(self) -> None:
+        """Drop a prepared model (idempotent)."""
+        ...
+
+    def unload_model(self) -> ScannerInfo:
+        """Serve no model any more (the store has none); slide lock held."""
+        ...
+
+    def load_model(self, bundle: Bundle, generation: int | None) -> ScannerInfo:
+        """Serve ``bundle`` from the next slide on (slide lock held); raise to refuse it."""
         ...

@@ -8,10 +8,16 @@ its reply (:mod:`deploy.requests`).  Errors are replies, never exceptions: ``too
 ``too_deep`` (nested deeper than :data:`deploy.requests.MAX_JSON_DEPTH`), ``malformed`` (not
 strict JSON or not an object), ``invalid`` (fails the verb's schema), ``unknown_command``,
 ``wrong_device`` (a ``device_id`` field naming another device), and handler codes (``queue_full``,
-``outbox_full``, ``stopping``, ``not_found``, ``unavailable``, ``internal``; ``cmd/ota`` adds
-``rejected`` for a refused offer and ``busy`` while another update runs).  Topics of other
-devices are never subscribed, so such commands are not seen at all; verbs longer than
-:data:`MAX_VERB_LEN` are ignored without a reply.
+``outbox_full``, ``stopping``, ``not_found``, ``unavailable``, ``no_model``, ``internal``;
+``cmd/ota`` adds ``rejected`` for a refused offer and ``busy`` while another update runs).
+Topics of other devices are never subscribed, so such commands are not seen at all; verbs
+longer than :data:`MAX_VERB_LEN` are ignored without a reply.
+
+The router owns the whole reply life cycle.  A handler receives the validated request (a typed
+pydantic model when the verb registers one) and returns the reply's ``result``, or a
+:class:`~concurrent.futures.Future` of it when the answer comes later (``cmd/ota`` answers once
+the bundle has arrived); a handler that raises :class:`CommandFailed` (or a future that fails
+with it) answers with that error code.  The reply is serialised once, here.
 """
 
 from __future__ import annotations
@@ -19,13 +25,17 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic import BaseModel, ValidationError
 
 from deploy.appliance.results import rfc3339
 from deploy.exceptions import SchemaError
 from deploy.requests import RequestError, parse_command
 from deploy.schemas import validate
+from firmware_bridge.validation import first_error
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +43,8 @@ REPLY_SCHEMA = "omis.reply/1"
 MAX_VERB_LEN = 64
 MAX_CORRELATION_LEN = 128
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+Result = dict[str, Any]
+Handler = Callable[[Any], "Result | Future[Result]"]
 # (verb, reply payload, MQTT 5 correlation data, MQTT 5 response topic)
 ReplySender = Callable[[str, bytes, "bytes | None", "str | None"], None]
 
@@ -50,6 +61,17 @@ class CommandFailed(Exception):  # noqa: N818 - a reply, not a crash
 class _Route:
     schema: str
     handler: Handler
+    model: type[BaseModel] | None = None
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A command whose reply waits for its handler's future."""
+
+    verb: str
+    request: dict[str, Any]
+    correlation: bytes | None
+    response_topic: str | None
 
 
 class CommandRouter:
@@ -62,9 +84,12 @@ class CommandRouter:
         self.counts: dict[str, int] = {}
         self._routes: dict[str, _Route] = {}
 
-    def register(self, verb: str, schema: str, handler: Handler) -> None:
-        """Route ``verb`` to ``handler`` after validating against schema ``schema``."""
-        self._routes[verb] = _Route(schema, handler)
+    def register(
+        self, verb: str, schema: str, handler: Handler, model: type[BaseModel] | None = None
+    ) -> None:
+        """Route ``verb`` to ``handler`` after validating against schema ``schema`` (and
+        parsing into ``model`` when given: the handler then receives the typed request)."""
+        self._routes[verb] = _Route(schema, handler, model)
 
     @property
     def verbs(self) -> list[str]:
@@ -78,7 +103,8 @@ class CommandRouter:
         correlation: bytes | None,
         response_topic: str | None = None,
     ) -> dict[str, Any] | None:
-        """Handle one command and send its reply; returns the reply (None if ignored).
+        """Handle one command and send its reply; returns the reply, or None when it was
+        ignored or will follow (a handler's future).
 
         ``response_topic`` (MQTT 5) is passed on to the reply sender, which copies the reply there.
         """
@@ -89,15 +115,40 @@ class CommandRouter:
         try:
             request = self._parse(payload)
             result = self._dispatch(verb, request)
-            reply = self._reply(verb, request, correlation, result=result)
         except CommandFailed as exc:
-            self.counts[exc.code] = self.counts.get(exc.code, 0) + 1
-            log.info("command %s refused: %s: %s", verb, exc.code, exc)
-            error = {"code": exc.code, "message": str(exc)[:500]}
-            reply = self._reply(verb, request, correlation, error=error)
-        self.send_reply(
-            verb, json.dumps(reply, allow_nan=False).encode("utf-8"), correlation, response_topic
-        )
+            return self._answer(_Pending(verb, request, correlation, response_topic), error=exc)
+        pending = _Pending(verb, request, correlation, response_topic)
+        if isinstance(result, Future):
+            result.add_done_callback(lambda done: self._settle(pending, done))
+            return None
+        return self._answer(pending, result=result)
+
+    def _settle(self, pending: _Pending, done: Future[Result]) -> None:
+        error = done.exception()
+        if error is None:
+            self._answer(pending, result=done.result())
+        elif isinstance(error, CommandFailed):
+            self._answer(pending, error=error)
+        else:
+            log.error("command %s failed late: %s", pending.verb, error)
+            internal = CommandFailed("internal", f"{type(error).__name__}: {error}")
+            self._answer(pending, error=internal)
+
+    def _answer(
+        self,
+        pending: _Pending,
+        result: Result | None = None,
+        error: CommandFailed | None = None,
+    ) -> dict[str, Any]:
+        if error is None:
+            reply = self._reply(pending.verb, pending.request, pending.correlation, result=result)
+        else:
+            self.counts[error.code] = self.counts.get(error.code, 0) + 1
+            log.info("command %s refused: %s: %s", pending.verb, error.code, error)
+            detail = {"code": error.code, "message": str(error)[:500]}
+            reply = self._reply(pending.verb, pending.request, pending.correlation, error=detail)
+        body = json.dumps(reply, allow_nan=False).encode("utf-8")
+        self.send_reply(pending.verb, body, pending.correlation, pending.response_topic)
         return reply
 
     def _parse(self, payload: bytes) -> dict[str, Any]:
@@ -106,7 +157,7 @@ class CommandRouter:
         except RequestError as exc:
             raise CommandFailed(exc.code, str(exc)) from exc
 
-    def _dispatch(self, verb: str, request: dict[str, Any]) -> dict[str, Any]:
+    def _dispatch(self, verb: str, request: dict[str, Any]) -> Result | Future[Result]:
         route = self._routes.get(verb)
         if route is None:
             raise CommandFailed("unknown_command", f"unknown command {verb!r}")
@@ -118,8 +169,14 @@ class CommandRouter:
         if target is not None and target != self.device_id:
             raise CommandFailed("wrong_device", f"addressed to {target!r}, not this device")
         self.counts[verb] = self.counts.get(verb, 0) + 1
+        typed: Any = request
+        if route.model is not None:
+            try:
+                typed = route.model.model_validate(request)
+            except ValidationError as exc:
+                raise CommandFailed("invalid", f"{verb}: {first_error(exc)}") from exc
         try:
-            return route.handler(request)
+            return route.handler(typed)
         except CommandFailed:
             raise
         except Exception as exc:

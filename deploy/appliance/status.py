@@ -55,6 +55,8 @@ class StatusTracker:
             reasons.append("outbox_full")
         if self.info is None:
             reasons.append("scanner_unavailable")
+        elif self.info.model is None:
+            reasons.append("no_model")  # first boot: waiting for a model over OTA
         if reasons:
             return "degraded", reasons
         if self.updating:

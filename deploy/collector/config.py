@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from sqlalchemy import make_url
 
 from deploy.config import TlsConfig, _merge, _read_file, _read_secret, env_overrides
-from deploy.config import format_validation_error as _format
 from deploy.exceptions import ConfigError
+from firmware_bridge.validation import first_error
 
 ENV_PREFIX = "OMIS_COLLECT_"
 DB_FILE = "collector.sqlite"
@@ -166,7 +166,7 @@ def load_collector_config(
     try:
         config = CollectorConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format(exc)) from exc
+        raise ConfigError(first_error(exc)) from exc
     mqtt = config.mqtt
     if mqtt.password is None and mqtt.password_file is not None:
         mqtt.password = _read_secret(mqtt.password_file, "mqtt.password_file")

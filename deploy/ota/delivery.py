@@ -35,6 +35,7 @@ from deploy.ota.signing import opened, verify_signature
 from deploy.ota.store import ModelStore
 from deploy.ota.trust import TrustStore
 from firmware_bridge.fsutil import atomic_write_bytes
+from firmware_bridge.validation import first_error
 from inference.bundle import MANIFEST, SIGNATURE, Manifest, parse_manifest, sha256_file
 from inference.exceptions import BundleError
 
@@ -124,9 +125,7 @@ def parse_offer(payload: bytes) -> OtaOffer:
     try:
         return OtaOffer.model_validate_json(payload)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "offer"
-        raise DeliveryError(f"offer: {where}: {first['msg']}") from exc
+        raise DeliveryError(f"offer: {first_error(exc, 'offer')}") from exc
 
 
 def make_offer(bundle: Path, source: PathSource | UrlSource | InlineSource, cid: str) -> OtaOffer:

@@ -85,6 +85,7 @@ class HealthMonitor:
         self._slides_ok = 0
         self._checks_ok = 0
         self._failure: str | None = None
+        self.hardware_fault: str | None = None  # the last one in this period
 
     def start(self, policy: HealthPolicy) -> None:
         """Begin a health period."""
@@ -93,6 +94,7 @@ class HealthMonitor:
             self._started = self._clock()
             self._slides_ok = self._checks_ok = 0
             self._failure = None
+            self.hardware_fault = None
 
     def record_slide(self, ok: bool, reason: str = "") -> None:
         """The service finished a slide with the new model (``ok``) or failed on it."""
@@ -101,6 +103,15 @@ class HealthMonitor:
                 self._slides_ok += 1
             elif self._failure is None:
                 self._failure = f"slide failed: {reason or 'unknown error'}"
+            self._cond.notify_all()
+
+    def record_hardware_fault(self, reason: str) -> None:
+        """A slide failed in the hardware (firmware, camera): that says nothing about the model,
+        so it neither fails the period nor commits it; the period starts over (extends)."""
+        with self._cond:
+            self._started = self._clock()
+            self._slides_ok = 0
+            self.hardware_fault = reason
             self._cond.notify_all()
 
     def record_check(self, ok: bool, reason: str = "") -> None:

@@ -48,6 +48,7 @@ from firmware_bridge.sim.sample import (
     scale_counts,
     slide_for,
 )
+from firmware_bridge.validation import first_error
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,7 @@ def make_config(**knobs: Any) -> SimConfig:
     try:
         return SimConfig(**knobs)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
-        raise InputError(f"bad simulator setting {where}: {first['msg']}") from exc
+        raise InputError(f"bad simulator setting {first_error(exc, 'config')}") from exc
 
 
 def check_request(req: SynthRequest) -> dict[str, int]:

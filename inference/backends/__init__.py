@@ -74,11 +74,9 @@ def load_backend(
         try:
             backend = _load_named(candidate, bundle, opts)
         except BackendUnavailableError as exc:
-            log.info("inference backend auto: %s not usable (%s)", candidate, exc)
+            log.debug("inference backend auto: %s not usable (%s)", candidate, exc)
             reasons.append(f"{candidate}: {exc}")
             continue
-        if reasons:
-            log.info("inference backend auto: using %s (%s)", candidate, "; ".join(reasons))
         backend.mark_selected("auto", tuple(reasons))
         return backend
     raise BackendUnavailableError("no inference backend usable here: " + "; ".join(reasons))

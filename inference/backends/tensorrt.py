@@ -17,7 +17,6 @@ TensorRT and pycuda are imported only here, inside :meth:`TensorRTBackend._load`
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,9 @@ from inference.backends.base import F32, BackendOptions, InferenceBackend
 from inference.bundle import Bundle
 from inference.engine_cache import EngineCache, EngineKey
 from inference.exceptions import BackendUnavailableError, EngineError
+from inference.state_dir import resolve_state_dir
 
 log = logging.getLogger(__name__)
-
-DEFAULT_STATE_DIR = "/var/lib/omis"
 
 
 @dataclass(frozen=True)
@@ -62,8 +60,8 @@ def import_runtime() -> tuple[Any, Any]:
 
 
 def state_dir_of(options: BackendOptions) -> Path:
-    """The engine cache's state directory: the option, else $OMIS_STATE_DIR, else the default."""
-    return Path(options.state_dir or os.environ.get("OMIS_STATE_DIR") or DEFAULT_STATE_DIR)
+    """The engine cache's state directory (:func:`inference.state_dir.resolve_state_dir`)."""
+    return resolve_state_dir(options.state_dir)
 
 
 def engine_key(

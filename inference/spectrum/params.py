@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from firmware_bridge.validation import first_error
 from inference.exceptions import SpectrumInputError
 
 RBHIST_BINS = 511  # d = R - B over [-255, 255]
@@ -89,6 +90,5 @@ def parse_params(
     try:
         return _ADAPTER.validate_python(merged)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"][1:]) or "params"
-        raise SpectrumInputError(f"bad spectrum parameter {where}: {first['msg']}") from exc
+        detail = first_error(exc, "params", skip=1)
+        raise SpectrumInputError(f"bad spectrum parameter {detail}") from exc

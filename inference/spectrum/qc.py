@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from firmware_bridge.validation import first_error
 from inference.exceptions import SpectrumInputError
 from inference.spectrum.backends import SpectrumBackend, open_backend
 from inference.spectrum.params import RbhistParams, WdiffParams
@@ -93,9 +94,7 @@ def qc_thresholds_from_json(d: dict[str, Any] | None) -> QCThresholds:
     try:
         return QCThresholds.model_validate(dict(d or {}))
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "thresholds"
-        raise SpectrumInputError(f"bad QC threshold {where}: {first['msg']}") from exc
+        raise SpectrumInputError(f"bad QC threshold {first_error(exc, 'thresholds')}") from exc
 
 
 Verdict = Literal["ok", "reject"]

@@ -1,0 +1,297 @@
+"""What one slide produces, typed: the body of every ``omis.result/1`` message.
+
+:class:`SlideReport` is built by the device pipeline (:meth:`inference.pipeline.SlideResult.report`)
+or, when no classification came out, by :func:`no_usable_field`, :func:`failed` and
+:func:`cancelled`; the appliance wraps it in the message envelope
+(:class:`deploy.appliance.results.ResultMessage`) and the shipped ``result.json`` schema is
+generated from that envelope.  Every slide ends in exactly one :class:`Outcome`:
+
+* ``classified``: a label was decided (``prediction.abstained`` false);
+* ``abstained``: no decision, ``reason`` from :class:`AbstainReason`;
+* ``failed``: the device path broke, ``stage`` from :class:`Stage` and a human ``reason``;
+* ``cancelled``: the scan was cancelled (``cmd/cancel``, shutdown), ``reason`` says how.
+
+``prediction.abstained`` is true for every outcome but ``classified``, so consumers that only
+know ``omis.result/1``'s ``prediction`` never take an undecided slide for a decided one.
+Numbers are finite: the models reject NaN and infinities and :func:`strict_json` refuses them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from inference.exceptions import (
+    BackendUnavailableError,
+    BundleError,
+    EngineError,
+    GoldenMismatchError,
+    SpectrumInputError,
+)
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Milliseconds = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+MAX_REASON = 500
+
+
+class Outcome(str, Enum):
+    """How a slide ended."""
+
+    CLASSIFIED = "classified"
+    ABSTAINED = "abstained"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class AbstainReason(str, Enum):
+    """Why no label was decided (``reason`` of an ``abstained`` slide)."""
+
+    UNCERTAIN_PROBABILITY = "uncertain_probability"  # p(high) inside the bundle's abstain band
+    NO_USABLE_FIELD = "no_usable_field"  # no field passed quality control
+    OUT_OF_RANGE = "out_of_range"  # the input is outside what the model was trained on
+
+
+class Stage(str, Enum):
+    """Where the device path broke (``stage`` of a ``failed`` slide)."""
+
+    ACQUIRE = "acquire"  # microscope, firmware, camera
+    QC = "qc"
+    SPECTRUM = "spectrum"
+    RENDER = "render"
+    PREPROCESS = "preprocess"
+    INFER = "infer"
+    MODEL = "model"  # the serving model could not be loaded or switched
+    INTERNAL = "internal"  # anything else (a defect)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class ModelRef(_Strict):
+    """The model that produced the result."""
+
+    name: str
+    version: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Prediction(_Strict):
+    """The decision (``omis.result/1`` consumers read these four keys)."""
+
+    label: str | None
+    probabilities: dict[str, Fraction]
+    risk: Literal["low", "high"] | None
+    abstained: bool
+    p_high: Fraction | None = None
+
+
+class FieldReport(_Strict):
+    """One field's quality verdict."""
+
+    index: int = Field(ge=0)
+    valid_fraction: Fraction
+    quality: str
+    reasons: list[str] = Field(default_factory=list)
+
+
+class SpectrumReport(_Strict):
+    """The slide spectrum the model saw (empty when there was none)."""
+
+    algorithm: str | None
+    axis: list[Finite]
+    values: list[Finite]
+    flags: list[str] = Field(default_factory=list)
+
+
+class Simulation(_Strict):
+    """Ground truth of a simulated slide."""
+
+    pap_group: str | int
+    slide_seed: int | None = None
+
+
+class PlanRecord(_Strict):
+    """The field layout a slide was scanned with (a named plan of ``scan.plans``)."""
+
+    name: str
+    pattern: str
+    fields: int = Field(ge=1)
+    origin_um: tuple[Finite, Finite]
+    step_um: tuple[Finite, Finite]
+    columns: int | None = None
+    z_um: Finite = 0.0
+
+
+class Recipe(_Strict):
+    """How the slide was scanned, saved beside its result."""
+
+    plan: PlanRecord
+
+
+NO_PREDICTION = Prediction(label=None, probabilities={}, risk=None, abstained=True)
+
+
+class SlideReport(_Strict):
+    """Everything one slide produced, from the pipeline to the outbox."""
+
+    outcome: Outcome
+    reason: str | None = Field(default=None, max_length=MAX_REASON)
+    stage: Stage | None = None
+    model: ModelRef | None
+    backend: dict[str, Any] | None
+    prediction: Prediction
+    fields: list[FieldReport]
+    spectrum: SpectrumReport
+    timings_ms: dict[str, Milliseconds]
+    firmware: dict[str, Any] | None = None
+    simulation: Simulation | None = None
+    recipe: Recipe | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SlideReport:
+        decided = self.outcome is Outcome.CLASSIFIED
+        if decided == self.prediction.abstained:
+            raise ValueError(f"prediction.abstained must be {not decided} for {self.outcome.value}")
+        if decided and (self.prediction.label is None or self.reason is not None):
+            raise ValueError("a classified slide has a label and no reason")
+        if self.outcome is Outcome.ABSTAINED and self.reason not in {
+            r.value for r in AbstainReason
+        }:
+            raise ValueError(f"abstained needs a reason from {[r.value for r in AbstainReason]}")
+        if (self.outcome is Outcome.FAILED) != (self.stage is not None):
+            raise ValueError("a stage is given exactly for failed slides")
+        undecided = self.outcome in (Outcome.FAILED, Outcome.CANCELLED)
+        if undecided and (not self.reason or self.prediction.label is not None):
+            raise ValueError(f"{self.outcome.value} needs a reason and no label")
+        return self
+
+    def with_context(
+        self,
+        firmware: Mapping[str, Any] | None,
+        simulation: Simulation | None,
+        recipe: Mapping[str, Any] | None = None,
+    ) -> SlideReport:
+        """A copy that also names the firmware, the recipe and, for simulated slides, the
+        ground truth (validated like the rest)."""
+        data = dict(self)
+        data.update(
+            firmware=dict(firmware) if firmware else None,
+            simulation=simulation,
+            recipe=None if recipe is None else Recipe.model_validate(dict(recipe)),
+        )
+        return type(self).model_validate(data)
+
+
+def _context(
+    model: Mapping[str, Any] | None,
+    backend: Mapping[str, Any] | None,
+    algorithm: str | None,
+    fields: Sequence[FieldReport],
+    timings_ms: Mapping[str, float],
+) -> dict[str, Any]:
+    return {
+        "model": None if model is None else ModelRef.model_validate(dict(model)),
+        "backend": None if backend is None else dict(backend),
+        "fields": list(fields),
+        "spectrum": SpectrumReport(algorithm=algorithm, axis=[], values=[]),
+        "timings_ms": {k: round(float(v), 3) for k, v in timings_ms.items()},
+    }
+
+
+def no_usable_field(
+    model: Mapping[str, Any] | None,
+    backend: Mapping[str, Any] | None,
+    algorithm: str | None,
+    fields: Sequence[FieldReport],
+    timings_ms: Mapping[str, float],
+) -> SlideReport:
+    """No field passed quality control: scanned, nothing to classify, flagged for review."""
+    return SlideReport(
+        outcome=Outcome.ABSTAINED,
+        reason=AbstainReason.NO_USABLE_FIELD.value,
+        prediction=NO_PREDICTION,
+        **_context(model, backend, algorithm, fields, timings_ms),
+    )
+
+
+def failed(
+    stage: Stage,
+    reason: str,
+    *,
+    model: Mapping[str, Any] | None = None,
+    backend: Mapping[str, Any] | None = None,
+    algorithm: str | None = None,
+    timings_ms: Mapping[str, float] | None = None,
+) -> SlideReport:
+    """The device path broke in ``stage``: no label, the reason says why."""
+    return SlideReport(
+        outcome=Outcome.FAILED,
+        stage=stage,
+        reason=(reason or "unknown error")[:MAX_REASON],
+        prediction=NO_PREDICTION,
+        **_context(model, backend, algorithm, (), timings_ms or {}),
+    )
+
+
+def cancelled(
+    reason: str,
+    *,
+    model: Mapping[str, Any] | None = None,
+    backend: Mapping[str, Any] | None = None,
+    algorithm: str | None = None,
+) -> SlideReport:
+    """The scan was cancelled before a result: no label."""
+    return SlideReport(
+        outcome=Outcome.CANCELLED,
+        reason=(reason or "cancelled")[:MAX_REASON],
+        prediction=NO_PREDICTION,
+        **_context(model, backend, algorithm, (), {}),
+    )
+
+
+# Errors that name their stage by type; a typed error with a ``stage`` attribute wins.
+_STAGE_OF: tuple[tuple[type[BaseException], Stage], ...] = (
+    (SpectrumInputError, Stage.SPECTRUM),
+    (BundleError, Stage.MODEL),
+    (GoldenMismatchError, Stage.MODEL),
+    (BackendUnavailableError, Stage.MODEL),
+    (EngineError, Stage.INFER),
+)
+
+
+def stage_of(exc: BaseException, default: Stage = Stage.INTERNAL) -> Stage:
+    """The :class:`Stage` an error happened in: its ``stage`` attribute, else by type."""
+    named = getattr(exc, "stage", None)
+    if named is not None:
+        try:
+            return Stage(getattr(named, "value", named))
+        except ValueError:
+            pass
+    for kind, stage in _STAGE_OF:
+        if isinstance(exc, kind):
+            return stage
+    return default
+
+
+def strict_json(data: Any) -> bytes:
+    """Compact RFC 8259 JSON; raises ``ValueError`` on NaN or infinities (never writes them)."""
+    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def field_reports(qualities: Sequence[Any]) -> list[FieldReport]:
+    """Field reports from QC verdicts (objects with index, valid_fraction, verdict, reasons)."""
+    return [
+        FieldReport(
+            index=q.index if q.index is not None else i,
+            valid_fraction=q.valid_fraction,
+            quality=q.verdict,
+            reasons=list(q.reasons),
+        )
+        for i, q in enumerate(qualities)
+    ]
