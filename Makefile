@@ -30,9 +30,11 @@ install-test: $(VENV)/.stamp-test-$(HASH)
 	@bash scripts/system-deps.sh --test
 	@bash scripts/dashboard-deps.sh
 
-# Binaries the demo talks to for real: the mosquitto broker.
+# Binaries the demo talks to for real: the mosquitto broker; and the dashboard's front-end
+# packages, so the history page the demo prints is served.
 system-deps:
 	@bash scripts/system-deps.sh
+	@bash scripts/dashboard-deps.sh
 
 demo: install system-deps
 	$(VENV)/bin/omis demo
