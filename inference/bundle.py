@@ -59,15 +59,32 @@ class Normalization(_Strict):
 
 
 class InputSpec(_Strict):
-    """The network input tensor."""
+    """The network input tensor.
+
+    ``representation`` says what the model reads: ``image`` (the rendered spectrum, N×3×H×W,
+    normalised per channel) or ``spectrum`` (the slide's full spectrum vector on the bundle
+    algorithm's axis as N×1×1×L, multiplied by ``normalization.scale``; mean and std unused).
+    """
 
     name: str = Field("input", description="ONNX input name")
+    representation: Literal["image", "spectrum"] = Field(
+        "image", description="what the network reads: the rendered image or the spectrum vector"
+    )
     shape: tuple[int, int, int, int] = Field(
         (-1, 3, 224, 224), description="N, C, H, W; -1 marks the dynamic batch axis"
     )
     dtype: Literal["float32"] = "float32"
     layout: Literal["NCHW"] = "NCHW"
     normalization: Normalization = Normalization()
+
+    @model_validator(mode="after")
+    def _shape_fits(self) -> InputSpec:
+        c, h = self.shape[1], self.shape[2]
+        if self.representation == "image" and c != 3:
+            raise ValueError(f"an image input needs 3 channels, got shape {self.shape}")
+        if self.representation == "spectrum" and (c, h) != (1, 1):
+            raise ValueError(f"a spectrum input is N×1×1×L, got shape {self.shape}")
+        return self
 
     @property
     def height(self) -> int:
@@ -92,6 +109,22 @@ class Thresholds(_Strict):
     decision: float = Field(0.5, ge=0.0, le=1.0, description="p(high) >= decision -> high risk")
     abstain_low: float = Field(0.35, ge=0.0, le=1.0, description="lower edge of the abstain band")
     abstain_high: float = Field(0.65, ge=0.0, le=1.0, description="upper edge of the band")
+    chosen_on: Literal["default", "validation"] = Field(
+        "default", description="where decision and band come from: defaults or validation data"
+    )
+    target_sensitivity: float | None = Field(
+        None, gt=0.0, le=1.0, description="sensitivity the decision threshold was chosen for"
+    )
+    temperature: float = Field(
+        1.0, gt=0.0, description="softmax temperature fitted on validation (already in the model)"
+    )
+    out_of_range: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="a slide with more than this fraction of its absolute spectral mass outside "
+        "the render window is unlike the training data (None: not checked)",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> Thresholds:
@@ -112,13 +145,26 @@ class GoldenSpec(_Strict):
     )
 
 
+class Pretrained(_Strict):
+    """Initial weights a model was trained from."""
+
+    source: str = Field(min_length=1, description="where the weights came from (file name)")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of the weights file")
+
+
 class Training(_Strict):
     """Where the model came from."""
 
     code_revision: str = Field("unknown", description="git revision of the training code")
     data_manifest_sha256: str = Field("", description="sha256 of the training data manifest")
     metrics: dict[str, Any] = Field(default_factory=dict, description="pooled CV metrics")
-    preset: str = Field("", description="training preset (paper, tiny)")
+    preset: str = Field("", description="training preset (paper, tiny, spectrum1d)")
+    pretrained: Pretrained | None = Field(
+        None, description="initial weights: None = trained from scratch"
+    )
+    data_files_sha256: str = Field(
+        "", description="sha256 over the manifest and every image or spectrum file read"
+    )
 
 
 class Manifest(_Strict):
@@ -128,7 +174,7 @@ class Manifest(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     version: int = Field(ge=1, description="only grows; the device refuses downgrades")
     created: str = Field(description="RFC 3339 UTC time of creation (informational only)")
-    task: Literal["binary", "pap4"]
+    task: Literal["binary", "pap4", "ii-v"]
     classes: tuple[str, ...] = Field(min_length=2)
     risk: dict[str, Literal["low", "high"]] = Field(description="class -> risk")
     input: InputSpec = InputSpec()
