@@ -131,3 +131,20 @@ def test_spectra_must_be_on_the_algorithms_axis(tmp_path: Path) -> None:
         load_dataset(tmp_path, PARAMS)
     shutil.copy(tmp_path / "a.csv", tmp_path / "b.csv")
     assert len(load_dataset(tmp_path, PARAMS).slides) == 2
+
+
+def test_task_ii_v_keeps_pap_ii_and_v_only(tmp_path: Path) -> None:
+    from training.progress import Progress
+
+    rows = []
+    for i, group in enumerate(["II", "III", "IV", "V", "II", "V"]):
+        np.save(tmp_path / f"s{i}.npy", _spectrum(i))
+        rows.append([f"s{i}", f"p{i}", group, f"s{i}.npy"])
+    write_manifest(tmp_path, rows, header=["slide_id", "patient_id", "pap_group", "spectrum"])
+    from training.pipeline import prepare
+
+    opts = TrainOptions(data=tmp_path, out=tmp_path / "o", task="ii-v", no_cache=True)
+    p = prepare(opts, Progress(enabled=False))
+    assert p.task.classes == ("II", "V") and p.outside_task == 2
+    assert [s.pap_group for s in p.ds.slides] == ["II", "V", "II", "V"]
+    assert p.labels.tolist() == [0, 1, 0, 1]
