@@ -21,7 +21,7 @@ from inference.render import RenderParams, render_params_from_json, render_spect
 from inference.spectrum import axis_nm
 from training.data import load_dataset
 from training.exceptions import ConfigError, DataError
-from training.pipeline import TrainOptions, check_weights_decision, pretrained_record
+from training.options import TrainOptions, check_weights_decision, pretrained_record
 
 X = axis_nm(PARAMS)
 IMAGE_RENDER = RenderParams(width=64, height=64, x_range_nm=(-30.0, 20.0), y_range=(-3.0, 25.0))

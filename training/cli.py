@@ -119,7 +119,8 @@ def _register_train(sub: argparse._SubParsersAction[Any], common: argparse.Argum
 def _cmd_train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from training.pipeline import TrainOptions, run_training
+    from training.options import TrainOptions
+    from training.pipeline import run_training
     from training.progress import Progress
     from training.train import Augment
 

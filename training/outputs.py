@@ -35,7 +35,8 @@ from training.report import (
 from training.window import Inputs, render_coverage
 
 if TYPE_CHECKING:
-    from training.pipeline import Prepared, TrainOptions
+    from training.options import TrainOptions
+    from training.pipeline import Prepared
     from training.train import FitConfig
 
 F64 = npt.NDArray[np.float64]

@@ -21,17 +21,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from firmware_bridge.fsutil import atomic_directory
-from inference.bundle import Pretrained, Thresholds, Training
+from inference.bundle import Thresholds
 from inference.exceptions import InferenceError
-from inference.render import RenderParams, render_params_from_json
+from inference.render import RenderParams
 from inference.spectrum import axis_nm, parse_params
 from training.baselines import cross_val_baselines, feature_matrix
 from training.checkpoint import FORMAT
@@ -43,15 +42,23 @@ from training.crossval import (
     pooled_temperature,
     score_model,
 )
-from training.data import Dataset, Task, get_task, load_dataset, sha256_path
+from training.data import Dataset, Task, get_task, load_dataset
 from training.evaluate import make_folds, validation_split
 from training.exceptions import ConfigError, DataError
-from training.export import BundleMeta, code_revision, write_bundle
+from training.export import write_bundle
 from training.model import Preset, VGG16Classifier, build_model, get_preset, load_pretrained
+from training.options import (
+    TrainOptions,
+    check_weights_decision,
+    fit_config,
+    given_render,
+    pretrained_record,
+)
 from training.outputs import build_report, write_outputs
 from training.progress import Progress, Tick
+from training.record import bundle_meta, checkpoint_extra, metrics_summary
+from training.thresholds import softmax_t
 from training.train import (
-    Augment,
     DistInfo,
     FitConfig,
     FitResult,
@@ -73,43 +80,6 @@ I64 = npt.NDArray[np.int64]
 CHECKPOINT_FORMAT = FORMAT
 GOLDEN_COUNT = 4
 NETWORK_NAMES = {"paper": "vgg16", "tiny": "vgg16", "spectrum1d": "spectrum1d"}
-
-
-class TrainOptions(BaseModel):
-    """Everything ``omis train`` accepts; ``None`` takes the preset's value."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    data: Path = Field(description="dataset directory with manifest.csv")
-    out: Path = Field(description="output directory (must not exist, or be empty)")
-    task: Literal["binary", "pap4", "ii-v"] = "binary"
-    preset: Literal["paper", "tiny", "spectrum1d"] = "tiny"
-    folds: int = Field(5, ge=2)
-    epochs: int | None = Field(None, ge=1)
-    batch_size: int | None = Field(None, ge=2)
-    lr: float | None = Field(None, gt=0.0)
-    device: Literal["cpu", "cuda"] = "cpu"
-    pretrained: Path | None = None
-    from_scratch: bool = Field(False, description="paper preset: train from random weights")
-    freeze_features: bool = False
-    seed: int = Field(0, ge=0)
-    name: str = Field("omis-vgg16", pattern=r"^[A-Za-z0-9._-]+$")
-    version: int = Field(1, ge=1)
-    max_slides: int | None = Field(None, ge=1)
-    final: Literal["all", "best-fold"] = "all"
-    target_sensitivity: float = Field(0.9, gt=0.0, le=1.0)
-    temperature_scaling: bool = Field(False, description="fit a softmax temperature")
-    out_of_range: float | None = Field(
-        0.05, ge=0.0, le=1.0, description="bundle threshold on mass outside the render window"
-    )
-    spectrum_params: dict[str, Any] | None = None
-    render_params: dict[str, Any] | None = Field(
-        None, description="image datasets: the render parameters the images were drawn with"
-    )
-    allow_lossy: bool = Field(False, description="accept JPEG field images")
-    cache_dir: Path | None = Field(None, description="default: DATA/.omis-cache")
-    no_cache: bool = False
-    augment: Augment = Augment()
 
 
 @dataclass
@@ -160,42 +130,6 @@ class TrainResult:
     seconds: float
 
 
-def fit_config(opts: TrainOptions, preset: Preset) -> FitConfig:
-    """Preset defaults overridden by the options."""
-    return FitConfig(
-        epochs=opts.epochs or preset.epochs,
-        batch_size=opts.batch_size or preset.batch_size,
-        lr=opts.lr or preset.lr,
-        patience=preset.patience,
-        seed=opts.seed,
-        device=opts.device,
-        freeze_features=opts.freeze_features,
-        augment=opts.augment,
-    )
-
-
-def check_weights_decision(opts: TrainOptions) -> None:
-    """The paper preset needs ``--pretrained PATH`` or ``--from-scratch``; others neither."""
-    if opts.pretrained is not None and opts.from_scratch:
-        raise ConfigError("--pretrained and --from-scratch exclude each other")
-    if opts.preset == "paper" and opts.pretrained is None and not opts.from_scratch:
-        raise ConfigError(
-            "--preset paper needs a weights decision: --pretrained PATH (torchvision's ImageNet "
-            "VGG16 state dict) or --from-scratch"
-        )
-    if opts.preset != "paper" and opts.pretrained is not None:
-        raise ConfigError(f"--pretrained fits the paper preset only, not {opts.preset}")
-
-
-def pretrained_record(opts: TrainOptions) -> Pretrained | None:
-    """``{source, sha256}`` of the initial weights, None when trained from scratch."""
-    if opts.pretrained is None:
-        return None
-    if not opts.pretrained.is_file():
-        raise ConfigError(f"--pretrained {opts.pretrained}: no such file")
-    return Pretrained(source=opts.pretrained.name, sha256=sha256_path(opts.pretrained))
-
-
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} exists and is not an empty directory")
@@ -210,24 +144,6 @@ def _output_dir(out: Path, info: DistInfo) -> Iterator[Path | None]:
         out.rmdir()  # checked empty before any work began
     with atomic_directory(out) as tmp:
         yield tmp
-
-
-def _given_render(opts: TrainOptions, preset: Preset) -> RenderParams:
-    if opts.render_params is None:
-        raise ConfigError(
-            "image dataset: --render-params JSON|@FILE is required (the parameters the images "
-            "were drawn with; the bundle records them and the device draws with them)"
-        )
-    try:
-        render = render_params_from_json(opts.render_params)
-    except InferenceError as exc:
-        raise ConfigError(f"--render-params: {exc}") from exc
-    if preset.representation == "image" and (render.height, render.width) != preset.input_size:
-        raise ConfigError(
-            f"--render-params: {render.width}x{render.height} images, the {preset.name} preset "
-            f"reads {preset.input_size[1]}x{preset.input_size[0]}"
-        )
-    return render
 
 
 def prepare(opts: TrainOptions, progress: Progress) -> Prepared:
@@ -260,7 +176,7 @@ def prepare(opts: TrainOptions, progress: Progress) -> Prepared:
     if ds.kind == "images":
         if preset.representation != "image":
             raise ConfigError(f"preset {preset.name} reads spectra; this is an image dataset")
-        return Prepared(ds, task, preset, labels, None, None, _given_render(opts, preset), outside)
+        return Prepared(ds, task, preset, labels, None, None, given_render(opts, preset), outside)
     axis = axis_nm(params)
     ys = np.stack([np.asarray(s.y, dtype=np.float64) for s in ds.slides])
     if preset.representation == "spectrum":
@@ -391,65 +307,6 @@ def golden_indices(labels: I64, count: int = GOLDEN_COUNT) -> list[int]:
     return sorted((chosen + rest)[: max(count, 1)])
 
 
-def _bundle_meta(
-    p: Prepared, opts: TrainOptions, inp: Inputs, thresholds: Thresholds, metrics: dict[str, Any]
-) -> BundleMeta:
-    return BundleMeta(
-        name=opts.name,
-        version=opts.version,
-        task=p.task.name,
-        classes=p.task.classes,
-        risk=dict(p.task.risk),
-        input=inp.spec,
-        spectrum=p.ds.params.model_dump(),
-        render=inp.render.model_dump(),
-        thresholds=thresholds.model_copy(
-            update={"out_of_range": opts.out_of_range if p.ys is not None else None}
-        ),
-        training=Training(
-            code_revision=code_revision(),
-            data_manifest_sha256=p.ds.manifest_sha256,
-            data_files_sha256=p.ds.files_sha256,
-            metrics=metrics,
-            preset=p.preset.name,
-            pretrained=pretrained_record(opts),
-        ),
-    )
-
-
-def meta_to_json(meta: BundleMeta) -> dict[str, Any]:
-    """A checkpoint-safe (plain JSON) form of the bundle metadata."""
-    return {
-        "name": meta.name,
-        "version": meta.version,
-        "task": meta.task,
-        "classes": list(meta.classes),
-        "risk": meta.risk,
-        "input": meta.input.model_dump(mode="json"),
-        "spectrum": meta.spectrum,
-        "render": RenderParams.model_validate(meta.render).model_dump(mode="json"),
-        "thresholds": meta.thresholds.model_dump(mode="json"),
-        "training": meta.training.model_dump(mode="json"),
-        "min_app_version": meta.min_app_version,
-    }
-
-
-def _metrics_summary(pooled: dict[str, Any], folds: int) -> dict[str, Any]:
-    keys = ("sensitivity", "specificity", "accuracy")
-    out: dict[str, Any] = {
-        k: {"value": pooled[k]["value"], "ci95": pooled[k]["ci95"]} for k in keys
-    }
-    out.update(
-        roc_auc=pooled["roc_auc"],
-        roc_auc_ci95=pooled.get("roc_auc_ci95"),
-        n=pooled["n"],
-        folds=folds,
-        evaluation="stratified patient-grouped cross-validation, pooled out-of-fold; "
-        "thresholds chosen on each fold's validation slides",
-    )
-    return out
-
-
 def run_training(opts: TrainOptions, progress: Progress | None = None) -> TrainResult:
     """``omis train``: everything, ending with a verified bundle and the report."""
     started = time.monotonic()
@@ -470,16 +327,6 @@ def run_training(opts: TrainOptions, progress: Progress | None = None) -> TrainR
     return TrainResult(opts.out, opts.out / "bundle", report, seconds)
 
 
-def _checkpoint_extra(p: Prepared, meta: BundleMeta, golden: F32) -> dict[str, Any]:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "preset": p.preset.to_json(),
-        "num_classes": len(p.task.classes),
-        "bundle_meta": meta_to_json(meta),
-        "golden_inputs": torch.from_numpy(golden.copy()),
-    }
-
-
 def _train_and_report(
     ctx: _Context, folds: list[tuple[I64, I64]], *, info: DistInfo
 ) -> dict[str, Any]:
@@ -490,8 +337,8 @@ def _train_and_report(
         for k, (tr, _) in enumerate(folds, start=1)
     ]
     all_inp = p.inputs_for(np.arange(p.labels.size, dtype=np.int64))
-    meta = _bundle_meta(p, opts, all_inp, Thresholds(), {})
-    ctx.extra.update(_checkpoint_extra(p, meta, all_inp.inputs[golden_idx]))
+    meta = bundle_meta(p, opts, all_inp, Thresholds(), {})
+    ctx.extra.update(checkpoint_extra(p, meta, all_inp.inputs[golden_idx]))
     run, results, fold_inputs = cross_validate_network(
         p.inputs_for,
         _fold_fitter(ctx, len(folds)),
@@ -507,8 +354,6 @@ def _train_and_report(
     temperature = pooled_temperature(run, p.labels, inner) if opts.temperature_scaling else 1.0
     shipped_val = None
     if opts.temperature_scaling:
-        from training.thresholds import softmax_t
-
         shipped_val = softmax_t(np.concatenate(run.val_logits), temperature)
     net = score_model(
         run,
@@ -525,14 +370,14 @@ def _train_and_report(
     if ctx.work is None:
         return {"cnn": net.summary}
     baselines = _baselines(p, opts, folds, inner)
-    meta = _bundle_meta(
+    meta = bundle_meta(
         p,
         opts,
         inp,
         net.shipped.thresholds,
-        _metrics_summary(net.summary["pooled"], len(folds)),
+        metrics_summary(net.summary["pooled"], len(folds)),
     )
-    ctx.extra.update(_checkpoint_extra(p, meta, inp.inputs[golden_idx]))
+    ctx.extra.update(checkpoint_extra(p, meta, inp.inputs[golden_idx]))
     save_checkpoint(
         ctx.work / "checkpoints" / "final.pt",
         {**ctx.extra, "model_state": model.state_dict(), "final": final},
