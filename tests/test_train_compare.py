@@ -116,3 +116,25 @@ def test_per_patient_mean_probability() -> None:
     assert got["sensitivity"]["value"] == 1.0  # a: mean 0.6 >= 0.5
     assert got["specificity"]["value"] == 0.5  # b: 0.2 low (right), c: mean 0.525 high (wrong)
     assert per_patient(["a", "b"], pos[:2], p[:2], np.full(2, 0.5)) is None
+
+
+def test_thresholds_never_depend_on_test_predictions() -> None:
+    """Changing every test probability leaves every chosen threshold as it was."""
+    from training.crossval import ModelRun, score_model
+
+    rng = np.random.default_rng(4)
+    labels = np.array([0, 1] * 30, dtype=np.int64)
+    folds = [(np.arange(30, 60), np.arange(0, 30)), (np.arange(0, 30), np.arange(30, 60))]
+    inner = [(tr[:20], tr[20:]) for tr, _ in folds]
+
+    def probs() -> np.ndarray:
+        p = np.clip(rng.normal(0.3 + 0.4 * labels, 0.2), 0.0, 1.0)
+        return np.stack([1 - p, p], axis=1)
+
+    val = [probs()[v] for _, v in inner]
+    a = score_model(ModelRun(probs(), val), labels, folds, inner, high=(1,), target=0.9)
+    b = score_model(ModelRun(probs(), val), labels, folds, inner, high=(1,), target=0.9)
+    assert a.summary["thresholds"] == b.summary["thresholds"]
+    assert np.array_equal(a.slide_threshold, b.slide_threshold)
+    assert a.summary["thresholds"]["chosen_on"] == "validation"
+    assert a.summary["pooled"]["threshold"] is None  # pooled over folds: one per fold
