@@ -82,6 +82,8 @@ def _logistic_regression(seed: int, y: I64) -> Any:
             scoring="neg_log_loss",
             class_weight="balanced",
             max_iter=2000,
+            l1_ratios=(0.0,),  # pure L2; explicit, as scikit-learn 1.9 asks
+            use_legacy_attributes=False,  # scikit-learn 1.9 warns on every fit otherwise
         )
     return make_pipeline(StandardScaler(), lr)
 
