@@ -85,10 +85,18 @@ class Normalization(_Strict):
 
 
 class InputSpec(_Strict):
-    """The network input tensor."""
+    """The network input tensor.
+
+    ``representation`` says what the model reads: ``image`` (the rendered spectrum, N×3×H×W,
+    normalised per channel) or ``spectrum`` (the slide's full spectrum vector on the bundle
+    algorithm's axis as N×1×1×L, multiplied by ``normalization.scale``; mean and std unused).
+    """
 
     name: StrictStr = Field("input", min_length=1, description="ONNX input name")
-    shape: tuple[StrictInt, Literal[3], StrictInt, StrictInt] = Field(
+    representation: Literal["image", "spectrum"] = Field(
+        "image", description="what the network reads: the rendered image or the spectrum vector"
+    )
+    shape: tuple[StrictInt, StrictInt, StrictInt, StrictInt] = Field(
         (-1, 3, 224, 224), description="N, C, H, W; -1 marks the dynamic batch axis"
     )
     dtype: Literal["float32"] = "float32"
@@ -97,11 +105,15 @@ class InputSpec(_Strict):
 
     @model_validator(mode="after")
     def _sizes(self) -> InputSpec:
-        n, _, h, w = self.shape
+        n, c, h, w = self.shape
         if n != -1 and n < 1:
             raise ValueError(f"shape: batch must be -1 (dynamic) or at least 1, got {n}")
         if not (1 <= h <= 4096 and 1 <= w <= 4096):
             raise ValueError(f"shape: height and width must be within 1..4096, got {h}x{w}")
+        if self.representation == "image" and c != 3:
+            raise ValueError(f"an image input needs 3 channels, got shape {self.shape}")
+        if self.representation == "spectrum" and (c, h) != (1, 1):
+            raise ValueError(f"a spectrum input is N×1×1×L, got shape {self.shape}")
         return self
 
     @property
@@ -127,6 +139,22 @@ class Thresholds(_Strict):
     decision: Probability = Field(0.5, description="p(high) >= decision -> high risk")
     abstain_low: Probability = Field(0.35, description="lower edge of the abstain band")
     abstain_high: Probability = Field(0.65, description="upper edge of the band")
+    chosen_on: Literal["default", "validation"] = Field(
+        "default", description="where decision and band come from: defaults or validation data"
+    )
+    target_sensitivity: float | None = Field(
+        None, gt=0.0, le=1.0, description="sensitivity the decision threshold was chosen for"
+    )
+    temperature: float = Field(
+        1.0, gt=0.0, description="softmax temperature fitted on validation (already in the model)"
+    )
+    out_of_range: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="a slide with more than this fraction of its absolute spectral mass outside "
+        "the render window is unlike the training data (None: not checked)",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> Thresholds:
@@ -155,6 +183,13 @@ class GoldenSpec(_Strict):
     )
 
 
+class Pretrained(_Strict):
+    """Initial weights a model was trained from."""
+
+    source: str = Field(min_length=1, description="where the weights came from (file name)")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of the weights file")
+
+
 class Training(_Strict):
     """Where the model came from."""
 
@@ -163,7 +198,13 @@ class Training(_Strict):
         "", pattern=r"^([0-9a-f]{64})?$", description="sha256 of the training data manifest"
     )
     metrics: dict[str, Any] = Field(default_factory=dict, description="pooled CV metrics")
-    preset: StrictStr = Field("", description="training preset (paper, tiny)")
+    preset: StrictStr = Field("", description="training preset (paper, tiny, spectrum1d)")
+    pretrained: Pretrained | None = Field(
+        None, description="initial weights: None = trained from scratch"
+    )
+    data_files_sha256: str = Field(
+        "", description="sha256 over the manifest and every image or spectrum file read"
+    )
 
 
 class Manifest(_Strict):
@@ -178,7 +219,7 @@ class Manifest(_Strict):
         pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$",
         description="RFC 3339 time of creation (informational only)",
     )
-    task: Literal["binary", "pap4"]
+    task: Literal["binary", "pap4", "ii-v"]
     classes: tuple[Annotated[StrictStr, Field(min_length=1)], ...] = Field(min_length=2)
     risk: dict[str, Literal["low", "high"]] = Field(description="class -> risk")
     input: InputSpec = InputSpec()

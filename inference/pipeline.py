@@ -30,7 +30,7 @@ from inference.backends.base import InferenceBackend
 from inference.bundle import Bundle
 from inference.exceptions import BundleError, InferenceError, SpectrumInputError
 from inference.integrity import check_image
-from inference.preprocess import to_tensor
+from inference.preprocess import spectrum_to_tensor, to_tensor
 from inference.render import render_params_from_json, render_spectrum
 from inference.result import (
     AbstainReason,
@@ -251,7 +251,8 @@ class SlidePipeline:
             raise InferenceError("queue_size must be at least 1")
         self.params = parse_params(m.spectrum)
         self.render_params = render_params_from_json(m.render)
-        if (self.render_params.height, self.render_params.width) != (m.input.height, m.input.width):
+        image_size = (self.render_params.height, self.render_params.width)
+        if m.input.representation == "image" and image_size != (m.input.height, m.input.width):
             raise BundleError(
                 f"render size {self.render_params.width}x{self.render_params.height} does not "
                 f"match the model input {m.input.width}x{m.input.height}"
@@ -418,11 +419,16 @@ class SlidePipeline:
         acc, spectrum = item.acc, item.spectrum
         t = acc.timings
         t0 = time.perf_counter()
-        image = render_spectrum(spectrum.x_nm, spectrum.y, self.render_params)
-        rp = self.render_params
-        check_image("render", image, (rp.height, rp.width, 3))
-        t1 = time.perf_counter()
-        tensor = to_tensor([image], self.bundle.manifest.input)
+        spec = self.bundle.manifest.input
+        if spec.representation == "spectrum":  # the model reads the vector: nothing to draw
+            t1 = t0
+            tensor = spectrum_to_tensor([spectrum.y], spec)
+        else:
+            image = render_spectrum(spectrum.x_nm, spectrum.y, self.render_params)
+            rp = self.render_params
+            check_image("render", image, (rp.height, rp.width, 3))
+            t1 = time.perf_counter()
+            tensor = to_tensor([image], spec)
         t2 = time.perf_counter()
         probs = self.backend.infer(tensor)[0]
         t3 = time.perf_counter()

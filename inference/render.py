@@ -345,3 +345,30 @@ def fit_x_range(
     lo, hi = float(x[inside[0]]), float(x[inside[-1]])
     width = max(hi - lo, float(x[1] - x[0]))
     return (max(float(x[0]), lo - pad * width), min(float(x[-1]), hi + pad * width))
+
+
+def mass_outside_fraction(x_nm: object, y: object, params: RenderParams) -> float:
+    """Fraction of the spectrum's absolute mass ``sum |y|`` at axis points outside the window.
+
+    The window is ``params.x_range_nm`` (the whole axis when None: fraction 0).  A spectrum
+    whose mass lies mostly outside the window the model was trained on is unlike the training
+    data; the bundle's ``thresholds.out_of_range`` says how much is too much.
+    """
+    x, v = _check_inputs(x_nm, y)
+    if params.x_range_nm is None:
+        return 0.0
+    lo, hi = params.x_range_nm
+    mass = np.abs(v)
+    total = float(mass.sum())
+    if total <= 0.0:
+        return 0.0
+    outside = (x < lo) | (x > hi)
+    return float(mass[outside].sum()) / total
+
+
+def out_of_range(
+    x_nm: object, y: object, params: RenderParams, threshold: float | None
+) -> tuple[float, bool]:
+    """(fraction of mass outside the window, whether it exceeds ``threshold``; None: never)."""
+    frac = mass_outside_fraction(x_nm, y, params)
+    return frac, threshold is not None and frac > threshold

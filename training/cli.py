@@ -38,14 +38,29 @@ def _register_train(sub: argparse._SubParsersAction[Any], common: argparse.Argum
     )
     p.add_argument("--data", required=True, type=Path, help="dataset directory (manifest.csv)")
     p.add_argument("--out", required=True, type=Path, help="new (or empty) output directory")
-    p.add_argument("--task", default="binary", choices=("binary", "pap4"), help="classes to learn")
-    p.add_argument("--preset", default="tiny", choices=("paper", "tiny"), help="model and recipe")
+    p.add_argument(
+        "--task",
+        default="binary",
+        choices=("binary", "pap4", "ii-v"),
+        help="binary: II+III vs IV+V; pap4: the four groups; ii-v: Pap II vs V only",
+    )
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        choices=("paper", "tiny", "spectrum1d"),
+        help="paper/tiny: VGG16 on the spectrum image; spectrum1d: a 1-D CNN on the spectrum",
+    )
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     p.add_argument("--epochs", type=int, help="maximum epochs (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="per-process batch size (preset default)")
     p.add_argument("--lr", type=float, help="learning rate (preset default)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="no fallback")
     p.add_argument("--pretrained", type=Path, help="torchvision VGG16 state dict (.pth)")
+    p.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="paper preset: train from random weights (else --pretrained is required)",
+    )
     p.add_argument("--freeze-features", action="store_true", help="train the head only")
     p.add_argument("--seed", type=int, default=0, help="seed of splits and training (default 0)")
     p.add_argument("--name", default="omis-vgg16", help="bundle name")
@@ -61,7 +76,26 @@ def _register_train(sub: argparse._SubParsersAction[Any], common: argparse.Argum
         "--target-sensitivity",
         type=float,
         default=0.9,
-        help="also report the decision threshold reaching this sensitivity (default 0.9)",
+        help="sensitivity the decision threshold is chosen for, on validation data (0.9)",
+    )
+    p.add_argument(
+        "--temperature-scaling",
+        action="store_true",
+        help="fit a softmax temperature on validation data (baked into the exported model)",
+    )
+    p.add_argument(
+        "--out-of-range",
+        type=float,
+        default=0.05,
+        help="bundle threshold: fraction of a slide's spectral mass outside the render window "
+        "above which the slide is unlike the training data (default 0.05)",
+    )
+    p.add_argument(
+        "--render-params",
+        help="image datasets: the render parameters the images were drawn with (JSON or @FILE)",
+    )
+    p.add_argument(
+        "--allow-lossy", action="store_true", help="accept lossy (JPEG) images in the dataset"
     )
     p.add_argument("--spectrum-params", help="spectrum parameters: JSON object or @FILE")
     p.add_argument("--cache-dir", type=Path, help="spectrum cache (default DATA/.omis-cache)")
@@ -86,7 +120,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from firmware_bridge.validation import first_error_parts
-    from training.pipeline import TrainOptions, run_training
+    from training.options import TrainOptions
+    from training.pipeline import run_training
     from training.progress import Progress
     from training.train import Augment
 
@@ -102,6 +137,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             lr=args.lr,
             device=args.device,
             pretrained=args.pretrained,
+            from_scratch=args.from_scratch,
             freeze_features=args.freeze_features,
             seed=args.seed,
             name=args.name,
@@ -109,6 +145,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             max_slides=args.max_slides,
             final=args.final,
             target_sensitivity=args.target_sensitivity,
+            temperature_scaling=args.temperature_scaling,
+            out_of_range=args.out_of_range,
+            render_params=json_object_arg(args.render_params, "--render-params") or None,
+            allow_lossy=args.allow_lossy,
             spectrum_params=json_object_arg(args.spectrum_params, "--spectrum-params") or None,
             cache_dir=args.cache_dir,
             no_cache=args.no_cache,
@@ -147,13 +187,13 @@ def _fmt(p: dict[str, Any]) -> str:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    print(f"{'model':<14} {'sensitivity':<21} {'specificity':<21} {'accuracy':<21} AUC")
-    for name in ("cnn", "naive_bayes", "random_forest"):
+    print(f"{'model':<19} {'sensitivity':<21} {'specificity':<21} {'accuracy':<21} AUC")
+    for name in ("cnn", "naive_bayes", "random_forest", "logistic_regression"):
         if name in summary:
             m = summary[name]
             auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
             print(
-                f"{name:<14} {_fmt(m['sensitivity'])} {_fmt(m['specificity'])} "
+                f"{name:<19} {_fmt(m['sensitivity'])} {_fmt(m['specificity'])} "
                 f"{_fmt(m['accuracy'])} {auc}"
             )
     print(

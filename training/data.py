@@ -98,11 +98,14 @@ TASKS: dict[str, Task] = {
         {g: i for i, g in enumerate(PAP_GROUPS)},
         {"II": "low", "III": "low", "IV": "high", "V": "high"},
     ),
+    # Pap II against Pap V only (the problem of the study's Naive Bayes row); III and IV
+    # slides are left out of such a run.
+    "ii-v": Task("ii-v", ("II", "V"), {"II": 0, "V": 1}, {"II": "low", "V": "high"}),
 }
 
 
 def get_task(name: str) -> Task:
-    """The task called ``name`` (``binary`` or ``pap4``)."""
+    """The task called ``name`` (``binary``, ``pap4`` or ``ii-v``)."""
     try:
         return TASKS[name]
     except KeyError:
@@ -169,6 +172,7 @@ class Dataset:
     manifest_sha256: str
     params: Params
     stats: PrepStats
+    files_sha256: str = ""
 
     @property
     def groups(self) -> list[str]:
@@ -222,7 +226,16 @@ def _normalise_group(value: str) -> str | None:
     return v if v in PAP_GROUPS else _GROUP_ALIASES.get(v.lower())
 
 
-def _row_problems(row: _Row, root: Path, kind: Kind) -> list[str]:
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def is_lossy(path: Path) -> bool:
+    """True for a JPEG file (by its first bytes, whatever its name)."""
+    with path.open("rb") as fh:
+        return fh.read(3) == JPEG_MAGIC
+
+
+def _row_problems(row: _Row, root: Path, kind: Kind, allow_lossy: bool = False) -> list[str]:
     problems = []
     if not row.slide_id:
         problems.append("empty slide_id")
@@ -240,6 +253,8 @@ def _row_problems(row: _Row, root: Path, kind: Kind) -> list[str]:
             problems.append(f"empty {col} path")
         elif not (root / rel).is_file():
             problems.append(f"{col} file {rel!r} not found")
+        elif col != "spectrum" and not allow_lossy and is_lossy(root / rel):
+            problems.append(f"{col} file {rel!r} is lossy JPEG (--allow-lossy accepts it)")
     return problems
 
 
@@ -283,7 +298,7 @@ def _raise_problems(path: Path, problems: list[str]) -> None:
     raise DataError(f"{path}: {len(problems)} problem(s): {'; '.join(shown)}{tail}")
 
 
-def read_manifest(root: Path) -> tuple[Kind, list[_SlideRows], str]:
+def read_manifest(root: Path, *, allow_lossy: bool = False) -> tuple[Kind, list[_SlideRows], str]:
     """Read and check ``root/manifest.csv``: (kind, slides in order, sha256 of the manifest)."""
     path = root / MANIFEST_NAME
     if not path.is_file():
@@ -304,7 +319,9 @@ def read_manifest(root: Path) -> tuple[Kind, list[_SlideRows], str]:
             values.get("pap_group", ""),
             values,
         )
-        problems.extend(f"line {row.line}: {p}" for p in _row_problems(row, root, kind))
+        problems.extend(
+            f"line {row.line}: {p}" for p in _row_problems(row, root, kind, allow_lossy)
+        )
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: no data rows")
@@ -478,6 +495,13 @@ def load_spectrum_file(path: Path, params: Params) -> tuple[F64, F64]:
     elif arr.ndim == 2 and 2 in arr.shape:
         pair = arr if arr.shape[0] == 2 else arr.T
         x_nm, y = pair[0], pair[1]
+        axis = axis_nm(params)
+        if x_nm.shape != axis.shape or not np.allclose(x_nm, axis, rtol=0.0, atol=1e-6):
+            raise DataError(
+                f"{path.name}: its x axis ({x_nm.size} points, {x_nm[0]:g}…{x_nm[-1]:g} nm) is "
+                f"not the axis of {params.algorithm} with these parameters ({axis.size} points, "
+                f"{axis[0]:g}…{axis[-1]:g} nm); the device computes the latter"
+            )
     else:
         raise DataError(f"{path.name}: expected y or x,y, got an array of shape {arr.shape}")
     if not (np.all(np.isfinite(x_nm)) and np.all(np.isfinite(y))):
@@ -516,6 +540,7 @@ def load_dataset(
     cache_dir: str | Path | None = None,
     max_slides: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    allow_lossy: bool = False,
 ) -> Dataset:
     """Read a dataset directory and compute (or load) one spectrum per slide.
 
@@ -523,7 +548,7 @@ def load_dataset(
     manifest order.  Slides whose every field fails QC are excluded and listed in the stats.
     """
     root = Path(root)
-    kind, slide_rows, digest = read_manifest(root)
+    kind, slide_rows, digest = read_manifest(root, allow_lossy=allow_lossy)
     if max_slides is not None:
         if max_slides < 1:
             raise DataError(f"--max-slides must be >= 1, got {max_slides}")
@@ -544,7 +569,20 @@ def load_dataset(
     _log_stats(kind, stats, cache)
     if not slides:
         raise DataError(f"{root}: no usable slides (every slide failed quality control)")
-    return Dataset(root, kind, tuple(slides), digest, params, stats)
+    files = files_digest(root, kind, slide_rows, digest)
+    return Dataset(root, kind, tuple(slides), digest, params, stats, files)
+
+
+def files_digest(root: Path, kind: Kind, slide_rows: Sequence[_SlideRows], manifest: str) -> str:
+    """sha256 over the manifest's hash and (path, sha256) of every data file of these slides."""
+    cols = [c for c in KIND_COLUMNS[kind] if c != "field"]
+    h = hashlib.sha256(f"manifest.csv {manifest}\n".encode())
+    for sr in slide_rows:
+        for row in sr.rows:
+            for c in cols:
+                rel = row.values[c]
+                h.update(f"{rel} {sha256_path(root / rel)}\n".encode())
+    return h.hexdigest()
 
 
 def _load_slide(

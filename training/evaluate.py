@@ -7,6 +7,7 @@ patient-grouped split holds out about a fifth for early stopping.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,12 +21,13 @@ from sklearn.model_selection import StratifiedGroupKFold
 from inference.backends import BackendOptions
 from inference.bundle import Bundle, InputSpec, load_bundle
 from inference.exceptions import BundleError, InferenceError
-from inference.preprocess import to_tensor
+from inference.preprocess import spectrum_to_tensor, to_tensor
 from inference.render import RenderParams, render_params_from_json, render_spectrum
 from inference.spectrum import parse_params
+from training.compare import auc_with_interval, collapsed, per_class
 from training.data import Dataset, Slide, get_task, load_dataset
 from training.exceptions import DataError, TrainingError
-from training.metrics import classification_metrics
+from training.metrics import classification_metrics, high_risk_probability, predict_classes
 
 log = logging.getLogger(__name__)
 
@@ -101,21 +103,30 @@ def summarize(
     labels: I64,
     preds: FoldPredictions,
     high_classes: Sequence[int],
-    threshold: float,
+    threshold: float | F64,
     target_sensitivity: float,
+    *,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Per-fold and pooled metrics of out-of-fold predictions."""
+    """Per-fold and pooled metrics of out-of-fold predictions.
+
+    ``threshold``: one for all slides, or one per slide (each fold's own).  A fold whose test
+    slides hold several classes but all got one prediction is flagged ``collapsed``; with
+    ``classes`` the per-class metrics are added (pooled).
+    """
+    thr = np.broadcast_to(np.asarray(threshold, dtype=np.float64), labels.shape)
     per_fold = []
     for i, (_, test) in enumerate(preds.folds):
         m = classification_metrics(
             labels[test],
             preds.probs[test],
             high_classes,
-            threshold=threshold,
+            threshold=float(thr[test][0]) if test.size else 0.5,
             target_sensitivity=target_sensitivity,
         )
+        pred = predict_classes(preds.probs[test], high_classes, thr[test])
         extra = preds.extra[i] if i < len(preds.extra) else {}
-        per_fold.append({"fold": i + 1, **extra, **m})
+        per_fold.append({"fold": i + 1, **extra, **m, "collapsed": collapsed(labels[test], pred)})
     pooled = classification_metrics(
         labels,
         preds.probs,
@@ -123,7 +134,18 @@ def summarize(
         threshold=threshold,
         target_sensitivity=target_sensitivity,
     )
-    return {"per_fold": per_fold, "pooled": pooled}
+    positive = np.isin(labels, list(high_classes))
+    pooled["roc_auc_ci95"] = auc_with_interval(
+        positive, high_risk_probability(preds.probs, high_classes)
+    )["ci95"]
+    if classes is not None:
+        pred = predict_classes(preds.probs, high_classes, thr)
+        pooled["per_class"] = per_class(labels, pred, classes)
+    return {
+        "per_fold": per_fold,
+        "pooled": pooled,
+        "collapsed_folds": [f["fold"] for f in per_fold if f["collapsed"]],
+    }
 
 
 # --- a finished bundle on a dataset -----------------------------------------------------------
@@ -153,7 +175,17 @@ def evaluate_bundle(
     if tuple(task.classes) != tuple(m.classes):
         raise TrainingError(f"bundle classes {m.classes} differ from task {task.name}")
     ds: Dataset = load_dataset(data_dir, params, cache_dir=cache_dir, max_slides=max_slides)
-    inputs = network_inputs(spectra_images(ds.slides, render), m.input)
+    kept = tuple(s for s in ds.slides if s.pap_group in task.group_to_class)
+    ds = dataclasses.replace(ds, slides=kept)
+    if not kept:
+        raise DataError(f"{data_dir}: no slides of the task {task.name}")
+    if m.input.representation == "spectrum":
+        try:
+            inputs = spectrum_to_tensor([s.y for s in ds.slides if s.y is not None], m.input)
+        except InferenceError as exc:
+            raise DataError(f"spectra do not fit the model input: {exc}") from exc
+    else:
+        inputs = network_inputs(spectra_images(ds.slides, render), m.input)
     if run is None:
         probs, backend = device_probabilities(bundle, inputs)
     else:

@@ -101,10 +101,15 @@ def code_revision() -> str:
     return f"{rev}+dirty" if dirty else rev or "unknown"
 
 
-def onnx_bytes(model: nn.Module, spec: InputSpec, metadata: dict[str, str]) -> bytes:
-    """Export ``model`` (logits) with a softmax output as ONNX bytes, with metadata props."""
-    wrapped = WithSoftmax(model).cpu().eval()
-    dummy = torch.zeros((2, 3, spec.height, spec.width), dtype=torch.float32)
+def onnx_bytes(
+    model: nn.Module, spec: InputSpec, metadata: dict[str, str], temperature: float = 1.0
+) -> bytes:
+    """Export ``model`` (logits) with a softmax output as ONNX bytes, with metadata props.
+
+    A ``temperature`` other than 1 divides the logits before the softmax, in the graph.
+    """
+    wrapped = WithSoftmax(model, temperature).cpu().eval()
+    dummy = torch.zeros((2, spec.shape[1], spec.height, spec.width), dtype=torch.float32)
     with tempfile.TemporaryDirectory(prefix="omis-onnx-") as tmp:
         path = Path(tmp) / MODEL
         _torch_export(wrapped, dummy, path)
@@ -146,16 +151,18 @@ def run_onnx(model_bytes: bytes, inputs: F32) -> F32:
 
 
 @torch.no_grad()
-def torch_probabilities(model: nn.Module, inputs: F32) -> F32:
+def torch_probabilities(model: nn.Module, inputs: F32, temperature: float = 1.0) -> F32:
     """Probabilities from PyTorch, eval mode, on CPU."""
-    wrapped = WithSoftmax(model).cpu().eval()
+    wrapped = WithSoftmax(model, temperature).cpu().eval()
     out: F32 = wrapped(torch.from_numpy(inputs)).numpy().astype(np.float32)
     return out
 
 
-def compare_golden(model: nn.Module, model_bytes: bytes, golden: F32) -> tuple[F32, float]:
+def compare_golden(
+    model: nn.Module, model_bytes: bytes, golden: F32, temperature: float = 1.0
+) -> tuple[F32, float]:
     """ONNX Runtime outputs on ``golden`` and their max abs difference to PyTorch (≤ 1e-4)."""
-    ref = torch_probabilities(model, golden)
+    ref = torch_probabilities(model, golden, temperature)
     got = run_onnx(model_bytes, golden)
     diff = float(np.max(np.abs(ref - got)))
     log.info("ONNX Runtime vs PyTorch on %d golden inputs: max abs diff %.3g", len(golden), diff)
@@ -195,8 +202,9 @@ def write_bundle(
     if out.exists():
         raise ExportError(f"{out} already exists; choose a new output directory")
     golden = np.ascontiguousarray(golden, dtype=np.float32)
-    model_bytes = onnx_bytes(model, meta.input, metadata_props(meta))
-    outputs, diff = compare_golden(model, model_bytes, golden)
+    t = meta.thresholds.temperature
+    model_bytes = onnx_bytes(model, meta.input, metadata_props(meta), t)
+    outputs, diff = compare_golden(model, model_bytes, golden, t)
     with atomic_directory(out) as tmp:
         (tmp / "golden").mkdir()
         atomic_write_bytes(tmp / MODEL, model_bytes)

@@ -34,7 +34,8 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     denom = 1.0 + z2 / n
     centre = (p + z2 / (2.0 * n)) / denom
     half = z * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # rounding can put a bound a hair past the estimate (k = 0 or k = n): it always contains it
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
 def proportion(successes: int, n: int) -> dict[str, Any]:
@@ -131,7 +132,7 @@ def high_risk_probability(probs: F64, high_classes: Sequence[int]) -> F64:
     return out
 
 
-def predict_classes(probs: F64, high_classes: Sequence[int], threshold: float) -> I64:
+def predict_classes(probs: F64, high_classes: Sequence[int], threshold: float | F64) -> I64:
     """Binary tasks: high when p(high) >= threshold; otherwise the most probable class."""
     probs = np.asarray(probs, dtype=np.float64)
     if probs.shape[1] == 2:
@@ -148,10 +149,16 @@ def classification_metrics(
     probs: F64,
     high_classes: Sequence[int],
     *,
-    threshold: float = 0.5,
+    threshold: float | F64 = 0.5,
     target_sensitivity: float = 0.9,
 ) -> dict[str, Any]:
-    """All metrics of one set of predictions (a fold, or the pooled out-of-fold predictions)."""
+    """All metrics of one set of predictions (a fold, or the pooled out-of-fold predictions).
+
+    ``threshold`` is one decision threshold or one per slide (pooled folds, each with the
+    threshold chosen on its own validation data; ``threshold`` is then null in the result).
+    ``threshold_at_target_sensitivity`` is picked on these very predictions: it describes the
+    curve and is never shipped.
+    """
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     k = probs.shape[1]
@@ -163,7 +170,7 @@ def classification_metrics(
     tn = int((~positive & ~called).sum())
     return {
         "n": int(y_true.size),
-        "threshold": threshold,
+        "threshold": float(threshold) if np.ndim(threshold) == 0 else None,
         "confusion_matrix": confusion_matrix(y_true, y_pred, k),
         "sensitivity": proportion(tp, int(positive.sum())),
         "specificity": proportion(tn, int((~positive).sum())),

@@ -42,6 +42,12 @@ class Preset:
     epochs: int
     lr: float
     patience: int
+    kind: str = "vgg16"  # "vgg16" (reads the image) or "spectrum1d" (reads the spectrum vector)
+
+    @property
+    def representation(self) -> str:
+        """What the network reads: ``image`` or ``spectrum`` (the manifest's input says so)."""
+        return "spectrum" if self.kind == "spectrum1d" else "image"
 
     def to_json(self) -> dict[str, Any]:
         """JSON object for config.json and checkpoints."""
@@ -53,6 +59,11 @@ PRESETS: dict[str, Preset] = {
     # tiny: a plain 13-conv stack from scratch on ~100 slides needs a small learning rate and a
     # long, patient schedule; its validation loss plateaus for ~10 epochs before it drops.
     "tiny": Preset("tiny", (64, 64), 16, (16, 256), 0.3, 16, 40, 3e-4, 12),
+    # spectrum1d: input_size (1, L) is resolved from the spectrum algorithm at run time;
+    # "head" is (conv width of the last block, hidden dense width).
+    "spectrum1d": Preset(
+        "spectrum1d", (1, 0), 1, (32, 32), 0.3, 16, 60, 1e-3, 12, kind="spectrum1d"
+    ),
 }
 
 
@@ -143,17 +154,74 @@ class VGG16Classifier(nn.Module):
 class WithSoftmax(nn.Module):
     """Wraps a logits model so that it outputs probabilities (the exported graph)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, temperature: float = 1.0) -> None:
         super().__init__()
         self.model = model
+        self.temperature = float(temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities of shape N×classes."""
-        return torch.softmax(self.model(x), dim=1)
+        """Softmax probabilities of shape N×classes (logits divided by the temperature)."""
+        logits = self.model(x)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return torch.softmax(logits, dim=1)
 
 
-def build_model(preset: Preset, num_classes: int) -> VGG16Classifier:
-    """A fresh network for ``preset``."""
+class Spectrum1DClassifier(nn.Module):
+    """A small 1-D CNN on the full spectrum vector (input N×1×1×L); ``forward`` returns logits.
+
+    Three blocks of Conv (1×5) -> BatchNorm -> ReLU -> MaxPool (1×2), then Flatten -> Dropout
+    -> Dense + ReLU -> Dense(classes).  The 1-D convolutions are 2-D convolutions with 1×k
+    kernels on a 1-pixel-high input, so the ONNX graph holds only Conv, BatchNormalization,
+    Relu, MaxPool, Flatten, Gemm and Softmax: layers TensorRT supports natively.  Flatten
+    keeps where a feature sits on the axis (the peak positions carry the signal).
+    """
+
+    def __init__(
+        self, num_classes: int, length: int, *, widths: tuple[int, ...] = (8, 16, 32),
+        hidden: int = 32, dropout: float = 0.3,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if num_classes < 2:
+            raise ConfigError(f"need at least 2 classes, got {num_classes}")
+        if length >> len(widths) < 1:
+            raise ConfigError(f"spectrum of {length} points is too short for {len(widths)} pools")
+        layers: list[nn.Module] = []
+        in_ch, n = 1, length
+        for w in widths:
+            layers += [
+                nn.Conv2d(in_ch, w, kernel_size=(1, 5), padding=(0, 2)),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(kernel_size=(1, 2), stride=(1, 2)),
+            ]
+            in_ch, n = w, n // 2
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(in_ch * n, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of shape N×classes."""
+        out: torch.Tensor = self.head(self.features(x))
+        return out
+
+
+def build_model(preset: Preset, num_classes: int) -> nn.Module:
+    """A fresh network for ``preset`` (spectrum1d: ``input_size`` must be resolved to (1, L))."""
+    if preset.kind == "spectrum1d":
+        width, hidden = preset.head
+        return Spectrum1DClassifier(
+            num_classes,
+            preset.input_size[1],
+            widths=(width // 4, width // 2, width),
+            hidden=hidden,
+            dropout=preset.dropout,
+        )
     return VGG16Classifier(
         num_classes,
         width_divisor=preset.width_divisor,

@@ -60,39 +60,100 @@ def _num(v: float | None, fmt: str = "{:.3f}") -> str:
     return "n/a" if v is None else fmt.format(v)
 
 
+def _auc(m: dict[str, Any]) -> str:
+    ci = m.get("roc_auc_ci95")
+    if m["roc_auc"] is None or not ci:
+        return _num(m["roc_auc"])
+    return f"{m['roc_auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def _row(name: str, m: dict[str, Any]) -> str:
-    t = m["threshold_at_target_sensitivity"]
     return (
         f"| {name} | {_pct(m['sensitivity'])} | {_pct(m['specificity'])} | "
-        f"{_pct(m['accuracy'])} | {_num(m['roc_auc'])} | {_num(m['calibration']['brier'])} | "
-        f"{_num(t['threshold'])} |"
+        f"{_pct(m['accuracy'])} | {_auc(m)} | {_num(m['calibration']['brier'])} |"
     )
+
+
+def _comparison_lines(report: dict[str, Any]) -> list[str]:
+    cmp = report.get("comparison")
+    if not cmp:
+        return []
+    lines = [
+        "",
+        f"## Paired tests: {cmp['network']} against each baseline (same slides)",
+        "",
+        "| baseline | AUC difference | DeLong p | McNemar p |",
+        "|---|---|---|---|",
+    ]
+    for name, t in cmp["paired_with_network"].items():
+        d = t["delong"]
+        lines.append(
+            f"| {name} | {_num(d['auc_difference'], '{:+.3f}')} | {_num(d['p_value'])} | "
+            f"{_num(t['mcnemar']['p_value'])} |"
+        )
+    return lines
+
+
+def _threshold_lines(report: dict[str, Any]) -> list[str]:
+    th = report.get("thresholds")
+    if not th:
+        return []
+    s = th["shipped"]
+    lines = [
+        "",
+        "## Thresholds (chosen on validation data)",
+        "",
+        f"Shipped: decision {s['decision']:.4f} for {100 * (s['target_sensitivity'] or 0):.0f} % "
+        f"sensitivity, abstain band [{s['abstain_low']:.4f}, {s['abstain_high']:.4f}], "
+        f"temperature {s['temperature']:.3g}, on {s['n_validation']} validation predictions "
+        f"(chosen_on: {s['chosen_on']}).  Each fold's test slides were scored with the "
+        "thresholds chosen on that fold's own validation slides:",
+        "",
+    ]
+    lines += [
+        f"- fold {i}: decision {c['decision']:.4f}, band [{c['abstain_low']:.4f}, "
+        f"{c['abstain_high']:.4f}] ({c['n_validation']} slides)"
+        + (f" — {c['problem']}" if c["problem"] else "")
+        for i, c in enumerate(th["per_fold"], start=1)
+    ]
+    return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
     """The human-readable report."""
     pooled = report["cnn"]["pooled"]
+    model = report.get("model", "vgg16")
+    cov = report.get("render_coverage")
     lines = [
         f"# Training report: {report['name']} v{report['version']}",
         "",
         SYNTHETIC_WARNING,
         "",
         f"Task `{report['task']}` (classes {', '.join(report['classes'])}), preset "
-        f"`{report['preset']}`, {report['folds']}-fold cross-validation grouped by patient, "
-        f"{report['data']['slides_used']} slides of {report['data']['patients']} patients "
-        f"(kind: {report['data']['kind']}).  Positive = high risk (IV, V); decision threshold "
-        f"{pooled['threshold']}.  Intervals are Wilson 95 %.",
+        f"`{report['preset']}` ({model}), {report['folds']}-fold cross-validation grouped by "
+        f"patient, {report['data']['slides_used']} slides of {report['data']['patients']} "
+        f"patients (kind: {report['data']['kind']}).  Positive = high risk.  Proportions: "
+        "Wilson 95 %; AUC: DeLong 95 %.  Decisions at each fold's validation-chosen threshold.",
         "",
         "## This run (pooled out-of-fold predictions)",
         "",
-        "| model | sensitivity | specificity | accuracy | ROC AUC | Brier | thr. @ "
-        f"{100 * pooled['threshold_at_target_sensitivity']['target']:.0f} % sens. |",
-        "|---|---|---|---|---|---|---|",
-        _row("VGG16 (this run)", pooled),
+        "| model | sensitivity | specificity | accuracy | ROC AUC [95 %] | Brier |",
+        "|---|---|---|---|---|---|",
+        _row(f"{model} (this run)", pooled),
     ]
     for name, res in report.get("baselines", {}).items():
         if isinstance(res, dict) and "pooled" in res:
             lines.append(_row(name.replace("_", " ").title(), res["pooled"]))
+    lines += _comparison_lines(report)
+    lines += _threshold_lines(report)
+    if cov:
+        lines += [
+            "",
+            "Render window coverage (fraction of each class's absolute spectral mass inside "
+            "the shipped window): " + ", ".join(f"{k} {_num(v, '{:.4f}')}" for k, v in cov.items()),
+        ]
+    for w in report.get("warnings", []):
+        lines += ["", f"**Warning:** {w}"]
     lines += [
         "",
         "## The study's Table 2",
@@ -105,7 +166,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         STUDY_NOTE,
         "",
-        "## Per fold (VGG16)",
+        f"## Per fold ({model})",
         "",
         "| fold | n | sensitivity | specificity | accuracy | ROC AUC | best epoch |",
         "|---|---|---|---|---|---|---|",
@@ -122,7 +183,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Final model: {report['final_model']['description']}.",
         "",
-        "Plots: `plots/confusion.png`, `plots/roc.png`, `plots/mean_spectra.png`.",
+        "Out-of-fold predictions: `predictions.csv`.  Plots: `plots/confusion.png`, "
+        "`plots/roc.png`, `plots/reliability.png`, `plots/loss.png`, `plots/mean_spectra.png`.",
         "",
     ]
     return "\n".join(lines)
@@ -210,6 +272,57 @@ def plot_mean_spectra(
     ax.set_ylabel("y")
     ax.set_title("mean spectrum per class (± 1 SD)")
     ax.legend()
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+def plot_reliability(path: Path, report: dict[str, Any]) -> None:
+    """Reliability diagram (observed vs predicted p(high)) of the network and the baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {report.get("model", "cnn"): report["cnn"]["pooled"]["calibration"]}
+    for name, res in report.get("baselines", {}).items():
+        if "pooled" in res:
+            curves[name] = res["pooled"]["calibration"]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for name, cal in curves.items():
+        pts = [(b["mean_predicted"], b["observed"]) for b in cal["bins"] if b["count"]]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o", label=f"{name} (ECE {cal['ece']:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set_xlabel("predicted p(high)")
+    ax.set_ylabel("observed fraction high")
+    ax.set_title("reliability, pooled out-of-fold")
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+def plot_losses(path: Path, histories: Sequence[Sequence[dict[str, Any]]]) -> None:
+    """Training and validation loss per epoch of every fold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k, hist in enumerate(histories, start=1):
+        ep = [h["epoch"] for h in hist]
+        line = ax.plot(ep, [h["train_loss"] for h in hist], label=f"fold {k} train")[0]
+        val = [(h["epoch"], h["val_loss"]) for h in hist if h["val_loss"] is not None]
+        if val:
+            xs, ys = zip(*val, strict=True)
+            ax.plot(xs, ys, linestyle="--", color=line.get_color(), label=f"fold {k} val")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("weighted cross-entropy")
+    ax.set_title("loss per epoch")
+    ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     _save_fig(fig, path)
     plt.close(fig)

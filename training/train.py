@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from firmware_bridge.fsutil import atomic_write_bytes
 from inference.bundle import InputSpec
-from inference.preprocess import to_tensor
-from inference.render import RenderParams, render_spectrum
+from inference.preprocess import model_input
+from inference.render import RenderParams
 from training.exceptions import ConfigError, DeviceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -210,8 +210,7 @@ class SpectrumImages(Dataset[tuple[torch.Tensor, int]]):
         amp = float(np.max(np.abs(y))) or 1.0
         y2 = y * (1.0 + rng.uniform(-self.augment.scale, self.augment.scale))
         y2 = y2 + rng.normal(0.0, self.augment.noise_std * amp, size=y.shape)
-        img = render_spectrum(x_nm, y2, self.render)
-        return torch.from_numpy(to_tensor([img], self.spec)[0]), label
+        return torch.from_numpy(model_input(x_nm, y2, self.render, self.spec)[0]), label
 
 
 def class_weights(labels: I64, num_classes: int) -> torch.Tensor:
