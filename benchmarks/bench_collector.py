@@ -109,7 +109,10 @@ def ingest_mqtt(url: str, n: int, port: int) -> float:
     subscriber.subscribed.wait(10)
     start = datetime(2026, 1, 1, tzinfo=timezone.utc)
     device = f"dev-{uuid.uuid4().hex[:6]}"
-    payloads = [json.dumps(make(i + 1, start + timedelta(seconds=i), device)) for i in range(n)]
+    payloads = [
+        json.dumps(make(i + 1, start + timedelta(seconds=i), device), allow_nan=False)
+        for i in range(n)
+    ]
     pub = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
     pub.max_inflight_messages_set(100)
     pub.connect("127.0.0.1", port)

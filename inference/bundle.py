@@ -250,7 +250,7 @@ class Manifest(_Strict):
                 raise ValueError(f"files must list {required}")
         for name in self.files:
             _check_relpath(name)
-        check_runnable(self.spectrum, self.render, (self.input.height, self.input.width))
+        check_runnable(self.spectrum, self.render, self.input.representation, self.input.shape)
         return self
 
     def to_json_bytes(self) -> bytes:

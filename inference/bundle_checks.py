@@ -54,9 +54,13 @@ def golden_path_files(fields: int) -> list[str]:
     return [*pairs, *GOLDEN_PATH_ARRAYS]
 
 
-def check_runnable(spectrum: dict[str, Any], render: dict[str, Any], hw: tuple[int, int]) -> None:
-    """The spectrum and render sections must describe something this code can compute, at the
-    model input size ``hw`` (height, width); raises ``ValueError`` (a manifest validator)."""
+def check_runnable(
+    spectrum: dict[str, Any], render: dict[str, Any], representation: str, shape: tuple[int, ...]
+) -> None:
+    """The spectrum and render sections must describe something this code can compute for the
+    model input (``representation`` and N×C×H×W ``shape``): an image model's input is the
+    render size, a spectrum model's input length is the algorithm's number of bins; raises
+    ``ValueError`` (a manifest validator)."""
     from inference.render import render_params_from_json
     from inference.spectrum import parse_params
     from inference.spectrum.types import axis_nm
@@ -66,9 +70,14 @@ def check_runnable(spectrum: dict[str, Any], render: dict[str, Any], hw: tuple[i
         rp = render_params_from_json(render)
     except InferenceError as exc:
         raise ValueError(str(exc)) from exc
-    if (rp.height, rp.width) != hw:
+    h, w = shape[2], shape[3]
+    if representation == "spectrum" and w != params.n_bins:
         raise ValueError(
-            f"render size {rp.width}x{rp.height} does not match the model input {hw[1]}x{hw[0]}"
+            f"the model reads {w} spectrum values but the algorithm gives {params.n_bins} bins"
+        )
+    if representation == "image" and (rp.height, rp.width) != (h, w):
+        raise ValueError(
+            f"render size {rp.width}x{rp.height} does not match the model input {w}x{h}"
         )
     if rp.x_range_nm is not None:
         axis = axis_nm(params)

@@ -9,8 +9,8 @@ must make of them (``golden/path/``)::
     histograms.npy  int64  N×B    spectrum accumulators (exact)
     counts.npy      int64  N×B    pixels per bin (exact)
     pixels.npy      int64  N×2    valid and total pixels (exact)
-    images.npy      uint8  N×H×W×3  rendered spectrum image (exact)
-    inputs.npy      float32 N×3×H×W  network input (within TENSOR_TOLERANCE)
+    images.npy      uint8  N×H×W×3  rendered spectrum image at the render size (exact)
+    inputs.npy      float32 N×C×H×W  network input (image or spectrum) (within TENSOR_TOLERANCE)
     outputs.npy     float32 N×K   probabilities (within the manifest's golden tolerance)
 
 :func:`write_path_goldens` makes them at export with the NumPy reference spectrum;
@@ -43,7 +43,7 @@ from inference.exceptions import (
     SpectrumInputError,
 )
 from inference.integrity import check_finite
-from inference.preprocess import to_tensor
+from inference.preprocess import spectrum_to_tensor, to_tensor
 from inference.render import RenderParams, render_params_from_json, render_spectrum
 from inference.spectrum import NumpyBackend, SpectrumBackend, finalize, open_backend, parse_params
 from inference.spectrum.params import RbhistParams, WdiffParams
@@ -114,15 +114,16 @@ def load_path_goldens(bundle: Bundle) -> PathGoldens:
             "spectrum, renderer and preprocessing cannot be proven on it; re-export the bundle"
         )
     bins = parse_params(m.spectrum).n_bins
-    h, w, k = m.input.height, m.input.width, len(m.classes)
+    rp, k = render_params_from_json(m.render), len(m.classes)
+    c, h, w = m.input.shape[1:]
     root = bundle.root
     return PathGoldens(
         pairs=[_read_pair(root, i) for i in range(n)],
         histograms=load_array(root, HISTOGRAMS, np.int64, (n, bins)),
         counts=load_array(root, COUNTS, np.int64, (n, bins)),
         pixels=load_array(root, PIXELS, np.int64, (n, 2)),
-        images=load_array(root, IMAGES, np.uint8, (n, h, w, 3)),
-        inputs=load_array(root, INPUTS, np.float32, (n, 3, h, w)),
+        images=load_array(root, IMAGES, np.uint8, (n, rp.height, rp.width, 3)),
+        inputs=load_array(root, INPUTS, np.float32, (n, c, h, w)),
         outputs=load_array(root, OUTPUTS, np.float32, (n, k)),
     )
 
@@ -147,6 +148,8 @@ def _field_path(
     hist = spectra.histogram(pair[0], pair[1], params)
     spectrum = finalize(hist, params, spectra.name)
     image = render_spectrum(spectrum.x_nm, spectrum.y, render)
+    if spec.representation == "spectrum":  # the model reads the vector; the image is still proven
+        return hist, image, spectrum_to_tensor([spectrum.y], spec)[0]
     return hist, image, to_tensor([image], spec)[0]
 
 
@@ -243,7 +246,7 @@ def write_path_goldens(
     """Write golden field pairs and their reference path outputs into bundle dir ``root``.
 
     The reference spectrum is the NumPy backend's; ``infer`` gives probabilities for a float32
-    N×3×H×W batch (the exporter's ONNX Runtime).  Returns the number of pairs, for
+    N×C×H×W batch (the exporter's ONNX Runtime).  Returns the number of pairs, for
     ``golden.fields`` in the manifest.
     """
     from firmware_bridge.fsutil import atomic_write_bytes

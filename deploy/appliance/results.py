@@ -120,7 +120,7 @@ def result_json_schema() -> dict[str, Any]:
 
 def render_schema() -> str:
     """The schema file's exact text."""
-    return json.dumps(result_json_schema(), indent=2, sort_keys=False) + "\n"
+    return json.dumps(result_json_schema(), indent=2, sort_keys=False, allow_nan=False) + "\n"
 
 
 def main() -> int:
