@@ -31,7 +31,7 @@ from inference.bundle import Bundle
 from inference.exceptions import BundleError, InferenceError, SpectrumInputError
 from inference.integrity import check_image
 from inference.preprocess import spectrum_to_tensor, to_tensor
-from inference.render import render_params_from_json, render_spectrum
+from inference.render import out_of_range, render_params_from_json, render_spectrum
 from inference.result import (
     AbstainReason,
     ModelRef,
@@ -100,12 +100,15 @@ class SlideResult:
     fields: tuple[FieldQuality, ...]
     spectrum: Spectrum
     timings_ms: dict[str, float]
+    mass_outside_window: float = 0.0  # of |spectrum|, outside the bundle's render window
+    abstain_reason: AbstainReason | None = None  # set exactly when abstained
 
     def report(self) -> SlideReport:
         """The typed result of this slide: the body of its ``omis.result/1`` message."""
+        reason = self.abstain_reason or AbstainReason.UNCERTAIN_PROBABILITY
         return SlideReport(
             outcome=Outcome.ABSTAINED if self.abstained else Outcome.CLASSIFIED,
-            reason=AbstainReason.UNCERTAIN_PROBABILITY.value if self.abstained else None,
+            reason=reason.value if self.abstained else None,
             model=ModelRef.model_validate(self.model),
             backend=self.backend,
             prediction=Prediction(
@@ -121,6 +124,7 @@ class SlideResult:
                 axis=self.spectrum.x_nm.tolist(),
                 values=self.spectrum.y.tolist(),
                 flags=list(self.spectrum.flags),
+                mass_outside_window=self.mass_outside_window,
             ),
             timings_ms=self.timings_ms,
         )
@@ -133,6 +137,8 @@ class SlideResult:
             "p_high": self.p_high,
             "risk": self.risk,
             "abstained": self.abstained,
+            "reason": self.abstain_reason.value if self.abstain_reason else None,
+            "mass_outside_window": self.mass_outside_window,
             "model": self.model,
             "backend": self.backend,
             "spectrum_backend": self.spectrum_backend,
@@ -440,18 +446,33 @@ class SlidePipeline:
         m = self.bundle.manifest
         p_high = float(sum(float(probs[i]) for i in m.high_classes))
         th = m.thresholds
+        # A sample unlike the training data (spectral mass outside the window the model was
+        # trained on) is abstained whatever the probability says.
+        outside, unlike = out_of_range(
+            spectrum.x_nm, spectrum.y, self.render_params, th.out_of_range
+        )
+        uncertain = th.abstain_low <= p_high <= th.abstain_high
+        reason = (
+            AbstainReason.OUT_OF_RANGE
+            if unlike
+            else AbstainReason.UNCERTAIN_PROBABILITY
+            if uncertain
+            else None
+        )
         return SlideResult(
             label=m.classes[int(np.argmax(probs))],
             probabilities={c: float(probs[i]) for i, c in enumerate(m.classes)},
             p_high=p_high,
             risk="high" if p_high >= th.decision else "low",
-            abstained=th.abstain_low <= p_high <= th.abstain_high,
+            abstained=reason is not None,
             model=self.bundle.describe(),
             backend=self.backend.describe(),
             spectrum_backend=spectrum.backend,
             fields=tuple(acc.qc.fields),
             spectrum=spectrum,
             timings_ms={k: round(v, 3) for k, v in acc.timings.items()},
+            mass_outside_window=outside,
+            abstain_reason=reason,
         )
 
 

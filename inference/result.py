@@ -107,6 +107,11 @@ class SpectrumReport(_Strict):
     axis: list[Finite]
     values: list[Finite]
     flags: list[str] = Field(default_factory=list)
+    mass_outside_window: Fraction | None = Field(
+        default=None,
+        description="fraction of the spectrum's absolute mass outside the model's render window; "
+        "above the bundle's thresholds.out_of_range the slide is abstained (out_of_range)",
+    )
 
 
 class Simulation(_Strict):

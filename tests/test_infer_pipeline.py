@@ -129,6 +129,31 @@ def test_abstain_band_and_decision(
     assert (r.abstained, r.risk, r.label) == (abstained, risk, label)
 
 
+@pytest.mark.parametrize(
+    ("threshold", "outcome", "reason"),
+    [(0.05, "abstained", "out_of_range"), (None, "classified", None)],
+)
+def test_a_spectrum_outside_the_training_window_is_abstained(
+    tmp_path: Path, threshold: float | None, outcome: str, reason: str | None
+) -> None:
+    # A confident model whose render window ([-10, 10] nm) leaves most of the slide's spectral
+    # mass outside: the slide is unlike the training data, so it is not decided.
+    b = make_bundle(
+        tmp_path / "b",
+        logits=(4.0, -4.0),
+        render={"x_range_nm": [-10.0, 10.0]},
+        thresholds={"out_of_range": threshold} if threshold is not None else None,
+    )
+    with load_backend("onnxruntime", b) as be:
+        r = _pipe(b, be).run_slide([make_field(0)])
+    assert r.mass_outside_window > 0.05
+    report = r.report()
+    assert (report.outcome.value, report.reason) == (outcome, reason)
+    assert report.prediction.abstained is (outcome == "abstained")
+    assert report.spectrum.mass_outside_window == pytest.approx(r.mass_outside_window)
+    assert r.to_json()["reason"] == reason
+
+
 class SlowSpectrum:
     """A real NumPy spectrum that takes its time, and counts what it finished."""
 

@@ -89,6 +89,7 @@ def make_bundle(
     allow_fp32_fallback: bool = True,
     tolerance: dict[str, float] | None = None,
     thresholds: dict[str, float] | None = None,
+    render: dict[str, Any] | None = None,
     name: str = "tiny",
     version: int = 1,
     golden_offset: float = 0.0,
@@ -110,7 +111,8 @@ def make_bundle(
         y = np.ascontiguousarray(y[:, ::-1])
     np.save(root / "golden" / "inputs.npy", x)
     np.save(root / "golden" / "outputs.npy", y)
-    write_fields(root, golden_fields, SIZE)
+    render = {**RENDER, **(render or {})}
+    write_fields(root, golden_fields, SIZE, render)
     risk = risk or {c: ("high" if i == len(classes) - 1 else "low") for i, c in enumerate(classes)}
     golden: dict[str, Any] = {"allow_fp32_fallback": allow_fp32_fallback, "fields": golden_fields}
     if tolerance is not None:
@@ -124,7 +126,7 @@ def make_bundle(
         "input": {"name": "input", "shape": (-1, 3, SIZE, SIZE)},
         "output": {"name": "probabilities"},
         "spectrum": dict(SPECTRUM),
-        "render": dict(RENDER),
+        "render": render,
         "golden": golden,
     }
     if thresholds is not None:
