@@ -24,7 +24,7 @@ import tarfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -36,6 +36,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -52,7 +53,10 @@ from inference.bundle_checks import (
     load_array,
     strict_json,
 )
-from inference.exceptions import BundleError
+from inference.exceptions import BundleError, InferenceError
+
+if TYPE_CHECKING:
+    from inference.spectrum.qc import QCThresholds
 
 SCHEMA = "omis.bundle/1"
 MANIFEST = "manifest.json"
@@ -227,6 +231,11 @@ class Manifest(_Strict):
     spectrum: dict[str, Any] = Field(description="spectrum algorithm and all its parameters")
     render: dict[str, Any] = Field(description="all rendering parameters")
     thresholds: Thresholds = Thresholds()
+    qc: dict[str, Any] = Field(
+        default_factory=dict,
+        description="field quality-control thresholds the training data passed "
+        "(inference.spectrum.qc.QCThresholds; empty: the defaults); the device applies them",
+    )
     golden: GoldenSpec = GoldenSpec()
     files: dict[str, FileEntry]
     training: Training = Training()
@@ -253,10 +262,28 @@ class Manifest(_Strict):
         check_runnable(self.spectrum, self.render, self.input.representation, self.input.shape)
         return self
 
+    @field_validator("qc")
+    @classmethod
+    def _qc_known(cls, qc: dict[str, Any]) -> dict[str, Any]:
+        from inference.spectrum.qc import qc_thresholds_from_json
+
+        try:
+            qc_thresholds_from_json(qc)
+        except InferenceError as exc:
+            raise ValueError(str(exc)) from exc
+        return qc
+
     def to_json_bytes(self) -> bytes:
         """Canonical bytes of the manifest (sorted keys, 2-space indent, trailing newline)."""
         data = self.model_dump(mode="json", by_alias=True)
         return (json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+
+    @property
+    def qc_thresholds(self) -> QCThresholds:
+        """The QC thresholds the model was trained with (validated with the manifest)."""
+        from inference.spectrum.qc import qc_thresholds_from_json
+
+        return qc_thresholds_from_json(self.qc)
 
     @property
     def high_classes(self) -> tuple[int, ...]:

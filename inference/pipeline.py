@@ -390,7 +390,9 @@ class SlidePipeline:
         acc.timings["qc"] += (t2 - t1) * 1e3
 
     def _slide_qc(self) -> SlideQC:
-        return SlideQC(self.params, self.config.qc_thresholds)
+        # The bundle's thresholds (those its training data passed) unless the caller overrides.
+        qc = self.config.qc_thresholds or self.bundle.manifest.qc_thresholds
+        return SlideQC(self.params, qc)
 
     def _finish_slide(self, acc: _SlideAcc, backend_name: str) -> _SlideSpectrum:
         t0 = time.perf_counter()

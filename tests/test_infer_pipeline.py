@@ -15,7 +15,7 @@ from fakes.bundles import make_bundle, make_field
 from inference.backends import InferenceBackend, load_backend
 from inference.bundle import Bundle
 from inference.exceptions import BundleError, SpectrumInputError
-from inference.pipeline import FieldPair, PipelineConfig, SlidePipeline
+from inference.pipeline import FieldPair, NoUsableFieldError, PipelineConfig, SlidePipeline
 from inference.preprocess import to_tensor
 from inference.render import render_params_from_json, render_spectrum
 from inference.spectrum import NumpyBackend, parse_params
@@ -152,6 +152,16 @@ def test_a_spectrum_outside_the_training_window_is_abstained(
     assert report.prediction.abstained is (outcome == "abstained")
     assert report.spectrum.mass_outside_window == pytest.approx(r.mass_outside_window)
     assert r.to_json()["reason"] == reason
+
+
+def test_the_bundles_qc_thresholds_judge_the_fields(tmp_path: Path) -> None:
+    # The device applies the thresholds the model's training data passed, not its own defaults.
+    strict = make_bundle(tmp_path / "strict", qc={"min_focus": 1e6})
+    assert strict.manifest.qc_thresholds.min_focus == 1e6
+    with load_backend("onnxruntime", strict) as be, pytest.raises(NoUsableFieldError):
+        _pipe(strict, be).run_slide([make_field(0)])
+    with pytest.raises(BundleError, match="qc"):
+        make_bundle(tmp_path / "bad", qc={"min_valid_fraction": 2.0})
 
 
 class SlowSpectrum:

@@ -18,6 +18,7 @@ from inference.bundle import load_bundle
 from inference.preprocess import to_tensor
 from inference.render import render_params_from_json, render_spectrum
 from inference.spectrum import parse_params
+from inference.spectrum.qc import QCThresholds
 from training.data import load_dataset
 
 OMIS = [sys.executable, "-m", "deploy.cli"]
@@ -116,6 +117,8 @@ def test_bundle_verifies_and_reproduces_golden(trained: dict[str, Any]) -> None:
     assert m.input.shape == (-1, 3, 64, 64)
     assert m.training.metrics["folds"] == 2 and m.training.preset == "tiny"
     assert len(m.training.data_manifest_sha256) == 64
+    # The QC thresholds the training data passed travel with the model, for the device.
+    assert m.qc == QCThresholds().model_dump() and m.qc_thresholds == QCThresholds()
     inputs, outputs = bundle.golden()
     sess = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
     got = sess.run(["probabilities"], {"input": inputs})[0]
@@ -155,6 +158,7 @@ def test_export_checkpoint_rebuilds_the_model(trained: dict[str, Any], tmp_path:
     )
     b1, b2 = load_bundle(trained["out"] / "bundle"), load_bundle(target)
     assert b2.manifest.version == 4
+    assert b2.manifest.qc == b1.manifest.qc
     assert np.array_equal(b1.golden()[0], b2.golden()[0])
     assert np.max(np.abs(b1.golden()[1] - b2.golden()[1])) <= 1e-6
     again = omis(

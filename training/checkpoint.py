@@ -50,6 +50,7 @@ def meta_from_json(d: dict[str, Any], **overrides: Any) -> BundleMeta:
         thresholds=Thresholds.model_validate(fields["thresholds"]),
         training=Training.model_validate(fields["training"]),
         min_app_version=fields["min_app_version"],
+        qc=dict(fields.get("qc", {})),
     )
 
 

@@ -173,6 +173,8 @@ class Dataset:
     params: Params
     stats: PrepStats
     files_sha256: str = ""
+    # The QC thresholds every used field passed; they go into the bundle for the device.
+    qc: QCThresholds = field(default_factory=QCThresholds)
 
     @property
     def groups(self) -> list[str]:
@@ -570,7 +572,7 @@ def load_dataset(
     if not slides:
         raise DataError(f"{root}: no usable slides (every slide failed quality control)")
     files = files_digest(root, kind, slide_rows, digest)
-    return Dataset(root, kind, tuple(slides), digest, params, stats, files)
+    return Dataset(root, kind, tuple(slides), digest, params, stats, files, thresholds)
 
 
 def files_digest(root: Path, kind: Kind, slide_rows: Sequence[_SlideRows], manifest: str) -> str:

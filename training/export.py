@@ -20,7 +20,7 @@ import logging
 import subprocess
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ class BundleMeta:
     thresholds: Thresholds
     training: Training
     min_app_version: str = "0.1.0"
+    qc: dict[str, Any] = field(default_factory=dict)  # QC thresholds of the training data
 
 
 def code_revision() -> str:
@@ -225,6 +226,7 @@ def write_bundle(
                 thresholds=meta.thresholds,
                 training=meta.training,
                 min_app_version=meta.min_app_version,
+                qc=meta.qc,
                 golden={"fields": n_fields},
             )
         except BundleError as exc:

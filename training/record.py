@@ -45,6 +45,7 @@ def bundle_meta(
             preset=p.preset.name,
             pretrained=pretrained_record(opts),
         ),
+        qc=p.ds.qc.model_dump(),
     )
 
 
@@ -62,6 +63,7 @@ def meta_to_json(meta: BundleMeta) -> dict[str, Any]:
         "thresholds": meta.thresholds.model_dump(mode="json"),
         "training": meta.training.model_dump(mode="json"),
         "min_app_version": meta.min_app_version,
+        "qc": meta.qc,
     }
 
 

@@ -90,6 +90,7 @@ def make_bundle(
     tolerance: dict[str, float] | None = None,
     thresholds: dict[str, float] | None = None,
     render: dict[str, Any] | None = None,
+    qc: dict[str, Any] | None = None,
     name: str = "tiny",
     version: int = 1,
     golden_offset: float = 0.0,
@@ -131,6 +132,8 @@ def make_bundle(
     }
     if thresholds is not None:
         fields["thresholds"] = thresholds
+    if qc is not None:
+        fields["qc"] = qc
     manifest = build_manifest(root, **fields)
     (root / "manifest.json").write_bytes(manifest.to_json_bytes())
     return load_bundle(root)
