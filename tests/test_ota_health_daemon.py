@@ -277,3 +277,29 @@ def test_hardware_fault_extends_the_period_and_is_named(
         validate("ota_state", msg)
     st = ModelStore(state).state()
     assert (st["current"], st["previous"], st["pending"]) == (2, 1, None)
+
+
+def test_slides_without_a_usable_field_say_nothing_about_the_model(
+    mosquitto: Mosquitto, tmp_path: Path, kit: dict[str, Any]
+) -> None:
+    """Quality control rejects every field before the model runs (a dark camera, an empty
+    slide): the abstentions are not the bundle's, so they neither count nor roll back."""
+    state = _state_with_v1(tmp_path, kit)
+    with (
+        Collector(mosquitto.port, f"{BASE}/#") as col,
+        running(mosquitto, state, max_abstentions=1) as (app, scanner),
+    ):
+        scope = scanner._microscope
+        assert isinstance(scope, SimMicroscope)
+        _offer(mosquitto, kit["v2"], "c-dark")
+        assert wait_until(lambda: _in_health(col), 15), _states(col)[-1:]
+        gain, scope.synthetic_camera.gain = scope.synthetic_camera.gain, 1e-3  # black frames
+        dark = [_scan(app, col, slide) for slide in ("D1", "D2", "D3")]
+        _still_on_probation(state, col)
+        scope.synthetic_camera.gain = gain
+        assert _scan(app, col, "G1")["outcome"] == "classified"
+        assert _scan(app, col, "G2")["outcome"] == "classified"
+        assert wait_until(lambda: _outcome(col) == ("committed", 2), 30), _states(col)[-1]
+    for result in dark:
+        assert (result["outcome"], result["reason"]) == ("abstained", "no_usable_field"), result
+    assert ModelStore(state).state()["current"] == 2
