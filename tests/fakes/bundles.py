@@ -3,7 +3,10 @@
 The network is conv 3x3 -> ReLU -> global average pool -> gemm -> softmax on an N×3×S×S input
 named ``input`` with a dynamic batch axis, output ``probabilities``.  Golden outputs are computed
 with ONNX Runtime.  ``logits`` makes a constant-output model (zero gemm weights) whose
-probabilities are known exactly, for the decision and abstain-band tests.
+probabilities are known exactly, for the decision and abstain-band tests.  ``off_golden`` makes
+a model that reproduces its goldens and outputs a fixed row (NaN, non-probabilities, 0.5/0.5)
+on every other input: it passes the install gate and misbehaves on real slides, for the tests
+of the OTA health period.
 """
 
 from __future__ import annotations
