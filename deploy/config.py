@@ -221,7 +221,10 @@ class OtaConfig(_Section):
     health_max_abstentions: int = Field(
         default=1,
         ge=0,
-        description="more abstained slides than this in the health period roll the update back",
+        description=(
+            "more slides the model abstained on (not no_usable_field) in the health period roll "
+            "the update back"
+        ),
     )
     need_after_s: float = Field(
         default=5.0, gt=0, description="inline transfer: ask again for missing chunks after this"

@@ -120,15 +120,14 @@ def test_a_fresh_device_comes_up_degraded_and_takes_its_first_model_over_mqtt(
 def test_a_first_model_that_fails_its_health_period_leaves_the_device_without_a_model(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
-    """A zero in input.normalization.std makes every output NaN: the slide fails in ``infer``
-    (never a label), the health period rolls back, and with no previous model the device
-    serves none again (``degraded``, ``no_model``) rather than the refused one."""
+    """A model that reproduces its goldens but outputs NaN on every other input passes the
+    gate; on a real slide it fails in ``infer`` (never a label), the health period rolls back,
+    and with no previous model the device serves none again (``degraded``, ``no_model``)
+    rather than the refused one."""
     state = tmp_path / "state"
     keys = generate_keypair(tmp_path / "keys", "fleet")
-    bundle = make_bundle(tmp_path / "bundle", seed=1, version=1)
-    manifest = json.loads((bundle.root / "manifest.json").read_text())
-    manifest["input"]["normalization"]["std"] = [0.0, 0.0, 0.0]
-    (bundle.root / "manifest.json").write_text(json.dumps(manifest))
+    nan = float("nan")
+    bundle = make_bundle(tmp_path / "bundle", seed=1, version=1, off_golden=[nan, nan])
     sign_bundle(bundle.root, keys.private)
     archive = pack_bundle(bundle.root, tmp_path / "nan-v1.tar")
     log = tmp_path / "serve.log"
@@ -145,16 +144,25 @@ def test_a_first_model_that_fails_its_health_period_leaves_the_device_without_a_
             stdout=subprocess.DEVNULL,
             stderr=log.open("w"),
         )
+        sender: subprocess.Popen[str] | None = None
         try:
             assert wait_until(lambda: col.json_on("/status")[-1:] and col.json_on("/status")[
                 -1]["reasons"] == ["no_model"], 60), log.read_text()[-2000:]  # fmt: skip
-            done = omis(
-                "ota", "publish", str(archive), "--broker", mosquitto.url,
-                "--device-id", DEVICE, "--wait", "60",
+            # omis ota publish waits for the final outcome: a slide must run in the meantime.
+            sender = subprocess.Popen(
+                [
+                    *OMIS, "ota", "publish", str(archive), "--broker", mosquitto.url,
+                    "--device-id", DEVICE, "--wait", "60",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )  # fmt: skip
-            assert done.returncode == 0, done.stderr[-2000:]
             assert wait_until(lambda: col.json_on("/status")[-1]["model"] is not None, 30)
             publish(mosquitto.port, f"{BASE}/cmd/scan", b'{"slide_id": "sim0-0001"}', b"probe")
+            out, err = sender.communicate(timeout=90)
+            assert sender.returncode == 1, err[-2000:]  # exit 0 only when committed
+            assert json.loads(out)["outcome"] == "rolled_back"
             assert wait_until(
                 lambda: any(
                     (s.get("last_outcome") or {}).get("result") == "rolled_back"
@@ -175,6 +183,7 @@ def test_a_first_model_that_fails_its_health_period_leaves_the_device_without_a_
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            for child in (sender, proc):
+                if child is not None and child.poll() is None:
+                    child.kill()
+                    child.wait()

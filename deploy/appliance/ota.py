@@ -202,7 +202,9 @@ class OtaController:
         """Judge the new model by a slide that started on it (``token``: its health period).
 
         ``ok`` counts towards the commit; ``failed`` (any failure after acquisition, non-finite
-        outputs included) rolls back; abstentions beyond ``max_abstentions`` roll back;
+        outputs included) rolls back; abstentions beyond ``max_abstentions`` roll back (slides
+        that never reached the model, no field passing QC, are not reported: see
+        :func:`~deploy.appliance.worker.verdict_of`);
         ``hardware`` (firmware, camera) neither: the period starts over, and ``ota/state``
         names the fault.
         """

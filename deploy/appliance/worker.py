@@ -25,7 +25,15 @@ from deploy.appliance.results import Identity, ResultMessage, build_result, rfc3
 from deploy.exceptions import DeployError, ScanCancelledError, ScanRejectedError
 from firmware_bridge.exceptions import BridgeError
 from inference.exceptions import InferenceError
-from inference.result import Outcome, SlideReport, Stage, cancelled, failed, stage_of
+from inference.result import (
+    AbstainReason,
+    Outcome,
+    SlideReport,
+    Stage,
+    cancelled,
+    failed,
+    stage_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +84,14 @@ def verdict_of(report: SlideReport) -> SlideVerdict | None:
     """How a slide judges the model that produced it (None: it says nothing, e.g. cancelled).
 
     A failure in acquisition is the hardware's (firmware, camera); any later failure is the
-    device path's, which the model's bundle defines (spectrum, render, input, outputs).
+    device path's, which the model's bundle defines (spectrum, render, input, outputs).  A slide
+    whose every field failed quality control never reached the model (a dark camera, an empty
+    slide; QC is the device's, not the bundle's): it says nothing about the model either.
     """
     if report.outcome is Outcome.CLASSIFIED:
         return "ok"
     if report.outcome is Outcome.ABSTAINED:
-        return "abstained"
+        return None if report.reason == AbstainReason.NO_USABLE_FIELD.value else "abstained"
     if report.outcome is Outcome.FAILED:
         return "hardware" if report.stage is Stage.ACQUIRE else "failed"
     return None

@@ -125,16 +125,19 @@ class OfferSender:
         Raises :class:`DeliveryError` when no final state arrives within ``wait_s``.
         """
         deadline = time.monotonic() + wait_s
+        last: dict[str, Any] | None = None  # the latest progress of this offer
         while True:
             for state in self._states:
                 if _final_step(state, offer.correlation_id) is not None:
                     return state
+                last = _progress_of(state, offer.correlation_id) or last
             self._states.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeliveryError(
                     f"{self.device_id} received the bundle but reported no final outcome "
                     f"(committed, rolled back, rejected) within {wait_s:.0f} s"
+                    f"{_still_at(last)}"
                 )
             try:
                 topic, payload = self._inbox.get(timeout=remaining)
@@ -157,12 +160,27 @@ class OfferSender:
         self.close()
 
 
-def _final_step(state: dict[str, Any], correlation_id: str) -> str | None:
+def _progress_of(state: dict[str, Any], correlation_id: str) -> dict[str, Any] | None:
     progress = state.get("progress")
     if not isinstance(progress, dict) or progress.get("correlation_id") != correlation_id:
         return None
-    step = progress.get("step")
+    return progress
+
+
+def _final_step(state: dict[str, Any], correlation_id: str) -> str | None:
+    step = (_progress_of(state, correlation_id) or {}).get("step")
     return step if step in FINAL_STEPS else None
+
+
+def _still_at(progress: dict[str, Any] | None) -> str:
+    """Where the install stood when the wait ended (a hardware fault extends a health period)."""
+    if progress is None:
+        return ""
+    where = f"; last step: {progress.get('step')}"
+    fault = progress.get("hardware_fault")
+    if fault:
+        where += f", health period extended by a hardware fault ({fault})"
+    return where
 
 
 def final_outcome(state: dict[str, Any], correlation_id: str) -> dict[str, Any]:

@@ -3,7 +3,10 @@
 The network is conv 3x3 -> ReLU -> global average pool -> gemm -> softmax on an N×3×S×S input
 named ``input`` with a dynamic batch axis, output ``probabilities``.  Golden outputs are computed
 with ONNX Runtime.  ``logits`` makes a constant-output model (zero gemm weights) whose
-probabilities are known exactly, for the decision and abstain-band tests.
+probabilities are known exactly, for the decision and abstain-band tests.  ``off_golden`` makes
+a model that reproduces its goldens and outputs a fixed row (NaN, non-probabilities, 0.5/0.5)
+on every other input: it passes the install gate and misbehaves on real slides, for the tests
+of the OTA health period.
 """
 
 from __future__ import annotations
@@ -70,6 +73,43 @@ def tiny_model(
     return model
 
 
+def golden_only_model(
+    model: onnx.ModelProto, known: Any, off_golden: Sequence[float], eps: float = 1e-3
+) -> onnx.ModelProto:
+    """``model`` on inputs within ``eps`` (squared L2) of one of the ``known`` tensors, the
+    constant ``off_golden`` row (NaN, non-probabilities, an uncertain 0.5/0.5, …) on any other.
+
+    Its outputs depend on the input in a way no golden exercises: the gate passes, slides fail.
+    """
+    graph = onnx.GraphProto()
+    graph.CopyFrom(model.graph)
+    probs = graph.output[0].name
+    for node in graph.node:
+        node.output[:] = [f"{o}_model" if o == probs else o for o in node.output]
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.asarray(known, np.float32), "known_inputs"),
+            numpy_helper.from_array(np.asarray([1], np.int64), "unsqueeze_axis"),
+            numpy_helper.from_array(np.asarray([eps], np.float32), "known_eps"),
+            numpy_helper.from_array(np.asarray([off_golden], np.float32), "off_golden"),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("Unsqueeze", ["input", "unsqueeze_axis"], ["x_1"]),
+            helper.make_node("Sub", ["x_1", "known_inputs"], ["x_diff"]),
+            helper.make_node("ReduceSumSquare", ["x_diff"], ["x_d2"], axes=[2, 3, 4], keepdims=0),
+            helper.make_node("ReduceMin", ["x_d2"], ["x_nearest"], axes=[1], keepdims=1),
+            helper.make_node("Less", ["x_nearest", "known_eps"], ["x_known"]),
+            helper.make_node("Where", ["x_known", f"{probs}_model", "off_golden"], [probs]),
+        ]
+    )
+    out = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out.ir_version = 8
+    onnx.checker.check_model(out)
+    return out
+
+
 def golden_for(model_path: Path, n: int = 4, size: int = SIZE, seed: int = 1) -> tuple[Any, Any]:
     """Golden inputs (seeded normal noise) and ONNX Runtime's outputs for them."""
     x = np.random.default_rng(seed).normal(0, 1, (n, 3, size, size)).astype(np.float32)
@@ -96,10 +136,13 @@ def make_bundle(
     golden_offset: float = 0.0,
     swap_golden_classes: bool = False,
     golden_fields: int = 2,
+    off_golden: Sequence[float] | None = None,
 ) -> Bundle:
     """Write a complete, valid bundle directory at ``root`` and load it.
 
     ``golden_fields`` field pairs (from :func:`make_field`) carry the whole-path goldens.
+    ``off_golden``: the model reproduces its goldens but outputs these values for every other
+    input (see :func:`golden_only_model`): it passes the gate and misbehaves on real slides.
     """
     root.mkdir(parents=True, exist_ok=True)
     (root / "golden").mkdir(exist_ok=True)
@@ -114,6 +157,12 @@ def make_bundle(
     np.save(root / "golden" / "outputs.npy", y)
     render = {**RENDER, **(render or {})}
     write_fields(root, golden_fields, SIZE, render)
+    if off_golden is not None:
+        # What the gate runs: the tensor goldens, the warm-up's zeros, the path goldens.
+        known = [np.load(root / "golden" / "inputs.npy"), np.zeros((1, 3, SIZE, SIZE), np.float32)]
+        if golden_fields:
+            known.append(np.load(root / "golden" / "path" / "inputs.npy"))
+        onnx.save(golden_only_model(model, np.concatenate(known), off_golden), root / "model.onnx")
     risk = risk or {c: ("high" if i == len(classes) - 1 else "low") for i, c in enumerate(classes)}
     golden: dict[str, Any] = {"allow_fp32_fallback": allow_fp32_fallback, "fields": golden_fields}
     if tolerance is not None:
