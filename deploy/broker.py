@@ -30,6 +30,7 @@ from types import TracebackType
 from urllib.parse import urlsplit
 
 from deploy.exceptions import BrokerError
+from firmware_bridge.fsutil import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,6 @@ def _die_with_parent(parent: int) -> None:
         os._exit(126)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def reap_stale_workdirs(tmp_root: Path | None = None) -> list[Path]:
     """Remove embedded-broker directories whose owning process is gone; returns them."""
     root = Path(tmp_root or tempfile.gettempdir())
@@ -71,7 +62,7 @@ def reap_stale_workdirs(tmp_root: Path | None = None) -> list[Path]:
             owner = int((workdir / OWNER_FILE).read_text("utf-8").strip())
         except (OSError, ValueError):
             continue  # not ours, or not written by this version: leave it
-        if owner != os.getpid() and not _pid_alive(owner):
+        if owner != os.getpid() and not pid_alive(owner):
             shutil.rmtree(workdir, ignore_errors=True)
             removed.append(workdir)
     if removed:

@@ -33,7 +33,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from deploy.broker import BrokerAddress
-from deploy.config import MqttConfig
+from deploy.config import MqttConfig, TlsConfig
 from deploy.exceptions import MqttError
 from deploy.outbox import Outbox, OutboxItem
 
@@ -108,6 +108,22 @@ class Topics:
         return verb if verb and "/" not in verb else None
 
 
+def configure_tls(client: paho.Client, tls: TlsConfig) -> None:
+    """Load the client's CA, certificate and key (``mqtt.tls``); one-line :class:`MqttError`."""
+    passphrase = tls.key_passphrase.get_secret_value() if tls.key_passphrase else None
+    try:
+        client.tls_set(
+            ca_certs=str(tls.ca_file) if tls.ca_file else None,
+            certfile=str(tls.cert_file) if tls.cert_file else None,
+            keyfile=str(tls.key_file) if tls.key_file else None,
+            keyfile_password=passphrase,
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise MqttError(f"mqtt.tls: cannot load certificates: {exc}") from exc
+    client.tls_insecure_set(tls.insecure)
+
+
 def _is_failure(reason: ReasonCode | int | None) -> bool:
     if reason is None:
         return False
@@ -160,7 +176,7 @@ class MqttLink:
             password = cfg.password.get_secret_value() if cfg.password else None
             client.username_pw_set(cfg.username, password)
         if self.address.tls:
-            self._configure_tls(client)
+            configure_tls(client, self.config.tls)
         client.reconnect_delay_set(
             max(1, round(cfg.reconnect_min_s)), max(1, round(cfg.reconnect_max_s))
         )
@@ -170,21 +186,6 @@ class MqttLink:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         return client
-
-    def _configure_tls(self, client: paho.Client) -> None:
-        tls = self.config.tls
-        passphrase = tls.key_passphrase.get_secret_value() if tls.key_passphrase else None
-        try:
-            client.tls_set(
-                ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
-                keyfile_password=passphrase,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raise MqttError(f"mqtt.tls: cannot load certificates: {exc}") from exc
-        client.tls_insecure_set(tls.insecure)
 
     def start(self) -> None:
         """Connect in the background; reconnects forever until :meth:`close`."""

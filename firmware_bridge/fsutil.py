@@ -59,7 +59,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int = 0o666
     return atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True when a process ``pid`` exists (also one of another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -79,7 +80,7 @@ def remove_stale_partials(target: str | os.PathLike[str]) -> list[Path]:
     removed: list[Path] = []
     for tmp in target.parent.glob(f".{target.name}.*.partial"):
         pid_text = tmp.name[len(target.name) + 2 :].split(".", 1)[0]
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text)):
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed

@@ -36,7 +36,7 @@ from training.window import Inputs, render_coverage
 
 if TYPE_CHECKING:
     from training.options import TrainOptions
-    from training.pipeline import Prepared
+    from training.prepared import Prepared
     from training.train import FitConfig
 
 F64 = npt.NDArray[np.float64]

@@ -30,7 +30,6 @@ import torch
 from firmware_bridge.fsutil import atomic_directory
 from inference.bundle import Thresholds
 from inference.exceptions import InferenceError
-from inference.render import RenderParams
 from inference.spectrum import axis_nm, parse_params
 from training.baselines import cross_val_baselines, feature_matrix
 from training.checkpoint import FORMAT
@@ -42,11 +41,11 @@ from training.crossval import (
     pooled_temperature,
     score_model,
 )
-from training.data import Dataset, Task, get_task, load_dataset
+from training.data import get_task, load_dataset
 from training.evaluate import make_folds, validation_split
 from training.exceptions import ConfigError, DataError
 from training.export import write_bundle
-from training.model import Preset, VGG16Classifier, build_model, get_preset, load_pretrained
+from training.model import VGG16Classifier, build_model, get_preset, load_pretrained
 from training.options import (
     TrainOptions,
     check_weights_decision,
@@ -55,6 +54,7 @@ from training.options import (
     pretrained_record,
 )
 from training.outputs import build_report, write_outputs
+from training.prepared import Prepared
 from training.progress import Progress, Tick
 from training.record import bundle_meta, checkpoint_extra, metrics_summary
 from training.thresholds import softmax_t
@@ -70,7 +70,7 @@ from training.train import (
     save_checkpoint,
     seed_everything,
 )
-from training.window import Inputs, fit_inputs, image_inputs
+from training.window import Inputs
 
 log = logging.getLogger(__name__)
 
@@ -80,44 +80,6 @@ I64 = npt.NDArray[np.int64]
 CHECKPOINT_FORMAT = FORMAT
 GOLDEN_COUNT = 4
 NETWORK_NAMES = {"paper": "vgg16", "tiny": "vgg16", "spectrum1d": "spectrum1d"}
-
-
-@dataclass
-class Prepared:
-    """The data, with what every fold needs to make its network inputs."""
-
-    ds: Dataset
-    task: Task
-    preset: Preset
-    labels: I64
-    axis: F64 | None
-    ys: F64 | None
-    given_render: RenderParams | None
-    outside_task: int
-
-    @property
-    def spectra(self) -> list[tuple[F64, F64]] | None:
-        """(x, y) of every slide, or None for image datasets."""
-        if self.ys is None or self.axis is None:
-            return None
-        return [(self.axis, y) for y in self.ys]
-
-    def inputs_for(self, fit_idx: I64) -> Inputs:
-        """Network inputs of every slide, with the window fitted on ``fit_idx`` only."""
-        if self.ys is None or self.axis is None:
-            if self.given_render is None:
-                raise ConfigError("image dataset without render parameters")
-            return image_inputs(
-                [s.image for s in self.ds.slides if s.image is not None], self.given_render
-            )
-        return fit_inputs(
-            self.axis,
-            self.ys,
-            self.labels,
-            fit_idx,
-            size=self.preset.input_size,
-            representation=self.preset.representation,
-        )
 
 
 @dataclass

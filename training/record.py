@@ -16,7 +16,7 @@ from training.options import TrainOptions, pretrained_record
 from training.window import Inputs
 
 if TYPE_CHECKING:
-    from training.pipeline import Prepared
+    from training.prepared import Prepared
 
 F32 = npt.NDArray[np.float32]
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from firmware_bridge.fsutil import atomic_write_text
+from firmware_bridge.fsutil import atomic_write_text, pid_alive
 
 HEALTH_FILE = Path("run") / "health.json"
 STALE_FACTOR = 3.0
@@ -30,16 +30,6 @@ def write_health(state_dir: Path, report: dict[str, Any]) -> None:
     atomic_write_text(health_path(state_dir), json.dumps(body, sort_keys=True, allow_nan=False))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def check_health(state_dir: Path, interval_s: float, now: float | None = None) -> tuple[bool, str]:
     """``(healthy, one-line reason)`` from the health file."""
     path = health_path(state_dir)
@@ -50,7 +40,7 @@ def check_health(state_dir: Path, interval_s: float, now: float | None = None) -
     age = (time.time() if now is None else now) - float(report.get("at", 0))
     if age > STALE_FACTOR * interval_s:
         return False, f"health file is stale ({age:.0f} s old)"
-    if not _pid_alive(int(report.get("pid", 0))):
+    if not pid_alive(int(report.get("pid", 0))):
         return False, f"process {report.get('pid')} is not running"
     state = report.get("state")
     if state == "error":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +30,7 @@ from deploy.collector.config import CollectorMqtt
 from deploy.collector.outcome import check_result
 from deploy.collector.store import ArchiveStore
 from deploy.exceptions import ArchiveError, MqttError, SchemaError
+from deploy.mqtt import configure_tls
 from deploy.schemas import validate
 
 log = logging.getLogger(__name__)
@@ -100,19 +100,7 @@ class ArchiveSubscriber:
             password = cfg.password.get_secret_value() if cfg.password else None
             client.username_pw_set(cfg.username, password)
         if self.address.tls:
-            tls = cfg.tls
-            passphrase = tls.key_passphrase.get_secret_value() if tls.key_passphrase else None
-            try:
-                client.tls_set(
-                    ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                    certfile=str(tls.cert_file) if tls.cert_file else None,
-                    keyfile=str(tls.key_file) if tls.key_file else None,
-                    keyfile_password=passphrase,
-                    cert_reqs=ssl.CERT_REQUIRED,
-                )
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                raise MqttError(f"mqtt.tls: cannot load certificates: {exc}") from exc
-            client.tls_insecure_set(tls.insecure)
+            configure_tls(client, cfg.tls)
         client.reconnect_delay_set(
             max(1, round(cfg.reconnect_min_s)), max(1, round(cfg.reconnect_max_s))
         )
