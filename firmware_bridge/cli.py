@@ -50,9 +50,9 @@ def _register_dataset(
     )
     synth.add_argument(
         "--difficulty",
-        type=float,
-        default=1.0,
-        help="group overlap: 0 = none, 1 = about the study's accuracy (default), 2 = harder",
+        default="1.0",
+        help="group overlap: a number (0 = none, 1 = default, 2 = harder) or a preset:"
+        " 'study' = calibrated to the study's sensitivity/specificity (docs/simulator.md)",
     )
     synth.add_argument(
         "--workers", type=int, default=None, help="worker processes (default: usable CPUs)"
@@ -67,6 +67,7 @@ def _dataset_synth(args: argparse.Namespace) -> int:
         SynthRequest,
         check_request,
         make_config,
+        parse_difficulty,
         parse_groups,
         parse_size,
         synthesize,
@@ -74,6 +75,7 @@ def _dataset_synth(args: argparse.Namespace) -> int:
 
     # None means "not given"; 0 goes on to check_request, which refuses it (no silent default).
     workers = max(1, len(os.sched_getaffinity(0))) if args.workers is None else args.workers
+    knobs, preset = parse_difficulty(args.difficulty)
     req = SynthRequest(
         out=Path(args.out),
         slides=args.slides,
@@ -81,8 +83,9 @@ def _dataset_synth(args: argparse.Namespace) -> int:
         fields=args.fields,
         size=parse_size(args.size),
         groups=None if args.groups is None else parse_groups(args.groups),
-        config=make_config(difficulty=args.difficulty),
+        config=make_config(**knobs),
         workers=min(workers, max(args.slides, 1)),
+        difficulty_preset=preset,
     )
     check_request(req)  # before the progress bar, so that bad input gives one line
     result = synthesize(req) if args.quiet else _synth_with_progress(req)

@@ -86,6 +86,7 @@ def test_same_seed_is_byte_identical_whatever_the_workers(tmp_path: Path) -> Non
         (["--slides", "3", "--size", "160by128"], "bad size"),
         (["--slides", "3", "--size", "0x128"], "out of range"),
         (["--slides", "3", "--difficulty", "-1"], "difficulty"),
+        (["--slides", "3", "--difficulty", "harder"], "bad --difficulty 'harder'"),
         (["--slides", "3", "--workers", "0"], "--workers must be >= 1, got 0"),
     ],
 )
@@ -146,3 +147,42 @@ def test_groups_option_sets_the_proportions(tmp_path: Path) -> None:
         assert sorted(r["pap_group"] for r in csv.DictReader(fh)) == ["II", "II", "V", "V"]
     img = read_rgb(tmp_path / "d" / "sim0-0000" / "field-000-diffuse.png")
     assert img.shape == (48, 64, 3) and np.ptp(img) > 0
+
+
+def test_study_difficulty_preset_is_recorded_and_deterministic(tmp_path: Path) -> None:
+    def run(name: str) -> dict[str, bytes]:
+        args = ["--out", str(tmp_path / name), *TINY, "-q", "--difficulty", "study"]
+        code = main(["dataset", "synth", *args])
+        assert code == 0
+        return _tree(tmp_path / name)
+
+    a, b = run("a"), run("b")
+    assert a == b
+    desc = json.loads(a["dataset.json"])
+    assert desc["difficulty_preset"] == "study"
+    for knob, value in ds.DIFFICULTY_PRESETS["study"].items():
+        assert desc["config"][knob] == value
+    plain = ds.SynthRequest(out=tmp_path / "plain", slides=1, fields=1, size=(64, 48))
+    ds.synthesize(plain)
+    assert (
+        json.loads((tmp_path / "plain" / "dataset.json").read_text())["difficulty_preset"] is None
+    )
+
+
+def test_a_number_and_a_preset_name_both_parse() -> None:
+    assert ds.parse_difficulty("1.5") == ({"difficulty": 1.5}, None)
+    assert ds.parse_difficulty("study") == (dict(ds.DIFFICULTY_PRESETS["study"]), "study")
+    with pytest.raises(InputError, match=r"bad --difficulty 'hard'.*preset \(default, study\)"):
+        ds.parse_difficulty("hard")
+
+
+def test_a_preset_that_disagrees_with_the_config_is_refused(tmp_path: Path) -> None:
+    req = ds.SynthRequest(
+        out=tmp_path / "d",
+        slides=1,
+        config=ds.make_config(difficulty=4.0),
+        difficulty_preset="study",
+    )
+    with pytest.raises(InputError, match="difficulty preset 'study' needs"):
+        ds.synthesize(req)
+    assert not (tmp_path / "d").exists()
