@@ -232,6 +232,8 @@ def test_scan_queue_bound_cancel_and_close() -> None:
     assert queue.get(0.1) is a
     assert queue.cancel() == [a.scan_id]
     assert queue.cancel_event.is_set()
+    # A scan already being cancelled (still winding down) is not cancelled again.
+    assert queue.cancel() == [] and queue.cancel(a.scan_id) == []
     assert queue.cancel("unknown") == []
     queue.done()
     queue.put(c)

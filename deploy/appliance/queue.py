@@ -67,10 +67,13 @@ class ScanQueue:
             return len(self._waiting)
 
     def cancel(self, scan_id: str | None = None) -> list[str]:
-        """Cancel ``scan_id`` (queued or running), or the running scan when None."""
+        """Cancel ``scan_id`` (queued or running), or the running scan when None.
+
+        Returns what was cancelled: nothing for a scan that is already being cancelled.
+        """
         with self._cond:
             if scan_id is None or (self._current and self._current.scan_id == scan_id):
-                if self._current is None:
+                if self._current is None or self._cancel.is_set():
                     return []
                 self._cancel.set()
                 return [self._current.scan_id]
