@@ -15,6 +15,7 @@ Import the fixture into a test module with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -33,6 +34,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from deploy.appliance.base import ScannerInfo, ScanRequest, SlideListener
+from deploy.appliance.service import Appliance
 from deploy.broker import free_port, same_user_setting
 from deploy.exceptions import ScanCancelledError
 from inference.result import SlideReport
@@ -40,6 +42,20 @@ from inference.result import SlideReport
 MOSQUITTO = "/usr/sbin/mosquitto"
 TESTS_DIR = Path(__file__).resolve().parent
 SHA = "ab" * 32
+
+
+@contextlib.contextmanager
+def running_appliance(app: Appliance) -> Iterator[Appliance]:
+    """Start an in-process appliance with its supervision loop on a thread; stop it after."""
+    app.start()
+    loop = threading.Thread(target=app.run, daemon=True)
+    loop.start()
+    try:
+        yield app
+    finally:
+        app.request_stop()
+        loop.join(10)
+        app.shutdown()
 
 
 def port_open(port: int) -> bool:

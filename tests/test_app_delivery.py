@@ -12,7 +12,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from broker_support import (
     appliance_child,
     mosquitto_fixture,  # noqa: F401 - the "mosquitto" fixture
     publish,
+    running_appliance,
     wait_until,
 )
 
@@ -43,15 +43,8 @@ BASE = "omis/v1/dev1"
 def running(config: dict[str, Any], state_dir: Path, scanner: FakeScanner) -> Iterator[Appliance]:
     """An in-process appliance with its supervision loop on a thread."""
     app = Appliance(load_config(environ={}, overrides=config), state_dir, scanner)
-    app.start()
-    loop = threading.Thread(target=app.run, daemon=True)
-    loop.start()
-    try:
+    with running_appliance(app):
         yield app
-    finally:
-        app.request_stop()
-        loop.join(10)
-        app.shutdown()
 
 
 def submit(app: Appliance, *slides: str) -> None:

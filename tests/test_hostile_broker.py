@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from broker_support import (
     app_config,
     mosquitto_fixture,  # noqa: F401 - the "mosquitto" fixture
     publish,
+    running_appliance,
     wait_until,
 )
 from cryptography import x509
@@ -191,15 +191,8 @@ def tls_appliance(broker: RunningBroker, state_dir: Path, device: str) -> Iterat
         "key_file": str(client.key),
     }
     app = Appliance(load_config(environ={}, overrides=overrides), state_dir, FakeScanner())
-    app.start()
-    loop = threading.Thread(target=app.run, daemon=True)
-    loop.start()
-    try:
+    with running_appliance(app):
         yield app
-    finally:
-        app.request_stop()
-        loop.join(10)
-        app.shutdown()
 
 
 def _request(peer: Peer, topic: str, payload: bytes, correlation: bytes, response: str) -> None:
@@ -244,15 +237,8 @@ def plain_appliance(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[Appliance]
         tmp_path / "state",
         FakeScanner(),
     )
-    app.start()
-    loop = threading.Thread(target=app.run, daemon=True)
-    loop.start()
-    try:
+    with running_appliance(app):
         yield app
-    finally:
-        app.request_stop()
-        loop.join(10)
-        app.shutdown()
 
 
 @pytest.mark.parametrize(

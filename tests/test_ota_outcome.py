@@ -10,7 +10,6 @@ import contextlib
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from broker_support import (
     Mosquitto,
     app_config,
     mosquitto_fixture,  # noqa: F401 - the "mosquitto" fixture
+    running_appliance,
     wait_until,
 )
 from fakes.bundles import make_bundle
@@ -86,15 +86,8 @@ def running(broker: Mosquitto, state: Path, settings: OtaSettings) -> Iterator[A
     )
     scanner = MicroscopeScanner("sim://", None, state, sim_size=(64, 48))
     app = Appliance(load_config(environ={}, overrides=config), state, scanner, settings)
-    app.start()
-    loop = threading.Thread(target=app.run, daemon=True)
-    loop.start()
-    try:
+    with running_appliance(app):
         yield app
-    finally:
-        app.request_stop()
-        loop.join(10)
-        app.shutdown()
 
 
 def _device(tmp_path: Path, kit: dict[str, Path]) -> Path:
