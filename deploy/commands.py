@@ -66,6 +66,7 @@ def _scanner(config: AppConfig, state_dir: Path, first_boot: bool = False) -> Sl
         inference=config.inference,
         plans=config.scan.plans,
         allow_no_model=first_boot,
+        min_usable_fields=config.scan.min_usable_fields,
     )
 
 

@@ -23,6 +23,8 @@ from firmware_bridge.validation import first_error
 
 ENV_PREFIX = "OMIS_"
 ENV_SEPARATOR = "__"
+# Namespaces of other programs sharing the OMIS_ prefix: the appliance never reads them.
+FOREIGN_ENV_PREFIXES = ("OMIS_COLLECT_",)
 
 
 class _Section(BaseModel):
@@ -174,6 +176,13 @@ class ScanConfig(_Section):
         default_factory=_default_plans,
         description="field layouts by name; cmd/scan's plan names one of them",
     )
+    min_usable_fields: int = Field(
+        default=2,
+        ge=1,
+        le=1000,
+        description="a slide with fewer fields passing quality control is abstained "
+        "(insufficient_fields) and goes to a person: one field is too little of a slide to call",
+    )
     queue_size: int = Field(default=8, ge=1, le=1000, description="scans waiting at most")
     scan_on_insert: bool = Field(
         default=True, description="start a scan when the firmware reports a slide inserted"
@@ -311,6 +320,8 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     for var, raw in sorted(environ.items()):
         if not var.startswith(ENV_PREFIX) or ENV_SEPARATOR not in var:
             continue
+        if var.startswith(FOREIGN_ENV_PREFIXES):
+            continue  # another program's namespace (omis collect), never the appliance's
         keys = [k.lower() for k in var[len(ENV_PREFIX) :].split(ENV_SEPARATOR)]
         if any(not k for k in keys):
             raise ConfigError(f"{var}: empty key in environment override")

@@ -71,12 +71,17 @@ class MicroscopeScanner:
         sim_size: tuple[int, int] = SIM_SIZE,
         plans: Mapping[str, PlanConfig] | None = None,
         allow_no_model: bool = False,
+        min_usable_fields: int = 1,
     ) -> None:
         self.microscope_url = microscope_url
         self.sim_size = sim_size
         self.plans = dict(plans or {"default": PlanConfig()})
         self.models = ModelServer(
-            bundle_path, state_dir, inference or InferenceConfig(), allow_empty=allow_no_model
+            bundle_path,
+            state_dir,
+            inference or InferenceConfig(),
+            allow_empty=allow_no_model,
+            min_usable_fields=min_usable_fields,
         )
         self._microscope: Microscope | None = None
         self._listener: SlideListener | None = None

@@ -59,8 +59,10 @@ class ModelServer:
         state_dir: Path,
         inference: InferenceConfig,
         allow_empty: bool = False,
+        min_usable_fields: int = 1,
     ) -> None:
         self.bundle_path = bundle_path
+        self.min_usable_fields = min_usable_fields
         self.allow_empty = allow_empty  # an empty store waits for its first model (first boot)
         self.state_dir = state_dir
         self.inference = inference
@@ -112,7 +114,11 @@ class ModelServer:
         backend = open_inference_backend(self.inference.backend, bundle, self.options())
         try:
             pipeline = SlidePipeline(
-                bundle, backend, PipelineConfig(spectrum_backend=self._spectra)
+                bundle,
+                backend,
+                PipelineConfig(
+                    spectrum_backend=self._spectra, min_usable_fields=self.min_usable_fields
+                ),
             )
         except BaseException:
             backend.close()

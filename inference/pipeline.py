@@ -28,6 +28,7 @@ import numpy as np
 
 from inference.backends.base import InferenceBackend
 from inference.bundle import Bundle
+from inference.decision import Call, Limits, decide
 from inference.exceptions import BundleError, InferenceError, SpectrumInputError
 from inference.integrity import check_image
 from inference.preprocess import spectrum_to_tensor, to_tensor
@@ -36,7 +37,6 @@ from inference.result import (
     AbstainReason,
     ModelRef,
     Outcome,
-    Prediction,
     SlideReport,
     SpectrumReport,
     field_reports,
@@ -89,11 +89,7 @@ def as_field(item: object, default_index: int) -> FieldPair:
 class SlideResult:
     """The classification of one slide and how it was obtained."""
 
-    label: str
-    probabilities: dict[str, float]
-    p_high: float
-    risk: str
-    abstained: bool
+    call: Call
     model: dict[str, Any]
     backend: dict[str, Any]
     spectrum_backend: str
@@ -101,23 +97,48 @@ class SlideResult:
     spectrum: Spectrum
     timings_ms: dict[str, float]
     mass_outside_window: float = 0.0  # of |spectrum|, outside the bundle's render window
-    abstain_reason: AbstainReason | None = None  # set exactly when abstained
+
+    @property
+    def label(self) -> str | None:
+        """The decision (None when abstained)."""
+        return self.call.prediction.label
+
+    @property
+    def probabilities(self) -> dict[str, float]:
+        """Probability per class."""
+        return dict(self.call.prediction.probabilities)
+
+    @property
+    def p_high(self) -> float:
+        """p(high): the summed probability of the high-risk classes."""
+        return float(self.call.prediction.p_high or 0.0)
+
+    @property
+    def risk(self) -> str | None:
+        """The decided risk (None when abstained)."""
+        return self.call.prediction.risk
+
+    @property
+    def abstained(self) -> bool:
+        """True when no call was made."""
+        return self.call.prediction.abstained
+
+    @property
+    def abstain_reason(self) -> AbstainReason | None:
+        """Why no call was made (set exactly when abstained)."""
+        return self.call.reason
 
     def report(self) -> SlideReport:
         """The typed result of this slide: the body of its ``omis.result/1`` message."""
-        reason = self.abstain_reason or AbstainReason.UNCERTAIN_PROBABILITY
+        call = self.call
         return SlideReport(
             outcome=Outcome.ABSTAINED if self.abstained else Outcome.CLASSIFIED,
-            reason=reason.value if self.abstained else None,
+            reason=call.reason.value if call.reason else None,
+            reason_text=call.reason_text,
+            details=list(call.details),
             model=ModelRef.model_validate(self.model),
             backend=self.backend,
-            prediction=Prediction(
-                label=self.label,
-                probabilities=self.probabilities,
-                risk="high" if self.risk == "high" else "low",
-                abstained=self.abstained,
-                p_high=self.p_high,
-            ),
+            prediction=call.prediction,
             fields=field_reports(self.fields),
             spectrum=SpectrumReport(
                 algorithm=self.spectrum.algorithm,
@@ -133,11 +154,14 @@ class SlideResult:
         """The JSON of ``omis infer --json`` (and the prediction part of results)."""
         return {
             "label": self.label,
+            "argmax_label": self.call.prediction.argmax_label,
             "probabilities": self.probabilities,
             "p_high": self.p_high,
             "risk": self.risk,
+            "side": self.call.prediction.side,
             "abstained": self.abstained,
             "reason": self.abstain_reason.value if self.abstain_reason else None,
+            "reason_text": self.call.reason_text,
             "mass_outside_window": self.mass_outside_window,
             "model": self.model,
             "backend": self.backend,
@@ -161,6 +185,7 @@ class PipelineConfig:
     queue_size: int = 2
     spectrum_backend: str | SpectrumBackend = "auto"
     qc_thresholds: QCThresholds | None = None
+    min_usable_fields: int = 1  # fewer fields passing QC: abstained (insufficient_fields)
     poll_s: float = 0.05
     join_timeout_s: float = 10.0
 
@@ -446,35 +471,32 @@ class SlidePipeline:
 
     def _result(self, probs: Any, acc: _SlideAcc, spectrum: Spectrum) -> SlideResult:
         m = self.bundle.manifest
-        p_high = float(sum(float(probs[i]) for i in m.high_classes))
         th = m.thresholds
-        # A sample unlike the training data (spectral mass outside the window the model was
-        # trained on) is abstained whatever the probability says.
-        outside, unlike = out_of_range(
-            spectrum.x_nm, spectrum.y, self.render_params, th.out_of_range
+        outside = out_of_range(spectrum.x_nm, spectrum.y, self.render_params, th.out_of_range)[0]
+        limits = Limits(
+            decision=th.decision,
+            band=(th.abstain_low, th.abstain_high),
+            out_of_range=th.out_of_range,
+            min_usable_fields=self.config.min_usable_fields,
         )
-        uncertain = th.abstain_low <= p_high <= th.abstain_high
-        reason = (
-            AbstainReason.OUT_OF_RANGE
-            if unlike
-            else AbstainReason.UNCERTAIN_PROBABILITY
-            if uncertain
-            else None
+        fields = tuple(acc.qc.fields)
+        call = decide(
+            m.classes,
+            [float(p) for p in probs],
+            m.risk,
+            limits,
+            mass_outside=outside,
+            usable=(sum(1 for q in fields if q.ok), len(fields)),
         )
         return SlideResult(
-            label=m.classes[int(np.argmax(probs))],
-            probabilities={c: float(probs[i]) for i, c in enumerate(m.classes)},
-            p_high=p_high,
-            risk="high" if p_high >= th.decision else "low",
-            abstained=reason is not None,
+            call=call,
             model=self.bundle.describe(),
             backend=self.backend.describe(),
             spectrum_backend=spectrum.backend,
-            fields=tuple(acc.qc.fields),
+            fields=fields,
             spectrum=spectrum,
             timings_ms={k: round(v, 3) for k, v in acc.timings.items()},
             mass_outside_window=outside,
-            abstain_reason=reason,
         )
 
 

@@ -37,6 +37,7 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Milliseconds = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 MAX_REASON = 500
+MAX_INT64 = 2**63 - 1  # what BIGINT columns hold
 
 
 class Outcome(str, Enum):
@@ -53,7 +54,13 @@ class AbstainReason(str, Enum):
 
     UNCERTAIN_PROBABILITY = "uncertain_probability"  # p(high) inside the bundle's abstain band
     NO_USABLE_FIELD = "no_usable_field"  # no field passed quality control
+    INSUFFICIENT_FIELDS = "insufficient_fields"  # fewer than scan.min_usable_fields passed QC
     OUT_OF_RANGE = "out_of_range"  # the input is outside what the model was trained on
+
+
+#: The two sides of the decision threshold: a classified slide's risk, an abstained one's side.
+Risk = Literal["low", "high"]
+RISKS: tuple[Risk, ...] = ("low", "high")
 
 
 class Stage(str, Enum):
@@ -76,28 +83,85 @@ class _Strict(BaseModel):
 class ModelRef(_Strict):
     """The model that produced the result."""
 
-    name: str
-    version: int = Field(ge=0)
+    name: str = Field(min_length=1, max_length=128)
+    version: int = Field(ge=0, le=MAX_INT64)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
-class Prediction(_Strict):
-    """The decision (``omis.result/1`` consumers read these four keys)."""
+_RELATION = {"<": "is below the minimum", ">": "is above the maximum", "in": "lies inside"}
 
-    label: str | None
+
+class Measure(_Strict):
+    """A measured value and the limit it was held against: why a check failed or a slide was
+    abstained.  ``op`` is the relation that triggered it (``value < limit``, ``value > limit``,
+    ``value in [lo, hi]``); ``text`` says the same for a person."""
+
+    code: str = Field(max_length=64, description="the reason code this measure explains")
+    measure: str = Field(max_length=64, description="what was measured (p_high, focus, ...)")
+    value: Finite
+    op: Literal["<", ">", "in"]
+    limit: Finite | tuple[Finite, Finite]
+    text: str = Field(max_length=MAX_REASON)
+
+
+def measure(code: str, name: str, value: float, op: Literal["<", ">", "in"], limit: Any) -> Measure:
+    """A :class:`Measure` with its readable text (``focus 0.0021 is below the minimum 0.004``)."""
+    if op == "in":
+        lo, hi = (float(v) for v in limit)
+        bound: float | tuple[float, float] = (lo, hi)
+        shown = f"the band [{lo:.4g}, {hi:.4g}]"
+    else:
+        bound = float(limit)
+        shown = f"{bound:.4g}"
+    text = f"{name} {float(value):.4g} {_RELATION[op]} {shown}"
+    return Measure(code=code, measure=name, value=float(value), op=op, limit=bound, text=text)
+
+
+class Prediction(_Strict):
+    """The call.  ``label`` is the decision: the class chosen by the bundle's decision rule
+    (p(high) >= ``thresholds.decision`` picks the high side, then the most probable class on
+    that side; for the binary task ``label`` equals ``risk``).  ``argmax_label`` is the most
+    probable class regardless of the threshold.  An undecided slide has no label and no risk;
+    when p(high) is known it states ``side`` (where p(high) falls relative to the decision
+    threshold) and ``band`` (the abstain band it fell in)."""
+
+    label: str | None = Field(max_length=64, description="the decision (None when undecided)")
     probabilities: dict[str, Fraction]
-    risk: Literal["low", "high"] | None
+    risk: Risk | None = Field(description="the decided risk (None when undecided)")
     abstained: bool
     p_high: Fraction | None = None
+    argmax_label: str | None = Field(
+        default=None, max_length=64, description="the most probable class (not the call)"
+    )
+    decision: Fraction | None = Field(default=None, description="the decision threshold on p_high")
+    side: Risk | None = Field(
+        default=None, description="undecided: the side of the decision threshold p_high lies on"
+    )
+    band: tuple[Fraction, Fraction] | None = Field(
+        default=None, description="the abstain band [low, high] of the bundle"
+    )
+
+    @model_validator(mode="after")
+    def _one_call(self) -> Prediction:
+        if self.abstained and (self.label is not None or self.risk is not None):
+            raise ValueError("an undecided prediction has no label and no risk (see side)")
+        if not self.abstained and (self.label is None or self.risk is None):
+            raise ValueError("a decided prediction has a label and a risk")
+        if self.p_high is not None and self.decision is not None:
+            lean: Risk = "high" if self.p_high >= self.decision else "low"
+            if (self.risk or lean) != lean or (self.side or lean) != lean:
+                raise ValueError(f"p_high {self.p_high} against decision {self.decision} is {lean}")
+        return self
 
 
 class FieldReport(_Strict):
-    """One field's quality verdict."""
+    """One field's quality verdict, with the measure and limit behind each failed check."""
 
     index: int = Field(ge=0)
     valid_fraction: Fraction
     quality: str
     reasons: list[str] = Field(default_factory=list)
+    checks: list[Measure] = Field(default_factory=list)
 
 
 class SpectrumReport(_Strict):
@@ -147,6 +211,12 @@ class SlideReport(_Strict):
 
     outcome: Outcome
     reason: str | None = Field(default=None, max_length=MAX_REASON)
+    reason_text: str | None = Field(
+        default=None, max_length=2 * MAX_REASON, description="the reason for a person"
+    )
+    details: list[Measure] = Field(
+        default_factory=list, description="the measured values and limits behind the reason"
+    )
     stage: Stage | None = None
     model: ModelRef | None
     backend: dict[str, Any] | None
@@ -163,8 +233,8 @@ class SlideReport(_Strict):
         decided = self.outcome is Outcome.CLASSIFIED
         if decided == self.prediction.abstained:
             raise ValueError(f"prediction.abstained must be {not decided} for {self.outcome.value}")
-        if decided and (self.prediction.label is None or self.reason is not None):
-            raise ValueError("a classified slide has a label and no reason")
+        if decided and self.reason is not None:
+            raise ValueError("a classified slide has no reason")
         if self.outcome is Outcome.ABSTAINED and self.reason not in {
             r.value for r in AbstainReason
         }:
@@ -172,8 +242,8 @@ class SlideReport(_Strict):
         if (self.outcome is Outcome.FAILED) != (self.stage is not None):
             raise ValueError("a stage is given exactly for failed slides")
         undecided = self.outcome in (Outcome.FAILED, Outcome.CANCELLED)
-        if undecided and (not self.reason or self.prediction.label is not None):
-            raise ValueError(f"{self.outcome.value} needs a reason and no label")
+        if undecided and not self.reason:
+            raise ValueError(f"{self.outcome.value} needs a reason")
         return self
 
     def with_context(
@@ -209,6 +279,21 @@ def _context(
     }
 
 
+def _usable(fields: Sequence[FieldReport]) -> int:
+    return sum(1 for f in fields if f.quality == "ok")
+
+
+def _field_text(fields: Sequence[FieldReport]) -> str:
+    """``field 0: focus 0.0021 is below the minimum 0.004; field 2: ...`` (failed fields only)."""
+    parts = []
+    for f in fields:
+        if f.quality == "ok":
+            continue
+        why = "; ".join(c.text for c in f.checks) or ", ".join(f.reasons) or f.quality
+        parts.append(f"field {f.index}: {why}")
+    return " | ".join(parts)
+
+
 def no_usable_field(
     model: Mapping[str, Any] | None,
     backend: Mapping[str, Any] | None,
@@ -217,12 +302,21 @@ def no_usable_field(
     timings_ms: Mapping[str, float],
 ) -> SlideReport:
     """No field passed quality control: scanned, nothing to classify, flagged for review."""
+    text = f"0 of {len(fields)} fields passed quality control"
+    detail = _field_text(fields)
     return SlideReport(
         outcome=Outcome.ABSTAINED,
         reason=AbstainReason.NO_USABLE_FIELD.value,
+        reason_text=(f"{text} ({detail})" if detail else text)[: 2 * MAX_REASON],
+        details=[measure(AbstainReason.NO_USABLE_FIELD.value, "usable_fields", 0, "<", 1)],
         prediction=NO_PREDICTION,
         **_context(model, backend, algorithm, fields, timings_ms),
     )
+
+
+def insufficient_fields_text(usable: int, total: int, minimum: int) -> str:
+    """The readable reason of an ``insufficient_fields`` slide."""
+    return f"{usable} of {total} fields passed quality control; scan.min_usable_fields is {minimum}"
 
 
 def failed(
@@ -297,6 +391,7 @@ def field_reports(qualities: Sequence[Any]) -> list[FieldReport]:
             valid_fraction=q.valid_fraction,
             quality=q.verdict,
             reasons=list(q.reasons),
+            checks=list(getattr(q, "checks", ())),
         )
         for i, q in enumerate(qualities)
     ]

@@ -2,7 +2,9 @@
 
 ``validate("result", payload)`` raises :class:`~deploy.exceptions.SchemaError` naming the first
 offending path.  Schema names are the file stems: ``result``, ``status``, ``reply``,
-``cmd_scan``, ``cmd_cancel``, ``cmd_status``, ``metrics``, ``ota_state``, ``availability``.
+``cmd_scan``, ``cmd_cancel``, ``cmd_status``, ``cmd_ota``, ``metrics``, ``ota_state``,
+``availability``, ``receipt``.  Every file is generated from the message models in
+:mod:`deploy.messages` (``python -m deploy.messages --write``; a test fails on drift).
 Numbers must be finite: NaN and infinity match no ``number`` or ``integer`` type (strict JSON).
 """
 
@@ -29,6 +31,7 @@ SCHEMA_NAMES = (
     "metrics",
     "ota_state",
     "availability",
+    "receipt",
 )
 
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from firmware_bridge.validation import first_error
 from inference.exceptions import SpectrumInputError
+from inference.result import Measure, measure
 from inference.spectrum.backends import SpectrumBackend, open_backend
 from inference.spectrum.params import RbhistParams, WdiffParams
 from inference.spectrum.types import Histogram, Spectrum, finalize
@@ -114,6 +115,7 @@ class FieldQuality:
     registration_response: float
     verdict: Verdict
     reasons: tuple[str, ...]
+    checks: tuple[Measure, ...] = ()  # the measure and limit behind each failed check
 
     @property
     def ok(self) -> bool:
@@ -133,6 +135,7 @@ class FieldQuality:
             "registration_response": self.registration_response,
             "verdict": self.verdict,
             "reasons": list(self.reasons),
+            "checks": [c.model_dump(mode="json") for c in self.checks],
         }
 
 
@@ -263,20 +266,22 @@ def registration(w: U8, p: U8) -> tuple[float, float]:
     return shift * w.shape[1] / width, response
 
 
-def _reasons(q: dict[str, float], t: QCThresholds, reg_width: int) -> tuple[str, ...]:
+def _checks(q: dict[str, float], t: QCThresholds, reg_width: int) -> tuple[Measure, ...]:
+    """Every failed check as a :class:`Measure` (the QC measure against its threshold)."""
     max_shift = max(t.max_shift_fraction, SHIFT_PRECISION_PX / reg_width)
-    checks = (
-        ("dark", q["dark_fraction"] > t.max_dark_fraction),
-        ("saturated", q["saturated_fraction"] > t.max_saturated_fraction),
-        ("low_valid_fraction", q["valid_fraction"] < t.min_valid_fraction),
-        ("out_of_focus", q["focus"] < t.min_focus),
-        (
-            "misregistered",
-            q["shift_fraction"] > max_shift
-            or q["registration_response"] < t.min_registration_response,
-        ),
+    table: tuple[tuple[str, str, Literal["<", ">"], float], ...] = (
+        ("dark", "dark_fraction", ">", t.max_dark_fraction),
+        ("saturated", "saturated_fraction", ">", t.max_saturated_fraction),
+        ("low_valid_fraction", "valid_fraction", "<", t.min_valid_fraction),
+        ("out_of_focus", "focus", "<", t.min_focus),
+        ("misregistered", "shift_fraction", ">", max_shift),
+        ("misregistered", "registration_response", "<", t.min_registration_response),
     )
-    return tuple(name for name, failed in checks if failed)
+    return tuple(
+        measure(code, name, q[name], op, limit)
+        for code, name, op, limit in table
+        if (q[name] > limit if op == ">" else q[name] < limit)
+    )
 
 
 def assess_field(
@@ -309,9 +314,10 @@ def assess_field(
         "shift_fraction": shift / reg_width,
         "registration_response": response,
     }
-    reasons = _reasons(q, t, reg_width)
+    checks = _checks(q, t, reg_width)
+    reasons = tuple(dict.fromkeys(c.code for c in checks))  # codes in order, once each
     verdict: Verdict = "reject" if reasons else "ok"
-    return FieldQuality(index=index, verdict=verdict, reasons=reasons, **q)
+    return FieldQuality(index=index, verdict=verdict, reasons=reasons, checks=checks, **q)
 
 
 @dataclass(frozen=True)

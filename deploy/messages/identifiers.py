@@ -1,0 +1,74 @@
+"""The one rule for identifiers: device, slide and scan ids, correlation ids, path components.
+
+The pattern itself is defined in :mod:`firmware_bridge.limits` (the lowest layer, which the
+device's CLI and firmware bridge use and which may not import ``deploy``); this module is where
+the rest of the product (appliance, archive, OTA, API) takes it from.  Device and archive
+accept exactly the same ids: an id the device publishes under is an id the archive stores.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from firmware_bridge.limits import (
+    IDENTIFIER_HELP,
+    IDENTIFIER_PATTERN,
+    IDENTIFIER_RE,
+    is_identifier,
+)
+
+DEVICE_ID_PATTERN = IDENTIFIER_PATTERN
+SLIDE_ID_PATTERN = IDENTIFIER_PATTERN
+SCAN_ID_PATTERN = IDENTIFIER_PATTERN
+MAX_CORRELATION_ID = 128
+MESSAGE_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+
+#: A device, slide or scan id in a pydantic model (needs ``regex_engine="python-re"``: ``\Z``).
+Identifier = Annotated[str, Field(pattern=IDENTIFIER_PATTERN, description=IDENTIFIER_HELP)]
+MessageId = Annotated[str, Field(pattern=MESSAGE_ID_PATTERN, description="UUID (lower case)")]
+CorrelationId = Annotated[str, Field(max_length=MAX_CORRELATION_ID)]
+
+__all__ = [
+    "DEVICE_ID_PATTERN",
+    "IDENTIFIER_HELP",
+    "IDENTIFIER_PATTERN",
+    "IDENTIFIER_RE",
+    "MAX_CORRELATION_ID",
+    "MESSAGE_ID_PATTERN",
+    "SCAN_ID_PATTERN",
+    "SLIDE_ID_PATTERN",
+    "CorrelationId",
+    "Identifier",
+    "MessageId",
+    "is_identifier",
+    "safe_path_component",
+    "validate_device_id",
+    "validate_identifier",
+]
+
+
+def validate_identifier(value: object, what: str = "id") -> str:
+    """``value`` if it is a valid id; else ``ValueError`` with one line naming the rule."""
+    if not is_identifier(value):
+        raise ValueError(f"{what} {value!r} is not a valid id ({IDENTIFIER_HELP})")
+    return str(value)
+
+
+def validate_device_id(value: object) -> str:
+    """``value`` if it is a valid device id (topics, results, the archive); else ``ValueError``."""
+    return validate_identifier(value, "device id")
+
+
+def safe_path_component(value: object, what: str = "name") -> str:
+    """``value`` if it may be used as one file-name component: a valid id, so no ``/``, no
+    ``..``, no leading dot, no NUL, at most 64 characters; else ``ValueError``.
+
+    Use it for any peer-supplied string that becomes part of a path (OTA correlation or
+    transfer ids, device ids in file names).
+    """
+    name = validate_identifier(value, what)
+    if name in (".", ".."):  # unreachable with the pattern today; kept if the pattern widens
+        raise ValueError(f"{what} {value!r} is not a safe file name")
+    return name
