@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from inference.exceptions import (
     BackendUnavailableError,
@@ -34,6 +34,17 @@ from inference.exceptions import (
 )
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL; a payload carrying one could never be archived.
+    if "\x00" in value:
+        raise ValueError("contains a NUL character")
+    return value
+
+
+#: A string without NUL characters (storable in every database the archive supports).
+Text = Annotated[str, AfterValidator(_no_nul)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Milliseconds = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 MAX_REASON = 500
@@ -83,7 +94,7 @@ class _Strict(BaseModel):
 class ModelRef(_Strict):
     """The model that produced the result."""
 
-    name: str = Field(min_length=1, max_length=128)
+    name: Text = Field(min_length=1, max_length=128)
     version: int = Field(ge=0, le=MAX_INT64)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
@@ -125,12 +136,12 @@ class Prediction(_Strict):
     when p(high) is known it states ``side`` (where p(high) falls relative to the decision
     threshold) and ``band`` (the abstain band it fell in)."""
 
-    label: str | None = Field(max_length=64, description="the decision (None when undecided)")
+    label: Text | None = Field(max_length=64, description="the decision (None when undecided)")
     probabilities: dict[str, Fraction]
     risk: Risk | None = Field(description="the decided risk (None when undecided)")
     abstained: bool
     p_high: Fraction | None = None
-    argmax_label: str | None = Field(
+    argmax_label: Text | None = Field(
         default=None, max_length=64, description="the most probable class (not the call)"
     )
     decision: Fraction | None = Field(default=None, description="the decision threshold on p_high")
@@ -210,8 +221,8 @@ class SlideReport(_Strict):
     """Everything one slide produced, from the pipeline to the outbox."""
 
     outcome: Outcome
-    reason: str | None = Field(default=None, max_length=MAX_REASON)
-    reason_text: str | None = Field(
+    reason: Text | None = Field(default=None, max_length=MAX_REASON)
+    reason_text: Text | None = Field(
         default=None, max_length=2 * MAX_REASON, description="the reason for a person"
     )
     details: list[Measure] = Field(

@@ -6,7 +6,8 @@
   :meth:`PostgresServer.new_database` gives each test its own database.
 * :func:`database_url` (fixture ``db_url``, parametrised ``sqlite`` / ``postgresql``).
 * :func:`collector_child` -- ``omis collect`` in its own process (for SIGKILL tests).
-* :func:`make_result` -- a schema-valid ``omis.result/1``.
+* :func:`make_result` -- a valid ``omis.result/1`` from the device's builders
+  (:mod:`deploy.messages.testing`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any
 import pytest
 
 from deploy.broker import free_port
+from deploy.messages.testing import result_json
+from deploy.messages.vocabulary import OUTCOMES
 
 PG_BIN = Path("/usr/lib/postgresql")
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,36 +128,27 @@ def make_result(
     finished_at: str = "2026-01-01T12:00:00.000Z",
     **extra: Any,
 ) -> dict[str, Any]:
-    """A valid ``omis.result/1``."""
-    label = "high" if p_high >= 0.5 else "low"
-    return {
-        "schema": "omis.result/1",
-        "message_id": str(uuid.uuid4()),
-        "device_id": device,
-        "boot_id": boot,
-        "seq": seq,
-        "slide_id": slide or f"S-{seq:04d}",
-        "scan_id": f"scan-{seq}",
-        "started_at": "2026-01-01T11:59:58.000Z",
-        "finished_at": finished_at,
-        "source": "mqtt",
-        "model": {"name": "omis-test", "version": 4, "sha256": SHA},
-        "backend": {"name": "onnxruntime", "precision": "fp32"},
-        "prediction": {
-            "label": label,
-            "probabilities": {"low": round(1 - p_high, 4), "high": p_high},
-            "risk": label,
-            "abstained": abstained,
-        },
-        "fields": [{"index": 0, "valid_fraction": 0.9, "quality": "ok"}],
-        "spectrum": {
-            "algorithm": "omis-wdiff-v1",
-            "axis": [-2.0, 0.0, 2.0],
-            "values": [0.1, 0.5, 0.1],
-        },
-        "timings_ms": {"total": 12.0},
-        **extra,
-    }
+    """A valid ``omis.result/1``, built by the device's own builders.
+
+    ``outcome``/``reason``/``stage`` choose the report (an unknown outcome is written over the
+    built payload, to test refusals); any other ``extra`` key is written over the payload too.
+    """
+    kw: dict[str, Any] = {}
+    if extra.get("outcome") in OUTCOMES:
+        kw = {k: extra.pop(k) for k in ("outcome", "reason", "stage") if k in extra}
+    body = result_json(
+        seq,
+        device=device,
+        boot=boot,
+        slide=slide,
+        p_high=p_high,
+        abstained=abstained,
+        finished_at=finished_at,
+        model={"name": "omis-test", "version": 4, "sha256": SHA},
+        **kw,
+    )
+    body.update(extra)
+    return body
 
 
 def collector_child(

@@ -33,13 +33,13 @@ from pydantic import BaseModel, ValidationError
 
 from deploy.appliance.results import rfc3339
 from deploy.exceptions import SchemaError
+from deploy.messages.reply import ReplyMessage
 from deploy.requests import RequestError, parse_command
 from deploy.schemas import validate
 from firmware_bridge.validation import first_error
 
 log = logging.getLogger(__name__)
 
-REPLY_SCHEMA = "omis.reply/1"
 MAX_VERB_LEN = 64
 MAX_CORRELATION_LEN = 128
 
@@ -191,19 +191,17 @@ class CommandRouter:
         result: dict[str, Any] | None = None,
         error: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        reply: dict[str, Any] = {
-            "schema": REPLY_SCHEMA,
-            "device_id": self.device_id,
-            "verb": verb,
-            "correlation_id": _correlation_id(request, correlation),
-            "ok": error is None,
-            "at": rfc3339(),
-        }
-        if error is None:
-            reply["result"] = result or {}
-        else:
-            reply["error"] = error
-        return reply
+        return ReplyMessage.model_validate(
+            {
+                "device_id": self.device_id,
+                "verb": verb,
+                "correlation_id": _correlation_id(request, correlation),
+                "ok": error is None,
+                "result": (result or {}) if error is None else None,
+                "error": error,
+                "at": rfc3339(),
+            }
+        ).to_json()
 
 
 def _correlation_id(request: dict[str, Any], correlation: bytes | None) -> str | None:

@@ -9,24 +9,17 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 from deploy.appliance.base import ScanRequest
 from deploy.messages.base import rfc3339
-from deploy.messages.catalog import SCHEMA_DIR, json_schema, render
 from deploy.messages.result import RESULT_SCHEMA, ResultMessage
 from inference.result import SlideReport
 
-SCHEMA_FILE = SCHEMA_DIR / "result.json"
-
 __all__ = [
     "RESULT_SCHEMA",
-    "SCHEMA_FILE",
     "Identity",
     "ResultMessage",
     "build_result",
-    "render_schema",
-    "result_json_schema",
     "rfc3339",
 ]
 
@@ -61,13 +54,3 @@ def build_result(
         finished_at=finished_at,
         **dict(report),
     )
-
-
-def result_json_schema() -> dict[str, Any]:
-    """``deploy/schemas/result.json`` as generated from :class:`ResultMessage`."""
-    return json_schema("result")
-
-
-def render_schema() -> str:
-    """The schema file's exact text."""
-    return render("result")

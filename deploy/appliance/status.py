@@ -8,9 +8,10 @@ from typing import Any
 
 from deploy.appliance.base import ScannerInfo, ScanRequest
 from deploy.appliance.results import Identity, rfc3339
+from deploy.messages.status import STATUS_SCHEMA, OutboxInfo, StatusMessage
 from deploy.outbox import OutboxStats
 
-STATUS_SCHEMA = "omis.status/1"
+__all__ = ["STATUS_SCHEMA", "Snapshot", "StatusTracker", "outbox_info"]
 
 
 @dataclass(frozen=True)
@@ -63,30 +64,36 @@ class StatusTracker:
             return "updating", []
         return ("scanning" if snap.current else "idle"), []
 
-    def payload(self, snap: Snapshot) -> dict[str, Any]:
-        """The status document for ``snap``."""
+    def message(self, snap: Snapshot) -> StatusMessage:
+        """The typed status for ``snap``."""
         state, reasons = self.state(snap)
         info = self.info
         current = snap.current
-        return {
-            "schema": STATUS_SCHEMA,
-            "device_id": self.identity.device_id,
-            "state": state,
-            "reasons": reasons,
-            "boot_id": self.identity.boot_id,
-            "app_version": self.app_version,
-            "model": info.model if info else None,
-            "engine": info.engine if info else None,
-            "firmware": info.firmware if info else None,
-            "current_scan": (
-                {"scan_id": current.scan_id, "slide_id": current.slide_id} if current else None
-            ),
-            "queue": {"depth": snap.queue_depth, "capacity": snap.queue_capacity},
-            "outbox": {
-                "rows": snap.outbox.rows,
-                "bytes": snap.outbox.bytes,
-                "full": snap.outbox.full,
-            },
-            "last_error": self.last_error,
-            "at": rfc3339(),
-        }
+        return StatusMessage.model_validate(
+            {
+                "device_id": self.identity.device_id,
+                "state": state,
+                "reasons": reasons,
+                "boot_id": self.identity.boot_id,
+                "app_version": self.app_version,
+                "model": info.model if info else None,
+                "engine": info.engine if info else None,
+                "firmware": info.firmware if info else None,
+                "current_scan": (
+                    {"scan_id": current.scan_id, "slide_id": current.slide_id} if current else None
+                ),
+                "queue": {"depth": snap.queue_depth, "capacity": snap.queue_capacity},
+                "outbox": outbox_info(snap.outbox),
+                "last_error": self.last_error,
+                "at": rfc3339(),
+            }
+        )
+
+    def payload(self, snap: Snapshot) -> dict[str, Any]:
+        """The status document for ``snap`` (JSON data of :meth:`message`)."""
+        return self.message(snap).to_json()
+
+
+def outbox_info(stats: OutboxStats) -> OutboxInfo:
+    """The outbox part of status and metrics."""
+    return OutboxInfo(rows=stats.rows, bytes=stats.bytes, full=stats.full)

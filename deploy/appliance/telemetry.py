@@ -19,8 +19,9 @@ from deploy.appliance.base import ScannerInfo
 from deploy.appliance.health import write_health
 from deploy.appliance.notify import sd_notify
 from deploy.appliance.results import rfc3339
-from deploy.appliance.status import Snapshot, StatusTracker
+from deploy.appliance.status import Snapshot, StatusTracker, outbox_info
 from deploy.appliance.worker import Counters
+from deploy.messages.metrics import MetricsMessage
 from inference.result import strict_json
 
 
@@ -97,20 +98,18 @@ class Telemetry:
             "scans_rejected": c.scans_rejected,
             **self.ports.counters(),
         }
-        stats = self.ports.snapshot().outbox
         identity = self.status.identity
-        return {
-            "schema": "omis.metrics/1",
-            "device_id": identity.device_id,
-            "boot_id": identity.boot_id,
-            "at": rfc3339(),
-            "counters": counters,
-            "latency_ms": {
+        return MetricsMessage(
+            device_id=identity.device_id,
+            boot_id=identity.boot_id,
+            at=rfc3339(),
+            counters=counters,
+            latency_ms={
                 "scan_last": scan_ms[-1] if scan_ms else None,
                 "scan_mean": sum(scan_ms) / len(scan_ms) if scan_ms else None,
             },
-            "outbox": {"rows": stats.rows, "bytes": stats.bytes, "full": stats.full},
-        }
+            outbox=outbox_info(self.ports.snapshot().outbox),
+        ).to_json()
 
     def publish_metrics(self) -> None:
         """Publish the metrics (QoS 0)."""

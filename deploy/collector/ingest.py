@@ -30,12 +30,12 @@ from deploy.collector.config import CollectorMqtt
 from deploy.collector.outcome import check_result
 from deploy.collector.store import ArchiveStore
 from deploy.exceptions import ArchiveError, MqttError, SchemaError
+from deploy.messages.identifiers import is_identifier
 from deploy.mqtt import configure_tls
 from deploy.schemas import validate
 
 log = logging.getLogger(__name__)
 
-DEVICE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 RECEIVE_MAXIMUM = 50  # unacknowledged results the broker may hand this instance at once
 STATE_KINDS = ("availability", "status", "ota/state")
 
@@ -186,7 +186,7 @@ class ArchiveSubscriber:
         rest = topic[len(self.prefix) + 1 :] if topic.startswith(self.prefix + "/") else ""
         device, _, kind = rest.partition("/")
         handler = self._handlers.get(kind)
-        if handler is None or not device or not set(device) <= DEVICE_CHARS:
+        if handler is None or not is_identifier(device):
             client.ack(msg.mid, msg.qos)
             return
         try:

@@ -13,7 +13,7 @@ from pydantic import ConfigDict, Field
 
 from deploy.messages.base import Timestamp
 from deploy.messages.identifiers import Identifier, MessageId
-from inference.result import MAX_INT64, SlideReport, strict_json
+from inference.result import MAX_INT64, SlideReport, Text, strict_json
 
 RESULT_SCHEMA: Literal["omis.result/1"] = "omis.result/1"
 #: The revision of the payload within ``omis.result/1`` that this app writes (see migrations).
@@ -35,7 +35,7 @@ class ResultMessage(SlideReport):
     )
     message_id: MessageId = Field(description="UUID, stable across redelivery")
     device_id: Identifier
-    boot_id: str = Field(min_length=1, max_length=128)
+    boot_id: Text = Field(min_length=1, max_length=128)
     seq: int = Field(ge=1, le=MAX_INT64, description="per-boot sequence number")
     slide_id: Identifier
     scan_id: Identifier

@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from deploy.messages.ota_state import OtaStateMessage
 from deploy.ota.exceptions import DeliveryError
 from deploy.ota.install import check_candidate
 from deploy.ota.signing import opened, verify_signature
@@ -324,7 +325,7 @@ def ota_state_payload(store: ModelStore, progress: dict[str, Any] | None = None)
     """The retained ``ota/state`` payload: store state plus the running install's progress."""
     payload = store.state()
     payload["progress"] = progress
-    return payload
+    return OtaStateMessage.model_validate(payload).to_json()  # the one model of ota/state
 
 
 # -- device side --------------------------------------------------------------------------------
