@@ -95,7 +95,7 @@ class ModelRef(_Strict):
     """The model that produced the result."""
 
     name: Text = Field(min_length=1, max_length=128)
-    version: int = Field(ge=0, le=MAX_INT64)
+    version: int = Field(ge=0, le=MAX_INT64, strict=True)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
@@ -158,6 +158,9 @@ class Prediction(_Strict):
             raise ValueError("an undecided prediction has no label and no risk (see side)")
         if not self.abstained and (self.label is None or self.risk is None):
             raise ValueError("a decided prediction has a label and a risk")
+        binary = set(self.probabilities) == set(RISKS)
+        if binary and self.label is not None and self.label != self.risk:
+            raise ValueError(f"label {self.label!r} is not the decision (risk {self.risk!r})")
         if self.p_high is not None and self.decision is not None:
             lean: Risk = "high" if self.p_high >= self.decision else "low"
             if (self.risk or lean) != lean or (self.side or lean) != lean:

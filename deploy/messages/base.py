@@ -20,12 +20,19 @@ def rfc3339(ts: dt.datetime | None = None) -> str:
     return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# A device without a real-time clock boots in 1970 and its results must still be archived;
+# years far outside that (0001, 9999) overflow date arithmetic in consumers and databases.
+YEARS = (1970, 9000)
+
+
 def _real_time(value: str) -> str:
     # The pattern admits 2026-13-45T99:00:00Z; a time must also be a date on the calendar.
     try:
-        dt.datetime.fromisoformat(value)
+        when = dt.datetime.fromisoformat(value)
     except ValueError as exc:
         raise ValueError(f"not a valid time: {value!r}") from exc
+    if not YEARS[0] <= when.year < YEARS[1]:
+        raise ValueError(f"time {value!r} is outside the years {YEARS[0]}-{YEARS[1] - 1}")
     return value
 
 

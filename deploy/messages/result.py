@@ -36,7 +36,7 @@ class ResultMessage(SlideReport):
     message_id: MessageId = Field(description="UUID, stable across redelivery")
     device_id: Identifier
     boot_id: Text = Field(min_length=1, max_length=128)
-    seq: int = Field(ge=1, le=MAX_INT64, description="per-boot sequence number")
+    seq: int = Field(ge=1, le=MAX_INT64, strict=True, description="per-boot sequence number")
     slide_id: Identifier
     scan_id: Identifier
     source: Literal["cli", "mqtt", "firmware"]
