@@ -37,7 +37,8 @@ from deploy.appliance.base import ScannerInfo, ScanRequest, SlideListener
 from deploy.appliance.service import Appliance
 from deploy.broker import free_port, same_user_setting
 from deploy.exceptions import ScanCancelledError
-from inference.result import SlideReport
+from deploy.messages.testing import classified_report
+from inference.result import Simulation, SlideReport
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 TESTS_DIR = Path(__file__).resolve().parent
@@ -284,23 +285,16 @@ class FakeScanner:
             raise ScanError(f"slide {request.slide_id}: focus lost")
         p_high = (zlib.crc32(request.slide_id.encode()) % 1000) / 1000.0
         self.scanned.append(request.slide_id)
-        return SlideReport.model_validate(
-            {
-                "outcome": "classified",
-                "model": {"name": "fake", "version": 3, "sha256": SHA},
-                "backend": {"name": "fake", "precision": "fp32"},
-                "prediction": {
-                    "label": "high" if p_high >= 0.5 else "low",
-                    "probabilities": {"low": 1.0 - p_high, "high": p_high},
-                    "risk": "high" if p_high >= 0.5 else "low",
-                    "abstained": False,
-                },
-                "fields": fields,
-                "spectrum": {"algorithm": "fake", "axis": [400.0, 500.0], "values": [0.1, 0.2]},
-                "timings_ms": {"total": 1.0},
-                "simulation": {"pap_group": "II"},
-            }
+        report = classified_report(
+            p_high,
+            model={"name": "fake", "version": 3, "sha256": SHA},
+            backend={"name": "fake", "precision": "fp32"},
+            fields=fields,
+            axis=(400.0, 500.0),
+            values=(0.1, 0.2),
+            timings_ms={"total": 1.0},
         )
+        return report.with_context(None, Simulation(pap_group="II"))
 
     def close(self) -> None:
         self.closed = True

@@ -109,24 +109,27 @@ def test_several_slides_in_order(bundle: Bundle, backend: InferenceBackend) -> N
 
 
 @pytest.mark.parametrize(
-    ("logits", "abstained", "risk", "label"),
+    ("logits", "abstained", "side", "label"),
     [
-        ((0.0, 0.0), True, "high", "low"),  # p(high) = 0.5 exactly: inside the band
-        ((0.0, 0.5), True, "high", "high"),  # 0.62
+        ((0.0, 0.0), True, "high", None),  # p(high) = 0.5 exactly: inside the band, leans high
+        ((0.0, 0.5), True, "high", None),  # 0.62
         ((0.0, 1.0), False, "high", "high"),  # 0.73
-        ((0.5, 0.0), True, "low", "low"),  # 0.38
+        ((0.5, 0.0), True, "low", None),  # 0.38
         ((1.0, 0.0), False, "low", "low"),  # 0.27
     ],
 )
 def test_abstain_band_and_decision(
-    tmp_path: Path, logits: tuple[float, float], abstained: bool, risk: str, label: str
+    tmp_path: Path, logits: tuple[float, float], abstained: bool, side: str, label: str | None
 ) -> None:
     b = make_bundle(tmp_path / "b", logits=logits)
     with load_backend("onnxruntime", b) as be:
         r = _pipe(b, be).run_slide([make_field(0)])
     p_high = 1.0 / (1.0 + np.exp(logits[0] - logits[1]))
     assert r.p_high == pytest.approx(p_high, abs=1e-6)
-    assert (r.abstained, r.risk, r.label) == (abstained, risk, label)
+    prediction = r.report().prediction
+    # An undecided slide has no call (label and risk None) but states the side it leans to.
+    assert (r.abstained, r.label, r.risk) == (abstained, label, label)
+    assert (prediction.side or prediction.risk) == side
 
 
 @pytest.mark.parametrize(

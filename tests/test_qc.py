@@ -212,6 +212,7 @@ def test_field_quality_json() -> None:
         "registration_response",
         "verdict",
         "reasons",
+        "checks",
     }
     assert data["verdict"] == "ok"
     assert data["reasons"] == []

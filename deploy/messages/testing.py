@@ -37,6 +37,8 @@ DEFAULT_BAND = (0.35, 0.65)
 
 def _limits(p_high: float, abstained: bool, decision: float) -> Limits:
     """Limits under which ``p_high`` is (or is not) inside the abstain band."""
+    if not abstained and p_high == decision:
+        decision = max(0.0, decision - 1e-6)  # p == decision would be inside any band
     lo, hi = min(DEFAULT_BAND[0], decision), max(DEFAULT_BAND[1], decision)
     inside = lo <= p_high <= hi
     if abstained and not inside:
