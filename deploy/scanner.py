@@ -220,6 +220,8 @@ class MicroscopeScanner:
             # flags the slide for review, rather than leaving the dashboard without one.
             log.warning("slide %s: %s; published for review", request.slide_id, exc)
             report = self._unusable(served, exc)
+        except ValidationError as exc:  # NaN or out-of-range outputs: never a call
+            raise InvalidResultError(f"slide {request.slide_id}: {first_error(exc)}") from exc
         else:
             if cancel.is_set():
                 raise ScanCancelledError(f"scan {request.scan_id} cancelled")

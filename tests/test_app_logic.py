@@ -113,7 +113,7 @@ def test_every_error_code_the_appliance_raises_is_in_the_reply_schema() -> None:
     # A code missing from the enum makes the reply fail its own shipped schema.
     import deploy.appliance as pkg
 
-    enum = set(load_schema("reply")["properties"]["error"]["properties"]["code"]["enum"])
+    enum = set(load_schema("reply")["$defs"]["ReplyCode"]["enum"])
     patterns = (
         r'CommandFailed\(\s*"([a-z_]+)"',  # handler refusals
         r'"code": "([a-z_]+)"',  # the OTA worker's late verdict

@@ -91,4 +91,4 @@ def vocabulary() -> dict[str, Any]:
 
 def render_vocabulary() -> str:
     """The exact text of ``deploy/dashboard/vocabulary.json``."""
-    return json.dumps(vocabulary(), indent=2) + "\n"
+    return json.dumps(vocabulary(), indent=2, allow_nan=False) + "\n"
