@@ -141,7 +141,7 @@ def test_collector_keeps_live_state_alerts_and_skips_malformed(
         assert wait_until(lambda: _devices(api) == ["scope-07"], 20)
         assert api.get("/api/devices").json()[0]["status"]["state"] == "idle"
         publish(mosquitto.port, f"{prefix}/result", b"{not json")  # acknowledged, skipped
-        publish(mosquitto.port, "omis/v1/bad.id/result", b"{}")  # not a device id
+        publish(mosquitto.port, "omis/v1/.bad/result", b"{}")  # not a device id (leading dot)
         good = make_result(1, p_high=0.97)
         publish(mosquitto.port, f"{prefix}/result", json.dumps(good))
         publish(mosquitto.port, f"{prefix}/result", json.dumps(good))  # redelivery

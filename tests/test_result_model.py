@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from broker_support import FakeScanner
@@ -48,11 +49,17 @@ def test_every_shipped_schema_is_the_one_generated_from_its_model() -> None:
 
 
 def test_the_dashboard_vocabulary_is_the_servers() -> None:
-    # deploy/dashboard/vocabulary.json is generated too (python -m deploy.messages --write).
+    # deploy/dashboard/vocabulary.js is generated too (python -m deploy.messages --write).
     path = vocabulary.DASHBOARD_VOCABULARY
-    assert json.loads(path.read_text("utf-8")) == vocabulary.vocabulary()
     assert path.read_text("utf-8") == vocabulary.render_vocabulary()
+    html = (path.parent / "index.html").read_text("utf-8")
+    assert html.index('src="vocabulary.js"') < html.index('src="common.js"')
+    select = html[html.index('name="outcome"') :]
+    select = select[: select.index("</select>")]
+    options = re.findall(r"<option>([a-z_]+)</option>", select)
+    assert options == list(vocabulary.OUTCOMES)
     assert vocabulary.vocabulary()["outcomes"] == [o.value for o in Outcome]
+    assert get_args(vocabulary.OutcomeName) == vocabulary.OUTCOMES
     assert "insufficient_fields" in vocabulary.vocabulary()["abstain_reasons"]
 
 

@@ -9,7 +9,7 @@ import csv
 import io
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -22,6 +22,7 @@ from deploy.collector.config import HttpConfig
 from deploy.collector.fhir import diagnostic_bundle
 from deploy.collector.queries import LIST_COLUMNS, ArchiveQueries, ResultFilter
 from deploy.collector.store import parse_time
+from deploy.messages.vocabulary import OutcomeName, Risk
 
 CSV_COLUMNS = [c.name for c in LIST_COLUMNS]
 _basic = HTTPBasic(auto_error=False)
@@ -41,10 +42,8 @@ def result_filter(
     device: Annotated[str | None, Query(description="device id")] = None,
     since: Annotated[str | None, Query(description="finished at or after (RFC 3339)")] = None,
     until: Annotated[str | None, Query(description="finished before (RFC 3339)")] = None,
-    outcome: Annotated[
-        Literal["classified", "abstained", "failed", "cancelled"] | None, Query()
-    ] = None,
-    risk: Annotated[Literal["low", "high"] | None, Query()] = None,
+    outcome: Annotated[OutcomeName | None, Query()] = None,
+    risk: Annotated[Risk | None, Query(description="the decided call (abstained: none)")] = None,
     review: Annotated[bool | None, Query(description="needs a person's review")] = None,
     slide: Annotated[str | None, Query(description="slide id contains (case-insensitive)")] = None,
 ) -> ResultFilter:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from deploy.messages.vocabulary import Outcome
+
 SYSTEM = "urn:omis"
 REPORT_STATUS = {
-    "classified": "final",
-    "abstained": "preliminary",
-    "failed": "cancelled",
-    "cancelled": "cancelled",
+    Outcome.CLASSIFIED.value: "final",
+    Outcome.ABSTAINED.value: "preliminary",
+    Outcome.FAILED.value: "cancelled",
+    Outcome.CANCELLED.value: "cancelled",
 }
 
 
@@ -44,10 +46,10 @@ def _observation(
 
 def _conclusion(archive: dict[str, Any]) -> str:
     kind = archive["outcome"]
-    if kind == "classified":
+    if kind == Outcome.CLASSIFIED.value:  # the decision: label and risk are the same call
         p = archive["p_high"]
         return f"{archive['risk']} risk" + (f" (p(high) {p:.3f})" if p is not None else "")
-    if kind == "failed" and archive["outcome_stage"]:
+    if kind == Outcome.FAILED.value and archive["outcome_stage"]:
         return f"failed at {archive['outcome_stage']}: {archive['outcome_reason']}"
     return f"{kind}: {archive['outcome_reason']}" if archive["outcome_reason"] else kind
 

@@ -1,8 +1,11 @@
-// Shared helpers of the OMIS dashboard (no dependencies).  Loaded before archive.js, results.js, app.js.
+// Shared helpers of the OMIS dashboard.  Loaded after vocabulary.js (the server's words, generated
+// from deploy/messages/vocabulary.py) and before archive.js, results.js, app.js.
 "use strict";
 
 window.Omis = (function common() {
-  const ABSTAIN_REASON = "p(high) inside the abstain band";
+  const VOCABULARY = window.OmisVocabulary;
+  // Results older than the stated outcome (format 1) abstained for this reason.
+  const ABSTAIN_REASON = VOCABULARY.abstain_reasons.includes("uncertain_probability") ? "uncertain_probability" : VOCABULARY.abstain_reasons[0];
 
   function el(tag, className, text) {
     const node = document.createElement(tag);
@@ -52,7 +55,8 @@ window.Omis = (function common() {
       return {
         message_id: item.message_id, device_id: item.device_id, slide_id: item.slide_id, finished_at: item.finished_at,
         outcome: o.kind, outcome_reason: o.reason, outcome_stage: o.stage, review: o.kind !== "classified",
-        label: p.label, risk: p.risk, p_high: pHigh(item), model_name: model.name, model_version: model.version, result: item,
+        // label is the decision (null when undecided); side is where an undecided p(high) leans
+        label: p.label, risk: p.risk, side: p.side || null, p_high: pHigh(item), model_name: model.name, model_version: model.version, result: item,
       };
     }
     return { ...item, result: null };
@@ -68,5 +72,5 @@ window.Omis = (function common() {
     return name !== undefined && name !== null ? `${name} v${version}` : "–";
   }
 
-  return { el, localTime, outcomeOf, pHigh, rowOf, outcomeText, modelText };
+  return { el, localTime, outcomeOf, pHigh, rowOf, outcomeText, modelText, vocabulary: VOCABULARY };
 })();

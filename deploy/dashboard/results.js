@@ -105,7 +105,7 @@ window.Omis.Results = class Results {
     if (row.outcome !== "classified") outcome.append(el("span", "reason", outcomeText(row).slice(row.outcome.length).replace(/^: /, "")));
     const label = el("td", "label");
     const abstained = row.outcome === "abstained";
-    const labelText = abstained ? `abstained${row.label ? ` (${row.label})` : ""}` : row.label || "–";
+    const labelText = abstained ? `abstained${row.side ? ` (leans ${row.side})` : ""}` : row.label || "–";
     label.append(el("span", `badge risk-${abstained ? "abstained" : row.risk || "none"}`, labelText));
     const spark = el("td", "spark");
     spark.append(this.sparkline(row.result && row.result.spectrum));
