@@ -17,12 +17,12 @@ from deploy.appliance.health import check_health
 from deploy.broker import parse_broker_url
 from deploy.config import AppConfig, load_config
 from deploy.exceptions import ConfigError, DeployError
+from deploy.messages.vocabulary import OUTCOMES
 from firmware_bridge.limits import MAX_SLIDES, check_count, check_identifier
 from inference.state_dir import resolve_state_dir
 
 log = logging.getLogger(__name__)
 
-OUTCOMES = ("classified", "abstained", "failed", "cancelled")
 
 EXIT_UNHEALTHY = 1
 
@@ -154,6 +154,7 @@ def _scan_report(app: Any, requests: list[ScanRequest]) -> dict[str, Any]:
                 "outcome": committed.outcome,
                 "reason": committed.reason,
                 "label": committed.label,
+                "side": committed.side,
                 "delivery": "stored" if pending else "acknowledged",
             }
         )
@@ -179,7 +180,7 @@ def _outcome_words(row: dict[str, Any]) -> str:
     if outcome == "classified":
         return f"classified {row['label']}"
     if outcome == "abstained":
-        leaning = f", leaning {row['label']}" if row["label"] else ""
+        leaning = f", leaning {row['side']}" if row.get("side") else ""
         return f"abstained ({row['reason']}){leaning}"
     return f"{outcome}: {row['reason']}"
 

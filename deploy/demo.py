@@ -220,8 +220,10 @@ def _row(r: dict[str, Any]) -> list[str]:
     group = (r.get("simulation") or {}).get("pap_group")
     fields = r.get("fields", [])
     ok = sum(1 for f in fields if f.get("quality") == "ok")
-    risk = str(pred.get("risk") or "no usable field")
-    colour = "red" if risk == "high" else "green"
+    # The call is the decision; an undecided slide shows where it leans, or why it has none.
+    side = pred.get("side")
+    risk = str(pred.get("risk") or (f"({side})" if side else r.get("reason") or "none"))
+    colour = "red" if risk == "high" else "green" if risk == "low" else "yellow"
     return [
         str(r.get("slide_id")),
         str(group or "?"),

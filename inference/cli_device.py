@@ -121,16 +121,18 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if args.json:
         _out(json.dumps(data, allow_nan=False))
         return 0
-    _out(
-        f"label      {data['label']}  (risk {data['risk']}, p(high) {data['p_high']:.3f})"
-        + ("  ABSTAINED" if data["abstained"] else "")
-    )
+    if data["abstained"]:  # no call: say why, with the value and the limit, and the leaning
+        _out(f"label      none  ABSTAINED ({data['reason']}, leans {data['side']})")
+        _out(f"reason     {data['reason_text']}")
+    else:
+        _out(f"label      {data['label']}  (risk {data['risk']}, p(high) {data['p_high']:.3f})")
     _out("probs      " + ", ".join(f"{k} {v:.3f}" for k, v in data["probabilities"].items()))
     _out(f"model      {data['model']['name']} v{data['model']['version']}")
     b = data["backend"]
     _out(f"backend    {b['name']} {b['precision']}" + (" DEGRADED" if b["degraded"] else ""))
     for q in data["fields"]:
-        _out(f"field {q['index']:<4} {q['verdict']} {' '.join(q['reasons'])}")
+        checks = "; ".join(c["text"] for c in q["checks"]) or " ".join(q["reasons"])
+        _out(f"field {q['index']:<4} {q['verdict']} {checks}")
     _out("timings_ms " + ", ".join(f"{k} {v:.1f}" for k, v in data["timings_ms"].items()))
     return 0
 

@@ -50,9 +50,10 @@ class CommittedResult:
     scan_id: str
     slide_id: str
     seq: int
-    label: str | None
+    label: str | None  # the decision (None when undecided)
     outcome: str = Outcome.CLASSIFIED.value
     reason: str | None = None
+    side: str | None = None  # undecided: where p(high) leans
 
 
 @dataclass
@@ -231,6 +232,7 @@ class ScanWorker:
                 result.prediction.label,
                 result.outcome.value,
                 result.reason,
+                result.prediction.side,
             )
         )
         return result
