@@ -18,7 +18,6 @@ import functools
 import json
 import math
 import threading
-import uuid
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -37,6 +36,7 @@ from deploy_support import (
 from playwright.sync_api import Page, expect, sync_playwright
 
 from deploy.broker import free_port
+from deploy.messages.testing import result_json
 from deploy.schemas import validate
 
 CHROMIUM = "/usr/bin/chromium"
@@ -131,35 +131,24 @@ def status_payload(state: str) -> dict[str, Any]:
 
 
 def result_payload(seq: int, slide: str, high: float, abstained: bool = False) -> dict[str, Any]:
+    """A result built by the device's own builders."""
     axis = [float(x) for x in range(-40, 41, 2)]
     values = [round(math.exp(-(((x - 8 * seq) / 12) ** 2)) * (1 + 0.1 * seq), 5) for x in axis]
-    label = "high" if high >= 0.5 else "low"
-    return {
-        "schema": "omis.result/1",
-        "message_id": str(uuid.uuid4()),
-        "device_id": "scope-07",
-        "boot_id": "boot-1",
-        "seq": seq,
-        "slide_id": slide,
-        "scan_id": f"scan-{seq}",
-        "started_at": "2026-01-01T12:00:00.000Z",
-        "finished_at": f"2026-01-01T12:00:0{seq}.500Z",
-        "source": "mqtt",
-        "outcome": "abstained" if abstained else "classified",
-        **({"reason": "uncertain_probability"} if abstained else {}),
-        "model": {"name": "omis-vgg16", "version": 3, "sha256": SHA},
-        "backend": {"name": "tensorrt", "precision": "fp16"},
-        "prediction": {
-            "label": label,
-            "probabilities": {"low": round(1 - high, 4), "high": high},
-            "risk": label,
-            "abstained": abstained,
-        },
-        "fields": [{"index": 0, "valid_fraction": 0.93, "quality": "ok"}],
-        "spectrum": {"algorithm": "omis-wdiff-v1", "axis": axis, "values": values},
-        "timings_ms": {"acquire": 310.2, "spectrum": 41.0, "infer": 6.3, "total": 420.5},
-        "simulation": {"pap_group": "III"},
-    }
+    return result_json(
+        seq,
+        slide=slide,
+        p_high=high,
+        abstained=abstained,
+        started_at="2026-01-01T12:00:00.000Z",
+        finished_at=f"2026-01-01T12:00:0{seq}.500Z",
+        model={"name": "omis-vgg16", "version": 3, "sha256": SHA},
+        backend={"name": "tensorrt", "precision": "fp16"},
+        axis=axis,
+        values=values,
+        fields=[{"index": 0, "valid_fraction": 0.93, "quality": "ok"}],
+        timings_ms={"acquire": 310.2, "spectrum": 41.0, "infer": 6.3, "total": 420.5},
+        simulation={"pap_group": "III"},
+    )
 
 
 def publish_json(
@@ -226,7 +215,7 @@ def test_dashboard_shows_devices_results_and_spectrum(
         rows = page.locator("#results tbody tr")
         expect(rows).to_have_count(3, timeout=5_000)
         unsure = page.locator(f'tr[data-message-id="{third["message_id"]}"]')
-        expect(unsure.locator("td.label")).to_have_text("abstained (high)")
+        expect(unsure.locator("td.label")).to_have_text("abstained (leans high)")
         expect(unsure.locator("td.phigh")).to_have_text("0.550")  # p(high), whatever the label
         newest = page.locator(f'tr[data-message-id="{second["message_id"]}"]')
         expect(newest.locator("td.label")).to_have_text("low")
