@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from inference.result import (
     AbstainReason,
@@ -95,7 +96,7 @@ def decide(
     probs = {c: float(p) for c, p in zip(classes, probabilities, strict=True)}
     p_high = min(1.0, max(0.0, sum(p for c, p in probs.items() if risk_of[c] == "high")))
     side = side_of(p_high, limits.decision)
-    common = {
+    common: dict[str, Any] = {
         "probabilities": probs,
         "p_high": p_high,
         "argmax_label": max(probs, key=lambda c: probs[c]),

@@ -17,7 +17,7 @@ from inference.result import MAX_INT64, SlideReport, Text, strict_json
 
 RESULT_SCHEMA: Literal["omis.result/1"] = "omis.result/1"
 #: The revision of the payload within ``omis.result/1`` that this app writes (see migrations).
-RESULT_FORMAT = 3
+RESULT_FORMAT: Literal[3] = 3
 OMIT_WHEN_NONE = ("reason", "reason_text", "stage", "firmware", "simulation", "recipe")
 PREDICTION_OMIT_WHEN_NONE = ("p_high", "argmax_label", "decision", "side", "band")
 

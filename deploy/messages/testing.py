@@ -19,6 +19,8 @@ from deploy.messages.result import ResultMessage
 from inference.decision import Limits, decide
 from inference.result import (
     FieldReport,
+    ModelRef,
+    Outcome,
     Simulation,
     SlideReport,
     SpectrumReport,
@@ -74,11 +76,11 @@ def classified_report(
         _limits(p_high, abstained, decision),
     )
     return SlideReport(
-        outcome="abstained" if call.reason else "classified",  # type: ignore[arg-type]
+        outcome=Outcome.ABSTAINED if call.reason else Outcome.CLASSIFIED,
         reason=call.reason.value if call.reason else None,
         reason_text=call.reason_text,
         details=list(call.details),
-        model=dict(model or MODEL),  # type: ignore[arg-type]
+        model=ModelRef.model_validate(dict(model or MODEL)),
         backend=dict(backend or BACKEND),
         prediction=call.prediction,
         fields=_fields(fields),
