@@ -30,6 +30,7 @@ from deploy.collector.ingest import ArchiveSubscriber
 from deploy.collector.queries import ArchiveQueries
 from deploy.collector.store import ArchiveStore
 from deploy.config import load_config
+from deploy.messages.testing import result_message
 from deploy.schemas import validate
 from inference.backends import load_backend
 from inference.pipeline import PipelineConfig, SlidePipeline
@@ -280,3 +281,26 @@ def test_the_collectors_variables_do_not_stop_the_appliance(
     monkeypatch.setenv("OMIS_SCAN__QUEUE_SIZE", "-1")
     assert main(["serve", "--validate-config"]) == 1
     assert "scan.queue_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("outcome", "reason", "stage"),
+    [
+        ("classified", None, None),
+        ("abstained", "uncertain_probability", None),
+        ("abstained", "no_usable_field", None),
+        ("failed", "camera timed out", "acquire"),
+        ("cancelled", "cancelled by cmd/cancel", None),
+    ],
+)
+def test_every_outcome_goes_from_the_devices_bytes_into_the_archive(
+    archive: Any, outcome: str, reason: str | None, stage: str | None
+) -> None:
+    subscriber, api = archive
+    message = result_message(1, device="lab.scope-1", outcome=outcome, reason=reason, stage=stage)
+    assert _deliver(subscriber, "lab.scope-1", message.payload()).acked == [7]
+    [item] = api.get("/api/results").json()["items"]
+    assert (item["outcome"], item["outcome_reason"]) == (outcome, message.reason)
+    assert item["review"] is (outcome != "classified")
+    stored = api.get(f"/api/results/{message.message_id}").json()["result"]
+    assert stored == message.to_json()
