@@ -37,41 +37,32 @@ from deploy.collector.fhir import diagnostic_bundle  # noqa: E402
 from deploy.collector.ingest import ArchiveSubscriber  # noqa: E402
 from deploy.collector.queries import ArchiveQueries, ResultFilter  # noqa: E402
 from deploy.collector.store import ArchiveStore, result_row  # noqa: E402
+from deploy.messages.testing import result_json  # noqa: E402
 
 BINS = 256
 MONTH = 40 * 24 * 30
 
 
 def make(seq: int, at: datetime, device: str = "scope-07", boot: str = "boot-1") -> dict[str, Any]:
-    """A realistic result (about 6 kB with the spectrum)."""
+    """A realistic result (about 6 kB with the spectrum), built by the device's builders."""
     p = (seq * 7919 % 1000) / 1000
     stamp = at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return {
-        "schema": "omis.result/1",
-        "message_id": str(uuid.uuid4()),
-        "device_id": device,
-        "boot_id": boot,
-        "seq": seq,
-        "slide_id": f"S-{seq:06d}",
-        "scan_id": str(uuid.uuid4()),
-        "started_at": stamp,
-        "finished_at": stamp,
-        "model": {"name": "omis-binary", "version": 7, "sha256": "ab" * 32},
-        "backend": {"name": "onnxruntime", "precision": "fp32"},
-        "prediction": {
-            "label": "high" if p >= 0.5 else "low",
-            "probabilities": {"low": round(1 - p, 3), "high": round(p, 3)},
-            "risk": "high" if p >= 0.5 else "low",
-            "abstained": 0.45 <= p < 0.55,
-        },
-        "fields": [{"index": i, "valid_fraction": 0.9, "quality": "ok"} for i in range(8)],
-        "spectrum": {
-            "algorithm": "omis-wdiff-v1",
-            "axis": [round(-145 + i * 290 / (BINS - 1), 3) for i in range(BINS)],
-            "values": [round(1e-3 * ((i * 37) % 101), 6) for i in range(BINS)],
-        },
-        "timings_ms": {"acquire": 310.2, "spectrum": 41.0, "infer": 6.3, "total": 420.5},
-    }
+    return result_json(
+        seq,
+        device=device,
+        boot=boot,
+        slide=f"S-{seq:06d}",
+        scan=uuid.uuid4().hex,
+        p_high=p,
+        abstained=0.45 <= p < 0.55,
+        started_at=stamp,
+        finished_at=stamp,
+        model={"name": "omis-binary", "version": 7, "sha256": "ab" * 32},
+        fields=[{"index": i, "valid_fraction": 0.9, "quality": "ok"} for i in range(8)],
+        axis=[round(-145 + i * 290 / (BINS - 1), 3) for i in range(BINS)],
+        values=[round(1e-3 * ((i * 37) % 101), 6) for i in range(BINS)],
+        timings_ms={"acquire": 310.2, "spectrum": 41.0, "infer": 6.3, "total": 420.5},
+    )
 
 
 def fresh_url(kind: str, workdir: Path, pg: Any) -> str:

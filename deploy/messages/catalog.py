@@ -41,6 +41,7 @@ class Entry:
     title: str
     generate: Callable[[], dict[str, Any]]
     source: str
+    complete: bool = False  # the generator writes the whole document ($schema, $id, title)
 
 
 def _model_schema(model: type[BaseModel], enveloped: bool = True) -> Callable[[], dict[str, Any]]:
@@ -120,6 +121,7 @@ ENTRIES: tuple[Entry, ...] = (
         "cmd/ota - omis.ota_offer/1, a signed model offer (deploy.ota.delivery.OtaOffer)",
         _offer_schema,
         "deploy.ota.delivery.OtaOffer",
+        complete=True,
     ),
     Entry(
         "metrics",
@@ -160,6 +162,8 @@ def json_schema(name: str) -> dict[str, Any]:
     if entry is None:
         raise KeyError(f"no such schema: {name!r} (known: {', '.join(SCHEMA_NAMES)})")
     body = entry.generate()
+    if entry.complete:
+        return body
     return {
         "$schema": DRAFT,
         "$id": entry.schema_id,
