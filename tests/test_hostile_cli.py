@@ -183,12 +183,17 @@ def test_schemas_carry_the_shared_pattern() -> None:
         "cmd_cancel": ("scan_id", "device_id"),
         "cmd_status": ("device_id",),
         "status": ("device_id",),
+        "metrics": ("device_id",),
+        "reply": ("device_id",),
         "result": ("slide_id", "scan_id", "device_id"),
     }
     for name, fields in id_fields.items():
         props = load_schema(name)["properties"]
         for field in fields:
-            assert props[field]["pattern"] == IDENTIFIER_PATTERN, (name, field)
+            # an optional id is {"anyOf": [{"pattern": ...}, {"type": "null"}]}
+            choices = props[field].get("anyOf", [props[field]])
+            patterns = [c["pattern"] for c in choices if "pattern" in c]
+            assert patterns == [IDENTIFIER_PATTERN], (name, field)
 
 
 def test_config_device_id_uses_the_shared_pattern() -> None:
