@@ -30,7 +30,7 @@ from deploy.collector.ingest import ArchiveSubscriber
 from deploy.collector.queries import ArchiveQueries
 from deploy.collector.store import ArchiveStore
 from deploy.config import load_config
-from deploy.messages.testing import result_message
+from deploy.messages.testing import result_json, result_message
 from deploy.schemas import validate
 from inference.backends import load_backend
 from inference.pipeline import PipelineConfig, SlidePipeline
@@ -281,6 +281,22 @@ def test_the_collectors_variables_do_not_stop_the_appliance(
     monkeypatch.setenv("OMIS_SCAN__QUEUE_SIZE", "-1")
     assert main(["serve", "--validate-config"]) == 1
     assert "scan.queue_size" in capsys.readouterr().err
+
+
+def test_a_result_of_the_previous_format_is_archived_with_the_decision(archive: Any) -> None:
+    # An app version before format 3 wrote the arg-max as label: decision 0.2, p 0.3 -> "low".
+    subscriber, api = archive
+    old = result_json(1, p_high=0.3, decision=0.2)
+    old.pop("format")
+    old["prediction"] = {
+        k: v for k, v in old["prediction"].items() if k not in ("argmax_label", "decision", "band")
+    }
+    old["prediction"]["label"] = "low"
+    assert _deliver(subscriber, "scope-07", json.dumps(old).encode()).acked == [7]
+    [item] = api.get("/api/results").json()["items"]
+    assert (item["label"], item["risk"]) == ("high", "high")
+    stored = api.get(f"/api/results/{old['message_id']}").json()["result"]
+    assert (stored["format"], stored["prediction"]["argmax_label"]) == (3, "low")
 
 
 @pytest.mark.parametrize(

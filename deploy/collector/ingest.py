@@ -204,7 +204,7 @@ class ArchiveSubscriber:
         result = _json(payload, "omis.result/1")
         if result is None:
             return
-        check_result(result)
+        result = check_result(result)  # upgraded to the current format and validated
         if result["device_id"] != device:
             raise ValueError(f"result names device {result['device_id']!r}, topic {device!r}")
         if self.store.add_result(result):
