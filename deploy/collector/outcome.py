@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from deploy.messages.migrations import upgrade_result
 from deploy.messages.result import ResultMessage, parse_result
 from deploy.messages.vocabulary import OUTCOMES, needs_review
 from firmware_bridge.validation import first_error
@@ -50,7 +51,9 @@ def check_result(payload: Any) -> dict[str, Any]:
 
 
 def outcome_of(result: dict[str, Any]) -> Outcome:
-    """The outcome of a result returned by :func:`check_result`."""
+    """The outcome of a result (one not yet upgraded is read as the upgrade chain would)."""
+    if "outcome" not in result:
+        result = upgrade_result(result)
     kind = result["outcome"]
     if kind not in OUTCOMES:
         raise ValueError(f"outcome: unknown kind {kind!r} (expected one of {', '.join(OUTCOMES)})")
