@@ -3,10 +3,14 @@
 :class:`SlideReport` is built by the device pipeline (:meth:`inference.pipeline.SlideResult.report`)
 or, when no classification came out, by :func:`no_usable_field`, :func:`failed` and
 :func:`cancelled`; the appliance wraps it in the message envelope
-(:class:`deploy.appliance.results.ResultMessage`) and the shipped ``result.json`` schema is
-generated from that envelope.  Every slide ends in exactly one :class:`Outcome`:
+(:class:`deploy.messages.result.ResultMessage`) and the shipped ``result.json`` schema is
+generated from that envelope.  The outcome vocabulary (:class:`Outcome`, :class:`AbstainReason`,
+:class:`Stage`, :data:`Risk`) is defined here, once, because the device pipeline builds it and
+may not import ``deploy``; :mod:`deploy.messages.vocabulary` re-exports it for everything
+else.  Every slide ends in exactly one :class:`Outcome`:
 
-* ``classified``: a label was decided (``prediction.abstained`` false);
+* ``classified``: a call was made (``prediction.label`` is the decision, see
+  :mod:`inference.decision`; ``prediction.abstained`` false);
 * ``abstained``: no decision, ``reason`` from :class:`AbstainReason`;
 * ``failed``: the device path broke, ``stage`` from :class:`Stage` and a human ``reason``;
 * ``cancelled``: the scan was cancelled (``cmd/cancel``, shutdown), ``reason`` says how.
