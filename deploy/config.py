@@ -231,8 +231,8 @@ class OtaConfig(_Section):
         default=1,
         ge=0,
         description=(
-            "more slides the model abstained on (not no_usable_field) in the health period roll "
-            "the update back"
+            "more slides the model abstained on (not no_usable_field or insufficient_fields) "
+            "in the health period roll the update back"
         ),
     )
     need_after_s: float = Field(

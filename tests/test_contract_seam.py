@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from deploy.appliance.base import ScanRequest
 from deploy.appliance.results import Identity, build_result, rfc3339
+from deploy.appliance.worker import verdict_of
 from deploy.cli import main
 from deploy.collector.api import create_app
 from deploy.collector.auth import hash_password
@@ -242,6 +243,8 @@ def test_too_few_usable_fields_is_abstained_with_counts(
     data = json.loads(_payload(report))
     validate("result", data)
     assert data["outcome"] == outcome
+    # Quality control, not the model, decided it: it does not count against a model on probation.
+    assert verdict_of(report) == (None if outcome == "abstained" else "ok")
     if outcome == "abstained":
         assert data["reason"] == "insufficient_fields"
         [detail] = data["details"]

@@ -81,18 +81,23 @@ class ScanPorts:
     model_seen: Callable[[dict[str, Any] | None], None]
 
 
+# Abstentions decided by the device's quality control before (or regardless of) the model.
+_QC_ABSTAIN = (AbstainReason.NO_USABLE_FIELD.value, AbstainReason.INSUFFICIENT_FIELDS.value)
+
+
 def verdict_of(report: SlideReport) -> SlideVerdict | None:
     """How a slide judges the model that produced it (None: it says nothing, e.g. cancelled).
 
     A failure in acquisition is the hardware's (firmware, camera); any later failure is the
     device path's, which the model's bundle defines (spectrum, render, input, outputs).  A slide
     whose every field failed quality control never reached the model (a dark camera, an empty
-    slide; QC is the device's, not the bundle's): it says nothing about the model either.
+    slide; QC is the device's, not the bundle's): it says nothing about the model either, nor
+    does one with too few usable fields (``scan.min_usable_fields``, the device's setting).
     """
     if report.outcome is Outcome.CLASSIFIED:
         return "ok"
     if report.outcome is Outcome.ABSTAINED:
-        return None if report.reason == AbstainReason.NO_USABLE_FIELD.value else "abstained"
+        return None if report.reason in _QC_ABSTAIN else "abstained"
     if report.outcome is Outcome.FAILED:
         return "hardware" if report.stage is Stage.ACQUIRE else "failed"
     return None
