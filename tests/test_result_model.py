@@ -290,3 +290,27 @@ def test_the_receipt_names_what_the_archive_holds() -> None:
         ReceiptMessage(collector="c", at=rfc3339())
     with pytest.raises(SchemaError):
         validate("receipt", {**data, "message_ids": ["not-a-uuid"]})
+
+
+def test_received_bytes_parse_to_typed_messages_or_one_line_errors() -> None:
+    from deploy.messages.parsing import MessageError, parse_message
+
+    good = result_json(1)
+    parsed = parse_message("result", json.dumps(good).encode())
+    assert isinstance(parsed, ResultMessage) and parsed.to_json() == good
+    assert parse_message("status", b"") is None  # a cleared retained topic
+    assert parse_message("availability", b"online") is not None
+    deep = b"[" * 100_000 + b"]" * 100_000
+    bad = {
+        b"{not json": "not JSON",
+        b"\xff\xfe": "UTF-8",
+        deep: "deep",
+        json.dumps({**good, "seq": 0}).encode(): "seq",
+        b'{"p": NaN}': "NaN",
+    }
+    for payload, words in bad.items():
+        with pytest.raises(MessageError, match=words) as caught:
+            parse_message("result", payload)
+        assert "\n" not in str(caught.value)
+    with pytest.raises(MessageError, match="availability"):
+        parse_message("availability", b"maybe")
