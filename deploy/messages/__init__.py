@@ -22,7 +22,7 @@ topic (under prefix/dev)  schema                           model
 
 Modules: :mod:`.identifiers` (the one rule for device, slide, scan and correlation ids),
 :mod:`.vocabulary` (outcomes, reasons, stages, states, error codes), :mod:`.migrations` (older
-result payloads upgraded step by step), :mod:`.catalog` (schema generation), :mod:`.testing`
-(builders for tests).  This ``__init__`` imports nothing, so any module can use one part
-without loading the rest.
+result payloads upgraded step by step), :mod:`.parsing` (received bytes to a typed message),
+:mod:`.catalog` (schema generation), :mod:`.testing` (builders for tests).  This ``__init__``
+imports nothing, so any module can use one part without loading the rest.
 """
