@@ -10,25 +10,38 @@ import csv
 import io
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import paho.mqtt.client as paho
 import pytest
+from broker_support import (
+    FakeScanner,
+    Mosquitto,
+    app_config,
+    mosquitto_fixture,  # noqa: F401
+    running_appliance,
+    wait_until,
+)
 from fakes.bundles import make_bundle, make_field
 from fastapi.testclient import TestClient
 
 from deploy.appliance.base import ScanRequest
 from deploy.appliance.results import Identity, build_result, rfc3339
+from deploy.appliance.service import Appliance
 from deploy.appliance.worker import verdict_of
+from deploy.broker import free_port
 from deploy.cli import main
 from deploy.collector.api import create_app
 from deploy.collector.auth import hash_password
-from deploy.collector.config import Account, CollectorMqtt, HttpConfig
+from deploy.collector.config import Account, CollectorMqtt, HttpConfig, load_collector_config
 from deploy.collector.db import migrate, open_engine
 from deploy.collector.ingest import ArchiveSubscriber
 from deploy.collector.queries import ArchiveQueries
+from deploy.collector.service import ArchiveService
 from deploy.collector.store import ArchiveStore
 from deploy.config import load_config
 from deploy.messages.testing import result_json, result_message
@@ -323,3 +336,46 @@ def test_every_outcome_goes_from_the_devices_bytes_into_the_archive(
     assert item["review"] is (outcome != "classified")
     stored = api.get(f"/api/results/{message.message_id}").json()["result"]
     assert stored == message.to_json()
+
+
+def test_a_dotted_device_id_travels_through_a_real_broker_into_the_archive(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    # The user's story: `omis scan --device-id lab.scope-1` against a running `omis collect`.
+    config = load_collector_config(
+        environ={},
+        overrides={
+            "mqtt": {"broker": mosquitto.url, "client_id": "archive-dots"},
+            "http": {"port": free_port()},
+        },
+    )
+    service = ArchiveService(config, tmp_path / "archive")
+    stop = threading.Event()
+    service.start()
+    runner = threading.Thread(target=service.run, args=(stop,))
+    runner.start()
+    try:
+        assert service.subscriber is not None
+        assert service.subscriber.subscribed.wait(20)
+        device = Appliance(
+            load_config(environ={}, overrides=app_config(mosquitto.url, device="lab.scope-1")),
+            tmp_path / "device",
+            FakeScanner(),
+        )
+        with running_appliance(device) as app:
+            for slide in ("lab.S-1", "lab.S-2"):
+                app.submit(ScanRequest(slide, 2))
+            api = httpx.Client(base_url=service.http_url, timeout=10)
+            assert wait_until(lambda: api.get("/api/results").json()["total"] == 2, 30)
+        items = api.get("/api/results").json()["items"]
+        assert {(i["device_id"], i["slide_id"]) for i in items} == {
+            ("lab.scope-1", "lab.S-1"),
+            ("lab.scope-1", "lab.S-2"),
+        }
+        assert wait_until(
+            lambda: [d["device_id"] for d in api.get("/api/devices").json()] == ["lab.scope-1"], 10
+        )
+    finally:
+        stop.set()
+        runner.join(10)
+        service.close()
