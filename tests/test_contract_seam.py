@@ -379,3 +379,25 @@ def test_a_dotted_device_id_travels_through_a_real_broker_into_the_archive(
         stop.set()
         runner.join(10)
         service.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "fields"),
+    [
+        ({"slide_id": "S-9"}, 2),
+        ({"slide_id": "S-9", "fields": None}, 2),
+        ({"slide_id": "S-9", "fields": 5}, 5),
+    ],
+)
+def test_cmd_scan_is_parsed_with_its_model(
+    tmp_path: Path, body: dict[str, Any], fields: int
+) -> None:
+    # The intake hands the handler the typed command; an absent or null "fields" is the default.
+    app = Appliance(
+        load_config(environ={}, overrides={"scan": {"fields": 2}}), tmp_path, FakeScanner()
+    )
+    reply = app.intake.router.handle("scan", json.dumps(body).encode(), None)
+    assert reply is not None and reply["ok"], reply
+    validate("reply", reply)
+    queued = app.queue.get(1.0)
+    assert queued is not None and (queued.slide_id, queued.fields) == ("S-9", fields)

@@ -19,6 +19,7 @@ from deploy.appliance.commands import CommandFailed, CommandRouter
 from deploy.appliance.ota import OtaController
 from deploy.config import ScanConfig
 from deploy.exceptions import ScanRejectedError
+from deploy.messages.commands import CancelCommand, ScanCommand, StatusCommand
 from deploy.mqtt import MqttLink, Topics
 from deploy.ota.delivery import OtaOffer
 from deploy.requests import reply_topics
@@ -54,16 +55,16 @@ class CommandIntake:
         self.ota = ota
         self.ports = ports
         self.router = CommandRouter(device_id, max_bytes, self.publish_reply)
-        self.router.register("scan", "cmd_scan", self._scan)
-        self.router.register("cancel", "cmd_cancel", self._cancel)
-        self.router.register("status", "cmd_status", self._status)
+        self.router.register("scan", "cmd_scan", self._scan, model=ScanCommand)
+        self.router.register("cancel", "cmd_cancel", self._cancel, model=CancelCommand)
+        self.router.register("status", "cmd_status", self._status, model=StatusCommand)
         self.router.register("ota", "cmd_ota", ota.handle_offer, model=OtaOffer)
 
-    def _scan(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _scan(self, request: ScanCommand) -> dict[str, Any]:
         scan = ScanRequest(
-            slide_id=request["slide_id"],
-            fields=int(request.get("fields", self.scan.fields)),
-            plan=str(request.get("plan", self.scan.plan)),
+            slide_id=request.slide_id,
+            fields=self.scan.fields if request.fields is None else request.fields,
+            plan=self.scan.plan if request.plan is None else request.plan,
             source="mqtt",
         )
         try:
@@ -72,13 +73,13 @@ class CommandIntake:
             raise CommandFailed(exc.code, str(exc)) from exc
         return {"scan_id": scan.scan_id, "slide_id": scan.slide_id, "position": position}
 
-    def _cancel(self, request: dict[str, Any]) -> dict[str, Any]:
-        cancelled = self.ports.cancel(request.get("scan_id"))
+    def _cancel(self, request: CancelCommand) -> dict[str, Any]:
+        cancelled = self.ports.cancel(request.scan_id)
         if not cancelled:
             raise CommandFailed("not_found", "no such scan queued or running")
         return {"cancelled": cancelled}
 
-    def _status(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _status(self, request: StatusCommand) -> dict[str, Any]:
         return {"status": self.ports.status()}
 
     def on_message(self, topic: str, payload: bytes, properties: Properties | None) -> None:
