@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
         q.set_defaults(handler=handler)
         return q
 
-    g = verbs.add_parser("group", parents=[common], help="define device groups")
+    text = "define device groups (rollouts can target a group)"
+    g = verbs.add_parser("group", parents=[common], help=text, description=text)
     gverbs = g.add_subparsers(dest="group_command", metavar="VERB", required=True)
     for name, handler, text in (
         ("add", _group_add, "add devices to a group (created on first use)"),

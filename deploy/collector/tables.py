@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 metadata = MetaData()
@@ -136,4 +137,20 @@ rollout_devices = Table(
     Column("version", BigInteger),
     Column("detail", Text),
     Column("updated_at", DateTime, nullable=False),
+)
+
+# What each device's retained ota/state reported as the end of an install (one row per offer
+# and final step): the fleet view counts rollbacks from it.
+ota_events = Table(
+    "ota_events",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("device_id", String(64), nullable=False),
+    Column("correlation_id", String(128), nullable=False),
+    Column("step", String(16), nullable=False),
+    Column("version", BigInteger),
+    Column("reason", Text),
+    Column("at", DateTime, nullable=False),
+    UniqueConstraint("device_id", "correlation_id", "step", name="uq_ota_events_offer_step"),
+    Index("ix_ota_events_device", "device_id", "at"),
 )

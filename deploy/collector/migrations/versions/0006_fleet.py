@@ -1,4 +1,4 @@
-"""Fleet: device groups, rollouts and each device's step in a rollout.
+"""Fleet: device groups, rollouts, each device's step in a rollout, and OTA outcomes.
 
 Revision ID: 0006
 Revises: 0001
@@ -18,7 +18,7 @@ _Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def upgrade() -> None:
-    """Create device_groups, rollouts and rollout_devices."""
+    """Create device_groups, rollouts, rollout_devices and ota_events."""
     op.create_table(
         "device_groups",
         sa.Column("group_name", sa.String(64), primary_key=True),
@@ -54,10 +54,24 @@ def upgrade() -> None:
         sa.Column("detail", sa.Text),
         sa.Column("updated_at", sa.DateTime, nullable=False),
     )
+    op.create_table(
+        "ota_events",
+        sa.Column("id", _Id, primary_key=True, autoincrement=True),
+        sa.Column("device_id", sa.String(64), nullable=False),
+        sa.Column("correlation_id", sa.String(128), nullable=False),
+        sa.Column("step", sa.String(16), nullable=False),
+        sa.Column("version", sa.BigInteger),
+        sa.Column("reason", sa.Text),
+        sa.Column("at", sa.DateTime, nullable=False),
+        sa.UniqueConstraint("device_id", "correlation_id", "step", name="uq_ota_events_offer_step"),
+    )
+    op.create_index("ix_ota_events_device", "ota_events", ["device_id", "at"])
 
 
 def downgrade() -> None:
     """Drop the fleet tables."""
+    op.drop_index("ix_ota_events_device", table_name="ota_events")
+    op.drop_table("ota_events")
     op.drop_table("rollout_devices")
     op.drop_index("ix_rollouts_bundle", table_name="rollouts")
     op.drop_table("rollouts")
