@@ -14,7 +14,8 @@ Tree::
     │   ├── ScanCancelledError  a scan was cancelled before it produced a result
     │   └── InvalidResultError  the model's outputs make no valid result (NaN, out of range)
     ├── ServiceError            the daemon cannot start or a worker exceeded its restart cap
-    └── ArchiveError            the result archive (omis collect) cannot open, migrate or write
+    ├── ArchiveError            the result archive (omis collect) cannot open, migrate or write
+    └── FleetError              a rollout or device group cannot be created, resumed or run
 
 Foreign errors (``sqlite3.Error``, ``OSError``, ``pydantic.ValidationError``) are wrapped at the
 seam with ``raise ... from``.
@@ -84,3 +85,7 @@ class InvalidResultError(ScanError):
 
 class ArchiveError(DeployError):
     """The result archive's database cannot be opened, migrated or written."""
+
+
+class FleetError(DeployError):
+    """A rollout or device group cannot be created, resumed or run (names the cause)."""

@@ -20,8 +20,10 @@ from deploy import __version__
 from deploy.collector.auth import LOCAL_HOSTS, Accounts, Principal
 from deploy.collector.config import HttpConfig
 from deploy.collector.fhir import diagnostic_bundle
+from deploy.collector.fleet_api import fleet_router
 from deploy.collector.queries import LIST_COLUMNS, ArchiveQueries, ResultFilter
 from deploy.collector.store import parse_time
+from deploy.fleet.view import fleet_summary
 from deploy.messages.vocabulary import OutcomeName, Risk
 
 CSV_COLUMNS = [c.name for c in LIST_COLUMNS]
@@ -138,9 +140,9 @@ def create_app(queries: ArchiveQueries, config: HttpConfig, dashboard: Path | No
         body = diagnostic_bundle(stored(message_id))
         return JSONResponse(body, media_type="application/fhir+json")
 
-    @app.get("/api/devices", summary="known devices with live state")
+    @app.get("/api/devices", summary="known devices with live state and their fleet view")
     def list_devices(_who: Annotated[Principal, viewer]) -> list[dict[str, Any]]:
-        return queries.devices()
+        return fleet_summary(queries.engine, queries.devices())
 
     @app.get("/api/alerts", summary="alerts, newest first")
     def list_alerts(
@@ -151,6 +153,7 @@ def create_app(queries: ArchiveQueries, config: HttpConfig, dashboard: Path | No
     ) -> list[dict[str, Any]]:
         return queries.alerts(open_only=open_only, device=device, limit=limit)
 
+    app.include_router(fleet_router(queries.engine, viewer, page_limit))
     if dashboard is not None:
         app.mount("/", StaticFiles(directory=dashboard, html=True), name="dashboard")
     return app

@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from deploy.collector.outcome import outcome_of, p_high
 from deploy.collector.tables import alerts, boots, devices, results
 from deploy.exceptions import ArchiveError
+from deploy.fleet.view import record_ota_event
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,7 @@ class ArchiveStore:
             with self.engine.begin() as conn:
                 if state:
                     self._touch_device(conn, device, ota_state=body)
+                    record_ota_event(conn, device, state, self._alert)
                 else:
                     mine = devices.c.device_id == device
                     conn.execute(update(devices).where(mine).values(ota_state=None))
