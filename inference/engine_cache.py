@@ -23,7 +23,10 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
+from firmware_bridge.exceptions import InputError
 from firmware_bridge.fsutil import atomic_write_bytes, atomic_write_text
+from firmware_bridge.limits import is_identifier
+from firmware_bridge.paths import safe_join
 from inference.exceptions import EngineError
 
 log = logging.getLogger(__name__)
@@ -127,6 +130,10 @@ class EngineKey:
 
     def file_stem(self) -> str:
         """Readable and unique: model hash prefix, precision, key hash prefix."""
+        if not is_identifier(self.precision):
+            raise EngineError(f"engine key precision {self.precision!r} cannot name a file")
+        if not is_identifier(self.onnx_sha256[:12]):
+            raise EngineError(f"engine key onnx_sha256 {self.onnx_sha256!r} cannot name a file")
         return f"{self.onnx_sha256[:12]}-{self.precision}-{self.digest()[:16]}"
 
 
@@ -138,11 +145,17 @@ class EngineCache:
 
     def plan_path(self, key: EngineKey) -> Path:
         """Where the plan for ``key`` lives."""
-        return self.root / f"{key.file_stem()}.plan"
+        return self._path(key.file_stem(), ".plan")
 
     def sidecar_path(self, key: EngineKey) -> Path:
         """Where the description of ``key`` lives."""
-        return self.root / f"{key.file_stem()}.json"
+        return self._path(key.file_stem(), ".json")
+
+    def _path(self, stem: str, suffix: str) -> Path:
+        try:
+            return safe_join(self.root, stem, suffix, what="engine file")
+        except InputError as exc:
+            raise EngineError(str(exc)) from exc
 
     def timing_cache_path(self, trt_version: str, gpu_name: str) -> Path:
         """The builder timing cache, shared by builds on one GPU and TensorRT version."""
