@@ -308,6 +308,25 @@ def _sign_dir(root: Path, key: Ed25519PrivateKey) -> str:
     return fingerprint(key.public_key())
 
 
+def pack_dir(bundle_dir: Path, archive: Path) -> dict[str, object]:
+    """``omis bundle pack``: write a valid bundle directory as the ``.tar`` that ``omis ota
+    install`` and ``omis ota publish`` take (atomically; reproducible bytes).
+
+    Refuses, with one line and without touching ``archive``, a path that is not a directory or
+    whose manifest and files disagree.  Returns the bundle's description and whether it is
+    signed.
+    """
+    if not bundle_dir.is_dir():
+        raise RejectedError(f"{bundle_dir}: not a bundle directory")
+    bundle = load_checked(bundle_dir)
+    signature = bundle_dir / SIGNATURE
+    if signature.is_file() and signature.stat().st_size != SIGNATURE_BYTES:
+        raise SignatureInvalidError(f"{signature}: malformed (not {SIGNATURE_BYTES} bytes)")
+    pack_bundle(bundle_dir, archive)
+    log.info("packed %s into %s", bundle_dir, archive)
+    return {**bundle.describe(), "archive": str(archive), "signed": signature.is_file()}
+
+
 def sign_bundle(path: Path, key_path: Path) -> str:
     """Write ``manifest.sig`` into a bundle directory or .tar; returns the signer fingerprint."""
     key = load_private_key(key_path)
@@ -332,6 +351,7 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "opened",
+    "pack_dir",
     "sign_bundle",
     "verify_bundle",
     "verify_dir",
