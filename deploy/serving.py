@@ -109,7 +109,9 @@ class ModelServer:
 
         if self._spectra is None:
             raise ScanError("the spectrum backend is not open")
-        backend = open_inference_backend(self.inference.backend, bundle, self.options())
+        backend = open_inference_backend(
+            self.inference.backend, bundle, self._spectra, self.options()
+        )
         try:
             pipeline = SlidePipeline(
                 bundle, backend, PipelineConfig(spectrum_backend=self._spectra)
