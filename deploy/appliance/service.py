@@ -48,7 +48,7 @@ from deploy.appliance.telemetry import Telemetry, TelemetryPorts
 from deploy.appliance.transport import Transport
 from deploy.appliance.worker import SCAN_ERRORS, Counters, ScanPorts, ScanWorker
 from deploy.config import AppConfig
-from deploy.exceptions import ScanRejectedError, ServiceError
+from deploy.exceptions import OutboxError, ScanRejectedError, ServiceError
 from deploy.mqtt import MqttLink, OutboxPump, Topics
 from deploy.ota.watch import StoreWatcher
 from deploy.outbox import Outbox
@@ -289,6 +289,7 @@ class Appliance:
                 sd_notify("WATCHDOG=1")
                 next_dog = now + watchdog
             if now >= next_health:
+                self._check_outbox_file()
                 self.telemetry.write_health()
                 next_health = now + svc.health_interval_s
             if now >= next_metrics:
@@ -296,6 +297,22 @@ class Appliance:
                 next_metrics = now + svc.metrics_interval_s
             self.publish_status()
             self._stop_requested.wait(LOOP_PERIOD_S)
+
+    def _check_outbox_file(self) -> None:
+        """A deleted or replaced outbox database is recreated (rows kept) and reported as
+        ``degraded``; one that cannot be recreated stops the daemon non-zero."""
+        try:
+            fault = self.outbox.check_file()
+        except OutboxError as exc:
+            self.status.fatal = str(exc)
+            self.status.record_error("outbox_unusable", str(exc))
+            self.publish_status(force=True)
+            self.telemetry.write_health()
+            raise ServiceError(str(exc)) from exc
+        if fault is not None:
+            self.status.faults.add("outbox_recreated")
+            self.status.record_error("outbox_recreated", fault)
+            self.publish_status(force=True)
 
     def run_batch(self, requests: Iterable[ScanRequest], ack_timeout_s: float) -> None:
         """Scan ``requests`` one after another, then wait up to ``ack_timeout_s`` for PUBACKs."""
