@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from deploy import __version__
-from deploy.appliance.base import ModelSwapper, ScanRequest, SlideScanner
+from deploy.appliance.base import ModelSwapper, ScannerInfo, ScanRequest, SlideScanner
+from deploy.appliance.connect import ScannerConnector
 from deploy.appliance.intake import CommandIntake, IntakePorts
 from deploy.appliance.notify import sd_notify, watchdog_interval_s
 from deploy.appliance.ota import OtaController, OtaPorts, OtaSettings, chunk_filter
@@ -128,6 +129,13 @@ class Appliance:
         )
         self.worker = ScanWorker(self.identity, scanner, self.queue, scan_ports, self.counters)
         self.committed = self.worker.committed  # results committed in this run (newest last)
+        self.connector = ScannerConnector(
+            scanner,
+            self._scanner_opened,
+            self._scanner_missing,
+            config.scan.connect_retry_initial_s,
+            config.scan.connect_retry_max_s,
+        )
         self.intake = CommandIntake(
             config.device.id,
             config.mqtt.max_command_bytes,
@@ -211,22 +219,32 @@ class Appliance:
 
     def _step_scanner(self) -> None:
         try:
-            self.status.info = self.scanner.open()
+            self.connector.open()  # a missing microscope: degraded, retried by a worker
         except SCAN_ERRORS as exc:
             self.status.fatal = f"scanner: {exc}"
             self.status.record_error("scanner_unavailable", str(exc))
             self.publish_status(force=True)
             raise ServiceError(f"scanner could not start: {exc}") from exc
+
+    def _scanner_opened(self, info: ScannerInfo) -> None:
+        self.status.info = info
         if self.config.scan.scan_on_insert:
             scan = self.config.scan
             self.scanner.set_slide_listener(
                 lambda slide_id: self.worker.on_slide_inserted(slide_id, scan.fields, scan.plan)
             )
+        self.publish_status(force=True)
+
+    def _scanner_missing(self, reason: str) -> None:
+        self.status.record_error("scanner_unavailable", reason)
+        self.publish_status(force=True)
 
     def _step_workers(self) -> None:
         if self.pump is None:
             raise ServiceError("workers started before MQTT")
         self.supervisor.add("scan", self.worker.run)
+        if not self.connector.connected.is_set():
+            self.supervisor.add("microscope", self.connector.run)
         self.supervisor.add("publish", self.pump.run)
         if self.ota.enabled:
             self.supervisor.add("ota", self.ota.run)
@@ -239,12 +257,22 @@ class Appliance:
     def submit(self, request: ScanRequest) -> int:
         """Queue a scan; returns its queue position.  Raises ScanRejectedError."""
         info = self.status.info
-        if info is not None and info.model is None:
+        if info is None:
+            raise ScanRejectedError(
+                f"the microscope is not available ({self._microscope_error()}); the device "
+                "keeps trying to reach it",
+                "unavailable",
+            )
+        if info.model is None:
             raise ScanRejectedError("no model installed yet: offer one with cmd/ota", "no_model")
         if request.plan not in self.config.scan.plans:
             known = ", ".join(self.config.scan.plans)
             raise ScanRejectedError(f"unknown plan {request.plan!r} (known: {known})", "invalid")
         return self.worker.submit(request)
+
+    def _microscope_error(self) -> str:
+        last = self.status.last_error
+        return last["message"] if last else "not open yet"
 
     def snapshot(self) -> Snapshot:
         """The current queue and outbox state."""
@@ -315,7 +343,12 @@ class Appliance:
             self.publish_status(force=True)
 
     def run_batch(self, requests: Iterable[ScanRequest], ack_timeout_s: float) -> None:
-        """Scan ``requests`` one after another, then wait up to ``ack_timeout_s`` for PUBACKs."""
+        """Scan ``requests`` one after another, then wait up to ``ack_timeout_s`` for PUBACKs.
+
+        A one-shot run does not wait for a missing microscope: it fails with the reason.
+        """
+        if self.status.info is None:
+            raise ServiceError(f"scanner could not start: {self._microscope_error()}")
         for request in requests:
             while True:
                 try:
