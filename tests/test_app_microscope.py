@@ -84,3 +84,18 @@ def test_missing_microscope_at_start_is_degraded_then_idle_when_it_appears(
     states = [s["state"] for s in col.json_on("/status")]
     assert "error" not in states
     assert b"offline" not in col.on("/availability")
+
+
+def test_scans_are_refused_while_the_microscope_is_missing(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    from deploy.exceptions import ScanRejectedError
+
+    scanner = PtyScanner(tmp_path / "ttyNONE")
+    config = app_config(mosquitto.url, scan={"connect_retry_initial_s": 5})
+    app = Appliance(load_config(environ={}, overrides=config), tmp_path / "state", scanner)
+    with running_appliance(app):
+        with pytest.raises(ScanRejectedError) as info:
+            app.submit(ScanRequest("S-1", 2))
+        assert info.value.code == "unavailable" and "ttyNONE" in str(info.value)
+        assert app.queue.depth == 0

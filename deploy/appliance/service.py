@@ -129,6 +129,7 @@ class Appliance:
         )
         self.worker = ScanWorker(self.identity, scanner, self.queue, scan_ports, self.counters)
         self.committed = self.worker.committed  # results committed in this run (newest last)
+        self._microscope_missing: str | None = None  # why the microscope is not open yet
         self.connector = ScannerConnector(
             scanner,
             self._scanner_opened,
@@ -227,6 +228,7 @@ class Appliance:
             raise ServiceError(f"scanner could not start: {exc}") from exc
 
     def _scanner_opened(self, info: ScannerInfo) -> None:
+        self._microscope_missing = None
         self.status.info = info
         if self.config.scan.scan_on_insert:
             scan = self.config.scan
@@ -236,6 +238,7 @@ class Appliance:
         self.publish_status(force=True)
 
     def _scanner_missing(self, reason: str) -> None:
+        self._microscope_missing = reason
         self.status.record_error("scanner_unavailable", reason)
         self.publish_status(force=True)
 
@@ -257,22 +260,18 @@ class Appliance:
     def submit(self, request: ScanRequest) -> int:
         """Queue a scan; returns its queue position.  Raises ScanRejectedError."""
         info = self.status.info
-        if info is None:
-            raise ScanRejectedError(
-                f"the microscope is not available ({self._microscope_error()}); the device "
-                "keeps trying to reach it",
-                "unavailable",
-            )
-        if info.model is None:
+        if info is not None and info.model is None:
             raise ScanRejectedError("no model installed yet: offer one with cmd/ota", "no_model")
         if request.plan not in self.config.scan.plans:
             known = ", ".join(self.config.scan.plans)
             raise ScanRejectedError(f"unknown plan {request.plan!r} (known: {known})", "invalid")
+        if self._microscope_missing is not None:
+            raise ScanRejectedError(
+                f"the microscope is not available ({self._microscope_missing}); the device "
+                "keeps trying to reach it",
+                "unavailable",
+            )
         return self.worker.submit(request)
-
-    def _microscope_error(self) -> str:
-        last = self.status.last_error
-        return last["message"] if last else "not open yet"
 
     def snapshot(self) -> Snapshot:
         """The current queue and outbox state."""
@@ -347,8 +346,8 @@ class Appliance:
 
         A one-shot run does not wait for a missing microscope: it fails with the reason.
         """
-        if self.status.info is None:
-            raise ServiceError(f"scanner could not start: {self._microscope_error()}")
+        if self._microscope_missing is not None:
+            raise ServiceError(f"scanner could not start: {self._microscope_missing}")
         for request in requests:
             while True:
                 try:
