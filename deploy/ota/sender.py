@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 QOS = 1
 PRESENCE_S = 5.0  # retained messages arrive right after SUBACK; this is generous
 ANSWER_S = 10.0  # a running device takes (or refuses) an offer at once
+RETAINED_GRACE_S = 0.5
 #: ``ota/state`` progress steps that end an install.
 FINAL_STEPS = frozenset({"committed", "rolled_back", "rejected"})
 
@@ -95,6 +96,8 @@ class OfferSender:
                 break
             if topic == self.state_topic:
                 state = _json(payload)
+                # Retained messages come right after SUBACK: availability, if any, is close.
+                deadline = min(deadline, time.monotonic() + RETAINED_GRACE_S)
             elif topic.endswith("/availability"):
                 availability = payload.decode("utf-8", "replace").strip()
         if availability is not None and availability != "online":
