@@ -24,12 +24,17 @@ __all__ = ["open_inference_backend", "open_spectrum_backend"]
 
 
 def open_inference_backend(
-    name: str, bundle: Bundle, spectra: SpectrumBackend, options: BackendOptions | None = None
+    name: str,
+    bundle: Bundle,
+    options: BackendOptions | None = None,
+    *,
+    spectra: SpectrumBackend | str = "auto",
 ) -> InferenceBackend:
     """Load, warm up and golden-gate the inference backend ``name`` for ``bundle``; log it.
 
-    The gate replays the golden field pairs through ``spectra``: the spectrum backend that
-    serves (opened once per run by :func:`open_spectrum_backend`), never one of its own.
+    The gate replays the golden field pairs through ``spectra``.  A server passes the spectrum
+    backend it serves with (opened once per run by :func:`open_spectrum_backend`), so the gate
+    proves that one and opens none of its own; a name opens one for this check only.
     """
     from inference.golden import open_checked
 
