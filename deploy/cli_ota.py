@@ -149,7 +149,7 @@ def _publish(args: argparse.Namespace) -> int:
     from deploy.broker import parse_broker_url
     from deploy.ota.delivery import PathSource, UrlSource, inline_source, make_offer
     from deploy.ota.exceptions import DeliveryError
-    from deploy.ota.sender import OfferSender, final_outcome
+    from deploy.ota.sender import PRESENCE_S, OfferSender, final_outcome
     from deploy.ota.signing import opened
     from deploy.ota.unpack import is_archive
     from inference.bundle import sha256_file
@@ -173,7 +173,7 @@ def _publish(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.wait
     with OfferSender(parse_broker_url(args.broker), args.prefix, args.device_id) as sender:
         sender.connect()
-        sender.check_present(min(args.answer_timeout, args.wait))
+        sender.check_present(min(PRESENCE_S, args.answer_timeout, args.wait))
         reply = sender.deliver(offer, archive, args.wait, args.answer_timeout)
         if not reply.get("ok", False):
             out = {"outcome": "rejected", "reason": _reply_reason(reply), "reply": reply}

@@ -72,6 +72,8 @@ class SidecarError(ValueError):
 def read_sidecar(path: Path) -> Sidecar:
     """Parse a sidecar file; any damage (truncated, binary, deep, wrong types) is one
     :class:`SidecarError` with a one-line reason, never a traceback."""
+    if not path.is_file():  # a directory, FIFO or device named *.json: never opened
+        raise SidecarError("not a regular file")
     try:
         with path.open("rb") as fh:
             data = fh.read(MAX_SIDECAR_BYTES + 1)
@@ -216,7 +218,8 @@ class EngineCache:
             except SidecarError as exc:
                 log.warning("engine cache: %s is damaged (%s); removing the entry", side.name, exc)
                 for path in (side, side.with_suffix(".plan")):
-                    path.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):  # best effort: it is not listed anyway
+                        path.unlink(missing_ok=True)
                 continue
             out.append(described.model_dump(by_alias=True))
         return out

@@ -334,3 +334,12 @@ def test_health_clock_is_monotonic(
     write_health(tmp_path, {"state": "idle", "connected": True, "outbox_rows": 0})
     healthy, reason = check_health(tmp_path, 1.0)  # alive again: healthy whatever the wall says
     assert healthy, reason
+
+
+def test_a_health_stamp_from_the_future_is_not_fresh(tmp_path: Path) -> None:
+    """The boot clock never goes back, so a stamp ahead of it (a faked or foreign clock) is
+    not taken for a live daemon."""
+    write_health(tmp_path, {"state": "idle", "connected": True, "outbox_rows": 0})
+    now = time.clock_gettime(time.CLOCK_BOOTTIME)
+    assert check_health(tmp_path, 1.0, now=now)[0]
+    assert not check_health(tmp_path, 1.0, now=now - 3600)[0]

@@ -165,3 +165,11 @@ def test_corrupt_sidecar_is_an_invalid_entry_removed(
     assert not cache.plan_path(KEY).exists()
     cache.store(KEY, b"plan")  # a clean state: the entry is rebuilt and listed
     assert [e["key"] for e in cache.entries()] == [KEY.to_json()]
+
+
+def test_sidecars_that_are_not_files_are_skipped(tmp_path: Path) -> None:
+    cache = EngineCache(tmp_path)
+    cache.store(KEY, b"plan")
+    (cache.root / "dir.json").mkdir()
+    os.mkfifo(cache.root / "fifo.json")  # opening it would block for ever
+    assert [e["key"] for e in cache.entries()] == [KEY.to_json()]

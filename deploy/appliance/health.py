@@ -46,7 +46,8 @@ def check_health(state_dir: Path, interval_s: float, now: float | None = None) -
     age = uptime.age_s(report, now)
     if age is None:
         return False, "health file is stale (written in another boot, or without a clock stamp)"
-    if age > STALE_FACTOR * interval_s:
+    # The boot clock never goes back: a stamp "from the future" is a faked or foreign clock.
+    if age < 0 or age > STALE_FACTOR * interval_s:
         return False, f"health file is stale ({age:.0f} s old)"
     if not pid_alive(int(report.get("pid", 0))):
         return False, f"process {report.get('pid')} is not running"
