@@ -213,7 +213,7 @@ def test_inline_update_with_omis_ota_publish_takes_over_between_slides(
         publish = subprocess.run(
             [
                 *(sys.executable, "-m", "deploy.cli"),
-                *("ota", "publish", str(kit["v2.tar"]), "--broker", mosquitto.url),
+                *("ota", "publish", "-v", str(kit["v2.tar"]), "--broker", mosquitto.url),
                 *("--device-id", DEVICE, "--inline", "--chunk-kib", "8", "--wait", "30"),
             ],
             capture_output=True,
@@ -225,6 +225,11 @@ def test_inline_update_with_omis_ota_publish_takes_over_between_slides(
         assert publish.returncode == 0, publish.stderr[-2000:]
         out = json.loads(publish.stdout)
         assert out["outcome"] == "committed" and out["version"] == 2
+        steps = [
+            line.split("step: ", 1)[1] for line in publish.stderr.splitlines() if "step: " in line
+        ]
+        for expected in ("connected", "is present", "published", "sent", "reply", "committed"):
+            assert any(expected in step for step in steps), steps
         reply = out["reply"]
         assert reply["ok"] is True and reply["result"]["received"] is True
         assert reply["result"]["version"] == 2
