@@ -77,6 +77,11 @@ class Topics:
         return f"{self.base}/result"
 
     @property
+    def shadow(self) -> str:
+        """omis.shadow/1, one per slide while a shadow candidate is held (QoS 1)."""
+        return f"{self.base}/shadow"
+
+    @property
     def ota_state(self) -> str:
         """OTA state, retained (published by the OTA component)."""
         return f"{self.base}/ota/state"

@@ -26,14 +26,14 @@ from urllib.parse import parse_qs, urlsplit
 
 from pydantic import ValidationError
 
-from deploy.appliance.base import ScannerInfo, ScanRequest, SlideListener
+from deploy.appliance.base import ScannerInfo, ScanRequest, ShadowOutcome, SlideListener
 from deploy.config import InferenceConfig, PlanConfig
 from deploy.exceptions import InvalidResultError, ScanCancelledError, ScanError
 from deploy.serving import ModelServer, Served, active_bundle_path
 from firmware_bridge.validation import first_error
 from inference.bundle import Bundle
 from inference.exceptions import InferenceError
-from inference.pipeline import NoUsableFieldError
+from inference.pipeline import NoUsableFieldError, SlideResult
 from inference.result import Simulation, SlideReport, field_reports, no_usable_field
 
 if TYPE_CHECKING:
@@ -91,6 +91,7 @@ class MicroscopeScanner:
         # many events (a time window around load_slide would let them through).
         self._own_inserts = 0
         self._own_inserts_lock = threading.Lock()
+        self._shadow_out: ShadowOutcome | None = None
 
     @property
     def simulated(self) -> bool:
@@ -139,6 +140,14 @@ class MicroscopeScanner:
     def discard_prepared(self) -> None:
         """Drop a prepared model that will not be switched to (idempotent)."""
         self.models.discard_prepared()
+
+    def check_shadow(self, spectrum: dict[str, Any]) -> None:
+        """Refuse a shadow candidate whose spectrum parameters differ from the serving ones."""
+        self.models.check_same_spectrum(spectrum)
+
+    def prepare_shadow(self, bundle: Bundle) -> None:
+        """Gate a shadow candidate: same spectrum, then the normal golden gate."""
+        self.models.prepare_shadow(bundle)
 
     def unload_model(self) -> ScannerInfo:
         """Serve no model any more (a rolled-back first model); slide lock held."""
@@ -204,10 +213,12 @@ class MicroscopeScanner:
         microscope = self._microscope
         if microscope is None:
             raise ScanError("scanner is not open")
+        self._shadow_out = None
         try:
             self.models.follow_store()
         except InferenceError as exc:
             raise ScanError(f"the store's new model could not be loaded: {exc}") from exc
+        self.models.follow_shadow()
         served = self.models.served
         if served is None:
             raise ScanError("no model installed yet")
@@ -232,7 +243,31 @@ class MicroscopeScanner:
                 report = result.report()
             except ValidationError as exc:  # NaN or out-of-range outputs: never a label
                 raise InvalidResultError(f"slide {request.slide_id}: {first_error(exc)}") from exc
+            # After the serving report is final: the candidate can neither change nor delay it.
+            self._shadow_out = self._run_shadow(served, result, request.slide_id)
         return self._with_context(microscope, report, request.plan, plan)
+
+    def _run_shadow(self, served: Served, result: SlideResult, slide: str) -> ShadowOutcome | None:
+        """The shadow candidate's call on this slide's spectrum (no second acquisition)."""
+        shadow = self.models.shadow
+        if shadow is None:
+            return None
+        candidate = dict(shadow.bundle.describe())
+        if shadow.pipeline.params != served.pipeline.params:
+            why = "the serving model's spectrum parameters changed; the shadow cannot run on them"
+            self.models.shadow_error = why
+            return ShadowOutcome(candidate, None, why)
+        try:
+            report = shadow.pipeline.classify_spectrum(result.spectrum, result.fields).report()
+        except (InferenceError, ValidationError, ValueError) as exc:
+            log.error("slide %s: shadow candidate failed: %s", slide, exc)
+            return ShadowOutcome(candidate, None, f"{type(exc).__name__}: {exc}"[:512])
+        return ShadowOutcome(candidate, report)
+
+    def take_shadow(self) -> ShadowOutcome | None:
+        """The shadow outcome of the last scanned slide (once), or None."""
+        out, self._shadow_out = self._shadow_out, None
+        return out
 
     @staticmethod
     def _unusable(served: Served, exc: NoUsableFieldError) -> SlideReport:

@@ -19,6 +19,7 @@ from deploy.config import InferenceConfig
 from deploy.exceptions import ScanError
 from inference.backends.base import BackendOptions, InferenceBackend
 from inference.bundle import Bundle
+from inference.exceptions import InferenceError
 from inference.pipeline import PipelineConfig, SlidePipeline
 from inference.spectrum import SpectrumBackend
 
@@ -70,6 +71,10 @@ class ModelServer:
         self._spectra: SpectrumBackend | None = None
         self._prepared: Served | None = None
         self._prepare_lock = threading.Lock()
+        self.shadow: Served | None = None  # the shadow candidate (never serves)
+        self._shadow_dir: str | None = None  # its slot directory: what follow_shadow compares
+        self._shadow_failed: str | None = None  # slot dir that could not be loaded (not retried)
+        self.shadow_error: str | None = None  # why the held candidate does not run
 
     @property
     def follows_store(self) -> bool:
@@ -92,6 +97,7 @@ class ModelServer:
             self.served = self._open_model(bundle, generation)
         else:
             self.served = self._open_model(load_bundle(self.bundle_path), None)
+        self.follow_shadow()
         return self.served
 
     def options(self) -> BackendOptions:
@@ -205,11 +211,86 @@ class ModelServer:
         log.info("model store changed (generation %s -> %d): reloading", was, generation)
         self.switch(bundle, generation)
 
+    # -- the shadow candidate --------------------------------------------------------------------
+
+    def check_same_spectrum(self, spectrum: dict[str, Any]) -> None:
+        """A shadow candidate must compute the spectrum as the serving bundle does (it runs on
+        the serving pipeline's spectrum of each slide); raises :class:`RejectedError`."""
+        from deploy.ota.exceptions import RejectedError
+        from inference.spectrum import parse_params
+
+        served = self.served
+        if served is None:
+            raise RejectedError("a shadow candidate needs a serving model to run beside")
+        try:
+            params = parse_params(spectrum)
+        except InferenceError as exc:
+            raise RejectedError(f"the candidate's spectrum parameters: {exc}") from exc
+        if params != served.pipeline.params:
+            raise RejectedError(
+                "the shadow runs on the same spectrum: the candidate's spectrum parameters "
+                f"differ from those of the serving {served.bundle.manifest.name} "
+                f"v{served.bundle.manifest.version}"
+            )
+
+    def prepare_shadow(self, bundle: Bundle) -> None:
+        """Shadow gate: same spectrum as the serving model, then the normal golden gate."""
+        self.check_same_spectrum(bundle.manifest.spectrum)
+        self.prepare(bundle)
+
+    def follow_shadow(self) -> None:
+        """Run the state dir's shadow candidate (at a slide boundary): load a new one, drop a
+        cleared one.  A candidate that cannot be loaded does not run (``shadow_error``)."""
+        from deploy.ota.exceptions import OtaError
+        from deploy.ota.shadow import ShadowStore
+
+        shadow = ShadowStore(self.state_dir)
+        try:
+            slot = shadow.read()
+        except OtaError as exc:
+            self.shadow_error = str(exc)
+            return
+        want = None if slot is None or self.bundle_path is not None else slot.dir
+        if want == self._shadow_dir or (want is not None and want == self._shadow_failed):
+            return
+        self._close_shadow()
+        if slot is None or want is None:
+            self.shadow_error = None
+            return
+        try:
+            bundle = shadow.open(slot)
+            self.check_same_spectrum(bundle.manifest.spectrum)
+            self.shadow = self._take_prepared(bundle) or self._open_model(bundle, None)
+        except (OtaError, InferenceError, OSError) as exc:
+            self._shadow_failed = slot.dir
+            self.shadow_error = f"shadow {slot.name} v{slot.version} not running: {exc}"
+            log.error("%s", self.shadow_error)
+            return
+        self._shadow_dir, self.shadow_error = slot.dir, None
+        log.info("shadow candidate %s v%d runs beside the serving model", slot.name, slot.version)
+
+    def _take_prepared(self, bundle: Bundle) -> Served | None:
+        """The prepared (already gated) model of ``bundle``, re-rooted; None when another."""
+        with self._prepare_lock:
+            ready = self._prepared
+            if ready is None or ready.bundle.manifest_bytes != bundle.manifest_bytes:
+                return None
+            self._prepared = None
+        ready.bundle = bundle
+        return ready
+
+    def _close_shadow(self) -> None:
+        shadow, self.shadow, self._shadow_dir = self.shadow, None, None
+        if shadow is not None:
+            log.info("shadow candidate %s v%s stopped", *_name(shadow))
+            shadow.close()
+
     def close(self) -> None:
         """Close the prepared and serving models and the spectrum backend (idempotent)."""
         served, self.served = self.served, None
         spectra, self._spectra = self._spectra, None
         try:
+            self._close_shadow()
             self.discard_prepared()
             if served is not None:
                 served.close()

@@ -450,7 +450,27 @@ class SlidePipeline:
 
     def _classify(self, item: _SlideSpectrum) -> SlideResult:
         acc, spectrum = item.acc, item.spectrum
-        t = acc.timings
+        probs = self._infer(spectrum, acc.timings)
+        acc.timings["total"] = (time.perf_counter() - acc.started) * 1e3
+        return self._result(probs, tuple(acc.qc.fields), acc.timings, spectrum)
+
+    def classify_spectrum(
+        self, spectrum: Spectrum, fields: tuple[FieldQuality, ...]
+    ) -> SlideResult:
+        """Classify a slide spectrum computed elsewhere (no acquisition, no second spectrum).
+
+        The shadow candidate runs here on the serving pipeline's spectrum of each slide; the
+        normal path runs the same render -> preprocess -> infer -> decide code.  ``fields`` are
+        the slide's field QC results (the minimum-usable-fields rule needs them).
+        """
+        timings = dict.fromkeys(STAGES, 0.0)
+        t0 = time.perf_counter()
+        probs = self._infer(spectrum, timings)
+        timings["total"] = (time.perf_counter() - t0) * 1e3
+        return self._result(probs, fields, timings, spectrum)
+
+    def _infer(self, spectrum: Spectrum, t: dict[str, float]) -> Any:
+        """render -> preprocess -> infer of one slide spectrum; stage times into ``t``."""
         t0 = time.perf_counter()
         spec = self.bundle.manifest.input
         if spec.representation == "spectrum":  # the model reads the vector: nothing to draw
@@ -466,10 +486,15 @@ class SlidePipeline:
         probs = self.backend.infer(tensor)[0]
         t3 = time.perf_counter()
         t["render"], t["preprocess"], t["infer"] = (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
-        t["total"] = (t3 - acc.started) * 1e3
-        return self._result(probs, acc, spectrum)
+        return probs
 
-    def _result(self, probs: Any, acc: _SlideAcc, spectrum: Spectrum) -> SlideResult:
+    def _result(
+        self,
+        probs: Any,
+        fields: tuple[FieldQuality, ...],
+        timings: dict[str, float],
+        spectrum: Spectrum,
+    ) -> SlideResult:
         m = self.bundle.manifest
         th = m.thresholds
         outside = out_of_range(spectrum.x_nm, spectrum.y, self.render_params, th.out_of_range)[0]
@@ -479,7 +504,6 @@ class SlidePipeline:
             out_of_range=th.out_of_range,
             min_usable_fields=self.config.min_usable_fields,
         )
-        fields = tuple(acc.qc.fields)
         call = decide(
             m.classes,
             [float(p) for p in probs],
@@ -495,7 +519,7 @@ class SlidePipeline:
             spectrum_backend=spectrum.backend,
             fields=fields,
             spectrum=spectrum,
-            timings_ms={k: round(v, 3) for k, v in acc.timings.items()},
+            timings_ms={k: round(v, 3) for k, v in timings.items()},
             mass_outside_window=outside,
         )
 

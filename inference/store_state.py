@@ -25,7 +25,7 @@ STATE_FILE = "state.json"
 BUNDLES_DIR = "bundles"
 
 M = TypeVar("M", bound=BaseModel)
-OutcomeResult = Literal["committed", "rolled_back", "rejected", "interrupted"]
+OutcomeResult = Literal["committed", "rolled_back", "rejected", "interrupted", "shadow"]
 
 
 class Record(BaseModel):

@@ -75,6 +75,37 @@ class SlideScanner(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ShadowOutcome:
+    """A shadow candidate's call on the slide just scanned (never a clinical result)."""
+
+    candidate: dict[str, Any]  # name, version, sha256
+    report: SlideReport | None  # None when the candidate failed on the slide
+    error: str | None = None
+
+
+@runtime_checkable
+class ShadowRunner(Protocol):
+    """A scanner that may run a shadow candidate beside the serving model."""
+
+    def take_shadow(self) -> ShadowOutcome | None:
+        """The shadow outcome of the last scanned slide (once), or None."""
+        ...
+
+
+@runtime_checkable
+class ShadowHost(Protocol):
+    """A scanner that can gate a shadow candidate (OTA ``mode: shadow``)."""
+
+    def check_shadow(self, spectrum: dict[str, Any]) -> None:
+        """Refuse (raise) a candidate whose spectrum parameters differ from the serving one's."""
+        ...
+
+    def prepare_shadow(self, bundle: Bundle) -> None:
+        """Same spectrum check, then the normal golden gate beside the serving model."""
+        ...
+
+
 @runtime_checkable
 class ModelSwapper(Protocol):
     """A scanner that can load a model beside the serving one and switch between slides."""

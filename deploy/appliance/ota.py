@@ -11,8 +11,8 @@ Threads and what each does:
   disk and re-requested on ``ota/need/<transfer>``), then runs the
   :class:`~deploy.ota.install.Installer` with the offer's manifest, verified and parsed once
   when the offer came: one verified unpack (bytes compared with the offer's) -> golden gate
-  (the scanner loads the new model *beside* the serving one) -> switch under the slide lock (never inside a slide) ->
-  health period -> commit or automatic rollback.
+  (the scanner loads the new model *beside* the serving one) -> switch under the slide lock
+  (never inside a slide) -> health period -> commit or automatic rollback.
 * Scan worker: holds the slide lock for each slide and reports each slide's outcome through
   :meth:`slide_started` / :meth:`slide_finished`; only slides that *started* on the new model
   count towards its health period.
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy import __version__
-from deploy.appliance.base import ModelSwapper, SlideVerdict
+from deploy.appliance.base import ModelSwapper, ShadowHost, SlideVerdict
 from deploy.appliance.commands import CommandFailed
 from deploy.appliance.ota_settings import OtaPorts, OtaSettings, ota_health_checks
 from deploy.appliance.ota_transfer import (
@@ -46,7 +46,7 @@ from deploy.appliance.ota_transfer import (
     offer_json_schema,
 )
 from deploy.exceptions import SchemaError
-from deploy.ota.delivery import OtaOffer, ota_state_payload, precheck_offer
+from deploy.ota.delivery import OtaOffer, PathSource, ota_state_payload, precheck_offer
 from deploy.ota.exceptions import (
     DeliveryError,
     HealthCheckError,
@@ -54,8 +54,15 @@ from deploy.ota.exceptions import (
     RejectedError,
     StoreError,
 )
-from deploy.ota.install import HealthMonitor, Installer, InstallOptions, ServiceHooks
-from deploy.ota.signing import SignedManifest
+from deploy.ota.install import (
+    HealthMonitor,
+    Installer,
+    InstallOptions,
+    ServiceHooks,
+    check_candidate,
+)
+from deploy.ota.shadow import ShadowStore, install_shadow
+from deploy.ota.signing import SignedManifest, read_pair, verify_manifest
 from deploy.ota.store import ModelStore, Outcome
 from deploy.ota.trust import TrustStore
 from deploy.schemas import validate
@@ -91,6 +98,10 @@ class _Job:
     def version(self) -> int:
         return self.signed.manifest.version
 
+    @property
+    def mode(self) -> str:
+        return self.offer.mode
+
 
 @dataclass
 class _Reply:
@@ -115,6 +126,7 @@ class OtaController:
         self.swapper = swapper
         self.settings = settings or OtaSettings()
         self.store = ModelStore(state_dir)
+        self.shadow = ShadowStore(state_dir)
         self.trust = TrustStore(state_dir)
         self.work_dir = state_dir / OTA_DIR
         self.monitor = HealthMonitor()
@@ -176,8 +188,8 @@ class OtaController:
             if self._job is not None:
                 raise CommandFailed("busy", f"v{self._job.version} is being installed; offer later")
             try:
-                signed = precheck_offer(offer, self.trust, self.store, __version__)
-            except (RejectedError, DeliveryError) as exc:
+                offer, signed = self._precheck(offer)
+            except (RejectedError, DeliveryError, StoreError) as exc:
                 log.warning("ota: offer %s rejected: %s", offer.correlation_id, exc)
                 raise CommandFailed("rejected", str(exc)) from exc
             job = _Job(offer, signed)
@@ -186,7 +198,8 @@ class OtaController:
                 "accepted": True,
                 "name": job.name,
                 "version": job.version,
-                "source": offer.source.kind,
+                "source": offer.bundle_source.kind,
+                "mode": offer.mode,
                 "state_topic": f"{self.ports.base_topic}/ota/state",
             }
             self._reply = _Reply(Future(), accepted)
@@ -196,6 +209,31 @@ class OtaController:
         self.ports.set_updating(True)
         self._set_progress("offered", job)
         return future
+
+    def _precheck(self, offer: OtaOffer) -> tuple[OtaOffer, SignedManifest]:
+        """The checks of an offer before anything is received, by its mode."""
+        if offer.mode == "promote":
+            return self._promote_offer(offer)
+        signed = precheck_offer(offer, self.trust, self.store, __version__)
+        if offer.mode == "shadow":
+            self._shadow_host().check_shadow(signed.manifest.spectrum)
+        return offer, signed
+
+    def _promote_offer(self, offer: OtaOffer) -> tuple[OtaOffer, SignedManifest]:
+        """A promote offer names the held shadow candidate (its manifest and signature); it is
+        installed from the shadow slot through the normal path (gate, switch, health period)."""
+        slot = self.shadow.read()
+        if slot is None:
+            raise RejectedError("no shadow candidate to promote")
+        root = self.shadow.bundle_path(slot)
+        data, signature = read_pair(root)
+        if data != offer.manifest_bytes() or signature != offer.signature_bytes():
+            raise RejectedError(
+                f"the offer does not name the shadow candidate ({slot.name} v{slot.version})"
+            )
+        signed = verify_manifest(data, signature, self.trust.keys())  # trust may have changed
+        check_candidate(signed.manifest, self.store.read_state().current, __version__, False)
+        return offer.model_copy(update={"source": PathSource(path=str(root))}), signed
 
     def on_chunk(self, topic: str, payload: bytes) -> None:
         """An inline chunk arrived: hand it to the worker (dropped when not expected)."""
@@ -265,7 +303,10 @@ class OtaController:
             return
         self._release_reply()
         try:
-            self._install(job, archive)
+            if job.mode == "shadow":
+                self._install_shadow(job, archive)
+            else:
+                self._install(job, archive)
         finally:
             if archive.parent == self.work_dir:
                 archive.unlink(missing_ok=True)
@@ -285,6 +326,7 @@ class OtaController:
             options = InstallOptions(health=self.settings.health, offered=job.signed)
             result = installer.install(archive, options)
             log.info("ota: %s v%d committed", job.name, job.version)
+            self._drop_promoted_shadow(result.model.get("sha256"))
             self._set_progress("committed", job, generation=result.generation)
         except HealthCheckError as exc:
             log.warning("ota: %s", exc)
@@ -294,6 +336,36 @@ class OtaController:
             swapper.discard_prepared()
             self._watch = 0
             self._unload_if_store_empty(swapper)
+
+    def _install_shadow(self, job: _Job, archive: Path) -> None:
+        """``mode: shadow``: the installer's verify/place/gate, then held beside the serving
+        model (never switched to); the scanner runs it from the next slide on."""
+        host = self._shadow_host()
+        installer = Installer(self.store, self.trust, host.prepare_shadow, None, self._on_step)
+        options = InstallOptions(offered=job.signed)
+        try:
+            slot = install_shadow(installer, self.shadow, archive, options)
+            self._set_progress("shadow", job, sha256=slot.sha256)
+        except OTA_ERRORS as exc:
+            log.warning("ota: %s v%d not held as shadow: %s", job.name, job.version, exc)
+            if self.swapper is not None:
+                self.swapper.discard_prepared()
+
+    def _shadow_host(self) -> ShadowHost:
+        host: object = self.swapper  # a ModelSwapper that may also gate shadow candidates
+        if not isinstance(host, ShadowHost):
+            raise RejectedError("this scanner cannot run a shadow candidate")
+        return host
+
+    def _drop_promoted_shadow(self, sha256: object) -> None:
+        """The shadow candidate now serves: it is no longer a shadow."""
+        try:
+            slot = self.shadow.read()
+            if slot is not None and slot.sha256 == sha256:
+                self.shadow.clear()
+                log.info("ota: shadow %s v%d promoted: no shadow now", slot.name, slot.version)
+        except (StoreError, OSError) as exc:
+            log.warning("ota: promoted shadow not cleared: %s", exc)
 
     def _unload_if_store_empty(self, swapper: ModelSwapper) -> None:
         """A first model that was rolled back leaves nothing to serve: stop serving it."""
@@ -318,7 +390,7 @@ class OtaController:
     # -- receiving ---------------------------------------------------------------------------------
 
     def _receive(self, job: _Job, stop: threading.Event) -> Path:
-        self._set_progress("receiving", job, source=job.offer.source.kind)
+        self._set_progress("receiving", job, source=job.offer.bundle_source.kind)
         path = self.receiver.receive(job.offer, lambda: stop.is_set() or self._stopping.is_set())
         self._set_progress("received", job)
         return path
@@ -369,7 +441,12 @@ class OtaController:
 
     def state(self) -> dict[str, Any]:
         """The ``ota/state`` payload now."""
-        return ota_state_payload(self.store, self._progress)
+        try:
+            shadow = self.shadow.describe()
+        except StoreError as exc:
+            log.warning("ota: shadow state unreadable: %s", exc)
+            shadow = None
+        return ota_state_payload(self.store, self._progress, shadow)
 
     def publish_state(self) -> None:
         """Publish the retained ``ota/state`` (also on every reconnect)."""

@@ -98,7 +98,7 @@ class OtaReceiver:
         The archive is named by the offer's correlation id, validated and kept under
         ``work_dir``; when the offer is refused nothing received stays behind.
         """
-        source = offer.source
+        source = offer.bundle_source
         if isinstance(source, PathSource):
             out = Path(source.path)
             check_matches_offer(out, offer)
@@ -172,7 +172,10 @@ def offer_json_schema() -> dict[str, Any]:
     for name in ("PathSource", "UrlSource", "InlineSource"):
         definition = schema["$defs"][name]
         definition["required"] = ["kind", *definition.get("required", [])]
-    schema["properties"]["source"].pop("discriminator", None)
+    source = schema["properties"]["source"]
+    source.pop("discriminator", None)
+    for option in source.get("anyOf", ()):
+        option.pop("discriminator", None)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": OFFER_SCHEMA_ID,

@@ -43,6 +43,7 @@ from deploy.appliance.ota import OtaController, OtaPorts, OtaSettings, chunk_fil
 from deploy.appliance.publisher import OutboxPublisher
 from deploy.appliance.queue import ScanQueue
 from deploy.appliance.results import Identity
+from deploy.appliance.shadow import ShadowPublisher
 from deploy.appliance.status import Snapshot, StatusTracker
 from deploy.appliance.supervisor import Supervisor
 from deploy.appliance.telemetry import Telemetry, TelemetryPorts
@@ -126,6 +127,9 @@ class Appliance:
             record_error=self.status.record_error,
             info=lambda: self.status.info,
             model_seen=self.telemetry.note_model,
+            shadow=ShadowPublisher(
+                self.outbox, topics.shadow, self.transport.notify, self.telemetry.record_error
+            ).commit,
         )
         self.worker = ScanWorker(self.identity, scanner, self.queue, scan_ports, self.counters)
         self.committed = self.worker.committed  # results committed in this run (newest last)

@@ -18,11 +18,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from deploy.appliance.base import ScannerInfo, ScanRequest, SlideScanner, SlideVerdict
+from deploy.appliance.base import (
+    ScannerInfo,
+    ScanRequest,
+    ShadowOutcome,
+    ShadowRunner,
+    SlideScanner,
+    SlideVerdict,
+)
 from deploy.appliance.publisher import ResultPublisher
 from deploy.appliance.queue import ScanQueue
 from deploy.appliance.results import Identity, ResultMessage, build_result, rfc3339
+from deploy.appliance.shadow import build_shadow
 from deploy.exceptions import DeployError, ScanCancelledError, ScanRejectedError
+from deploy.messages.shadow import ShadowMessage
 from firmware_bridge.exceptions import BridgeError
 from inference.exceptions import InferenceError
 from inference.result import (
@@ -79,6 +88,7 @@ class ScanPorts:
     record_error: Callable[[str, str], None]
     info: Callable[[], ScannerInfo | None]  # what serves now (for failed results)
     model_seen: Callable[[dict[str, Any] | None], None]
+    shadow: Callable[[ShadowMessage], None] | None = None  # commits omis.shadow/1 messages
 
 
 # Abstentions decided by the device's quality control before (or regardless of) the model.
@@ -178,6 +188,7 @@ class ScanWorker:
             t0 = time.monotonic()
             health = self.ports.slide_started()
             report = self._scan(request)
+            shadow = self._take_shadow()
         verdict = verdict_of(report)
         if verdict is not None:
             self.ports.slide_finished(health, verdict, f"slide {request.slide_id}: {report.reason}")
@@ -185,7 +196,20 @@ class ScanWorker:
             self.ports.model_seen(report.model.model_dump() if report.model else None)
             self.counters.scan_ms.append((time.monotonic() - t0) * 1000.0)
             self.counters.scans_ok += 1
-        return self._commit(request, started, report)
+        result = self._commit(request, started, report)
+        if shadow is not None:
+            self._commit_shadow(result, shadow)
+        return result
+
+    def _take_shadow(self) -> ShadowOutcome | None:
+        scanner = self.scanner
+        return scanner.take_shadow() if isinstance(scanner, ShadowRunner) else None
+
+    def _commit_shadow(self, result: ResultMessage, shadow: ShadowOutcome) -> None:
+        """The candidate's call after the serving result is safe (never instead of it)."""
+        message = build_shadow(self.identity, result, shadow)
+        if message is not None and self.ports.shadow is not None:
+            self.ports.shadow(message)
 
     def _scan(self, request: ScanRequest) -> SlideReport:
         try:

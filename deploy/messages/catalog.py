@@ -22,6 +22,7 @@ from deploy.messages.ota_state import OtaStateMessage
 from deploy.messages.receipt import ReceiptMessage
 from deploy.messages.reply import ReplyMessage
 from deploy.messages.result import ResultMessage
+from deploy.messages.shadow import ShadowMessage
 from deploy.messages.status import StatusMessage
 
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
@@ -150,6 +151,13 @@ ENTRIES: tuple[Entry, ...] = (
         "omis.receipt/1 - the archive's receipt for stored message ids (archive -> device)",
         _model_schema(ReceiptMessage),
         "deploy.messages.receipt.ReceiptMessage",
+    ),
+    Entry(
+        "shadow",
+        _id("omis.shadow/1"),
+        "omis.shadow/1 - a shadow candidate's call on one slide (never a clinical result)",
+        _model_schema(ShadowMessage),
+        "deploy.messages.shadow.ShadowMessage",
     ),
 )
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from deploy.messages.base import Message
-from inference.result import MAX_INT64
+from inference.result import MAX_INT64, ModelRef
 
 OTA_STATE_SCHEMA: Literal["omis.ota_state/1"] = "omis.ota_state/1"
 
@@ -24,3 +24,6 @@ class OtaStateMessage(Message):
     models: dict[str, dict[str, Any] | None] | None = None
     step: str | None = Field(default=None, max_length=64)
     progress: dict[str, Any] | None = None
+    shadow: ModelRef | None = Field(
+        default=None, description="the shadow candidate held beside the serving model, or null"
+    )

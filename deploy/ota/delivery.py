@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from deploy.messages.ota_state import OtaStateMessage
 from deploy.ota.exceptions import DeliveryError, RejectedError, SignatureInvalidError
@@ -91,6 +91,9 @@ class InlineSource(_Model):
 Source = Annotated[PathSource | UrlSource | InlineSource, Field(discriminator="kind")]
 
 
+OfferMode = Literal["serve", "shadow", "promote"]
+
+
 class OtaOffer(_Model):
     """Payload of ``cmd/ota``."""
 
@@ -99,11 +102,34 @@ class OtaOffer(_Model):
     device_id: str | None = Field(None, max_length=128, description="target device, if named")
     manifest: str = Field(description="base64 of the exact manifest.json bytes")
     signature: str = Field(description="base64 of manifest.sig")
-    source: Source
+    source: Source | None = Field(
+        default=None, description="where the bundle comes from (absent only for mode promote)"
+    )
+    mode: OfferMode = Field(
+        default="serve",
+        description="serve: install and switch (health period); shadow: hold beside the serving "
+        "model and publish its calls on .../shadow; promote: install the held shadow candidate "
+        "(named by manifest and signature) through the normal path",
+    )
 
     model_config = ConfigDict(
         extra="forbid", allow_inf_nan=False, frozen=True, populate_by_name=True
     )
+
+    @model_validator(mode="after")
+    def _source_for_mode(self) -> OtaOffer:
+        if self.mode == "promote" and self.source is not None:
+            raise ValueError("a promote offer has no source: the device holds the candidate")
+        if self.mode != "promote" and self.source is None:
+            raise ValueError(f"source: required for mode {self.mode}")
+        return self
+
+    @property
+    def bundle_source(self) -> PathSource | UrlSource | InlineSource:
+        """The source (a promote offer gets one from the device before it is received)."""
+        if self.source is None:
+            raise DeliveryError("offer: no source")
+        return self.source
 
     def manifest_bytes(self) -> bytes:
         """Decoded manifest bytes."""
@@ -356,8 +382,14 @@ def archive_path(work_dir: Path, offer: OtaOffer) -> Path:
         raise DeliveryError(str(exc)) from exc
 
 
-def ota_state_payload(store: ModelStore, progress: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The retained ``ota/state`` payload: store state plus the running install's progress."""
+def ota_state_payload(
+    store: ModelStore,
+    progress: dict[str, Any] | None = None,
+    shadow: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The retained ``ota/state`` payload: store state, the running install's progress and the
+    shadow candidate held beside the serving model (None: none)."""
     payload = store.state()
     payload["progress"] = progress
+    payload["shadow"] = shadow
     return OtaStateMessage.model_validate(payload).to_json()  # the one model of ota/state
