@@ -8,12 +8,13 @@ own table for the comparison (``GET /api/shadow``).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from deploy.messages.base import Message, Timestamp
 from deploy.messages.identifiers import Identifier, MessageId
+from deploy.messages.result import PREDICTION_OMIT_WHEN_NONE
 from inference.result import MAX_INT64, ModelRef, Prediction, Text
 
 SHADOW_SCHEMA: Literal["omis.shadow/1"] = "omis.shadow/1"
@@ -49,3 +50,13 @@ class ShadowMessage(Message):
         description="the candidate's render/preprocess/infer times (the shadow's cost)"
     )
     seq: int = Field(ge=1, le=MAX_INT64, strict=True, description="per-boot sequence number")
+
+    def to_json(self) -> dict[str, Any]:
+        """The message as JSON data; the prediction written as in ``omis.result/1``."""
+        data = super().to_json()
+        prediction = data.get("prediction")
+        if prediction is not None:
+            for key in PREDICTION_OMIT_WHEN_NONE:
+                if prediction.get(key) is None:
+                    prediction.pop(key, None)
+        return data

@@ -36,7 +36,7 @@ PRESENCE_S = 5.0  # retained messages arrive right after SUBACK; this is generou
 ANSWER_S = 10.0  # a running device takes (or refuses) an offer at once
 RETAINED_GRACE_S = 0.5
 #: ``ota/state`` progress steps that end an install.
-FINAL_STEPS = frozenset({"committed", "rolled_back", "rejected"})
+FINAL_STEPS = frozenset({"committed", "rolled_back", "rejected", "shadow"})
 
 
 class OfferSender:

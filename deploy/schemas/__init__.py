@@ -32,6 +32,7 @@ SCHEMA_NAMES = (
     "ota_state",
     "availability",
     "receipt",
+    "shadow",
 )
 
 
