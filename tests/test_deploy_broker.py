@@ -284,3 +284,19 @@ def test_ingest_service_reads_results_and_cannot_command(
     assert scope1.publish(f"{PREFIX}/scope-01/result", b'{"n": 2}') == 0
     assert wait_for(lambda: ingest.received(f"{PREFIX}/scope-01/result"), 5)
     assert ingest.publish(f"{PREFIX}/scope-01/cmd/scan", b"{}") == NOT_AUTHORIZED
+
+
+def test_a_device_publishes_only_its_own_shadow_results(
+    broker: RunningBroker, peers: list[Peer]
+) -> None:
+    ingest = Peer(broker, "svc.ingest", "pw-ingest", cert="svc.ingest").connect()
+    peers.append(ingest)
+    assert ingest.connected.is_set()
+    assert ingest.subscribe(f"{PREFIX}/+/shadow") == [1]
+    scope1 = device(broker, peers, "scope-01")
+    assert scope1.publish(f"{PREFIX}/scope-01/shadow", b'{"schema": "omis.shadow/1"}') == 0
+    assert scope1.publish(f"{PREFIX}/scope-02/shadow", b"forged") == NOT_AUTHORIZED
+    assert wait_for(lambda: ingest.received(f"{PREFIX}/scope-01/shadow"), 5)
+    time.sleep(0.3)  # a denied publish would have arrived by now
+    assert ingest.received(f"{PREFIX}/scope-02/shadow") == []
+    assert ingest.publish(f"{PREFIX}/scope-01/shadow", b"x") == NOT_AUTHORIZED

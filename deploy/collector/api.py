@@ -22,6 +22,7 @@ from deploy.collector.config import HttpConfig
 from deploy.collector.fhir import diagnostic_bundle
 from deploy.collector.fleet_api import fleet_router
 from deploy.collector.queries import LIST_COLUMNS, ArchiveQueries, ResultFilter
+from deploy.collector.shadow_api import shadow_router
 from deploy.collector.store import parse_time
 from deploy.fleet.view import fleet_summary
 from deploy.messages.vocabulary import OutcomeName, Risk
@@ -154,6 +155,7 @@ def create_app(queries: ArchiveQueries, config: HttpConfig, dashboard: Path | No
         return queries.alerts(open_only=open_only, device=device, limit=limit)
 
     app.include_router(fleet_router(queries.engine, viewer, page_limit))
+    app.include_router(shadow_router(queries.engine, viewer))
     if dashboard is not None:
         app.mount("/", StaticFiles(directory=dashboard, html=True), name="dashboard")
     return app

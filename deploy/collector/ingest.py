@@ -28,6 +28,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from deploy.broker import parse_broker_url
 from deploy.collector.config import CollectorMqtt
 from deploy.collector.outcome import check_result
+from deploy.collector.shadow import ShadowArchive
 from deploy.collector.store import ArchiveStore
 from deploy.exceptions import ArchiveError, MqttError, SchemaError
 from deploy.messages.identifiers import is_identifier
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 RECEIVE_MAXIMUM = 50  # unacknowledged results the broker may hand this instance at once
 STATE_KINDS = ("availability", "status", "ota/state")
+SHARED_KINDS = ("result", "shadow")  # one copy per group: results and shadow results
 
 
 def _json(payload: bytes, schema: str) -> dict[str, Any] | None:
@@ -79,13 +81,15 @@ class ArchiveSubscriber:
             "availability": self._on_availability,
             "status": self._on_status,
             "ota/state": self._on_ota_state,
+            "shadow": self._on_shadow,
         }
+        self.shadow = ShadowArchive(store.engine)  # omis.shadow/1: own table, own module
 
     @property
     def filters(self) -> list[str]:
         """The subscriptions: results shared by the group, live state per instance."""
-        shared = f"$share/{self.config.group}/{self.prefix}/+/result"
-        return [shared] + [f"{self.prefix}/+/{kind}" for kind in STATE_KINDS]
+        shared = [f"$share/{self.config.group}/{self.prefix}/+/{kind}" for kind in SHARED_KINDS]
+        return shared + [f"{self.prefix}/+/{kind}" for kind in STATE_KINDS]
 
     def _build(self) -> paho.Client:
         cfg = self.config
@@ -210,6 +214,10 @@ class ArchiveSubscriber:
         if self.store.add_result(result):
             self.stored += 1
         else:
+            self.duplicates += 1
+
+    def _on_shadow(self, device: str, payload: bytes) -> None:
+        if payload and not self.shadow.add(device, payload):
             self.duplicates += 1
 
     def _on_availability(self, device: str, payload: bytes) -> None:

@@ -154,3 +154,49 @@ ota_events = Table(
     UniqueConstraint("device_id", "correlation_id", "step", name="uq_ota_events_offer_step"),
     Index("ix_ota_events_device", "device_id", "at"),
 )
+
+# A shadow candidate's call on one slide (omis.shadow/1), beside the serving result it names.
+# Never part of the worklist, alerts or FHIR: only GET /api/shadow reads it.
+shadow_results = Table(
+    "shadow_results",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("message_id", String(64), nullable=False, unique=True),
+    Column("serving_message_id", String(64), nullable=False),
+    Column("device_id", String(64), nullable=False),
+    Column("slide_id", String(128), nullable=False),
+    Column("finished_at", DateTime, nullable=False),
+    Column("received_at", DateTime, nullable=False),
+    Column("candidate_name", String(128), nullable=False),
+    Column("candidate_version", BigInteger, nullable=False),
+    Column("candidate_sha256", String(64), nullable=False),
+    Column("serving_sha256", String(64), nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("reason", Text),
+    Column("label", String(64)),
+    Column("risk", String(16)),
+    Column("p_high", Float),
+    Column("serving_outcome", String(16), nullable=False),
+    Column("serving_label", String(64)),
+    Column("payload", Text, nullable=False),
+    Index("ix_shadow_results_candidate", "candidate_sha256", "device_id"),
+    Index("ix_shadow_results_serving", "serving_message_id"),
+)
+
+# Reviewers' verdicts (owned by the review branch; the same definition, so the shadow
+# comparison can join it; its migration is the review branch's).  Latest row per message_id.
+reviews = Table(
+    "reviews",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("message_id", String(64), nullable=False),
+    Column("slide_id", String(128), nullable=False),
+    Column("bethesda", String(32)),
+    Column("adequacy", String(32), nullable=False),
+    Column("comment", Text),
+    Column("user_name", String(64), nullable=False),
+    Column("role", String(64), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("supersedes", BigInteger),
+    Index("ix_reviews_message", "message_id", "id"),
+)
