@@ -312,12 +312,15 @@ def judge(comparison: dict[str, Any], criterion: Criterion) -> tuple[bool, str]:
 
 def _worse_on_reviewed(reviewed: dict[str, Any]) -> str | None:
     """Reviewed slides: the candidate's sensitivity may not be lower than serving's, and its
-    specificity's upper 95 % bound must reach serving's specificity."""
+    specificity may not be significantly lower (its 95 % interval wholly below serving's)."""
     cand, serv = reviewed["candidate"], reviewed["serving"]
     cs, ss = cand["sensitivity"]["rate"], serv["sensitivity"]["rate"]
     if cs is not None and ss is not None and cs < ss:
         return f"sensitivity on reviewed slides {cs:.3f} is below serving's {ss:.3f}"
-    ci, sp = cand["specificity"]["ci95"], serv["specificity"]["rate"]
-    if ci is not None and sp is not None and ci[1] < sp:
-        return f"specificity on reviewed slides is significantly below serving's {sp:.3f}"
+    ci, si = cand["specificity"]["ci95"], serv["specificity"]["ci95"]
+    if ci is not None and si is not None and ci[1] < si[0]:
+        return (
+            f"specificity on reviewed slides {cand['specificity']['rate']:.3f} is significantly "
+            f"below serving's {serv['specificity']['rate']:.3f}"
+        )
     return None
