@@ -73,6 +73,26 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
         default=900.0,
         help="seconds to wait for a device's final outcome (its health period included)",
     )
+    r.add_argument(
+        "--shadow-first",
+        type=int,
+        metavar="SLIDES",
+        help="canaries first hold the bundle in shadow mode; each is promoted once SLIDES of "
+        "its slides are compared in the archive (--db) and the comparison passes "
+        "(docs/fleet.md); then the rest in waves",
+    )
+    r.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.8,
+        help="--shadow-first: least share of slides where candidate and serving agree (0.8)",
+    )
+    r.add_argument(
+        "--shadow-wait",
+        type=float,
+        default=3600.0,
+        help="--shadow-first: seconds to wait for SLIDES compared slides per canary (3600)",
+    )
 
     s = leaf("status", _status, "rollouts with each device's wave, step and version")
     s.add_argument("--rollout", type=int, help="one rollout (default: the newest few)")
@@ -146,10 +166,13 @@ def _rollout(args: argparse.Namespace) -> int:
     else:
         devices = [check_device(d.strip()) for d in args.devices.split(",") if d.strip()]
         target = {"devices": devices}
+    if args.shadow_first is not None:
+        target["shadow_first"] = args.shadow_first
     waves = plan_waves(devices, args.canary, args.wave_size)
     with opened(archive) as root:
         bundle = load_bundle(root)
     ref = BundleRef(sha256_file(archive), bundle.manifest.name, bundle.manifest.version)
+    shadow_first = _shadow_first(args, store.engine, bundle.model_sha256)
     record, resumed = store.begin_rollout(ref, target, waves, args.canary, args.wave_size)
     print(
         f"rollout {record.id}: {ref.name} v{ref.version} to {len(devices)} device(s) in "
@@ -167,12 +190,32 @@ def _rollout(args: argparse.Namespace) -> int:
         outcome_wait_s=args.outcome_wait,
     )
     runner = RolloutRunner(
-        store, offerer, progress=lambda msg, _s: print(f"  {msg}", file=sys.stderr, flush=True)
+        store,
+        offerer,
+        progress=lambda msg, _s: print(f"  {msg}", file=sys.stderr, flush=True),
+        shadow_first=shadow_first,
     )
     result = runner.run(record.id)
     summary = result.reason or f"completed: {len(devices)} device(s) on v{ref.version}"
     _print(args, result.record.as_json(), f"rollout {record.id} {summary}")
     return 1 if result.halted else 0
+
+
+def _shadow_first(args: argparse.Namespace, engine: Any, candidate: str) -> Any:
+    """The ``--shadow-first`` judge of the canaries (None without the option)."""
+    from deploy.collector.shadow import Criterion
+    from deploy.exceptions import FleetError
+    from deploy.fleet.rollout import ShadowFirst
+    from deploy.fleet.shadow_judge import ArchiveJudge
+
+    if args.shadow_first is None:
+        return None
+    if args.shadow_first < 1:
+        raise FleetError("--shadow-first: SLIDES must be at least 1")
+    if not 0.0 <= args.min_agreement <= 1.0:
+        raise FleetError("--min-agreement: a share between 0 and 1")
+    criterion = Criterion(min_slides=args.shadow_first, min_agreement=args.min_agreement)
+    return ShadowFirst(ArchiveJudge(engine, candidate, criterion), wait_s=args.shadow_wait)
 
 
 def _status(args: argparse.Namespace) -> int:

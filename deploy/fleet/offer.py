@@ -21,14 +21,19 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from deploy.broker import BrokerAddress
 from deploy.fleet.rollout import DeviceOutcome
-from deploy.ota.delivery import inline_source, make_offer
+from deploy.ota.delivery import OfferMode, OtaOffer, inline_source, make_offer
 from deploy.ota.exceptions import DeliveryError
 from deploy.ota.sender import OfferSender, final_outcome
 
 log = logging.getLogger(__name__)
 
 #: ``ota/state`` outcome step → rollout step.
-STEP_OF_OUTCOME = {"committed": "committed", "rolled_back": "rolled_back", "rejected": "rejected"}
+STEP_OF_OUTCOME = {
+    "committed": "committed",
+    "rolled_back": "rolled_back",
+    "rejected": "rejected",
+    "shadow": "shadow",
+}
 
 
 def read_ota_state(
@@ -89,6 +94,17 @@ class MqttOfferer:
 
     def offer(self, device_id: str) -> DeviceOutcome:
         """Check the device answers, offer the bundle inline, wait for the final outcome."""
+        return self._deliver(device_id, "serve")
+
+    def offer_shadow(self, device_id: str) -> DeviceOutcome:
+        """Offer the bundle in shadow mode: the device holds it beside the serving model."""
+        return self._deliver(device_id, "shadow")
+
+    def promote(self, device_id: str) -> DeviceOutcome:
+        """Promote the device's shadow candidate (this bundle) through the normal install."""
+        return self._deliver(device_id, "promote")
+
+    def _deliver(self, device_id: str, mode: OfferMode) -> DeviceOutcome:
         state = read_ota_state(self.address, self.prefix, device_id, self.state_wait_s)
         if state is None:
             return DeviceOutcome(
@@ -105,6 +121,9 @@ class MqttOfferer:
         cid = secrets.token_hex(8)
         source = inline_source(self.archive, secrets.token_hex(8), self.chunk_size)
         offer = make_offer(self.archive, source, cid)
+        if mode != "serve":
+            data = offer.model_dump(by_alias=True) | {"mode": mode}
+            offer = OtaOffer.model_validate(data | ({"source": None} if mode == "promote" else {}))
         try:
             with OfferSender(self.address, self.prefix, device_id) as sender:
                 sender.connect()

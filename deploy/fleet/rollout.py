@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,6 +43,28 @@ class Offerer(Protocol):
     def offer(self, device_id: str) -> DeviceOutcome:
         """Offer the bundle and wait for the device's final step."""
 
+    def offer_shadow(self, device_id: str) -> DeviceOutcome:
+        """Offer the bundle in shadow mode; ``shadow`` once the device holds it."""
+
+    def promote(self, device_id: str) -> DeviceOutcome:
+        """Promote the device's shadow candidate; waits for its final step."""
+
+
+class ShadowJudge(Protocol):
+    """Judges a device's shadow comparison from the archive (``--shadow-first``)."""
+
+    def verdict(self, device_id: str) -> tuple[bool | None, str]:
+        """``(None, why)`` while too few slides are compared, else ``(passed, why)``."""
+
+
+@dataclass(frozen=True)
+class ShadowFirst:
+    """``--shadow-first``: how canaries are judged before they are promoted."""
+
+    judge: ShadowJudge
+    wait_s: float = 3600.0  # for the slides to be scanned and archived
+    poll_s: float = 2.0
+
 
 Progress = Callable[[str, DeviceStep], None]
 
@@ -65,9 +88,11 @@ class RolloutRunner:
         *,
         heartbeat_s: float = 5.0,
         progress: Progress | None = None,
+        shadow_first: ShadowFirst | None = None,
     ) -> None:
         self.store = store
         self.offerer = offerer
+        self.shadow_first = shadow_first
         self.heartbeat_s = heartbeat_s
         self.progress = progress or (lambda _msg, _step: None)
 
@@ -104,17 +129,61 @@ class RolloutRunner:
             if not todo:
                 continue
             log.info("wave %d: offering version %d to %s", number, version, _names(todo))
-            outcomes = self._offer_wave(record.id, todo, version)
+            outcomes = self._offer_wave(record.id, todo, version, shadow=number == 0)
             failed = [d for d in outcomes if d.step in FAILURES]
             if failed:
                 return _halt_reason(number, failed)
         return None
 
     def _offer_wave(
-        self, rollout_id: int, todo: list[DeviceStep], version: int
+        self, rollout_id: int, todo: list[DeviceStep], version: int, shadow: bool = False
     ) -> list[DeviceStep]:
+        one = self._shadow_one if shadow and self.shadow_first is not None else self._one
         with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="rollout") as pool:
-            return list(pool.map(lambda d: self._one(rollout_id, d, version), todo))
+            return list(pool.map(lambda d: one(rollout_id, d, version), todo))
+
+    def _shadow_one(self, rollout_id: int, device: DeviceStep, version: int) -> DeviceStep:
+        """A canary with ``--shadow-first``: shadow -> compared on its slides -> promoted ->
+        committed (the normal health period).  Each step is stored, so a rerun resumes."""
+        name, first = device.device_id, self.shadow_first
+        if first is None:
+            return self._one(rollout_id, device, version)
+        if device.step in ("pending", "offered"):
+            device = self._record(rollout_id, device, DeviceOutcome("offered"))
+            device = self._record(rollout_id, device, self._try(self.offerer.offer_shadow, name))
+            if device.step != "shadow":
+                return device
+        if device.step == "shadow":
+            outcome = self._compare(name, first)
+            if outcome is not None:
+                return self._record(rollout_id, device, outcome)
+            device = self._record(rollout_id, device, DeviceOutcome("promoted"))
+        current = self.offerer.current_version(name)  # a resumed "promoted" may be done
+        if current is not None and current >= version:
+            return self._record(rollout_id, device, DeviceOutcome(SUCCESS, current, "promoted"))
+        return self._record(rollout_id, device, self._try(self.offerer.promote, name))
+
+    def _compare(self, name: str, first: ShadowFirst) -> DeviceOutcome | None:
+        """Wait for enough compared slides; None when the comparison passed."""
+        deadline = time.monotonic() + first.wait_s
+        while True:
+            passed, why = first.judge.verdict(name)
+            if passed is True:
+                log.info("%s: shadow comparison passed: %s", name, why)
+                return None
+            if passed is False:
+                return DeviceOutcome("compare_failed", None, why)
+            if time.monotonic() >= deadline:
+                return DeviceOutcome("timeout", None, f"shadow comparison: {why}")
+            time.sleep(first.poll_s)
+
+    @staticmethod
+    def _try(call: Callable[[str], DeviceOutcome], name: str) -> DeviceOutcome:
+        try:
+            return call(name)
+        except Exception as exc:
+            log.warning("%s: offer failed: %s", name, exc, exc_info=True)
+            return DeviceOutcome("timeout", None, f"offer failed: {exc}")
 
     def _one(self, rollout_id: int, device: DeviceStep, version: int) -> DeviceStep:
         name = device.device_id

@@ -30,9 +30,19 @@ from firmware_bridge.limits import check_identifier
 log = logging.getLogger(__name__)
 
 #: Steps of one device in a rollout.  ``pending`` and ``offered`` are not final.
-STEPS = ("pending", "offered", "committed", "rejected", "rolled_back", "timeout")
+STEPS = (
+    "pending",
+    "offered",
+    "shadow",  # --shadow-first: held in shadow, compared on the device's slides
+    "promoted",  # --shadow-first: the comparison passed, the promote offer was sent
+    "committed",
+    "rejected",
+    "rolled_back",
+    "timeout",
+    "compare_failed",  # --shadow-first: the comparison failed its criterion
+)
 SUCCESS = "committed"
-FAILURES = frozenset({"rejected", "rolled_back", "timeout"})
+FAILURES = frozenset({"rejected", "rolled_back", "timeout", "compare_failed"})
 STATES = ("running", "halted", "completed")
 
 
