@@ -273,9 +273,106 @@ def _register_ota(sub: argparse._SubParsersAction[Any], common: argparse.Argumen
         help="seconds to wait for the final outcome (committed, rolled back, rejected); "
         "exits 0 only when committed",
     )
+    _register_shadow(osub, common)
 
 
 def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
     """Add ``omis bundle`` and ``omis ota``."""
     _register_bundle(sub, common)
     _register_ota(sub, common)
+
+
+# -- omis ota shadow ----------------------------------------------------------------------------
+
+
+def _shadow_gate(args: argparse.Namespace) -> Any:
+    """The shadow gate of a local install: the serving model's spectrum, then the golden gate."""
+    from deploy.ota import GoldenGate, ModelStore
+    from deploy.ota.exceptions import RejectedError
+    from deploy.ota.shadow import check_same_spectrum
+    from inference.bundle import Bundle
+    from inference.spectrum import parse_params
+
+    state_dir = _state_dir(args)
+    gate = GoldenGate(backend=args.backend, state_dir=state_dir)
+
+    def check(bundle: Bundle) -> None:
+        serving = ModelStore(state_dir).active()
+        if serving is None:
+            raise RejectedError("a shadow candidate needs a serving model to run beside")
+        m = serving.manifest
+        check_same_spectrum(bundle.manifest, parse_params(m.spectrum), f"{m.name} v{m.version}")
+        gate(bundle)
+
+    return check
+
+
+def _shadow_install(args: argparse.Namespace) -> int:
+    from deploy.ota import Installer, InstallOptions, ModelStore, TrustStore
+    from deploy.ota.shadow import ShadowStore, install_shadow
+
+    state_dir = _state_dir(args)
+    installer = Installer(ModelStore(state_dir), TrustStore(state_dir), _shadow_gate(args))
+    slot = install_shadow(installer, ShadowStore(state_dir), Path(args.bundle), InstallOptions())
+    _emit(args, slot.describe(), f"shadow {slot.name} v{slot.version} sha256 {slot.sha256}")
+    return 0
+
+
+def _shadow_status(args: argparse.Namespace) -> int:
+    from deploy.ota.shadow import ShadowStore
+
+    held = ShadowStore(_state_dir(args)).describe()
+    text = "no shadow candidate" if held is None else f"shadow {held['name']} v{held['version']}"
+    _emit(args, {"shadow": held}, text if held is None else f"{text} sha256 {held['sha256']}")
+    return 0
+
+
+def _shadow_clear(args: argparse.Namespace) -> int:
+    from deploy.ota import ModelStore
+    from deploy.ota.shadow import ShadowStore
+
+    state_dir = _state_dir(args)
+    with ModelStore(state_dir).lock():
+        old = ShadowStore(state_dir).clear()
+    text = "no shadow candidate" if old is None else f"cleared {old.name} v{old.version}"
+    _emit(args, {"cleared": None if old is None else old.describe()}, text)
+    return 0
+
+
+def _shadow_promote(args: argparse.Namespace) -> int:
+    from deploy.ota import HealthPolicy, InstallOptions
+    from deploy.ota.exceptions import RejectedError
+    from deploy.ota.shadow import ShadowStore
+
+    shadow = ShadowStore(_state_dir(args))
+    slot = shadow.read()
+    if slot is None:
+        raise RejectedError("no shadow candidate to promote")
+    policy = HealthPolicy(slides=0, seconds=args.health_seconds, check_interval_s=args.interval)
+    result = _installer(args).install(shadow.bundle_path(slot), InstallOptions(health=policy))
+    shadow.clear()  # it serves now
+    m = result.model
+    _emit(args, result.to_dict(), f"committed {m['name']} v{m['version']} sha256 {m['sha256']}")
+    return 0
+
+
+def _register_shadow(
+    osub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser
+) -> None:
+    p = osub.add_parser(
+        "shadow",
+        help="a candidate held beside the serving model: install, status, clear, promote",
+        description="Shadow mode: the candidate passes the golden gate, must use the serving "
+        "bundle's spectrum parameters, and classifies every slide's spectrum beside the serving "
+        "model (omis.shadow/1 on .../shadow); promote installs it through the normal path.",
+    )
+    ssub = p.add_subparsers(dest="shadow_command", metavar="ACTION", required=True)
+    i = _leaf(ssub, common, "install", _shadow_install, "verify, gate and hold a shadow candidate")
+    i.add_argument("bundle", help="bundle directory or .tar")
+    i.add_argument("--backend", default="auto", help="backend of the golden gate")
+    _leaf(ssub, common, "status", _shadow_status, "the shadow candidate held (or none)")
+    _leaf(ssub, common, "clear", _shadow_clear, "drop the shadow candidate")
+    pr = _leaf(ssub, common, "promote", _shadow_promote, "install the shadow candidate as serving")
+    pr.add_argument("--backend", default="auto", help="backend of the golden gate")
+    pr.add_argument("--health-seconds", type=float, default=0.0, help="health period length")
+    pr.add_argument("--interval", type=float, default=5.0, help="seconds between health checks")

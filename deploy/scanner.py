@@ -31,7 +31,7 @@ from deploy.config import InferenceConfig, PlanConfig
 from deploy.exceptions import InvalidResultError, ScanCancelledError, ScanError
 from deploy.serving import ModelServer, Served, active_bundle_path
 from firmware_bridge.validation import first_error
-from inference.bundle import Bundle
+from inference.bundle import Bundle, Manifest
 from inference.exceptions import InferenceError
 from inference.pipeline import NoUsableFieldError, SlideResult
 from inference.result import Simulation, SlideReport, field_reports, no_usable_field
@@ -141,9 +141,9 @@ class MicroscopeScanner:
         """Drop a prepared model that will not be switched to (idempotent)."""
         self.models.discard_prepared()
 
-    def check_shadow(self, spectrum: dict[str, Any]) -> None:
+    def check_shadow(self, manifest: Manifest) -> None:
         """Refuse a shadow candidate whose spectrum parameters differ from the serving ones."""
-        self.models.check_same_spectrum(spectrum)
+        self.models.check_same_spectrum(manifest)
 
     def prepare_shadow(self, bundle: Bundle) -> None:
         """Gate a shadow candidate: same spectrum, then the normal golden gate."""

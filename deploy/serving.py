@@ -18,7 +18,7 @@ from typing import Any
 from deploy.config import InferenceConfig
 from deploy.exceptions import ScanError
 from inference.backends.base import BackendOptions, InferenceBackend
-from inference.bundle import Bundle
+from inference.bundle import Bundle, Manifest
 from inference.exceptions import InferenceError
 from inference.pipeline import PipelineConfig, SlidePipeline
 from inference.spectrum import SpectrumBackend
@@ -213,29 +213,21 @@ class ModelServer:
 
     # -- the shadow candidate --------------------------------------------------------------------
 
-    def check_same_spectrum(self, spectrum: dict[str, Any]) -> None:
+    def check_same_spectrum(self, candidate: Manifest) -> None:
         """A shadow candidate must compute the spectrum as the serving bundle does (it runs on
         the serving pipeline's spectrum of each slide); raises :class:`RejectedError`."""
         from deploy.ota.exceptions import RejectedError
-        from inference.spectrum import parse_params
+        from deploy.ota.shadow import check_same_spectrum
 
         served = self.served
         if served is None:
             raise RejectedError("a shadow candidate needs a serving model to run beside")
-        try:
-            params = parse_params(spectrum)
-        except InferenceError as exc:
-            raise RejectedError(f"the candidate's spectrum parameters: {exc}") from exc
-        if params != served.pipeline.params:
-            raise RejectedError(
-                "the shadow runs on the same spectrum: the candidate's spectrum parameters "
-                f"differ from those of the serving {served.bundle.manifest.name} "
-                f"v{served.bundle.manifest.version}"
-            )
+        name, version = _name(served)
+        check_same_spectrum(candidate, served.pipeline.params, f"{name} v{version}")
 
     def prepare_shadow(self, bundle: Bundle) -> None:
         """Shadow gate: same spectrum as the serving model, then the normal golden gate."""
-        self.check_same_spectrum(bundle.manifest.spectrum)
+        self.check_same_spectrum(bundle.manifest)
         self.prepare(bundle)
 
     def follow_shadow(self) -> None:
@@ -259,7 +251,7 @@ class ModelServer:
             return
         try:
             bundle = shadow.open(slot)
-            self.check_same_spectrum(bundle.manifest.spectrum)
+            self.check_same_spectrum(bundle.manifest)
             self.shadow = self._take_prepared(bundle) or self._open_model(bundle, None)
         except (OtaError, InferenceError, OSError) as exc:
             self._shadow_failed = slot.dir

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from inference.bundle import Bundle
+    from inference.bundle import Bundle, Manifest
     from inference.result import SlideReport
 
 ScanSource = Literal["cli", "mqtt", "firmware"]
@@ -97,7 +97,7 @@ class ShadowRunner(Protocol):
 class ShadowHost(Protocol):
     """A scanner that can gate a shadow candidate (OTA ``mode: shadow``)."""
 
-    def check_shadow(self, spectrum: dict[str, Any]) -> None:
+    def check_shadow(self, manifest: Manifest) -> None:
         """Refuse (raise) a candidate whose spectrum parameters differ from the serving one's."""
         ...
 

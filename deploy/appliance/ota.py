@@ -216,7 +216,7 @@ class OtaController:
             return self._promote_offer(offer)
         signed = precheck_offer(offer, self.trust, self.store, __version__)
         if offer.mode == "shadow":
-            self._shadow_host().check_shadow(signed.manifest.spectrum)
+            self._shadow_host().check_shadow(signed.manifest)
         return offer, signed
 
     def _promote_offer(self, offer: OtaOffer) -> tuple[OtaOffer, SignedManifest]:

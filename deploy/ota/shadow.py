@@ -28,8 +28,8 @@ from deploy.ota.install import Installer, InstallOptions
 from deploy.ota.signing import load_checked
 from deploy.ota.store import ModelStore, Outcome, Slot
 from firmware_bridge.fsutil import atomic_write_text
-from inference.bundle import Bundle
-from inference.exceptions import ModelStoreError
+from inference.bundle import Bundle, Manifest
+from inference.exceptions import InferenceError, ModelStoreError
 from inference.result import ModelRef
 from inference.store_state import read_record
 
@@ -93,6 +93,22 @@ class ShadowStore:
                 if child.is_dir():
                     shutil.rmtree(child, ignore_errors=True)
         return old
+
+
+def check_same_spectrum(candidate: Manifest, serving_params: object, serving: str) -> None:
+    """The shadow runs on the serving pipeline's spectrum of each slide: a candidate computing
+    it with other parameters is refused (one line).  ``serving`` names the serving model."""
+    from inference.spectrum import parse_params
+
+    try:
+        params = parse_params(candidate.spectrum)
+    except InferenceError as exc:
+        raise RejectedError(f"the candidate's spectrum parameters: {exc}") from exc
+    if params != serving_params:
+        raise RejectedError(
+            "the shadow runs on the same spectrum: the candidate's spectrum parameters differ "
+            f"from those of the serving {serving}"
+        )
 
 
 def install_shadow(
