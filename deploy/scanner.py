@@ -91,7 +91,7 @@ class MicroscopeScanner:
         # many events (a time window around load_slide would let them through).
         self._own_inserts = 0
         self._own_inserts_lock = threading.Lock()
-        self._shadow_out: ShadowOutcome | None = None
+        self._shadow_due: tuple[Served, Served, SlideResult, str] | None = None
 
     @property
     def simulated(self) -> bool:
@@ -213,7 +213,7 @@ class MicroscopeScanner:
         microscope = self._microscope
         if microscope is None:
             raise ScanError("scanner is not open")
-        self._shadow_out = None
+        self._shadow_due = None
         try:
             self.models.follow_store()
         except InferenceError as exc:
@@ -243,15 +243,17 @@ class MicroscopeScanner:
                 report = result.report()
             except ValidationError as exc:  # NaN or out-of-range outputs: never a label
                 raise InvalidResultError(f"slide {request.slide_id}: {first_error(exc)}") from exc
-            # After the serving report is final: the candidate can neither change nor delay it.
-            self._shadow_out = self._run_shadow(served, result, request.slide_id)
+            # Run later (take_shadow, after the serving result is committed): the candidate can
+            # neither change nor delay the serving result.
+            shadow = self.models.shadow
+            if shadow is not None:
+                self._shadow_due = (shadow, served, result, request.slide_id)
         return self._with_context(microscope, report, request.plan, plan)
 
-    def _run_shadow(self, served: Served, result: SlideResult, slide: str) -> ShadowOutcome | None:
+    def _run_shadow(
+        self, shadow: Served, served: Served, result: SlideResult, slide: str
+    ) -> ShadowOutcome:
         """The shadow candidate's call on this slide's spectrum (no second acquisition)."""
-        shadow = self.models.shadow
-        if shadow is None:
-            return None
         candidate = dict(shadow.bundle.describe())
         if shadow.pipeline.params != served.pipeline.params:
             why = "the serving model's spectrum parameters changed; the shadow cannot run on them"
@@ -265,9 +267,13 @@ class MicroscopeScanner:
         return ShadowOutcome(candidate, report)
 
     def take_shadow(self) -> ShadowOutcome | None:
-        """The shadow outcome of the last scanned slide (once), or None."""
-        out, self._shadow_out = self._shadow_out, None
-        return out
+        """The shadow candidate's call on the last scanned slide (once), or None.
+
+        Computed here, from the slide's spectrum kept by :meth:`scan`; the scan worker calls
+        it after the serving result is committed and before the next slide starts.
+        """
+        due, self._shadow_due = self._shadow_due, None
+        return None if due is None else self._run_shadow(*due)
 
     @staticmethod
     def _unusable(served: Served, exc: NoUsableFieldError) -> SlideReport:

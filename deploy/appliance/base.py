@@ -89,7 +89,8 @@ class ShadowRunner(Protocol):
     """A scanner that may run a shadow candidate beside the serving model."""
 
     def take_shadow(self) -> ShadowOutcome | None:
-        """The shadow outcome of the last scanned slide (once), or None."""
+        """The shadow candidate's call on the last scanned slide (once), or None; called after
+        the slide's serving result is committed, before the next slide."""
         ...
 
 

@@ -188,7 +188,6 @@ class ScanWorker:
             t0 = time.monotonic()
             health = self.ports.slide_started()
             report = self._scan(request)
-            shadow = self._take_shadow()
         verdict = verdict_of(report)
         if verdict is not None:
             self.ports.slide_finished(health, verdict, f"slide {request.slide_id}: {report.reason}")
@@ -197,6 +196,7 @@ class ScanWorker:
             self.counters.scan_ms.append((time.monotonic() - t0) * 1000.0)
             self.counters.scans_ok += 1
         result = self._commit(request, started, report)
+        shadow = self._take_shadow()  # after the serving result is safe: never delays it
         if shadow is not None:
             self._commit_shadow(result, shadow)
         return result
