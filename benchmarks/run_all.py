@@ -13,6 +13,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = (
     ["bench_spectrum.py"],
     ["bench_pipeline.py"],
+    ["bench_shadow.py"],
     ["bench_qc.py"],
     ["bench_acquisition.py", "--fields", "30"],
     ["bench_outbox.py"],

@@ -122,3 +122,9 @@ def test_bench_outbox_locking() -> None:
     data = json.loads(text.strip().splitlines()[-1])
     assert data["median_commits_per_s"]["shipped"] > 0
     assert data["median_ratio_shipped_over_previous"] > 0
+
+
+def test_bench_shadow() -> None:
+    args = ("--size", "64x48", "--slides", "2", "--fields", "2", "--repeats", "1")
+    text = run_bench("bench_shadow.py", *args)
+    assert "latency to the serving result" in text and "shadow share of the slide cycle" in text
