@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from broker_support import Collector, Mosquitto, publish, wait_until
 from sqlalchemy import select
@@ -31,6 +32,12 @@ pytestmark = [
 ]
 
 SLIDES = 3
+URLS: dict[str, str] = {}
+
+
+def _fleet_view(device: str) -> dict[str, Any]:
+    rows = httpx.get(URLS["api"] + "/api/devices", timeout=10).json()
+    return next(r["fleet"] for r in rows if r["device_id"] == device)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +62,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Fleet, Col
         with Collector(broker.port, "omis/v1/#") as col:
             fleet.start()
             assert wait_until(lambda: all(current(col, d) == 1 for d in DEVICES), 120)
+            URLS["api"] = archive.http_url
             yield fleet, col
     finally:
         fleet.stop()
@@ -90,6 +98,8 @@ def test_a_candidate_goes_to_shadow_is_compared_promoted_then_rolled_out(
     assert wait_until(lambda: _step(f, "fleet-a") == "shadow", 120), proc.stderr
     shadow = col.json_on("/fleet-a/ota/state")[-1]["shadow"]
     assert shadow["version"] == 2 and current(col, "fleet-a") == 1
+    assert wait_until(lambda: _fleet_view("fleet-a")["shadow_version"] == 2, 10)
+    assert _fleet_view("fleet-a")["rollout"]["step"] == "shadow"
     for i in range(SLIDES):
         publish(f.broker.port, "omis/v1/fleet-a/cmd/scan", json.dumps({"slide_id": f"sh-{i}"}))
     code, record, err = finish(proc)

@@ -103,6 +103,7 @@ def fleet_summary(engine: Engine, device_rows: list[dict[str, Any]]) -> list[dic
             "serving_version": state.get("current"),
             "previous_version": state.get("previous"),
             "pending_version": state.get("pending"),
+            "shadow_version": _dict(state.get("shadow")).get("version"),
             "ota_step": progress.get("step"),
             "last_outcome": state.get("last_outcome"),
             "commits": counts.get((device, "committed"), 0),
