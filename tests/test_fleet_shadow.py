@@ -36,8 +36,9 @@ URLS: dict[str, str] = {}
 
 
 def _fleet_view(device: str) -> dict[str, Any]:
-    rows = httpx.get(URLS["api"] + "/api/devices", timeout=10).json()
-    return next(r["fleet"] for r in rows if r["device_id"] == device)
+    response = httpx.Client(base_url=URLS["api"], timeout=10).get("/api/devices")
+    assert response.status_code == 200, response.text[:500]
+    return next(r["fleet"] for r in response.json() if r["device_id"] == device)
 
 
 @pytest.fixture(scope="module")
