@@ -11,8 +11,8 @@ below are upper bounds of what a real microscope's slide sees):
   shadow    the same, then the candidate's classify_spectrum on the slide's spectrum and its
             report (what the appliance does after committing the serving result)
 
-Runs alternate (serving, shadow / shadow, serving) slide by slide and repeat --repeats times; the table gives
-medians per slide and the ratios of the same run.  Two numbers matter: the serving result's
+Runs alternate (serving, shadow / shadow, serving: ABBA) slide by slide and repeat --repeats
+times; the table gives medians per slide and the ratios of the same run.  Two numbers matter: the serving result's
 latency with a shadow held (the shadow runs after it is committed: ratio ~1) and the slide
 cycle (serving + shadow) against serving alone: its extra share is the shadow's cost in
 throughput.  Without --bundle two tiny bundles are built with tests/fakes/bundles.py.
