@@ -12,10 +12,11 @@ below are upper bounds of what a real microscope's slide sees):
             report (what the appliance does after committing the serving result)
 
 Runs alternate (serving, shadow / shadow, serving: ABBA) slide by slide and repeat --repeats
-times; the table gives medians per slide and the ratios of the same run.  Two numbers matter: the serving result's
-latency with a shadow held (the shadow runs after it is committed: ratio ~1) and the slide
-cycle (serving + shadow) against serving alone: its extra share is the shadow's cost in
-throughput.  Without --bundle two tiny bundles are built with tests/fakes/bundles.py.
+times; the table gives medians per slide and the ratios of the same run.  Two numbers matter:
+the serving result's latency with a shadow held (the shadow runs after it is committed: ratio
+~1) and the shadow's share of the slide cycle (median of per-slide shadow / serving time: the
+load of a shared machine moves whole cycles by more than the shadow costs).
+Without --bundle two tiny bundles are built with tests/fakes/bundles.py.
 """
 
 from __future__ import annotations
