@@ -326,7 +326,7 @@ class OtaController:
             options = InstallOptions(health=self.settings.health, offered=job.signed)
             result = installer.install(archive, options)
             log.info("ota: %s v%d committed", job.name, job.version)
-            self._drop_promoted_shadow(result.model.get("sha256"))
+            self._drop_promoted_shadow(result.model)
             self._set_progress("committed", job, generation=result.generation)
         except HealthCheckError as exc:
             log.warning("ota: %s", exc)
@@ -357,15 +357,19 @@ class OtaController:
             raise RejectedError("this scanner cannot run a shadow candidate")
         return host
 
-    def _drop_promoted_shadow(self, sha256: object) -> None:
-        """The shadow candidate now serves: it is no longer a shadow."""
+    def _drop_promoted_shadow(self, committed: dict[str, Any]) -> None:
+        """The shadow candidate now serves (promoted), or a version at least as new does (it
+        could never be promoted: anti-rollback): it is no longer a shadow."""
         try:
             slot = self.shadow.read()
-            if slot is not None and slot.sha256 == sha256:
+            version = committed.get("version")
+            if slot is None or not isinstance(version, int):
+                return
+            if slot.sha256 == committed.get("sha256") or slot.version <= version:
                 self.shadow.clear()
-                log.info("ota: shadow %s v%d promoted: no shadow now", slot.name, slot.version)
+                log.info("ota: v%d serves: shadow %s v%d dropped", version, slot.name, slot.version)
         except (StoreError, OSError) as exc:
-            log.warning("ota: promoted shadow not cleared: %s", exc)
+            log.warning("ota: shadow not cleared after the commit: %s", exc)
 
     def _unload_if_store_empty(self, swapper: ModelSwapper) -> None:
         """A first model that was rolled back leaves nothing to serve: stop serving it."""
