@@ -123,6 +123,11 @@ def _call(result: dict[str, Any]) -> tuple[Any, ...]:
     return (result["outcome"], result["prediction"], result["spectrum"]["values"])
 
 
+def _status(col: Collector) -> dict[str, Any]:
+    states = col.json_on("/status")
+    return states[-1] if states else {}
+
+
 def _state(col: Collector) -> dict[str, Any]:
     states = col.json_on("/ota/state")
     return states[-1] if states else {}
@@ -141,6 +146,8 @@ def test_a_shadow_candidate_is_compared_on_every_slide_then_promoted(
             assert final["last_outcome"]["result"] == "shadow", final
             assert wait_until(lambda: (_state(col).get("shadow") or {}).get("version") == 2, 10)
             assert _state(col)["current"] == 1  # the serving model never changed
+            assert wait_until(lambda: (_status(col).get("shadow") or {}).get("version") == 2, 10)
+            assert _status(col)["model"]["version"] == 1
         # The candidate is held across a restart and runs from the first slide.
         with running(mosquitto, state) as app:
             assert wait_until(lambda: (_state(col).get("shadow") or {}).get("version") == 2, 10)
@@ -177,6 +184,7 @@ def test_a_shadow_candidate_is_compared_on_every_slide_then_promoted(
                 30,
             ), _state(col)
             assert _state(col)["current"] == 2 and _state(col)["shadow"] is None
+            assert wait_until(lambda: _status(col).get("shadow", 0) is None, 10)
             promoted = _results(col, SLIDES, 6)
     # The shadow's calls are exactly what the candidate says once it serves the same slides.
     shadow_calls = {s["slide_id"]: s["prediction"] for s in shadows}

@@ -459,6 +459,8 @@ class OtaController:
         except StoreError as exc:
             log.error("ota: state unreadable: %s", exc)
             return
+        if self.ports.shadow_changed is not None:
+            self.ports.shadow_changed(payload.get("shadow"))
         try:
             validate("ota_state", payload)
         except SchemaError as exc:

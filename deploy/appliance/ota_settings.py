@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 from deploy.appliance.base import ScannerInfo
 from deploy.config import OtaConfig
@@ -58,6 +59,7 @@ class OtaPorts:
     base_topic: str  # <prefix>/<device>
     prefix: str
     device_id: str
+    shadow_changed: Callable[[dict[str, Any] | None], None] | None = None  # the held candidate
 
 
 def ota_health_checks(

@@ -112,6 +112,7 @@ class Appliance:
                 base_topic=topics.base,
                 prefix=topics.prefix,
                 device_id=topics.device_id,
+                shadow_changed=self.telemetry.shadow_changed,
             ),
             scanner if isinstance(scanner, ModelSwapper) else None,
             ota if ota is not None else OtaSettings.from_config(config.ota),

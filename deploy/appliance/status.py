@@ -32,6 +32,7 @@ class StatusTracker:
         self.app_version = app_version
         self.info: ScannerInfo | None = None
         self.updating = False
+        self.shadow: dict[str, Any] | None = None  # the shadow candidate held (ota/state's)
         self.fatal: str | None = None
         # Faults recovered from that a person should look at (an outbox recreated under the
         # daemon, ...): the device keeps working, ``degraded`` with these reasons until restart.
@@ -81,6 +82,7 @@ class StatusTracker:
                 "boot_id": self.identity.boot_id,
                 "app_version": self.app_version,
                 "model": info.model if info else None,
+                "shadow": self.shadow,
                 "engine": info.engine if info else None,
                 "firmware": info.firmware if info else None,
                 "current_scan": (

@@ -80,6 +80,12 @@ class Telemetry:
         self.status.info = info
         self.publish_status(force=True)
 
+    def shadow_changed(self, shadow: dict[str, Any] | None) -> None:
+        """The shadow candidate held (``ota/state``'s ``shadow``) is shown in the status too."""
+        if shadow != self.status.shadow:
+            self.status.shadow = shadow
+            self.publish_status(force=True)
+
     def note_model(self, model: dict[str, Any] | None) -> None:
         """A result named ``model``: the scanner may have followed a switch another process
         made (``omis ota rollback``)."""

@@ -64,6 +64,9 @@ class StatusMessage(Message):
     boot_id: str = Field(min_length=1, max_length=128)
     app_version: str = Field(max_length=64)
     model: ModelSummary | None
+    shadow: ModelSummary | None = Field(
+        default=None, description="the shadow candidate held beside the serving model, or null"
+    )
     engine: dict[str, Any] | str | None
     firmware: dict[str, Any] | None
     current_scan: CurrentScan | None = None
