@@ -13,7 +13,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy import make_url
 
 from deploy.config import TlsConfig, _merge, _read_file, _read_secret, env_overrides
@@ -22,6 +30,7 @@ from firmware_bridge.validation import first_error
 
 ENV_PREFIX = "OMIS_COLLECT_"
 DB_FILE = "collector.sqlite"
+LOCAL_HOST_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
 class _Section(BaseModel):
@@ -102,6 +111,34 @@ class HttpConfig(_Section):
         "when its node_modules are installed)",
     )
     max_page: int = Field(default=1000, ge=1, le=100000, description="largest page of results")
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: list(LOCAL_HOST_NAMES),
+        min_length=1,
+        description="Host header values the API answers (DNS-rebinding defence); list the "
+        "names clients use when listening on another interface; `*.lab.example` matches "
+        "sub-domains; `*` turns the check off",
+    )
+    broker_ws_url: str | None = Field(
+        default=None,
+        pattern=r"^wss?://[^\s;,'\"]+$",
+        description="the broker's WebSocket URL the dashboard connects to "
+        "(wss://host:8884/mqtt); the only other origin the page's Content-Security-Policy "
+        "lets it connect to",
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        out = []
+        for host in hosts:
+            name = host.strip().lower()
+            if ":" in name and not name.startswith("["):
+                name = f"[{name}]"  # an IPv6 Host header arrives in brackets
+            wildcard = name.startswith("*.") and "*" not in name[1:]
+            if not name or ("*" in name and name != "*" and not wildcard):
+                raise ValueError(f"{host!r}: a host name, an address, '*.domain' or '*'")
+            out.append(name)
+        return out
 
 
 class DatabaseConfig(_Section):
