@@ -54,7 +54,7 @@ _basic = HTTPBasic(auto_error=False)
 class CsvResponse(StreamingResponse):
     """A streamed CSV download."""
 
-    media_type = "text/csv; charset=utf-8"
+    media_type = "text/csv"  # Starlette adds "; charset=utf-8"
 
 
 class FhirResponse(JSONResponse):

@@ -100,13 +100,16 @@ class Alert(_Open):
     resolved_at: str | None
 
 
+# Errors are JSON whatever the operation's own media type (CSV, FHIR): spelled out, not "model",
+# which FastAPI would document under the route's media type.
+_PROBLEM = {"application/json": {"schema": Problem.model_json_schema()}}
 UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
-    401: {"model": Problem, "description": "no or wrong credentials"},
+    401: {"content": _PROBLEM, "description": "no or wrong credentials"},
     400: {
         "content": {"text/plain": {"schema": {"type": "string"}}},
         "description": "the Host header is not in http.allowed_hosts",
     },
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    404: {"model": Problem, "description": "no result with this message_id"}
+    404: {"content": _PROBLEM, "description": "no result with this message_id"}
 }

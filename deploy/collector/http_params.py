@@ -20,12 +20,15 @@ from pydantic import BeforeValidator
 # filter, and a NUL is an error in PostgreSQL text.
 PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 MAX_OFFSET = 1_000_000_000  # far beyond any archive; well inside a 64-bit integer
-MAX_TIME_CHARS = 40  # "2026-01-01T12:00:00.123456+01:00" is 32
+MAX_TIME_CHARS = 40  # "2026-01-01T12:00:00.123456789+01:00" is 35
 ID_CHARS = 64  # results.message_id / device_id columns
 SLIDE_CHARS = 128  # results.slide_id column
 RFC3339 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
+    r"(\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
 )
+# What the OpenAPI document promises: RFC 3339 date-times of the years 0001-9998, which stay
+# representable whatever the offset (the years 0000 and 9999 may overflow once made UTC).
+DOCUMENTED_TIME_PATTERN = r"^(?!0000|9999)\d{4}-"
 
 
 def parse_query_time(value: object) -> datetime | None:
@@ -35,10 +38,18 @@ def parse_query_time(value: object) -> datetime | None:
     text = str(value)
     if len(text) > MAX_TIME_CHARS:
         raise ValueError(f"at most {MAX_TIME_CHARS} characters")
-    if RFC3339.fullmatch(text) is None:
+    match = RFC3339.fullmatch(text)
+    if match is None:
         raise ValueError("not an RFC 3339 time with a zone (2026-01-01T12:00:00Z)")
+    minute, second, fraction, zone = match.groups()
+    # RFC 3339 allows a leap second and any number of digits; Python takes 0-59 and 6 digits
+    micro = (fraction or ".0")[1:7].ljust(6, "0")
+    if second == "60":
+        second, micro = "59", "999999"
     try:
-        parsed = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(
+            f"{minute}:{second}.{micro}{zone.upper()}".replace("Z", "+00:00")
+        )
     except ValueError:
         raise ValueError("not a valid date or time") from None
     try:
@@ -50,7 +61,11 @@ def parse_query_time(value: object) -> datetime | None:
 def _time_query(description: str) -> object:
     return Query(
         description=f"{description} (RFC 3339 with a zone)",
-        json_schema_extra={"format": "date-time", "maxLength": MAX_TIME_CHARS},
+        json_schema_extra={
+            "format": "date-time",
+            "maxLength": MAX_TIME_CHARS,
+            "pattern": DOCUMENTED_TIME_PATTERN,
+        },
     )
 
 
