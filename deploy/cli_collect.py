@@ -69,7 +69,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_collect(args: argparse.Namespace) -> int:
     from deploy.collector.auth import hash_password
-    from deploy.collector.config import load_collector_config
+    from deploy.collector.config import load_collector_config, shown
     from deploy.collector.service import ArchiveService
     from inference.state_dir import resolve_state_dir
 
@@ -79,7 +79,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         return 0
     config = load_collector_config(args.config, overrides=_overrides(args))
     if args.validate_config:
-        print(config.model_dump_json(indent=2, exclude={"mqtt": {"password"}}))
+        print(shown(config))
         return 0
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -12,6 +12,7 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -26,6 +27,7 @@ from sqlalchemy import make_url
 
 from deploy.config import TlsConfig, _merge, _read_file, _read_secret, env_overrides
 from deploy.exceptions import ConfigError
+from deploy.redact import redact, register_secret
 from firmware_bridge.validation import first_error
 
 ENV_PREFIX = "OMIS_COLLECT_"
@@ -35,6 +37,28 @@ LOCAL_HOST_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _credentials_out_of_url(data: Any, url_key: str, user_key: str | None) -> Any:
+    """Move ``user:password@`` out of ``data[url_key]`` into the password (and user) keys.
+
+    The URL is then safe to show anywhere; the secret lives in a SecretStr.  A password given
+    both ways is an error (which one would win is a guess)."""
+    if not isinstance(data, dict) or not isinstance(data.get(url_key), str):
+        return data
+    parts = urlsplit(data[url_key])
+    if parts.password is None:
+        return data
+    if data.get("password") is not None or data.get("password_file") is not None:
+        raise ValueError(f"{url_key} holds a password and password/password_file is set too")
+    host = parts.netloc.rpartition("@")[2]
+    out = dict(data, password=unquote(parts.password))
+    out[url_key] = urlunsplit(parts._replace(netloc=host))
+    if user_key is not None:
+        out.setdefault(user_key, unquote(parts.username or "") or None)
+    else:
+        out[url_key] = urlunsplit(parts._replace(netloc=f"{parts.username}@{host}"))
+    return out
 
 
 def _default_client_id() -> str:
@@ -79,6 +103,11 @@ class CollectorMqtt(_Section):
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings (mqtts://)")
     reconnect_min_s: float = Field(default=1.0, gt=0, description="first reconnect delay")
     reconnect_max_s: float = Field(default=30.0, gt=0, description="reconnect delay cap")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_credentials(cls, data: Any) -> Any:
+        return _credentials_out_of_url(data, "broker", "username")
 
 
 class Account(_Section):
@@ -156,6 +185,11 @@ class DatabaseConfig(_Section):
         default=None, description="database password (prefer password_file)"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _url_credentials(cls, data: Any) -> Any:
+        return _credentials_out_of_url(data, "url", None)
+
     @model_validator(mode="after")
     def _scheme(self) -> DatabaseConfig:
         if self.url is not None and not self.url.startswith(("sqlite:///", "postgresql")):
@@ -213,4 +247,12 @@ def load_collector_config(
     tls = mqtt.tls
     if tls.key_passphrase is None and tls.key_passphrase_file is not None:
         tls.key_passphrase = _read_secret(tls.key_passphrase_file, "mqtt.tls.key_passphrase_file")
+    for secret in (mqtt.password, db.password, tls.key_passphrase):
+        if secret is not None:
+            register_secret(secret.get_secret_value())
     return config
+
+
+def shown(config: CollectorConfig) -> str:
+    """The configuration as JSON for people: secrets masked, URLs without passwords."""
+    return redact(config.model_dump_json(indent=2))
