@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import getpass
 import signal
 import sys
@@ -81,6 +82,9 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     if args.validate_config:
         print(shown(config))
         return 0
+    # A fatal signal (SIGBUS from a storage fault the checks in deploy.collector.db did not
+    # foresee, SIGSEGV) still leaves its name and the Python stack on stderr.
+    faulthandler.enable()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     service = ArchiveService(config, resolve_state_dir(args.state_dir))
