@@ -40,8 +40,9 @@ def store(db_url: str) -> Iterator[ArchiveStore]:
 def client(db_url: str, *, auth: bool = True, **http: Any) -> TestClient:
     engine = open_engine(db_url, writer=False)
     accounts = [Account(name="lab", role="viewer", password_hash=hash_password(PASSWORD))]
-    http.setdefault("allowed_hosts", ["testserver", "localhost"])
-    config = HttpConfig(accounts=accounts, broker_ws_url=BROKER_WS, **http)
+    http.setdefault("allowed_hosts", ["testserver", "localhost", "[::1]"])
+    http.setdefault("dashboard_broker_url", BROKER_WS)
+    config = HttpConfig(accounts=accounts, **http)
     api = TestClient(create_app(ArchiveQueries(engine), config, None))
     if auth:
         api.auth = ("lab", PASSWORD)
@@ -150,6 +151,16 @@ def test_every_response_carries_the_security_headers(store: ArchiveStore, db_url
         assert headers["referrer-policy"] == "no-referrer"
     page_csp = responses[0].headers["content-security-policy"]
     assert BROKER_WS in page_csp.split("connect-src", 1)[1].split(";")[0]
+
+
+def test_without_a_configured_broker_the_csp_allows_the_pages_host_on_8884(
+    store: ArchiveStore, db_url: str
+) -> None:
+    api = client(db_url, dashboard_broker_url=None)
+    for host, expected in (("localhost:8080", "localhost"), ("[::1]:8080", "[::1]")):
+        csp = api.get("/api/me", headers={"Host": host}).headers["content-security-policy"]
+        connect = csp.split("connect-src", 1)[1].split(";")[0].split()
+        assert connect == ["'self'", f"ws://{expected}:8884", f"wss://{expected}:8884"], csp
 
 
 def test_unknown_host_headers_are_refused(store: ArchiveStore, db_url: str) -> None:

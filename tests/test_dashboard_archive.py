@@ -81,7 +81,7 @@ def archive(broker: RunningBroker, tmp_path: Path) -> Iterator[ArchiveService]:
                 "port": free_port(),
                 "accounts": accounts,
                 # the page's CSP lets it connect to this broker socket only
-                "broker_ws_url": f"wss://localhost:{broker.tree.dashboard_port}/mqtt",
+                "dashboard_broker_url": f"wss://localhost:{broker.tree.dashboard_port}/mqtt",
             },
         },
     )

@@ -147,12 +147,12 @@ class HttpConfig(_Section):
         "names clients use when listening on another interface; `*.lab.example` matches "
         "sub-domains; `*` turns the check off",
     )
-    broker_ws_url: str | None = Field(
+    dashboard_broker_url: str | None = Field(
         default=None,
-        pattern=r"^wss?://[^\s;,'\"]+$",
-        description="the broker's WebSocket URL the dashboard connects to "
-        "(wss://host:8884/mqtt); the only other origin the page's Content-Security-Policy "
-        "lets it connect to",
+        pattern=r"^wss?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="the broker's WebSockets URL the dashboard connects to (ws:// or wss://); "
+        "None = the page's own host on port 8884.  The page never takes it from its URL; the "
+        "Content-Security-Policy lets it connect there and nowhere else",
     )
 
     @field_validator("allowed_hosts")

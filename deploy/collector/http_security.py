@@ -12,34 +12,51 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deploy.collector.config import HttpConfig
 
+# a host name or address fit to be written into a header (the allowed-hosts check refuses
+# anything else before a response is made; this keeps the header safe on its own)
+_HOST = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
 OPENAPI_URL = "/api/openapi.json"
 DOCS_URL = "/api/docs"
 # Swagger UI's own files come from its CDN (FastAPI's default); only the docs page may load them.
 SWAGGER_CDN = "https://cdn.jsdelivr.net"
 
 
-def content_security_policy(config: HttpConfig) -> str:
-    """The policy for the dashboard and the API: same origin only, plus the broker socket."""
-    connect = "'self'" + (f" {config.broker_ws_url}" if config.broker_ws_url else "")
+# Where the dashboard's broker is when http.dashboard_broker_url is unset: the page's own host
+# on the shipped WebSockets listener (deploy/dashboard/app.js).
+DEFAULT_BROKER_PORT = 8884
+
+
+def content_security_policy(config: HttpConfig, host: str | None = None) -> str:
+    """The policy for the dashboard and the API: same origin only, plus the broker socket.
+
+    Without ``http.dashboard_broker_url`` the page connects to its own host on port 8884, so
+    ``host`` (the request's ``Host``, already checked against the allowed hosts) names it."""
+    if config.dashboard_broker_url:
+        broker = config.dashboard_broker_url
+    elif host:
+        broker = f"ws://{host}:{DEFAULT_BROKER_PORT} wss://{host}:{DEFAULT_BROKER_PORT}"
+    else:
+        broker = ""
     return "; ".join(
         (
             "default-src 'self'",
             "script-src 'self'",
             "style-src 'self'",
             "img-src 'self' data:",
-            f"connect-src {connect}",
+            f"connect-src 'self' {broker}".rstrip(),
             "object-src 'none'",
             "base-uri 'none'",
             "form-action 'self'",
@@ -48,34 +65,42 @@ def content_security_policy(config: HttpConfig) -> str:
     )
 
 
-def security_headers(config: HttpConfig) -> dict[str, str]:
-    """Every header the server adds to every response (a route may set its own CSP)."""
-    return {
-        "Content-Security-Policy": content_security_policy(config),
-        "X-Frame-Options": "DENY",
-        "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
-        "Cross-Origin-Opener-Policy": "same-origin",
-    }
+STATIC_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+
+
+def request_host(scope: Scope) -> str | None:
+    """The request's host name without the port, if it is a plain name or address."""
+    value = Headers(scope=scope).get("host", "")
+    name = value[: value.index("]") + 1] if value.startswith("[") and "]" in value else value
+    name = name if name.startswith("[") else name.rpartition(":")[0] or name
+    return name if _HOST.fullmatch(name) else None
 
 
 class SecurityHeaders:
-    """ASGI middleware: add ``headers`` to every HTTP response that does not set them itself."""
+    """ASGI middleware: the security headers on every HTTP response that does not set them
+    itself (a route may set its own CSP, as the docs page does)."""
 
-    def __init__(self, app: ASGIApp, headers: dict[str, str]) -> None:
+    def __init__(self, app: ASGIApp, config: HttpConfig) -> None:
         self.app = app
-        self.headers = headers
+        self.config = config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the request on; decorate the response start."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        policy = content_security_policy(self.config, request_host(scope))
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
-                for name, value in self.headers.items():
+                headers.setdefault("Content-Security-Policy", policy)
+                for name, value in STATIC_HEADERS.items():
                     headers.setdefault(name, value)
             await send(message)
 
@@ -85,7 +110,7 @@ class SecurityHeaders:
 def add_edge_defences(app: FastAPI, config: HttpConfig) -> None:
     """Allowed hosts inside, security headers outside (so a refused host gets them too)."""
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=config.allowed_hosts)
-    app.add_middleware(SecurityHeaders, headers=security_headers(config))
+    app.add_middleware(SecurityHeaders, config=config)
 
 
 def add_docs(app: FastAPI, login: Any) -> None:
