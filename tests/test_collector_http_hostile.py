@@ -14,6 +14,7 @@ from urllib.parse import quote
 import pytest
 from collector_support import database_url, make_result, postgres_server  # noqa: F401
 from fastapi.testclient import TestClient
+from sqlalchemy import create_engine
 
 from deploy.collector.api import create_app
 from deploy.collector.auth import hash_password
@@ -89,6 +90,41 @@ def test_every_hostile_query_parameter_is_one_422_naming_it(
         named = [e["loc"] for e in response.json()["detail"]]
         assert named == [["query", name]], (path, name, named)
     assert api.get("/api/results", params={"slide": "S-000"}).json()["total"] == 3
+
+
+def _bounded(schema: dict[str, Any]) -> bool:
+    options = [o for o in schema.get("anyOf", [schema]) if o.get("type") != "null"]
+    for option in options:
+        kind = option.get("type")
+        if "enum" in option or kind == "boolean":
+            continue
+        if kind == "integer" and {"minimum", "maximum"} <= option.keys():
+            continue
+        if (
+            kind == "string"
+            and "maxLength" in option
+            and ("pattern" in option or "format" in option)
+        ):
+            continue
+        if "maxLength" in schema and ("pattern" in schema or "format" in schema):
+            continue  # FastAPI puts a nullable parameter's constraints beside anyOf
+        return False
+    return True
+
+
+def test_every_parameter_in_the_document_is_bounded() -> None:
+    """The class, not the examples: every query and path parameter of every operation (also
+    those added later) declares its bounds, which FastAPI enforces before the handler runs."""
+    app = create_app(ArchiveQueries(create_engine("sqlite://")), HttpConfig(), None)
+    document = app.openapi()
+    unbounded = [
+        (path, parameter["name"], parameter["schema"])
+        for path, operations in document["paths"].items()
+        for operation in operations.values()
+        for parameter in operation.get("parameters", [])
+        if parameter["in"] in ("query", "path") and not _bounded(parameter["schema"])
+    ]
+    assert unbounded == []
 
 
 def test_hostile_path_identifiers_are_422(store: ArchiveStore, db_url: str) -> None:

@@ -1,5 +1,9 @@
 """The API's query and path parameters, each bounded before it reaches SQL.
 
+New routes use these types (or bound their own the same way): the test
+``tests/test_collector_http_hostile.py::test_every_parameter_in_the_document_is_bounded``
+walks the OpenAPI document and fails on any parameter without bounds.
+
 Every parameter is checked by FastAPI's validation, so anything out of range is one 422 whose
 ``detail[0].loc`` names the parameter (``["query", "since"]``): integers within what both
 databases store, strings of printable characters (a NUL is an error on PostgreSQL and matched
@@ -101,6 +105,6 @@ MessageId = Annotated[
 ]
 
 
-def limit_query(page_limit: int, default: int) -> object:
+def limit_query(page_limit: int) -> object:
     """``limit``: 1 .. the configured largest page."""
     return Query(ge=1, le=page_limit, description=f"page size (at most {page_limit})")
