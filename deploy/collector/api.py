@@ -150,7 +150,7 @@ def create_app(queries: ArchiveQueries, config: HttpConfig, dashboard: Path | No
     def list_results(
         _who: Annotated[Principal, viewer],
         where: Annotated[ResultFilter, Depends(result_filter)],
-        limit: Annotated[int, limit_query(page_limit, 100)] = 100,
+        limit: Annotated[int, limit_query(page_limit)] = 100,
         offset: Offset = 0,
     ) -> dict[str, Any]:
         total, items = queries.list_results(where, limit, offset)
@@ -208,7 +208,7 @@ def create_app(queries: ArchiveQueries, config: HttpConfig, dashboard: Path | No
         _who: Annotated[Principal, viewer],
         open_only: Annotated[bool, Query(alias="open", description="open alerts only")] = False,
         device: DeviceFilter = None,
-        limit: Annotated[int, limit_query(page_limit, 200)] = 200,
+        limit: Annotated[int, limit_query(page_limit)] = 200,
     ) -> list[dict[str, Any]]:
         return queries.alerts(open_only=open_only, device=device, limit=limit)
 
