@@ -265,3 +265,33 @@ def test_status_times_compare_as_instants_not_text(store: ArchiveStore) -> None:
     # 13:00+01:00 is 12:00Z: older, although it sorts after as text
     store.set_status("scope-07", {"state": "idle", "at": "2026-01-01T13:00:00+01:00"})
     assert queries.devices()[0]["status"]["state"] == "scanning"
+
+
+def test_upgrade_from_0001_bounds_the_rows_already_stored(db_url: str) -> None:
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+    from sqlalchemy import column, insert, select, table
+
+    from deploy.collector.db import MIGRATIONS
+    from deploy.collector.tables import results
+
+    engine = open_engine(db_url)
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    received = utcnow()
+    rows = []
+    for seq, finished in ((1, "9999-01-01T00:00:00Z"), (2, "2026-01-01T00:00:00Z")):
+        row = result_row(make_result(seq, finished_at=finished), received)
+        del row["sort_at"]
+        rows.append(row)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        old = table("results", *(column(k, results.c[k].type) for k in rows[0]))
+        conn.execute(insert(old), rows)
+    migrate(engine)
+    with engine.connect() as conn:
+        stored = dict(conn.execute(select(results.c.seq, results.c.sort_at)).all())
+    engine.dispose()
+    assert stored[1] == received  # the future one: bounded (no skew for rows from before)
+    assert stored[2].year == 2026

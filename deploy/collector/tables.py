@@ -56,6 +56,7 @@ results = Table(
     Index("ix_results_slide", "slide_id"),
     Index("ix_results_boot_seq", "device_id", "boot_id", "seq"),
     Index("ix_results_sort", "sort_at"),
+    Index("ix_results_device_sort", "device_id", "sort_at"),
 )
 
 devices = Table(

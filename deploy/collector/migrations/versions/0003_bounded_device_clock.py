@@ -21,7 +21,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    """Add the bounded times, fill them for existing rows, index the sort key."""
+    """Add the bounded times, fill them for existing rows, index the sort key (alone and per
+    device, as the lists filter and order)."""
     with op.batch_alter_table("results") as batch:
         batch.add_column(sa.Column("sort_at", sa.DateTime, nullable=True))
     op.execute(
@@ -31,6 +32,7 @@ def upgrade() -> None:
     with op.batch_alter_table("results") as batch:
         batch.alter_column("sort_at", existing_type=sa.DateTime, nullable=False)
         batch.create_index("ix_results_sort", ["sort_at"])
+        batch.create_index("ix_results_device_sort", ["device_id", "sort_at"])
     with op.batch_alter_table("devices") as batch:
         batch.add_column(sa.Column("status_time", sa.DateTime, nullable=True))
 
@@ -40,5 +42,6 @@ def downgrade() -> None:
     with op.batch_alter_table("devices") as batch:
         batch.drop_column("status_time")
     with op.batch_alter_table("results") as batch:
+        batch.drop_index("ix_results_device_sort")
         batch.drop_index("ix_results_sort")
         batch.drop_column("sort_at")
