@@ -71,6 +71,9 @@ def test_the_password_in_a_url_still_reaches_the_database() -> None:
     assert config.mqtt.password is not None
     assert config.mqtt.password.get_secret_value() == "S3cret/mqtt"
     assert "S3cret" not in repr(config) + str(config) + config.model_dump_json()
+    assert (config.mqtt.broker, config.mqtt.username) == ("mqtt://broker.lab:1883", "svc.ingest")
+    user_only = load_collector_config(environ={}, overrides={"mqtt": {"broker": "mqtt://svc@b"}})
+    assert (user_only.mqtt.broker, user_only.mqtt.username) == ("mqtt://b", "svc")
 
 
 @pytest.mark.parametrize(

@@ -47,17 +47,22 @@ def _credentials_out_of_url(data: Any, url_key: str, user_key: str | None) -> An
     if not isinstance(data, dict) or not isinstance(data.get(url_key), str):
         return data
     parts = urlsplit(data[url_key])
-    if parts.password is None:
+    moves_user = user_key is not None and bool(parts.username)
+    if parts.password is None and not moves_user:
         return data
-    if data.get("password") is not None or data.get("password_file") is not None:
-        raise ValueError(f"{url_key} holds a password and password/password_file is set too")
+    out = dict(data)
     host = parts.netloc.rpartition("@")[2]
-    out = dict(data, password=unquote(parts.password))
-    out[url_key] = urlunsplit(parts._replace(netloc=host))
-    if user_key is not None:
-        out.setdefault(user_key, unquote(parts.username or "") or None)
-    else:
-        out[url_key] = urlunsplit(parts._replace(netloc=f"{parts.username}@{host}"))
+    if parts.password is not None:
+        if data.get("password") is not None or data.get("password_file") is not None:
+            raise ValueError(f"{url_key} holds a password and password/password_file is set too")
+        out["password"] = unquote(parts.password)
+    if user_key is not None:  # the broker URL carries no user: it moves to its own key
+        if parts.username and data.get(user_key) is None:
+            out[user_key] = unquote(parts.username)
+        netloc = host
+    else:  # a database URL keeps its user
+        netloc = f"{parts.username}@{host}" if parts.username else host
+    out[url_key] = urlunsplit(parts._replace(netloc=netloc))
     return out
 
 
