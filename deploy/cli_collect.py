@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import getpass
 import signal
 import sys
@@ -69,7 +70,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_collect(args: argparse.Namespace) -> int:
     from deploy.collector.auth import hash_password
-    from deploy.collector.config import load_collector_config
+    from deploy.collector.config import load_collector_config, shown
     from deploy.collector.service import ArchiveService
     from inference.state_dir import resolve_state_dir
 
@@ -79,8 +80,11 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         return 0
     config = load_collector_config(args.config, overrides=_overrides(args))
     if args.validate_config:
-        print(config.model_dump_json(indent=2, exclude={"mqtt": {"password"}}))
+        print(shown(config))
         return 0
+    # A fatal signal (SIGBUS from a storage fault the checks in deploy.collector.db did not
+    # foresee, SIGSEGV) still leaves its name and the Python stack on stderr.
+    faulthandler.enable()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     service = ArchiveService(config, resolve_state_dir(args.state_dir))

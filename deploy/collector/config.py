@@ -12,20 +12,58 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy import make_url
 
 from deploy.config import TlsConfig, _merge, _read_file, _read_secret, env_overrides
 from deploy.exceptions import ConfigError
+from deploy.redact import redact, register_secret
 from firmware_bridge.validation import first_error
 
 ENV_PREFIX = "OMIS_COLLECT_"
 DB_FILE = "collector.sqlite"
+LOCAL_HOST_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _credentials_out_of_url(data: Any, url_key: str, user_key: str | None) -> Any:
+    """Move ``user:password@`` out of ``data[url_key]`` into the password (and user) keys.
+
+    The URL is then safe to show anywhere; the secret lives in a SecretStr.  A password given
+    both ways is an error (which one would win is a guess)."""
+    if not isinstance(data, dict) or not isinstance(data.get(url_key), str):
+        return data
+    parts = urlsplit(data[url_key])
+    moves_user = user_key is not None and bool(parts.username)
+    if parts.password is None and not moves_user:
+        return data
+    out = dict(data)
+    host = parts.netloc.rpartition("@")[2]
+    if parts.password is not None:
+        if data.get("password") is not None or data.get("password_file") is not None:
+            raise ValueError(f"{url_key} holds a password and password/password_file is set too")
+        out["password"] = unquote(parts.password)
+    if user_key is not None:  # the broker URL carries no user: it moves to its own key
+        if parts.username and data.get(user_key) is None:
+            out[user_key] = unquote(parts.username)
+        netloc = host
+    else:  # a database URL keeps its user
+        netloc = f"{parts.username}@{host}" if parts.username else host
+    out[url_key] = urlunsplit(parts._replace(netloc=netloc))
+    return out
 
 
 def _default_client_id() -> str:
@@ -71,6 +109,11 @@ class CollectorMqtt(_Section):
     reconnect_min_s: float = Field(default=1.0, gt=0, description="first reconnect delay")
     reconnect_max_s: float = Field(default=30.0, gt=0, description="reconnect delay cap")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _url_credentials(cls, data: Any) -> Any:
+        return _credentials_out_of_url(data, "broker", "username")
+
 
 class Account(_Section):
     """An HTTP API account (roles as the broker's dashboard accounts)."""
@@ -102,6 +145,34 @@ class HttpConfig(_Section):
         "when its node_modules are installed)",
     )
     max_page: int = Field(default=1000, ge=1, le=100000, description="largest page of results")
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: list(LOCAL_HOST_NAMES),
+        min_length=1,
+        description="Host header values the API answers (DNS-rebinding defence); list the "
+        "names clients use when listening on another interface; `*.lab.example` matches "
+        "sub-domains; `*` turns the check off",
+    )
+    dashboard_broker_url: str | None = Field(
+        default=None,
+        pattern=r"^wss?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="the broker's WebSockets URL the dashboard connects to (ws:// or wss://); "
+        "None = the page's own host on port 8884.  The page never takes it from its URL; the "
+        "Content-Security-Policy lets it connect there and nowhere else",
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        out = []
+        for host in hosts:
+            name = host.strip().lower()
+            if ":" in name and not name.startswith("["):
+                name = f"[{name}]"  # an IPv6 Host header arrives in brackets
+            wildcard = name.startswith("*.") and "*" not in name[1:]
+            if not name or ("*" in name and name != "*" and not wildcard):
+                raise ValueError(f"{host!r}: a host name, an address, '*.domain' or '*'")
+            out.append(name)
+        return out
 
 
 class DatabaseConfig(_Section):
@@ -118,6 +189,11 @@ class DatabaseConfig(_Section):
     password: SecretStr | None = Field(
         default=None, description="database password (prefer password_file)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_credentials(cls, data: Any) -> Any:
+        return _credentials_out_of_url(data, "url", None)
 
     @model_validator(mode="after")
     def _scheme(self) -> DatabaseConfig:
@@ -176,4 +252,12 @@ def load_collector_config(
     tls = mqtt.tls
     if tls.key_passphrase is None and tls.key_passphrase_file is not None:
         tls.key_passphrase = _read_secret(tls.key_passphrase_file, "mqtt.tls.key_passphrase_file")
+    for secret in (mqtt.password, db.password, tls.key_passphrase):
+        if secret is not None:
+            register_secret(secret.get_secret_value())
     return config
+
+
+def shown(config: CollectorConfig) -> str:
+    """The configuration as JSON for people: secrets masked, URLs without passwords."""
+    return redact(config.model_dump_json(indent=2))

@@ -92,7 +92,9 @@ class ArchiveService:
             raise ServiceError(f"http: cannot listen on {http.host}:{http.port}: {exc}") from exc
         self._socket = sock
         app = create_app(queries, http, dashboard_dir(self.config))
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        # log_config=None: uvicorn's records go through our (redacting) handler, not its own
+        config = uvicorn.Config(app, log_level="warning", access_log=False, log_config=None)
+        server = uvicorn.Server(config)
         self._server = server
         self._http_thread = threading.Thread(
             target=server.run, kwargs={"sockets": [sock]}, name="collector-http", daemon=True

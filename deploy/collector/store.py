@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, delete, func, insert, select, update
@@ -22,6 +22,10 @@ from deploy.collector.tables import alerts, boots, devices, results
 from deploy.exceptions import ArchiveError
 
 log = logging.getLogger(__name__)
+
+# How far a device's clock may run ahead of the archive's before its times are bounded for
+# ordering (docs/collector.md, "Device clocks").  NTP keeps honest devices well inside it.
+MAX_CLOCK_SKEW = timedelta(minutes=5)
 
 
 def utcnow() -> datetime:
@@ -37,11 +41,25 @@ def parse_time(text: str) -> datetime:
     return value.astimezone(timezone.utc).replace(tzinfo=None)
 
 
+def bounded_time(device_time: datetime, received_at: datetime) -> datetime:
+    """``device_time``, but never later than ``received_at`` + :data:`MAX_CLOCK_SKEW`."""
+    return min(device_time, received_at + MAX_CLOCK_SKEW)
+
+
+def status_time(status: dict[str, Any], received_at: datetime) -> datetime:
+    """The status's ``at`` parsed and bounded; ``received_at`` when it has none or a bad one."""
+    try:
+        return bounded_time(parse_time(str(status["at"])), received_at)
+    except (KeyError, ValueError, OverflowError):
+        return received_at
+
+
 def result_row(result: dict[str, Any], received_at: datetime) -> dict[str, Any]:
     """The indexed columns of one result (``ValueError``/``KeyError`` if it is malformed)."""
     outcome = outcome_of(result)
     prediction = result.get("prediction") or {}
     model = result.get("model") or {}
+    finished_at = parse_time(result["finished_at"])
     return {
         "message_id": str(result["message_id"]),
         "device_id": str(result["device_id"]),
@@ -50,8 +68,9 @@ def result_row(result: dict[str, Any], received_at: datetime) -> dict[str, Any]:
         "slide_id": str(result["slide_id"]),
         "scan_id": str(result["scan_id"]),
         "started_at": parse_time(result["started_at"]),
-        "finished_at": parse_time(result["finished_at"]),
+        "finished_at": finished_at,
         "received_at": received_at,
+        "sort_at": bounded_time(finished_at, received_at),
         "outcome": outcome.kind,
         "outcome_reason": outcome.reason,
         "outcome_stage": outcome.stage,
@@ -207,16 +226,22 @@ class ArchiveStore:
         log.info("device %s decommissioned (retained availability cleared)", device)
 
     def set_status(self, device: str, status: dict[str, Any] | None) -> None:
-        """The retained status (None: cleared); an older ``at`` never overwrites a newer one."""
+        """The retained status (None: cleared); an older ``at`` never overwrites a newer one.
+
+        ``at`` is compared as a parsed instant bounded by the archive's clock (a status from
+        a clock once in the future must not stick)."""
         at = str(status.get("at", "")) if status else None
+        when = status_time(status, utcnow()) if status else None
         body = json.dumps(status, allow_nan=False) if status else None
         try:
             with self.engine.begin() as conn:
                 if status:  # a cleared status (decommissioning) must not re-create the device
                     self._touch_device(conn, device)
-                newer = (devices.c.status_at.is_(None)) | (devices.c.status_at <= (at or ""))
-                where = [devices.c.device_id == device] + ([newer] if status else [])
-                conn.execute(update(devices).where(*where).values(status=body, status_at=at))
+                where = [devices.c.device_id == device]
+                if when is not None:
+                    where.append(devices.c.status_time.is_(None) | (devices.c.status_time <= when))
+                values = {"status": body, "status_at": at, "status_time": when}
+                conn.execute(update(devices).where(*where).values(**values))
         except SQLAlchemyError as exc:
             raise ArchiveError(f"cannot store status of {device}: {exc}") from exc
 

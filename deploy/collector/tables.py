@@ -38,6 +38,8 @@ results = Table(
     Column("started_at", DateTime, nullable=False),
     Column("finished_at", DateTime, nullable=False),
     Column("received_at", DateTime, nullable=False),
+    # finished_at bounded by received_at + the allowed skew (lists order by it; 0003)
+    Column("sort_at", DateTime, nullable=False),
     Column("outcome", String(16), nullable=False),
     Column("outcome_reason", Text),
     Column("outcome_stage", String(64)),
@@ -53,6 +55,8 @@ results = Table(
     Index("ix_results_device_finished", "device_id", "finished_at"),
     Index("ix_results_slide", "slide_id"),
     Index("ix_results_boot_seq", "device_id", "boot_id", "seq"),
+    Index("ix_results_sort", "sort_at"),
+    Index("ix_results_device_sort", "device_id", "sort_at"),
 )
 
 devices = Table(
@@ -62,7 +66,9 @@ devices = Table(
     Column("availability", String(16)),
     Column("availability_at", DateTime),
     Column("status", Text),
-    Column("status_at", String(40)),
+    Column("status_at", String(40)),  # the status's own "at", as the device sent it
+    # ... parsed and bounded by the archive's clock: a newer status replaces an older one (0003)
+    Column("status_time", DateTime),
     Column("ota_state", Text),
     Column("last_result_at", DateTime),
     Column("updated_at", DateTime, nullable=False),
