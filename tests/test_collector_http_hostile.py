@@ -229,7 +229,7 @@ def test_a_device_clock_in_the_future_does_not_stay_on_top(
 ) -> None:
     queries = ArchiveQueries(store.engine)
     now = utcnow()
-    store.add_result(make_result(7, slide="S-FUTURE", finished_at="9999-12-31T23:59:59.000Z"))
+    store.add_result(make_result(7, slide="S-FUTURE", finished_at="8999-12-31T23:59:59.000Z"))
     later = now + timedelta(hours=1)  # an hour later on the archive's clock, an honest result
     monkeypatch.setattr("deploy.collector.store.utcnow", lambda: later)
     finished = (later - timedelta(seconds=1)).isoformat() + "Z"
@@ -241,7 +241,7 @@ def test_a_device_clock_in_the_future_does_not_stay_on_top(
         assert [r["slide_id"] for r in items][:2] == ["S-HONEST", "S-FUTURE"]
         future = items[1]
         assert future["device_clock_ahead"] is True
-        assert future["finished_at"].startswith("9999-12-31")  # what the device said stays
+        assert future["finished_at"].startswith("8999-12-31")  # what the device said stays
         assert items[0]["device_clock_ahead"] is False
 
 
@@ -280,7 +280,7 @@ def test_upgrade_from_0001_bounds_the_rows_already_stored(db_url: str) -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS))
     received = utcnow()
     rows = []
-    for seq, finished in ((1, "9999-01-01T00:00:00Z"), (2, "2026-01-01T00:00:00Z")):
+    for seq, finished in ((1, "8999-01-01T00:00:00Z"), (2, "2026-01-01T00:00:00Z")):
         row = result_row(make_result(seq, finished_at=finished), received)
         del row["sort_at"]
         rows.append(row)
