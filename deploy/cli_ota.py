@@ -52,6 +52,15 @@ def _sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pack(args: argparse.Namespace) -> int:
+    from deploy.ota.signing import pack_dir
+
+    info = pack_dir(Path(args.bundle), Path(args.out))
+    unsigned = "" if info["signed"] else " (unsigned: run 'omis bundle sign' on it)"
+    _emit(args, info, f"packed {info['name']} v{info['version']} into {args.out}{unsigned}")
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     from deploy.ota.signing import fingerprint, load_public_key, verify_bundle
 
@@ -140,7 +149,7 @@ def _publish(args: argparse.Namespace) -> int:
     from deploy.broker import parse_broker_url
     from deploy.ota.delivery import PathSource, UrlSource, inline_source, make_offer
     from deploy.ota.exceptions import DeliveryError
-    from deploy.ota.sender import OfferSender, final_outcome
+    from deploy.ota.sender import PRESENCE_S, OfferSender, final_outcome
     from deploy.ota.signing import opened
     from deploy.ota.unpack import is_archive
     from inference.bundle import sha256_file
@@ -164,7 +173,8 @@ def _publish(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.wait
     with OfferSender(parse_broker_url(args.broker), args.prefix, args.device_id) as sender:
         sender.connect()
-        reply = sender.deliver(offer, archive, args.wait)
+        sender.check_present(min(PRESENCE_S, args.answer_timeout, args.wait))
+        reply = sender.deliver(offer, archive, args.wait, args.answer_timeout)
         if not reply.get("ok", False):
             out = {"outcome": "rejected", "reason": _reply_reason(reply), "reply": reply}
             _emit(args, out, json.dumps(out, allow_nan=False))
@@ -199,8 +209,9 @@ def _leaf(
 def _register_bundle(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "bundle",
-        help="model bundle keys and signatures (Ed25519)",
-        description="Model bundle keys and signatures: keygen, sign, verify (Ed25519).",
+        help="model bundle keys, signatures (Ed25519) and archives",
+        description="Model bundle keys and signatures: keygen, sign, verify (Ed25519); pack a "
+        "bundle directory into the .tar that 'omis ota install' and 'omis ota publish' take.",
     )
     bsub = p.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
     k = _leaf(bsub, common, "keygen", _keygen, "write a private key (0600) and NAME.pub")
@@ -209,6 +220,9 @@ def _register_bundle(sub: argparse._SubParsersAction[Any], common: argparse.Argu
     s = _leaf(bsub, common, "sign", _sign, "write manifest.sig into a bundle (directory or .tar)")
     s.add_argument("bundle", help="bundle directory or .tar")
     s.add_argument("--key", required=True, help="private key file")
+    pk = _leaf(bsub, common, "pack", _pack, "write a bundle directory as a .tar (atomically)")
+    pk.add_argument("bundle", help="bundle directory (its manifest must match its files)")
+    pk.add_argument("out", help="the .tar to write (replaced atomically)")
     v = _leaf(bsub, common, "verify", _verify, "verify a bundle's signature and every file hash")
     v.add_argument("bundle", help="bundle directory or .tar")
     v.add_argument("--pubkey", required=True, action="append", help="public key (repeatable)")
@@ -245,6 +259,13 @@ def _register_ota(sub: argparse._SubParsersAction[Any], common: argparse.Argumen
     how.add_argument("--url", help="HTTPS URL the device downloads the .tar from")
     how.add_argument("--path", help="path of the bundle on the device")
     pub.add_argument("--chunk-kib", type=int, default=256, help="chunk size for --inline")
+    pub.add_argument(
+        "--answer-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for the device to be present and to take the offer before "
+        "anything (more) is sent; a device that does not answer fails within this",
+    )
     pub.add_argument(
         "--wait",
         type=float,

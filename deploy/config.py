@@ -193,6 +193,16 @@ class ScanConfig(_Section):
         description="on SIGTERM the running slide may finish within this time, else it is "
         "abandoned (no result)",
     )
+    connect_retry_initial_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="a microscope missing at start is retried after this, then twice as long "
+        "each time (the device is degraded meanwhile)",
+    )
+    connect_retry_max_s: float = Field(
+        default=60.0, gt=0, le=3600, description="the longest wait between microscope retries"
+    )
 
     @model_validator(mode="after")
     def _known_plan(self) -> ScanConfig:

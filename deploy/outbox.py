@@ -9,6 +9,16 @@ Durability: ``synchronous=FULL`` by default.  In WAL mode ``NORMAL`` is already 
 any time and writes a few results per minute, so the extra fsync per commit is cheap insurance
 (``benchmarks/bench_outbox.py`` measures both).
 
+Storage faults.  The database is opened with ``locking_mode=EXCLUSIVE`` before WAL is
+enabled, so SQLite keeps the WAL index in this process's heap and never maps a ``-shm`` file: a
+damaged, truncated or unwritable ``-shm`` cannot kill the daemon with SIGBUS (the price: no
+other process opens the outbox while the daemon runs; the status and health file report its
+rows).  The file's identity (device, inode) is checked before every write and by the
+service's loop (:meth:`Outbox.check_file`): when the database was deleted or replaced under the
+running daemon, every pending row is still readable through the open connection; they are
+copied into a new database at the path (same row ids), and the fault is reported once so the
+service publishes ``degraded``.  Nothing is lost silently.
+
 Bounds: ``max_rows`` and ``max_bytes`` (payload bytes).  :meth:`Outbox.has_room` is the
 admission check the service uses before it accepts a scan; :meth:`Outbox.put` refuses with
 :class:`~deploy.exceptions.OutboxFullError` beyond the bound.  Nothing is ever dropped.
@@ -17,6 +27,7 @@ admission check the service uses before it accepts a scan; :meth:`Outbox.put` re
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -82,12 +93,26 @@ class Outbox:
         self._lock = threading.Lock()
         self._rows = 0
         self._bytes = 0
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
+        self._fault: str | None = None  # a recovered fault not yet reported
+        self._orphans: list[tuple[object, ...]] | None = None  # rows awaiting a new database
+        self._last_id = 0  # the old database's AUTOINCREMENT counter, carried over
+        self.last_fault: str | None = None  # the latest one, for people and tests
 
     def open(self) -> Outbox:
         """Open (creating if needed) the database and count what it holds."""
+        db, rows, size = self._connect()
+        with self._lock:
+            self._db, self._rows, self._bytes = db, rows, size
+        log.info("outbox %s: %d pending result(s), %d bytes", self.path, rows, size)
+        return self
+
+    def _connect(self) -> tuple[sqlite3.Connection, int, int]:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            # Before the first WAL access: the WAL index lives in the heap, no -shm is mapped.
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
             db.execute("PRAGMA busy_timeout=5000")
@@ -96,17 +121,88 @@ class Outbox:
             rows, size = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
             ).fetchone()
+            self._identity = _identity(self.path)
         except sqlite3.Error as exc:
             raise OutboxError(f"{self.path}: cannot open outbox: {exc}") from exc
         except OSError as exc:
             raise OutboxError(f"{self.path}: cannot create outbox: {exc.strerror}") from exc
+        return db, int(rows), int(size)
+
+    def check_file(self) -> str | None:
+        """Recreate the database if it was deleted or replaced under us; returns the reason of a
+        fault recovered since the last call (once), else None.  Raises :class:`OutboxError`
+        when it cannot be recreated."""
         with self._lock:
-            self._db, self._rows, self._bytes = db, int(rows), int(size)
-        log.info("outbox %s: %d pending result(s), %d bytes", self.path, rows, size)
-        return self
+            self._ensure_file()
+            fault, self._fault = self._fault, None
+        return fault
+
+    def _ensure_file(self) -> None:
+        """With the lock held: the open connection still owns the file at ``path``."""
+        if self._orphans is not None:
+            self._restore("deleted")  # an earlier recreation failed: try again
+            return
+        if self._db is None:
+            return
+        try:
+            now = _identity(self.path)
+        except FileNotFoundError:
+            now = None
+        except OSError as exc:
+            raise OutboxError(f"{self.path}: cannot check the outbox file: {exc.strerror}") from exc
+        if now == self._identity:
+            return
+        what = "deleted" if now is None else "replaced by another file"
+        self._recreate(what)
+
+    def _recreate(self, what: str) -> None:
+        old = self._conn()
+        try:
+            rows = old.execute(
+                "SELECT id, message_id, topic, payload, created_at FROM outbox ORDER BY id"
+            ).fetchall()
+            seq = old.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+            self._last_id = int(seq[0]) if seq else 0
+        except sqlite3.Error as exc:
+            raise OutboxError(f"{self.path}: {what} and its rows unreadable: {exc}") from exc
+        # Closed first: closing deletes "<path>-wal" by name, which must not be the new one's.
+        # Until the new database holds them, the rows live in memory (retried on each check).
+        old.close()
+        self._db, self._orphans = None, rows
+        self._restore(what)
+
+    def _restore(self, what: str) -> None:
+        rows = self._orphans or []
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)  # leftovers of the old one
+        db, _, _ = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(
+                "INSERT INTO outbox (id, message_id, topic, payload, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+            # Row ids keep growing across the recreation: the publisher's cursor stays valid.
+            db.execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'")
+            db.execute(
+                "INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (self._last_id,)
+            )
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            db.close()
+            raise OutboxError(f"{self.path}: cannot recreate the outbox: {exc}") from exc
+        self._db, self._orphans = db, None
+        reason = (
+            f"outbox database {self.path} was {what} under the running daemon; recreated "
+            f"with its {len(rows)} pending result(s)"
+        )
+        log.error("%s", reason)
+        self._fault = self.last_fault = reason
 
     def close(self) -> None:
         """Close the database (idempotent)."""
+        self._identity = None
         with self._lock:
             db, self._db = self._db, None
         if db is not None:
@@ -146,6 +242,7 @@ class Outbox:
         ``message_id`` that is already stored is a no-op returning the existing row.
         """
         with self._lock:
+            self._ensure_file()  # a result never goes into a deleted file
             db = self._conn()
             if self._rows + 1 > self.max_rows or self._bytes + len(payload) > self.max_bytes:
                 raise OutboxFullError(
@@ -221,3 +318,8 @@ class Outbox:
                 .fetchone()
             )
         return row is not None
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino

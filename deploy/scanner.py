@@ -84,6 +84,7 @@ class MicroscopeScanner:
             min_usable_fields=min_usable_fields,
         )
         self._microscope: Microscope | None = None
+        self._models_open = False
         self._listener: SlideListener | None = None
         # Our own load_slide must not trigger a scan.  The firmware's "slide inserted" event
         # arrives later on the reader thread, so count the inserts we caused and swallow as
@@ -110,7 +111,9 @@ class MicroscopeScanner:
         """Open the backends and the model, then the microscope."""
         from firmware_bridge.microscope import open_microscope
 
-        self.models.open()
+        if not self._models_open:  # a retry after a missing microscope keeps the open model
+            self.models.open()
+            self._models_open = True
         size = self.sim_size if self.simulated else None
         self._microscope = open_microscope(self.microscope_url, size=size)
         controller = getattr(self._microscope, "controller", None)
@@ -260,6 +263,7 @@ class MicroscopeScanner:
             if microscope is not None:
                 microscope.close()
         finally:
+            self._models_open = False
             self.models.close()
 
 

@@ -111,7 +111,9 @@ class ModelServer:
 
         if self._spectra is None:
             raise ScanError("the spectrum backend is not open")
-        backend = open_inference_backend(self.inference.backend, bundle, self.options())
+        backend = open_inference_backend(
+            self.inference.backend, bundle, self.options(), spectra=self._spectra
+        )
         try:
             pipeline = SlidePipeline(
                 bundle,

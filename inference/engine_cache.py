@@ -19,9 +19,14 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+from firmware_bridge.exceptions import InputError
 from firmware_bridge.fsutil import atomic_write_bytes, atomic_write_text
+from firmware_bridge.limits import is_identifier
+from firmware_bridge.paths import safe_join
 from inference.exceptions import EngineError
 
 log = logging.getLogger(__name__)
@@ -29,6 +34,60 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ENGINE_DIR = "engines"
 SIDECAR_SCHEMA = "omis.engine/1"
+MAX_SIDECAR_BYTES = 64 * 1024  # a real sidecar is well under 1 KiB; bigger is not ours
+
+
+class _KeyModel(BaseModel):
+    """The key as the sidecar stores it: exact types, no extras (a damaged file fails here)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    onnx_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    trt_version: StrictStr
+    gpu_name: StrictStr
+    compute_capability: StrictStr
+    precision: StrictStr
+    min_shape: list[StrictInt]
+    opt_shape: list[StrictInt]
+    max_shape: list[StrictInt] = Field(min_length=1)
+    dla_core: StrictInt | None = None
+    version_compatible: bool = False
+
+
+class Sidecar(BaseModel):
+    """``<stem>.json`` beside a plan; extra fields (build info) are kept."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    schema_: Literal["omis.engine/1"] = Field(alias="schema")
+    key: _KeyModel
+    plan_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    plan_bytes: int = Field(ge=0)
+
+
+class SidecarError(ValueError):
+    """A sidecar that cannot be read as one: the entry is invalid (and removed)."""
+
+
+def read_sidecar(path: Path) -> Sidecar:
+    """Parse a sidecar file; any damage (truncated, binary, deep, wrong types) is one
+    :class:`SidecarError` with a one-line reason, never a traceback."""
+    if not path.is_file():  # a directory, FIFO or device named *.json: never opened
+        raise SidecarError("not a regular file")
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_SIDECAR_BYTES + 1)
+    except OSError as exc:
+        raise SidecarError(f"unreadable ({exc.strerror})") from exc
+    if len(data) > MAX_SIDECAR_BYTES:
+        raise SidecarError(f"larger than {MAX_SIDECAR_BYTES} bytes")
+    try:
+        # pydantic-core parses with a recursion limit: deep JSON is a ValidationError.
+        return Sidecar.model_validate_json(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "file"
+        raise SidecarError(f"{where}: {err['msg']}") from exc
 
 
 @dataclass(frozen=True)
@@ -54,6 +113,11 @@ class EngineKey:
         return data
 
     @classmethod
+    def from_sidecar(cls, side: Sidecar) -> EngineKey:
+        """The key a validated sidecar describes."""
+        return cls.from_json(side.key.model_dump())
+
+    @classmethod
     def from_json(cls, data: dict[str, Any]) -> EngineKey:
         """Inverse of :meth:`to_json`; raises KeyError/TypeError on a malformed object."""
         fields = dict(data)
@@ -68,6 +132,10 @@ class EngineKey:
 
     def file_stem(self) -> str:
         """Readable and unique: model hash prefix, precision, key hash prefix."""
+        if not is_identifier(self.precision):
+            raise EngineError(f"engine key precision {self.precision!r} cannot name a file")
+        if not is_identifier(self.onnx_sha256[:12]):
+            raise EngineError(f"engine key onnx_sha256 {self.onnx_sha256!r} cannot name a file")
         return f"{self.onnx_sha256[:12]}-{self.precision}-{self.digest()[:16]}"
 
 
@@ -79,11 +147,17 @@ class EngineCache:
 
     def plan_path(self, key: EngineKey) -> Path:
         """Where the plan for ``key`` lives."""
-        return self.root / f"{key.file_stem()}.plan"
+        return self._path(key.file_stem(), ".plan")
 
     def sidecar_path(self, key: EngineKey) -> Path:
         """Where the description of ``key`` lives."""
-        return self.root / f"{key.file_stem()}.json"
+        return self._path(key.file_stem(), ".json")
+
+    def _path(self, stem: str, suffix: str) -> Path:
+        try:
+            return safe_join(self.root, stem, suffix, what="engine file")
+        except InputError as exc:
+            raise EngineError(str(exc)) from exc
 
     def timing_cache_path(self, trt_version: str, gpu_name: str) -> Path:
         """The builder timing cache, shared by builds on one GPU and TensorRT version."""
@@ -96,17 +170,15 @@ class EngineCache:
         if not plan.is_file() or not side.is_file():
             return None
         try:
-            described = json.loads(side.read_text("utf-8"))
-            if described.get("schema") != SIDECAR_SCHEMA:
-                raise ValueError(f"schema {described.get('schema')!r}")
-            if EngineKey.from_json(described["key"]) != key:
-                raise ValueError("key differs")
+            described = read_sidecar(side)
+            if EngineKey.from_sidecar(described) != key:
+                raise SidecarError("key differs")
             data = plan.read_bytes()
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, SidecarError) as exc:
             log.warning("engine cache: %s unusable (%s); removing it", side.name, exc)
             self.remove(key)
             return None
-        if hashlib.sha256(data).hexdigest() != described.get("plan_sha256"):
+        if hashlib.sha256(data).hexdigest() != described.plan_sha256:
             log.warning("engine cache: %s does not match its sidecar; removing it", plan.name)
             self.remove(key)
             return None
@@ -134,11 +206,22 @@ class EngineCache:
                 p.unlink()
 
     def entries(self) -> list[dict[str, Any]]:
-        """The sidecars of every cached engine (for status and ``omis engine``)."""
+        """The sidecars of every valid cached engine (for status and ``omis engine``).
+
+        A damaged sidecar makes its entry invalid: one warning line, and the sidecar and its
+        plan are removed (engines are derived files; the next build replaces them).
+        """
         out = []
         for side in sorted(self.root.glob("*.json")):
-            with contextlib.suppress(OSError, ValueError):
-                out.append(json.loads(side.read_text("utf-8")))
+            try:
+                described = read_sidecar(side)
+            except SidecarError as exc:
+                log.warning("engine cache: %s is damaged (%s); removing the entry", side.name, exc)
+                for path in (side, side.with_suffix(".plan")):
+                    with contextlib.suppress(OSError):  # best effort: it is not listed anyway
+                        path.unlink(missing_ok=True)
+                continue
+            out.append(described.model_dump(by_alias=True))
         return out
 
     def get_or_build(

@@ -45,7 +45,8 @@ from inference.exceptions import (
 from inference.integrity import check_finite
 from inference.preprocess import spectrum_to_tensor, to_tensor
 from inference.render import RenderParams, render_params_from_json, render_spectrum
-from inference.spectrum import NumpyBackend, SpectrumBackend, finalize, open_backend, parse_params
+from inference.spectrum import NumpyBackend, SpectrumBackend, finalize, parse_params
+from inference.spectrum.backends import open_spectrum_backend
 from inference.spectrum.params import RbhistParams, WdiffParams
 from inference.spectrum.types import Histogram
 from inference.spectrum.validate import U8
@@ -199,7 +200,9 @@ def check_device_path(
         params, render = parse_params(m.spectrum), render_params_from_json(m.render)
     except SpectrumInputError as exc:
         raise BundleError(f"the device cannot run this bundle: {exc}") from exc
-    spectra = open_backend(spectrum) if isinstance(spectrum, str) else spectrum
+    # A name (a one-off check: selftest, engine build) opens and logs its own; a server passes
+    # the backend it serves with, so the gate proves that one and opens nothing.
+    spectra = open_spectrum_backend(spectrum) if isinstance(spectrum, str) else spectrum
     try:
         tensors, tensor_diff = [], 0.0
         for i, pair in enumerate(g.pairs):

@@ -3,8 +3,10 @@
 A scan run (``omis scan``), the daemon (``omis serve``) and a model change open backends; a
 slide never does.  :func:`open_spectrum_backend` picks the spectrum backend (``auto`` prefers
 CUDA) and :func:`open_inference_backend` loads, warms up and golden-gates the inference backend;
-each logs one line saying what was chosen and why.  Asking for a backend by name that cannot
-start raises :class:`~inference.exceptions.BackendUnavailableError`: never a silent switch.
+each logs one line saying what was chosen and why.  The golden gate of every model is handed
+the opened spectrum backend, so it proves the one that serves and opens nothing itself.
+Asking for a backend by name that cannot start raises
+:class:`~inference.exceptions.BackendUnavailableError`: never a silent switch.
 """
 
 from __future__ import annotations
@@ -13,35 +15,30 @@ import logging
 
 from inference.backends.base import BackendOptions, InferenceBackend
 from inference.bundle import Bundle
-from inference.exceptions import BackendUnavailableError
-from inference.spectrum import SpectrumBackend, open_backend
+from inference.spectrum import SpectrumBackend
+from inference.spectrum.backends import open_spectrum_backend
 
 log = logging.getLogger(__name__)
 
-
-def open_spectrum_backend(name: str = "auto") -> SpectrumBackend:
-    """Open the spectrum backend ``name`` (``auto``, ``numpy`` or ``cuda``) and log the choice."""
-    if name != "auto":
-        backend = open_backend(name)
-        log.info("spectrum backend %s opened (asked for by name)", backend.name)
-        return backend
-    try:
-        backend = open_backend("cuda")
-        why = "auto: CUDA is usable"
-    except BackendUnavailableError as exc:
-        backend = open_backend("numpy")
-        why = f"auto: CUDA not usable: {exc}"
-    log.info("spectrum backend %s opened (%s)", backend.name, why)
-    return backend
+__all__ = ["open_inference_backend", "open_spectrum_backend"]
 
 
 def open_inference_backend(
-    name: str, bundle: Bundle, options: BackendOptions | None = None
+    name: str,
+    bundle: Bundle,
+    options: BackendOptions | None = None,
+    *,
+    spectra: SpectrumBackend | str = "auto",
 ) -> InferenceBackend:
-    """Load, warm up and golden-gate the inference backend ``name`` for ``bundle``; log it."""
+    """Load, warm up and golden-gate the inference backend ``name`` for ``bundle``; log it.
+
+    The gate replays the golden field pairs through ``spectra``.  A server passes the spectrum
+    backend it serves with (opened once per run by :func:`open_spectrum_backend`), so the gate
+    proves that one and opens none of its own; a name opens one for this check only.
+    """
     from inference.golden import open_checked
 
-    backend, _ = open_checked(name, bundle, options)
+    backend, _ = open_checked(name, bundle, options, spectrum_backend=spectra)
     described = backend.describe()
     skipped = described.get("skipped") or ()
     why = "asked for by name" if name != "auto" else "auto"

@@ -15,6 +15,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from firmware_bridge.exceptions import InputError
+from firmware_bridge.paths import safe_join
 from inference.bundle import now_rfc3339
 from inference.exceptions import ModelStoreError
 
@@ -98,4 +100,13 @@ def active_bundle_path(state_dir: Path) -> Path:
     current = read_state(root).current
     if current is None:
         raise ModelStoreError(f"no active model in {root}; install one or pass --bundle")
-    return root / BUNDLES_DIR / current.dir
+    return slot_path(root, current.dir)
+
+
+def slot_path(models_root: Path, slot_dir: str) -> Path:
+    """Directory of the installed slot ``slot_dir`` (read from the state file: validated, and
+    never outside ``bundles/``)."""
+    try:
+        return safe_join(models_root / BUNDLES_DIR, slot_dir, what="slot directory")
+    except InputError as exc:
+        raise ModelStoreError(f"{models_root}: {exc}") from exc

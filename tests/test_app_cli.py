@@ -209,6 +209,9 @@ def test_a_multi_slide_scan_opens_each_backend_once(tmp_path: Path) -> None:
     inference = [line for line in opened if "inference backend" in line]
     assert len(opened) == 2, "\n".join(opened)
     assert len(spectrum) == 1, "\n".join(spectrum)
+    # ... and nothing else opens (or logs) another one: the golden gate checks the one serving
+    mentions = [line for line in lines if "spectrum backend" in line]
+    assert len(mentions) == 1, "\n".join(mentions)
     assert len(inference) == 1, "\n".join(inference)
     assert " INFO " in spectrum[0] and "numpy" in spectrum[0]
     # and the report names each slide's outcome (abstained ones with their reason)

@@ -288,7 +288,7 @@ def test_health_file(tmp_path: Path) -> None:
     write_health(tmp_path, {"state": "idle", "connected": True, "outbox_rows": 0})
     healthy, reason = check_health(tmp_path, 1.0)
     assert healthy, reason
-    assert not check_health(tmp_path, 1.0, now=time.time() + 10)[0]
+    assert not check_health(tmp_path, 1.0, now=time.clock_gettime(time.CLOCK_BOOTTIME) + 10)[0]
     write_health(tmp_path, {"state": "error", "last_error": "x"})
     assert not check_health(tmp_path, 1.0)[0]
 
@@ -308,3 +308,38 @@ def test_sd_notify_over_a_real_datagram_socket(
     assert watchdog_interval_s() == 2.0
     monkeypatch.setenv("WATCHDOG_PID", "1")
     assert watchdog_interval_s() is None
+
+
+@pytest.mark.parametrize("step_s", [-3600.0, -10.0, 3600.0])
+def test_health_clock_is_monotonic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step_s: float
+) -> None:
+    """A hung daemon (no heartbeat for 100 s) is unhealthy even when the wall clock steps back
+    meanwhile; a live one stays healthy when the wall clock steps forward."""
+    real_time, real_mono, real_clock = time.time, time.monotonic, time.clock_gettime
+    wall, later = real_time(), 0.0
+
+    def fake_clock(clock: int) -> float:
+        return real_clock(clock) + later
+
+    monkeypatch.setattr(time, "time", lambda: wall)
+    monkeypatch.setattr(time, "monotonic", lambda: real_mono() + later)
+    monkeypatch.setattr(time, "clock_gettime", fake_clock)
+    write_health(tmp_path, {"state": "idle", "connected": True, "outbox_rows": 0})
+    assert check_health(tmp_path, 1.0)[0]
+    wall = real_time() + step_s  # the wall clock steps (NTP, an RTC without battery, an admin)
+    later = 100.0  # ... while the daemon writes nothing for 100 s: hung
+    healthy, reason = check_health(tmp_path, 1.0)
+    assert not healthy and "stale" in reason, reason
+    write_health(tmp_path, {"state": "idle", "connected": True, "outbox_rows": 0})
+    healthy, reason = check_health(tmp_path, 1.0)  # alive again: healthy whatever the wall says
+    assert healthy, reason
+
+
+def test_a_health_stamp_from_the_future_is_not_fresh(tmp_path: Path) -> None:
+    """The boot clock never goes back, so a stamp ahead of it (a faked or foreign clock) is
+    not taken for a live daemon."""
+    write_health(tmp_path, {"state": "idle", "connected": True, "outbox_rows": 0})
+    now = time.clock_gettime(time.CLOCK_BOOTTIME)
+    assert check_health(tmp_path, 1.0, now=now)[0]
+    assert not check_health(tmp_path, 1.0, now=now - 3600)[0]

@@ -282,3 +282,78 @@ def test_a_puback_that_beats_its_bookkeeping_still_acknowledges(tmp_path: Path) 
         _pump_once(pump, box)
         assert box.stats().rows == 0
         assert pump.inflight == 0
+
+
+@pytest.mark.parametrize("removed", [("",), ("", "-wal"), ("", "-wal", "-shm")])
+def test_a_deleted_database_is_recreated_with_every_pending_row(
+    tmp_path: Path, removed: tuple[str, ...]
+) -> None:
+    path = tmp_path / "o.db"
+    with Outbox(path) as box:
+        for i in range(3):
+            box.put(f"m{i}", "t", f"p{i}".encode())
+        box.ack([box.pending(limit=1)[0].rowid])  # m0 went out
+        for suffix in removed:  # an operator (or a cleanup job) deletes the files
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        assert box.check_file() is not None  # detected, with its reason
+        assert "deleted" in (box.last_fault or "")
+        assert path.exists()
+        box.put("m3", "t", b"p3")
+        assert [i.message_id for i in box.pending(limit=10)] == ["m1", "m2", "m3"]
+        assert box.stats().rows == 3
+        assert box.check_file() is None  # healthy again
+    with Outbox(path) as again:  # and it is on disk, not in an unlinked file
+        assert [i.message_id for i in again.pending(limit=10)] == ["m1", "m2", "m3"]
+
+
+def test_a_replaced_database_is_detected_on_the_next_write(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with Outbox(path) as box:
+        box.put("m1", "t", b"p1")
+        path.unlink()
+        path.write_bytes(b"")  # another file now sits at the path
+        box.put("m2", "t", b"p2")  # the write notices, recreates, then stores
+        assert "replaced" in (box.last_fault or "") or "deleted" in (box.last_fault or "")
+        assert box.check_file() is not None  # ... and reports it once to the service
+        assert box.check_file() is None
+    with Outbox(path) as again:
+        assert [i.message_id for i in again.pending(limit=10)] == ["m1", "m2"]
+
+
+SHM_SCRIPT = r"""
+import os, sys
+from deploy.outbox import Outbox
+path = sys.argv[1]
+box = Outbox(path).open()
+box.put("m1", "t", b"x")
+shm = path + "-shm"
+if os.path.exists(shm):
+    os.truncate(shm, 0)  # a storage fault under the mapped wal-index
+box.put("m2", "t", b"y")
+print("ok", box.stats().rows)
+"""
+
+
+def test_a_shared_memory_fault_cannot_kill_the_process(tmp_path: Path) -> None:
+    """With the wal-index in the process heap (exclusive locking) there is no -shm to map, so
+    a damaged or vanished -shm cannot raise SIGBUS."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SHM_SCRIPT, str(tmp_path / "o.db")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.split() == ["ok", "2"]
+    assert not (tmp_path / "o.db-shm").exists()
+
+
+def test_row_ids_keep_growing_across_a_recreation(tmp_path: Path) -> None:
+    """The publisher's cursor is a row id: a recreated database must not start again at 1."""
+    path = tmp_path / "o.db"
+    with Outbox(path) as box:
+        first = [box.put(f"m{i}", "t", b"p") for i in range(3)]
+        box.ack(first)
+        path.unlink()
+        assert box.put("m3", "t", b"p") > max(first)

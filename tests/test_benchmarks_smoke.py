@@ -115,3 +115,10 @@ def test_bench_spectrum_gpu_requested_says_why_it_cannot_run() -> None:
 def test_bench_collector_sqlite() -> None:
     text = run_bench("bench_collector.py", "--n", "5")
     assert "| sqlite |" in text and "via MQTT" in text
+
+
+def test_bench_outbox_locking() -> None:
+    text = run_bench("bench_outbox_locking.py", "--n", "10", "--rounds", "1")
+    data = json.loads(text.strip().splitlines()[-1])
+    assert data["median_commits_per_s"]["shipped"] > 0
+    assert data["median_ratio_shipped_over_previous"] > 0

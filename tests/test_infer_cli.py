@@ -217,3 +217,16 @@ def test_torch_on_cuda_without_a_gpu_fails_with_one_line(env: dict[str, Path]) -
     assert r.returncode == 1 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "no CUDA" in lines[0], r.stderr
+
+
+def test_engine_list_survives_corrupt_sidecars(tmp_path: Path) -> None:
+    engines = tmp_path / "engines"
+    engines.mkdir(parents=True)
+    (engines / "a-fp16-1.json").write_bytes(b"[" * 100_000)
+    (engines / "b-fp16-2.json").write_text('{"schema": "omis.engine/1", "key": "x"}')
+    (engines / "c-fp16-3.json").write_bytes(b"\xff\xfe\x00binary")
+    for args in (("engine", "list"), ("engine", "list", "--json")):
+        r = omis(*args, state=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "Traceback" not in r.stderr
+    assert list(engines.glob("*.json")) == []

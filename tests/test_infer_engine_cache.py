@@ -128,3 +128,48 @@ def test_fresh_plan_that_does_not_deserialise_is_an_error(tmp_path: Path) -> Non
     with pytest.raises(EngineError, match="freshly built"):
         cache.get_or_build(KEY, lambda: b"bad", lambda plan: None)
     assert cache.load(KEY) is None
+
+
+CORRUPT_SIDECARS = {
+    "truncated": b'{"schema": "omis.engine/1", "key": {"onnx_sha',
+    "binary": bytes(range(256)),
+    "deep": b"[" * 100_000 + b"]" * 100_000,
+    "not_an_object": b"[1, 2, 3]",
+    "key_is_a_string": b'{"schema": "omis.engine/1", "key": "abc", "plan_sha256": "00"}',
+    "wrong_types": json.dumps(
+        {
+            "schema": "omis.engine/1",
+            "key": {**KEY.to_json(), "onnx_sha256": 7, "max_shape": "x"},
+            "plan_sha256": 1,
+            "plan_bytes": "many",
+        }
+    ).encode(),
+    "schema_is_a_list": b'{"schema": ["omis.engine/1"], "key": {}}',
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPT_SIDECARS))
+def test_corrupt_sidecar_is_an_invalid_entry_removed(
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = EngineCache(tmp_path)
+    cache.store(KEY, b"plan")
+    cache.sidecar_path(KEY).write_bytes(CORRUPT_SIDECARS[kind])
+    assert cache.entries() == []  # never a traceback: the entry is invalid
+    assert not cache.sidecar_path(KEY).exists() and not cache.plan_path(KEY).exists()
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
+    cache.store(KEY, b"plan")
+    cache.sidecar_path(KEY).write_bytes(CORRUPT_SIDECARS[kind])
+    assert cache.load(KEY) is None
+    assert not cache.plan_path(KEY).exists()
+    cache.store(KEY, b"plan")  # a clean state: the entry is rebuilt and listed
+    assert [e["key"] for e in cache.entries()] == [KEY.to_json()]
+
+
+def test_sidecars_that_are_not_files_are_skipped(tmp_path: Path) -> None:
+    cache = EngineCache(tmp_path)
+    cache.store(KEY, b"plan")
+    (cache.root / "dir.json").mkdir()
+    os.mkfifo(cache.root / "fifo.json")  # opening it would block for ever
+    assert [e["key"] for e in cache.entries()] == [KEY.to_json()]

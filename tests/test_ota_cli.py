@@ -6,10 +6,18 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from broker_support import (
+    Collector,
+    Mosquitto,
+    mosquitto_fixture,  # noqa: F401 - the "mosquitto" fixture
+)
 from ota_support import make_bundle
+
+from deploy.broker import find_mosquitto
 
 OMIS = [sys.executable, "-m", "deploy.cli"]
 
@@ -74,3 +82,112 @@ def test_trust_install_status_rollback(work: Path, tmp_path: Path) -> None:
     assert r.returncode == 0 and keys["fingerprint"] in r.stdout
     r = omis("ota", "status", state=state)
     assert "current   v1 tiny sha256" in r.stdout
+
+
+def test_bundle_pack_then_ota_install(tmp_path: Path) -> None:
+    r = omis("bundle", "keygen", "--out", tmp_path / "k", "--name", "fleet", "--json")
+    keys = json.loads(r.stdout)
+    state = tmp_path / "state"
+    assert omis("ota", "trust", keys["public"], state=state).returncode == 0
+    bundle = make_bundle(tmp_path / "v1", 1, key=Path(keys["private"]))
+    out = tmp_path / "out" / "v1.tar"
+    r = omis("bundle", "pack", bundle, out, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["archive"] == str(out) and out.is_file()
+    first = out.read_bytes()
+    assert omis("bundle", "pack", bundle, out).returncode == 0
+    assert out.read_bytes() == first  # reproducible: the same bundle packs to the same bytes
+    r = omis("ota", "install", out, "--json", state=state)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["model"]["version"] == 1
+    r = omis("bundle", "verify", out, "--pubkey", keys["public"])
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("damage", ["no_manifest", "altered_file", "extra_file", "not_a_dir"])
+def test_bundle_pack_refuses_what_is_not_a_bundle(tmp_path: Path, damage: str) -> None:
+    bundle = make_bundle(tmp_path / "b", 1)
+    if damage == "no_manifest":
+        (bundle / "manifest.json").unlink()
+    elif damage == "altered_file":
+        (bundle / "model.onnx").write_bytes(b"not the signed model")
+    elif damage == "extra_file":
+        (bundle / "notes.txt").write_text("x")
+    else:
+        bundle = tmp_path / "missing"
+    out = tmp_path / "b.tar"
+    out.write_bytes(b"previous archive")
+    r = omis("bundle", "pack", bundle, out)
+    assert r.returncode == 1
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert out.read_bytes() == b"previous archive"  # nothing half-written, nothing replaced
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".b.tar")] == []
+
+
+def _retained(port: int, topic: str, payload: bytes) -> None:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
+    client.disconnect()
+    client.loop_stop()
+
+
+@pytest.fixture(scope="module")
+def signed_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("publish")
+    keys = json.loads(omis("bundle", "keygen", "--out", d / "k", "--json").stdout)
+    bundle = make_bundle(d / "v2", 2, key=Path(keys["private"]))
+    assert omis("bundle", "pack", bundle, d / "v2.tar").returncode == 0
+    return d / "v2.tar"
+
+
+@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
+@pytest.mark.parametrize("case", ["absent", "offline", "mute"])
+def test_publish_to_a_device_that_does_not_answer_fails_fast(
+    mosquitto: Mosquitto, signed_tar: Path, case: str
+) -> None:
+    """No such device (no ota/state), an offline one, or one that never takes the offer: one
+    line within seconds, and (absent, offline) not a byte sent."""
+    device = f"dev-{case}"
+    base = f"omis/v1/{device}"
+    if case != "absent":
+        state = {"schema": "omis.ota_state/1", "current": 1, "progress": None}
+        _retained(mosquitto.port, f"{base}/ota/state", json.dumps(state).encode())
+    if case == "offline":
+        _retained(mosquitto.port, f"{base}/availability", b"offline")
+    with Collector(mosquitto.port, f"{base}/#") as col:
+        started = time.monotonic()
+        r = omis(
+            "ota",
+            "publish",
+            "-v",
+            signed_tar,
+            "--broker",
+            mosquitto.url,
+            "--device-id",
+            device,
+            "--inline",
+            "--chunk-kib",
+            "4",
+            "--answer-timeout",
+            "3",
+        )
+        took = time.monotonic() - started
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 1 and len(errors) == 1, r.stderr
+    assert device in errors[0] and "Traceback" not in r.stderr
+    assert took < 15, took
+    assert "step" in r.stderr  # -v prints each transfer step
+    sent = col.on("/cmd/ota") + [p for t, p, _ in col.messages if "/ota/chunk/" in t]
+    if case == "mute":
+        assert len(col.on("/cmd/ota")) == 1 and not any(
+            "/ota/chunk/" in t for t, _, _ in col.messages
+        )
+        assert "did not take the offer" in errors[0]
+    else:
+        assert sent == []
+        assert ("offline" if case == "offline" else "no ota/state") in errors[0]

@@ -213,7 +213,7 @@ def test_inline_update_with_omis_ota_publish_takes_over_between_slides(
         publish = subprocess.run(
             [
                 *(sys.executable, "-m", "deploy.cli"),
-                *("ota", "publish", str(kit["v2.tar"]), "--broker", mosquitto.url),
+                *("ota", "publish", "-v", str(kit["v2.tar"]), "--broker", mosquitto.url),
                 *("--device-id", DEVICE, "--inline", "--chunk-kib", "8", "--wait", "30"),
             ],
             capture_output=True,
@@ -225,6 +225,11 @@ def test_inline_update_with_omis_ota_publish_takes_over_between_slides(
         assert publish.returncode == 0, publish.stderr[-2000:]
         out = json.loads(publish.stdout)
         assert out["outcome"] == "committed" and out["version"] == 2
+        steps = [
+            line.split("step: ", 1)[1] for line in publish.stderr.splitlines() if "step: " in line
+        ]
+        for expected in ("connected", "is present", "published", "sent", "reply", "committed"):
+            assert any(expected in step for step in steps), steps
         reply = out["reply"]
         assert reply["ok"] is True and reply["result"]["received"] is True
         assert reply["result"]["version"] == 2
@@ -432,3 +437,73 @@ def app_idle(col: Collector) -> bool:
     return (
         bool(statuses) and statuses[-1]["state"] == "idle" and statuses[-1]["queue"]["depth"] == 0
     )
+
+
+class _CountingKey:
+    """A trusted key that counts signature checks."""
+
+    def __init__(self, key: Any, calls: list[str]) -> None:
+        self.key, self.calls = key, calls
+
+    def verify(self, signature: bytes, data: bytes) -> None:
+        self.calls.append("verify")
+        self.key.verify(signature, data)
+
+
+def test_an_offer_is_verified_parsed_and_unpacked_once(
+    mosquitto: Mosquitto, tmp_path: Path, kit: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inline offer -> installed: one signature check, one manifest parse, one verified unpack
+    (each signed file streamed to disk once, nothing extracted unchecked)."""
+    import tarfile
+
+    import deploy.ota.unpack as unpack
+    from inference.bundle import Manifest
+
+    state = _state_with_v1(tmp_path, kit)
+    calls: list[str] = []
+    keys = TrustStore.keys
+    monkeypatch.setattr(
+        TrustStore, "keys", lambda self: {f: _CountingKey(k, calls) for f, k in keys(self).items()}
+    )
+    validate_manifest = Manifest.model_validate.__func__  # type: ignore[attr-defined]
+
+    def counting_validate(cls: type[Manifest], /, obj: Any, **kw: Any) -> Manifest:
+        calls.append("parse")
+        return validate_manifest(cls, obj, **kw)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(Manifest, "model_validate", classmethod(counting_validate))
+    stream = unpack._stream
+
+    def counting_stream(src: Any, target: Path, *args: Any) -> None:
+        calls.append(f"write {target.name}")
+        stream(src, target, *args)
+
+    monkeypatch.setattr(unpack, "_stream", counting_stream)
+    extract = tarfile.TarFile.extract
+
+    def counting_extract(self: tarfile.TarFile, *args: Any, **kw: Any) -> None:
+        calls.append("unverified extract")
+        extract(self, *args, **kw)
+
+    monkeypatch.setattr(tarfile.TarFile, "extract", counting_extract)
+    with (
+        Collector(mosquitto.port, f"{BASE}/#") as col,
+        running(mosquitto, state, _settings()) as _,
+    ):
+        assert wait_until(lambda: _last_state(col).get("current") == 1, 10)
+        src = inline_source(kit["v2.tar"], "once-0000001", chunk_size=8192)
+        offer = make_offer(kit["v2.tar"], src, "c-once")
+        calls.clear()  # make_offer is the sender's side
+        with OfferSender(parse_broker_url(mosquitto.url), "omis/v1", DEVICE) as sender:
+            sender.connect()
+            reply = sender.deliver(offer, kit["v2.tar"], wait_s=30)
+        assert reply["ok"] is True, reply
+        assert wait_until(lambda: _switched(col, 2), 20), _last_state(col)
+        seen = list(calls)  # the install, up to the switch (a rollback at stop re-reads v1)
+    writes = [c[len("write ") :] for c in seen if c.startswith("write ")]
+    signed = [p.name for p in kit["v2"].rglob("*") if p.is_file()]
+    assert seen.count("verify") == 1, seen
+    assert seen.count("parse") == 1, seen
+    assert "unverified extract" not in seen, seen
+    assert sorted(writes) == sorted(signed), seen

@@ -1,38 +1,33 @@
-"""Offers, chunked transfer, downloads, and an end-to-end inline transfer over a real mosquitto."""
+"""Offers, chunked transfer and downloads, transport-free.
+
+The daemon's receiving path (offer -> chunks over a real mosquitto -> need -> install) is tested
+end to end in ``test_ota_daemon.py`` (inline publish, lost chunk, rejected offers, counts).
+"""
 
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
 from ota_support import make_bundle, make_keys
-from paho.mqtt.enums import CallbackAPIVersion
 
-from deploy.broker import EmbeddedBroker, find_mosquitto
 from deploy.ota import Installer, ModelStore, TrustStore
 from deploy.ota.delivery import (
     ChunkAssembler,
     InlineSource,
-    OtaReceiver,
     PathSource,
     UrlSource,
-    chunk_topic,
     fetch_url,
     inline_source,
     iter_chunks,
     make_offer,
-    need_topic,
     parse_offer,
+    precheck_offer,
 )
 from deploy.ota.exceptions import DeliveryError, DowngradeError, SignatureInvalidError
-from deploy.ota.sender import OfferSender
 from deploy.ota.unpack import pack_bundle
 from inference.bundle import Bundle
-
-PREFIX = "omis/v1"
 
 
 def _no_gate(bundle: Bundle) -> None:
@@ -50,12 +45,16 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def _device(tmp_path: Path, kit: dict[str, Path]) -> tuple[Path, OtaReceiver]:
+def _device(tmp_path: Path, kit: dict[str, Path]) -> Path:
     state = tmp_path / "state"
     TrustStore(state).add(kit["pub"])
     Installer(ModelStore(state), TrustStore(state), _no_gate).install(kit["v1"])
-    rx = OtaReceiver(tmp_path / "ota", TrustStore(state), ModelStore(state), "0.1.0")
-    return state, rx
+    return state
+
+
+def _precheck(state: Path, payload: bytes) -> None:
+    """What the daemon's ``cmd/ota`` handler runs on an offer (before any download)."""
+    precheck_offer(parse_offer(payload), TrustStore(state), ModelStore(state), "0.1.0")
 
 
 def test_offer_roundtrip_and_validation(kit: dict[str, Path]) -> None:
@@ -73,14 +72,15 @@ def test_offer_roundtrip_and_validation(kit: dict[str, Path]) -> None:
 def test_replayed_or_untrusted_offer_refused_before_download(
     tmp_path: Path, kit: dict[str, Path]
 ) -> None:
-    _, rx = _device(tmp_path, kit)
+    state = _device(tmp_path, kit)
     replay = make_offer(kit["v1"], PathSource(path=str(kit["v1"])), "c2")
     with pytest.raises(DowngradeError, match="already installed"):
-        rx.offer(replay.to_json())
+        _precheck(state, replay.to_json())
     forged = json.loads(make_offer(kit["v2"], PathSource(path="/x"), "c3").to_json())
     forged["signature"] = forged["signature"][:-4] + "AAA="
     with pytest.raises(SignatureInvalidError):
-        rx.offer(json.dumps(forged).encode())
+        _precheck(state, json.dumps(forged).encode())
+    _precheck(state, make_offer(kit["v2"], PathSource(path="/x"), "c4").to_json())
 
 
 def test_chunks_resume_after_restart_and_detect_corruption(
@@ -122,67 +122,3 @@ def test_fetch_refuses_plain_http_and_bad_tls(tmp_path: Path) -> None:
     with pytest.raises(DeliveryError, match="download"):
         fetch_url(src, tmp_path / "x.tar", timeout=2)
     assert list(tmp_path.iterdir()) == []
-
-
-class _Device:
-    """A minimal device loop over paho: offer -> chunks (dropping one once) -> need -> install."""
-
-    def __init__(self, port: int, rx: OtaReceiver, installer: Installer) -> None:
-        self.rx, self.installer = rx, installer
-        self.base = f"{PREFIX}/dev1"
-        self.dropped: set[int] = set()
-        self.done = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="dev1")
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.subscribe([(f"{self.base}/cmd/ota", 1), (f"{self.base}/ota/chunk/#", 1)])
-        self.client.loop_start()
-
-    def _reply(self, data: dict[str, object]) -> None:
-        self.client.publish(f"{self.base}/cmd/ota/reply", json.dumps(data), qos=1)
-
-    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
-        if msg.topic.endswith("/cmd/ota"):
-            self.rx.offer(bytes(msg.payload))
-            return
-        index = int(msg.topic.rsplit("/", 1)[1])
-        if index == 1 and not self.dropped:
-            self.dropped.add(index)  # lose one chunk: the device must ask for it again
-            return
-        offer = self.rx.current
-        assert offer is not None and isinstance(offer.source, InlineSource)
-        archive = self.rx.chunk(msg.topic, bytes(msg.payload))
-        if archive is None and index == offer.source.chunks - 1:
-            topic = need_topic(PREFIX, "dev1", offer.source.transfer_id)
-            client.publish(topic, self.rx.need_payload(), qos=1)
-        if archive is not None:
-            # The daemon would hand this to its OTA worker; a direct call is fine here.
-            result = self.installer.install(archive)
-            self._reply({"correlation_id": offer.correlation_id, "ok": True, **result.to_dict()})
-            self.done.set()
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
-def test_inline_transfer_end_to_end(tmp_path: Path, kit: dict[str, Path]) -> None:
-    state, rx = _device(tmp_path, kit)
-    installer = Installer(ModelStore(state), TrustStore(state), _no_gate)
-    with EmbeddedBroker() as broker:
-        port = broker.address.port
-        assert port is not None
-        device = _Device(port, rx, installer)
-        try:
-            src = inline_source(kit["v2"], "t-0000002", chunk_size=2048)
-            offer = make_offer(kit["v2"], src, "corr-42")
-            with OfferSender(broker.address, PREFIX, "dev1") as sender:
-                sender.connect()
-                reply = sender.deliver(offer, kit["v2"], wait_s=20)
-        finally:
-            device.close()
-    assert reply["ok"] is True and reply["correlation_id"] == "corr-42"
-    assert device.dropped == {1}
-    assert ModelStore(state).state()["current"] == 2
-    assert chunk_topic(PREFIX, "dev1", "t-0000002", 3) == f"{PREFIX}/dev1/ota/chunk/t-0000002/3"

@@ -151,3 +151,52 @@ def test_selftest_runs_the_golden_fields(tmp_path: Path) -> None:
     assert r.returncode == 1
     golden = next(c for c in json.loads(r.stdout)["checks"] if c["name"] == "golden")
     assert not golden["passed"] and "rendered image differs" in golden["detail"]
+
+
+def test_the_model_server_gates_with_the_spectrum_backend_that_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server opens one spectrum backend per run (logged once) and the golden gate of
+    every model it loads (start-up and OTA prepare) checks that very backend."""
+    import inference.golden_path as golden_path
+    import inference.spectrum.backends as spectrum_backends
+    from deploy.config import InferenceConfig
+    from deploy.serving import ModelServer
+
+    opened: list[str] = []
+    factories = dict(spectrum_backends._FACTORIES)
+    for name, factory in factories.items():
+
+        def counting(factory: Any = factory, name: str = name) -> Any:
+            opened.append(name)
+            return factory()
+
+        monkeypatch.setitem(spectrum_backends._FACTORIES, name, counting)
+    monkeypatch.setattr(spectrum_backends, "_make_numpy", spectrum_backends._FACTORIES["numpy"])
+    monkeypatch.setattr(spectrum_backends, "_make_cuda", spectrum_backends._FACTORIES["cuda"])
+    gated: list[object] = []
+    check = golden_path.check_device_path
+
+    def spy(backend: Any, bundle: Bundle, spectrum: Any = "auto") -> Any:
+        gated.append(spectrum)
+        return check(backend, bundle, spectrum)
+
+    monkeypatch.setattr(golden_path, "check_device_path", spy)
+    import inference.golden as golden
+
+    monkeypatch.setattr(golden, "check_device_path", spy)
+    first = make_plain_bundle(tmp_path / "b1", seed=1)
+    second = make_plain_bundle(tmp_path / "b2", seed=2)
+    config = InferenceConfig(backend="onnxruntime", spectrum_backend="numpy")
+    server = ModelServer(first.root, tmp_path / "state", config)
+    caplog.set_level("INFO")
+    try:
+        server.open()
+        server.prepare(second)  # an OTA candidate, gated beside the serving model
+        spectra = server._spectra
+    finally:
+        server.close()
+    assert opened == ["numpy"], opened
+    assert len(gated) == 2 and all(g is spectra for g in gated), gated
+    logged = [r.getMessage() for r in caplog.records if "spectrum backend" in r.getMessage()]
+    assert len(logged) == 1, logged

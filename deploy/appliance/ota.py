@@ -9,9 +9,10 @@ Threads and what each does:
 * OTA worker (supervised, :meth:`OtaController.run`): receives the bundle
   (:class:`~deploy.appliance.ota_transfer.OtaReceiver`: path, HTTPS, or inline chunks kept on
   disk and re-requested on ``ota/need/<transfer>``), then runs the
-  :class:`~deploy.ota.install.Installer`: verify -> stage -> golden gate (the scanner loads the
-  new model *beside* the serving one) -> switch under the slide lock (never inside a slide) ->
-  health period -> commit or automatic rollback.
+  :class:`~deploy.ota.install.Installer` with the offer's manifest, verified and parsed once
+  when the offer came: one verified unpack (bytes compared with the offer's) -> golden gate
+  (the scanner loads the new model *beside* the serving one) -> switch under the slide lock
+  (never inside a slide) -> health period -> commit or automatic rollback.
 * Scan worker: holds the slide lock for each slide and reports each slide's outcome through
   :meth:`slide_started` / :meth:`slide_finished`; only slides that *started* on the new model
   count towards its health period.
@@ -54,6 +55,7 @@ from deploy.ota.exceptions import (
     StoreError,
 )
 from deploy.ota.install import HealthMonitor, Installer, InstallOptions, ServiceHooks
+from deploy.ota.signing import SignedManifest
 from deploy.ota.store import ModelStore, Outcome
 from deploy.ota.trust import TrustStore
 from deploy.schemas import validate
@@ -79,8 +81,15 @@ OTA_ERRORS = (OtaError, InferenceError, OSError)
 @dataclass
 class _Job:
     offer: OtaOffer
-    name: str
-    version: int
+    signed: SignedManifest  # verified and parsed once, when the offer was checked
+
+    @property
+    def name(self) -> str:
+        return self.signed.manifest.name
+
+    @property
+    def version(self) -> int:
+        return self.signed.manifest.version
 
 
 @dataclass
@@ -167,11 +176,11 @@ class OtaController:
             if self._job is not None:
                 raise CommandFailed("busy", f"v{self._job.version} is being installed; offer later")
             try:
-                manifest = precheck_offer(offer, self.trust, self.store, __version__)
+                signed = precheck_offer(offer, self.trust, self.store, __version__)
             except (RejectedError, DeliveryError) as exc:
                 log.warning("ota: offer %s rejected: %s", offer.correlation_id, exc)
                 raise CommandFailed("rejected", str(exc)) from exc
-            job = _Job(offer, manifest.name, manifest.version)
+            job = _Job(offer, signed)
             self._job = job
             accepted = {
                 "accepted": True,
@@ -273,7 +282,8 @@ class OtaController:
         )
         installer = Installer(self.store, self.trust, swapper.prepare_model, hooks, self._on_step)
         try:
-            result = installer.install(archive, InstallOptions(health=self.settings.health))
+            options = InstallOptions(health=self.settings.health, offered=job.signed)
+            result = installer.install(archive, options)
             log.info("ota: %s v%d committed", job.name, job.version)
             self._set_progress("committed", job, generation=result.generation)
         except HealthCheckError as exc:

@@ -23,6 +23,7 @@ from deploy.ota.delivery import (
     OtaOffer,
     PathSource,
     UrlSource,
+    archive_path,
     check_matches_offer,
     fetch_url,
     need_topic,
@@ -92,24 +93,31 @@ class OtaReceiver:
             log.warning("ota: chunk queue full; %s dropped (it will be asked for again)", topic)
 
     def receive(self, offer: OtaOffer, stop: Callable[[], bool]) -> Path:
-        """The offered bundle, checked against the offer's size and sha256."""
+        """The offered bundle, checked against the offer's size, sha256 and manifest bytes.
+
+        The archive is named by the offer's correlation id, validated and kept under
+        ``work_dir``; when the offer is refused nothing received stays behind.
+        """
         source = offer.source
-        self.work_dir.mkdir(parents=True, exist_ok=True)
         if isinstance(source, PathSource):
             out = Path(source.path)
-        elif isinstance(source, UrlSource):
-            out = self.work_dir / f"{offer.correlation_id}.tar"
-            fetch_url(source, out, self.settings.fetch_timeout_s)
-        else:
-            out = self._receive_inline(offer, source, stop)
-        check_matches_offer(out, offer)
+            check_matches_offer(out, offer)
+            return out
+        out = archive_path(self.work_dir, offer)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if isinstance(source, UrlSource):
+                fetch_url(source, out, self.settings.fetch_timeout_s)
+            else:
+                self._receive_inline(out, source, stop)
+            check_matches_offer(out, offer)
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
         return out
 
-    def _receive_inline(
-        self, offer: OtaOffer, source: InlineSource, stop: Callable[[], bool]
-    ) -> Path:
+    def _receive_inline(self, out: Path, source: InlineSource, stop: Callable[[], bool]) -> Path:
         asm = ChunkAssembler(self.work_dir / "chunks", source)
-        out = self.work_dir / f"{offer.correlation_id}.tar"
         need = need_topic(self.prefix, self.device_id, source.transfer_id)
         corrupt = 0
         last_chunk = last_need = time.monotonic()

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from deploy import __version__
-from deploy.appliance.base import ModelSwapper, ScanRequest, SlideScanner
+from deploy.appliance.base import ModelSwapper, ScannerInfo, ScanRequest, SlideScanner
+from deploy.appliance.connect import ScannerConnector
 from deploy.appliance.intake import CommandIntake, IntakePorts
 from deploy.appliance.notify import sd_notify, watchdog_interval_s
 from deploy.appliance.ota import OtaController, OtaPorts, OtaSettings, chunk_filter
@@ -48,7 +49,7 @@ from deploy.appliance.telemetry import Telemetry, TelemetryPorts
 from deploy.appliance.transport import Transport
 from deploy.appliance.worker import SCAN_ERRORS, Counters, ScanPorts, ScanWorker
 from deploy.config import AppConfig
-from deploy.exceptions import ScanRejectedError, ServiceError
+from deploy.exceptions import OutboxError, ScanRejectedError, ServiceError
 from deploy.mqtt import MqttLink, OutboxPump, Topics
 from deploy.ota.watch import StoreWatcher
 from deploy.outbox import Outbox
@@ -128,6 +129,14 @@ class Appliance:
         )
         self.worker = ScanWorker(self.identity, scanner, self.queue, scan_ports, self.counters)
         self.committed = self.worker.committed  # results committed in this run (newest last)
+        self._microscope_missing: str | None = None  # why the microscope is not open yet
+        self.connector = ScannerConnector(
+            scanner,
+            self._scanner_opened,
+            self._scanner_missing,
+            config.scan.connect_retry_initial_s,
+            config.scan.connect_retry_max_s,
+        )
         self.intake = CommandIntake(
             config.device.id,
             config.mqtt.max_command_bytes,
@@ -211,22 +220,34 @@ class Appliance:
 
     def _step_scanner(self) -> None:
         try:
-            self.status.info = self.scanner.open()
+            self.connector.open()  # a missing microscope: degraded, retried by a worker
         except SCAN_ERRORS as exc:
             self.status.fatal = f"scanner: {exc}"
             self.status.record_error("scanner_unavailable", str(exc))
             self.publish_status(force=True)
             raise ServiceError(f"scanner could not start: {exc}") from exc
+
+    def _scanner_opened(self, info: ScannerInfo) -> None:
+        self._microscope_missing = None
+        self.status.info = info
         if self.config.scan.scan_on_insert:
             scan = self.config.scan
             self.scanner.set_slide_listener(
                 lambda slide_id: self.worker.on_slide_inserted(slide_id, scan.fields, scan.plan)
             )
+        self.publish_status(force=True)
+
+    def _scanner_missing(self, reason: str) -> None:
+        self._microscope_missing = reason
+        self.status.record_error("scanner_unavailable", reason)
+        self.publish_status(force=True)
 
     def _step_workers(self) -> None:
         if self.pump is None:
             raise ServiceError("workers started before MQTT")
         self.supervisor.add("scan", self.worker.run)
+        if not self.connector.connected.is_set():
+            self.supervisor.add("microscope", self.connector.run)
         self.supervisor.add("publish", self.pump.run)
         if self.ota.enabled:
             self.supervisor.add("ota", self.ota.run)
@@ -244,6 +265,12 @@ class Appliance:
         if request.plan not in self.config.scan.plans:
             known = ", ".join(self.config.scan.plans)
             raise ScanRejectedError(f"unknown plan {request.plan!r} (known: {known})", "invalid")
+        if self._microscope_missing is not None:
+            raise ScanRejectedError(
+                f"the microscope is not available ({self._microscope_missing}); the device "
+                "keeps trying to reach it",
+                "unavailable",
+            )
         return self.worker.submit(request)
 
     def snapshot(self) -> Snapshot:
@@ -289,6 +316,7 @@ class Appliance:
                 sd_notify("WATCHDOG=1")
                 next_dog = now + watchdog
             if now >= next_health:
+                self._check_outbox_file()
                 self.telemetry.write_health()
                 next_health = now + svc.health_interval_s
             if now >= next_metrics:
@@ -297,8 +325,29 @@ class Appliance:
             self.publish_status()
             self._stop_requested.wait(LOOP_PERIOD_S)
 
+    def _check_outbox_file(self) -> None:
+        """A deleted or replaced outbox database is recreated (rows kept) and reported as
+        ``degraded``; one that cannot be recreated stops the daemon non-zero."""
+        try:
+            fault = self.outbox.check_file()
+        except OutboxError as exc:
+            self.status.fatal = str(exc)
+            self.status.record_error("outbox_unusable", str(exc))
+            self.publish_status(force=True)
+            self.telemetry.write_health()
+            raise ServiceError(str(exc)) from exc
+        if fault is not None:
+            self.status.faults.add("outbox_recreated")
+            self.status.record_error("outbox_recreated", fault)
+            self.publish_status(force=True)
+
     def run_batch(self, requests: Iterable[ScanRequest], ack_timeout_s: float) -> None:
-        """Scan ``requests`` one after another, then wait up to ``ack_timeout_s`` for PUBACKs."""
+        """Scan ``requests`` one after another, then wait up to ``ack_timeout_s`` for PUBACKs.
+
+        A one-shot run does not wait for a missing microscope: it fails with the reason.
+        """
+        if self._microscope_missing is not None:
+            raise ServiceError(f"scanner could not start: {self._microscope_missing}")
         for request in requests:
             while True:
                 try:

@@ -33,6 +33,9 @@ class StatusTracker:
         self.info: ScannerInfo | None = None
         self.updating = False
         self.fatal: str | None = None
+        # Faults recovered from that a person should look at (an outbox recreated under the
+        # daemon, ...): the device keeps working, ``degraded`` with these reasons until restart.
+        self.faults: set[str] = set()
         self._last_error: dict[str, str] | None = None
         self._lock = threading.Lock()
 
@@ -54,6 +57,7 @@ class StatusTracker:
             return "error", [self.fatal]
         if snap.outbox.full:
             reasons.append("outbox_full")
+        reasons.extend(sorted(self.faults))
         if self.info is None:
             reasons.append("scanner_unavailable")
         elif self.info.model is None:

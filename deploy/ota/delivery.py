@@ -9,7 +9,8 @@ then comes from a local path, an HTTPS URL (TLS verified, size-capped) or inline
 
 Received chunks are kept on disk (one file each), so a transfer resumes after a restart; the
 device asks for what it lacks.  Everything here is transport-free and unit-testable; the MQTT
-client lives in the daemon (device side) and in ``omis ota publish`` (sender side).
+client lives in the daemon (device side: :mod:`deploy.appliance.ota_transfer`) and in
+``omis ota publish`` (sender side: :mod:`deploy.ota.sender`).
 """
 
 from __future__ import annotations
@@ -30,15 +31,18 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deploy.messages.ota_state import OtaStateMessage
-from deploy.ota.exceptions import DeliveryError
+from deploy.ota.exceptions import DeliveryError, RejectedError, SignatureInvalidError
 from deploy.ota.install import check_candidate
-from deploy.ota.signing import opened, verify_signature
+from deploy.ota.signing import SignedManifest, opened, read_pair, verify_manifest
 from deploy.ota.store import ModelStore
 from deploy.ota.trust import TrustStore
+from deploy.ota.unpack import is_archive, read_signed_pair
+from firmware_bridge.exceptions import InputError
 from firmware_bridge.fsutil import atomic_write_bytes
+from firmware_bridge.limits import IDENTIFIER_HELP, is_identifier
+from firmware_bridge.paths import safe_join
 from firmware_bridge.validation import first_error
-from inference.bundle import MANIFEST, SIGNATURE, Manifest, parse_manifest, sha256_file
-from inference.exceptions import BundleError
+from inference.bundle import MANIFEST, SIGNATURE, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -147,29 +151,48 @@ def make_offer(bundle: Path, source: PathSource | UrlSource | InlineSource, cid:
 
 def precheck_offer(
     offer: OtaOffer, trust: TrustStore, store: ModelStore, app_version: str
-) -> Manifest:
+) -> SignedManifest:
     """Refuse an offer before any download: signature, manifest, anti-rollback, app version.
 
-    Remote offers never allow a downgrade; a replayed old offer fails here.
+    Remote offers never allow a downgrade; a replayed old offer fails here.  This is the one
+    signature check and the one manifest parse of the offer: the installer compares the
+    delivered bundle's bytes with the returned :class:`SignedManifest`.
     """
-    data = offer.manifest_bytes()
-    verify_signature(data, offer.signature_bytes(), trust.keys())
+    if not is_identifier(offer.correlation_id):
+        # It names the received archive: refuse it before anything is downloaded.
+        raise DeliveryError(
+            f"offer: correlation_id {offer.correlation_id!r} is not a valid id ({IDENTIFIER_HELP})"
+        )
     try:
-        manifest = parse_manifest(data, "offer manifest")
-    except BundleError as exc:
-        raise DeliveryError(str(exc)) from exc
-    check_candidate(manifest, store.read_state().current, app_version, allow_downgrade=False)
+        signed = verify_manifest(offer.manifest_bytes(), offer.signature_bytes(), trust.keys())
+    except RejectedError as exc:
+        if isinstance(exc, SignatureInvalidError):
+            raise
+        raise DeliveryError(f"offer manifest: {exc}") from exc
+    check_candidate(signed.manifest, store.read_state().current, app_version, False)
     size = getattr(offer.source, "size", 0)
     if size > MAX_BUNDLE_BYTES:
         raise DeliveryError(f"offer: bundle of {size} bytes exceeds the {MAX_BUNDLE_BYTES} cap")
-    return manifest
+    return signed
 
 
 def check_matches_offer(bundle: Path, offer: OtaOffer) -> None:
-    """The delivered bundle must carry exactly the offered manifest."""
-    with opened(bundle) as root:
-        if (root / MANIFEST).read_bytes() != offer.manifest_bytes():
-            raise DeliveryError("delivered bundle's manifest differs from the offer")
+    """The delivered bundle must carry exactly the offered manifest and signature.
+
+    Reads the two small files (from an archive: in memory); nothing is unpacked or verified
+    here, the installer's one verified unpack compares the same bytes again.
+    """
+    try:
+        if bundle.is_dir():
+            data, signature = read_pair(bundle)
+        elif is_archive(bundle):
+            data, signature = read_signed_pair(bundle)
+        else:
+            raise DeliveryError(f"{bundle}: neither a bundle directory nor a tar archive")
+    except (RejectedError, OSError) as exc:
+        raise DeliveryError(f"delivered bundle: {exc}") from exc
+    if data != offer.manifest_bytes() or signature != offer.signature_bytes():
+        raise DeliveryError("delivered bundle's manifest differs from the offer")
 
 
 # -- topics -------------------------------------------------------------------------------------
@@ -220,7 +243,10 @@ class ChunkAssembler:
 
     def __init__(self, work_dir: Path, source: InlineSource) -> None:
         self.source = source
-        self.dir = Path(work_dir) / source.transfer_id
+        try:
+            self.dir = safe_join(Path(work_dir), source.transfer_id, what="transfer_id")
+        except InputError as exc:
+            raise DeliveryError(str(exc)) from exc
 
     def _expected_len(self, index: int) -> int:
         s = self.source
@@ -321,82 +347,17 @@ def fetch_url(
 # -- ota/state ----------------------------------------------------------------------------------
 
 
+def archive_path(work_dir: Path, offer: OtaOffer) -> Path:
+    """Where the archive of ``offer`` is received: named by its (validated) correlation id,
+    never outside ``work_dir``."""
+    try:
+        return safe_join(work_dir, offer.correlation_id, ".tar", what="offer: correlation_id")
+    except InputError as exc:
+        raise DeliveryError(str(exc)) from exc
+
+
 def ota_state_payload(store: ModelStore, progress: dict[str, Any] | None = None) -> dict[str, Any]:
     """The retained ``ota/state`` payload: store state plus the running install's progress."""
     payload = store.state()
     payload["progress"] = progress
     return OtaStateMessage.model_validate(payload).to_json()  # the one model of ota/state
-
-
-# -- device side --------------------------------------------------------------------------------
-
-
-class OtaReceiver:
-    """Device-side state of one offer, transport-free: the daemon feeds it MQTT messages.
-
-    ``offer()`` prechecks (before any download); ``chunk()`` stores inline chunks and returns
-    the assembled archive once complete; ``need_payload()`` lists what is missing; ``fetch()``
-    returns the bundle for path/URL sources.  The daemon then runs :class:`Installer` on it in
-    its OTA worker (never on the MQTT network thread).
-    """
-
-    def __init__(
-        self, work_dir: Path, trust: TrustStore, store: ModelStore, app_version: str
-    ) -> None:
-        self.work_dir = Path(work_dir)
-        self.trust = trust
-        self.store = store
-        self.app_version = app_version
-        self.current: OtaOffer | None = None
-        self._assembler: ChunkAssembler | None = None
-
-    def offer(self, payload: bytes) -> OtaOffer:
-        """Validate and precheck an offer; it becomes the current transfer."""
-        offer = parse_offer(payload)
-        precheck_offer(offer, self.trust, self.store, self.app_version)
-        self.current = offer
-        src = offer.source
-        self._assembler = (
-            ChunkAssembler(self.work_dir / "chunks", src) if isinstance(src, InlineSource) else None
-        )
-        return offer
-
-    def _archive_path(self) -> Path:
-        if self.current is None:
-            raise DeliveryError("no offer in progress")
-        return self.work_dir / f"{self.current.correlation_id}.tar"
-
-    def chunk(self, topic: str, payload: bytes) -> Path | None:
-        """Store one chunk; the verified archive's path once the transfer is complete."""
-        transfer_id, index = parse_chunk_topic(topic)
-        asm, offer = self._assembler, self.current
-        if asm is None or offer is None or asm.source.transfer_id != transfer_id:
-            raise DeliveryError(f"chunk for unknown transfer {transfer_id}")
-        asm.add(index, payload)
-        if asm.missing():
-            return None
-        out = asm.assemble(self._archive_path())
-        check_matches_offer(out, offer)
-        return out
-
-    def need_payload(self) -> bytes:
-        """``{"missing": [...]}`` of the current inline transfer."""
-        if self._assembler is None:
-            raise DeliveryError("no inline transfer in progress")
-        return self._assembler.need_payload()
-
-    def fetch(self, timeout: float = 30.0) -> Path:
-        """The bundle of a path or URL offer, downloaded and matched against the offer."""
-        offer = self.current
-        if offer is None:
-            raise DeliveryError("no offer in progress")
-        src = offer.source
-        if isinstance(src, PathSource):
-            out = Path(src.path)
-        elif isinstance(src, UrlSource):
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-            out = fetch_url(src, self._archive_path(), timeout)
-        else:
-            raise DeliveryError("inline offers are delivered by chunk()")
-        check_matches_offer(out, offer)
-        return out

@@ -41,7 +41,13 @@ from deploy.ota.exceptions import (
     RejectedError,
     StoreError,
 )
-from deploy.ota.signing import manifest_verifier, verify_dir
+from deploy.ota.signing import (
+    SignedManifest,
+    VerifiedBundle,
+    expected_verifier,
+    manifest_verifier,
+    verify_dir,
+)
 from deploy.ota.store import Journal, ModelStore, Outcome, Slot
 from deploy.ota.trust import TrustStore
 from deploy.ota.unpack import UnpackLimits, copy_tree_checked, is_archive, verified_extract
@@ -177,6 +183,9 @@ class InstallOptions:
     app_version: str = __version__
     limits: UnpackLimits = field(default_factory=UnpackLimits)
     health: HealthPolicy = field(default_factory=lambda: HealthPolicy(slides=0, seconds=0.0))
+    # The manifest an offer carried, verified when the offer was checked: the bundle's bytes
+    # are compared with it instead of being verified and parsed a second time.
+    offered: SignedManifest | None = None
 
 
 @dataclass(frozen=True)
@@ -263,9 +272,9 @@ class Installer:
             self._step("begin", source=str(source))
             version: int | None = None
             try:
-                root = self._stage(source, self.store.staging_path(txn), opts.limits)
+                verified = self._stage(source, self.store.staging_path(txn), opts)
+                root = verified.bundle.root
                 self._step("staged")
-                verified = verify_dir(root, self.trust.keys())
                 version = verified.bundle.manifest.version
                 check_candidate(
                     verified.bundle.manifest,
@@ -284,13 +293,24 @@ class Installer:
                 what = "" if isinstance(exc, OSError) else f"{type(exc).__name__}: "
                 raise RejectedError(f"install failed: {what}{exc}") from exc
 
-    def _stage(self, source: Path, staging: Path, limits: UnpackLimits) -> Path:
+    def _stage(self, source: Path, staging: Path, opts: InstallOptions) -> VerifiedBundle:
+        """Copy or unpack ``source`` once, verifying its signature once (or comparing it with
+        the offer's, verified already) and parsing its manifest once."""
         if source.is_dir():
-            return copy_tree_checked(source, staging / "bundle", limits)
-        if is_archive(source):  # signature and signed sizes checked before anything expands
-            verify = manifest_verifier(self.trust.keys())
-            return verified_extract(source, staging / "bundle", verify, limits)
-        raise RejectedError(f"{source}: neither a bundle directory nor a tar archive")
+            root = copy_tree_checked(source, staging / "bundle", opts.limits)
+            return verify_dir(root, self.trust.keys(), opts.offered)
+        if not is_archive(source):
+            raise RejectedError(f"{source}: neither a bundle directory nor a tar archive")
+        # Signature and signed sizes are checked before anything expands; each file's sha256
+        # is checked as it is written, so the unpacked tree needs no second pass.
+        found: list[SignedManifest] = []
+        if opts.offered is None:
+            verify = manifest_verifier(self.trust.keys(), found)
+        else:
+            found.append(opts.offered)
+            verify = expected_verifier(opts.offered)
+        root = verified_extract(source, staging / "bundle", verify, opts.limits)
+        return VerifiedBundle(found[0].bundle(root), found[0].signer)
 
     def _place_and_check(self, txn: str, root: Path, slot: Slot, bundle: Bundle) -> Bundle:
         # The journal names the candidate before the move, so recover() can find its directory.

@@ -1,10 +1,16 @@
 """``omis ota publish``: the sender's side of an MQTT OTA offer (paho-mqtt 2.x, callback API v2).
 
-Publishes the offer on ``cmd/ota``; for an inline transfer publishes every chunk (QoS 1) and
-re-sends the chunks the device lists on ``ota/need/<transfer-id>``; waits for the device's
-reply on ``cmd/ota/reply`` carrying the offer's correlation id, then (:meth:`OfferSender.outcome`)
-for the install's final outcome on the retained ``ota/state``: ``committed``, ``rolled_back`` or
+Fails fast, sending nothing, when the device is not there: a running device keeps a retained
+``ota/state`` (and ``availability`` = ``online``) on the broker, so none within
+``presence_s`` means no such device (or one that never ran), and ``offline``/``stopped``
+means it is down.  Then it publishes the offer on ``cmd/ota`` and waits up to ``answer_s`` for
+the device to take it (``ota/state`` progress naming the offer's correlation id) or refuse it
+(the reply); only then, for an inline transfer, every chunk (QoS 1), re-sending the chunks the
+device lists on ``ota/need/<transfer-id>``; it waits for the device's reply on
+``cmd/ota/reply`` carrying the offer's correlation id, then (:meth:`OfferSender.outcome`) for
+the install's final outcome on the retained ``ota/state``: ``committed``, ``rolled_back`` or
 ``rejected``.  A reply only says the bundle arrived; the outcome says whether it serves.
+Each step is logged at DEBUG (``omis ota publish -v``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from deploy.ota.exceptions import DeliveryError
 
 log = logging.getLogger(__name__)
 QOS = 1
+PRESENCE_S = 5.0  # retained messages arrive right after SUBACK; this is generous
+ANSWER_S = 10.0  # a running device takes (or refuses) an offer at once
+RETAINED_GRACE_S = 0.5
 #: ``ota/state`` progress steps that end an install.
 FINAL_STEPS = frozenset({"committed", "rolled_back", "rejected"})
 
@@ -59,11 +68,52 @@ class OfferSender:
             raise DeliveryError(f"cannot connect to {self.address}: {exc}") from exc
         self._client = client
         client.loop_start()
-        topics = (f"{self.base}/cmd/ota/reply", f"{self.base}/ota/need/+", self.state_topic)
+        topics = (
+            f"{self.base}/cmd/ota/reply",
+            f"{self.base}/ota/need/+",
+            self.state_topic,
+            f"{self.base}/availability",
+        )
         for topic in topics:
             info = client.subscribe(topic, qos=QOS)
             if info[0] != paho.MQTT_ERR_SUCCESS:
                 raise DeliveryError(f"cannot subscribe to {topic}")
+        log.debug("step: connected to %s, subscribed to %s/...", self.address, self.base)
+
+    def check_present(self, presence_s: float = PRESENCE_S) -> dict[str, Any]:
+        """The device's retained ``ota/state``; raises at once, having sent nothing, when the
+        device has none (no such device) or says it is offline."""
+        deadline = time.monotonic() + presence_s
+        state: dict[str, Any] | None = None
+        availability: str | None = None
+        while state is None or availability is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                topic, payload = self._inbox.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if topic == self.state_topic:
+                state = _json(payload)
+                # Retained messages come right after SUBACK: availability, if any, is close.
+                deadline = min(deadline, time.monotonic() + RETAINED_GRACE_S)
+            elif topic.endswith("/availability"):
+                availability = payload.decode("utf-8", "replace").strip()
+        if availability is not None and availability != "online":
+            raise DeliveryError(
+                f"device {self.device_id} is {availability!r} on {self.address} (retained "
+                "availability); nothing sent"
+            )
+        if state is None:
+            raise DeliveryError(
+                f"device {self.device_id} has no ota/state on {self.address} within "
+                f"{presence_s:.0f} s: no such device, or it never ran there; nothing sent"
+            )
+        log.debug(
+            "step: device %s is present (current model v%s)", self.device_id, state.get("current")
+        )
+        return state
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         self._inbox.put((msg.topic, bytes(msg.payload)))
@@ -89,14 +139,24 @@ class OfferSender:
                 sent += 1
         return sent
 
-    def deliver(self, offer: OtaOffer, archive: Path | None, wait_s: float) -> dict[str, Any]:
-        """Send the offer (and chunks); return the device's reply, or raise on timeout."""
-        self._publish(f"{self.base}/cmd/ota", offer.to_json(), 30.0)
+    def deliver(
+        self, offer: OtaOffer, archive: Path | None, wait_s: float, answer_s: float = ANSWER_S
+    ) -> dict[str, Any]:
+        """Send the offer (and chunks); return the device's reply, or raise on timeout.
+
+        Raises within ``answer_s`` when the device neither takes nor refuses the offer.
+        """
         source = offer.source
-        if isinstance(source, InlineSource):
-            if archive is None:
-                raise DeliveryError("an inline offer needs its archive")
-            log.info("sent %d chunk(s)", self.send_chunks(archive, source))
+        if isinstance(source, InlineSource) and archive is None:
+            raise DeliveryError("an inline offer needs its archive")
+        self._publish(f"{self.base}/cmd/ota", offer.to_json(), 30.0)
+        log.debug("step: offer %s published on %s/cmd/ota", offer.correlation_id, self.base)
+        early = self._await_taken(offer, answer_s)
+        if early is not None:
+            return early
+        if isinstance(source, InlineSource) and archive is not None:
+            sent = self.send_chunks(archive, source)
+            log.debug("step: sent %d chunk(s) of %d bytes", sent, source.chunk_size)
         need = need_topic(self.prefix, self.device_id, getattr(source, "transfer_id", "-"))
         while True:
             try:
@@ -108,6 +168,7 @@ class OfferSender:
             data = _json(payload)
             if topic == self.state_topic:
                 self._states.append(data)
+                _log_progress(data, offer.correlation_id)
             elif topic == need and isinstance(source, InlineSource) and archive is not None:
                 missing = {int(i) for i in data.get("missing", [])}
                 log.info("device asks for %d chunk(s) again", len(missing))
@@ -115,7 +176,32 @@ class OfferSender:
             elif topic.endswith("/cmd/ota/reply") and data.get("correlation_id") == (
                 offer.correlation_id
             ):
+                log.debug("step: reply from %s: ok=%s", self.device_id, data.get("ok"))
                 return data
+
+    def _await_taken(self, offer: OtaOffer, answer_s: float) -> dict[str, Any] | None:
+        """Wait until the device takes the offer (None) or answers it at once (the reply)."""
+        deadline = time.monotonic() + answer_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                topic, payload = self._inbox.get(timeout=remaining)
+            except queue.Empty:
+                break
+            data = _json(payload)
+            if topic == self.state_topic:
+                self._states.append(data)
+                if _progress_of(data, offer.correlation_id) is not None:
+                    _log_progress(data, offer.correlation_id)
+                    return None
+            elif topic.endswith("/cmd/ota/reply") and data.get("correlation_id") == (
+                offer.correlation_id
+            ):
+                log.debug("step: reply from %s: ok=%s", self.device_id, data.get("ok"))
+                return data
+        raise DeliveryError(
+            f"device {self.device_id} did not take the offer within {answer_s:.0f} s (no "
+            "ota/state progress, no reply): it is not running or not subscribed; no chunk sent"
+        )
 
     def outcome(self, offer: OtaOffer, wait_s: float) -> dict[str, Any]:
         """Wait for the final ``ota/state`` of this offer's install; return that state.
@@ -144,7 +230,9 @@ class OfferSender:
             except queue.Empty:
                 continue
             if topic == self.state_topic:
-                self._states.append(_json(payload))
+                data = _json(payload)
+                self._states.append(data)
+                _log_progress(data, offer.correlation_id)
 
     def close(self) -> None:
         """Disconnect (idempotent)."""
@@ -158,6 +246,12 @@ class OfferSender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _log_progress(state: dict[str, Any], correlation_id: str) -> None:
+    progress = _progress_of(state, correlation_id)
+    if progress is not None:
+        log.debug("step: device at %s", progress.get("step"))
 
 
 def _progress_of(state: dict[str, Any], correlation_id: str) -> dict[str, Any] | None:

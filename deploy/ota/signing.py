@@ -31,8 +31,18 @@ from deploy.ota.unpack import (
     safe_extract,
     verified_extract,
 )
+from firmware_bridge.exceptions import InputError
 from firmware_bridge.fsutil import atomic_write_bytes
-from inference.bundle import MANIFEST, SIGNATURE, Bundle, load_bundle, parse_manifest
+from firmware_bridge.paths import safe_join
+from inference.bundle import (
+    MANIFEST,
+    SIGNATURE,
+    Bundle,
+    Manifest,
+    load_bundle,
+    parse_manifest,
+    verify_files,
+)
 from inference.exceptions import BundleError
 
 log = logging.getLogger(__name__)
@@ -78,10 +88,11 @@ def public_pem(key: Ed25519PublicKey) -> bytes:
 
 def generate_keypair(out_dir: Path, name: str = DEFAULT_KEY_NAME) -> KeyPair:
     """Write ``out_dir/name`` (private, 0600) and ``out_dir/name.pub``; never overwrites."""
-    if not name or "/" in name or name.startswith("."):
-        raise TrustError(f"bad key name {name!r}")
-    private_path = out_dir / name
-    public_path = out_dir / f"{name}{PUB_SUFFIX}"
+    try:
+        private_path = safe_join(out_dir, name, what="key name")
+        public_path = safe_join(out_dir, name, PUB_SUFFIX, what="key name")
+    except InputError as exc:
+        raise TrustError(str(exc)) from exc
     for path in (private_path, public_path):
         if path.exists():
             raise TrustError(f"{path} already exists; refusing to overwrite a key")
@@ -157,35 +168,108 @@ def load_checked(root: Path) -> Bundle:
         raise RejectedError(str(exc)) from exc
 
 
-def verify_dir(root: Path, keys: Mapping[str, Ed25519PublicKey]) -> VerifiedBundle:
-    """Verify the signature of the manifest bytes, then parse it and check every file hash.
+@dataclass(frozen=True)
+class SignedManifest:
+    """Manifest bytes whose signature verified against a trusted key, parsed once.
 
-    The signature comes first so no untrusted manifest is parsed or acted upon.
+    Everything after the check reuses this: the unpacker compares bytes against it (no second
+    signature check), the installer builds its :class:`Bundle` from ``manifest`` (no second
+    parse).
     """
+
+    data: bytes
+    signature: bytes
+    signer: str
+    manifest: Manifest
+
+    def files(self) -> dict[str, tuple[int, str]]:
+        """{name: (size, sha256)} of every signed payload file."""
+        return {name: (e.size, e.sha256) for name, e in self.manifest.files.items()}
+
+    def bundle(self, root: Path) -> Bundle:
+        """The bundle at ``root`` (whose files the caller checked against :meth:`files`)."""
+        return Bundle(root=root, manifest=self.manifest, manifest_bytes=self.data)
+
+
+def verify_manifest(
+    data: bytes, signature: bytes, keys: Mapping[str, Ed25519PublicKey]
+) -> SignedManifest:
+    """Check the signature of manifest bytes, then parse them (never an untrusted parse)."""
+    signer = verify_signature(data, signature, keys)
+    try:
+        manifest = parse_manifest(data)
+    except BundleError as exc:
+        raise RejectedError(str(exc)) from exc
+    return SignedManifest(data, signature, signer, manifest)
+
+
+def same_manifest(signed: SignedManifest, data: bytes, signature: bytes) -> None:
+    """Raise unless ``data``/``signature`` are exactly the bytes ``signed`` verified."""
+    if data != signed.data:
+        raise RejectedError("the bundle's manifest differs from the verified (offered) one")
+    if signature != signed.signature:
+        raise RejectedError(f"the bundle's {SIGNATURE} differs from the verified (offered) one")
+
+
+def read_pair(root: Path) -> tuple[bytes, bytes]:
+    """(manifest bytes, signature bytes) of a bundle directory."""
     sig_path = root / SIGNATURE
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise RejectedError(f"{root}: no {MANIFEST}")
     if not sig_path.is_file():
         raise SignatureInvalidError(f"{root}: unsigned bundle (no {SIGNATURE})")
-    signer = verify_signature(manifest_path.read_bytes(), sig_path.read_bytes(), keys)
-    bundle = load_checked(root)
-    # Re-check the bytes actually parsed: the files are ours, but be exact about what was signed.
-    verify_signature(bundle.manifest_bytes, sig_path.read_bytes(), {signer: keys[signer]})
-    return VerifiedBundle(bundle, signer)
+    return manifest_path.read_bytes(), sig_path.read_bytes()
 
 
-def manifest_verifier(keys: Mapping[str, Ed25519PublicKey]) -> ManifestVerifier:
+def verify_dir(
+    root: Path,
+    keys: Mapping[str, Ed25519PublicKey],
+    signed: SignedManifest | None = None,
+) -> VerifiedBundle:
+    """Verify the signature of the manifest bytes, then parse it and check every file hash.
+
+    The signature comes first so no untrusted manifest is parsed or acted upon.  With
+    ``signed`` (verified earlier, e.g. from the offer) the bytes are compared instead.
+    """
+    data, signature = read_pair(root)
+    if signed is None:
+        signed = verify_manifest(data, signature, keys)
+    else:
+        same_manifest(signed, data, signature)
+    try:
+        verify_files(root, signed.manifest)
+    except BundleError as exc:
+        raise RejectedError(str(exc)) from exc
+    return VerifiedBundle(signed.bundle(root), signed.signer)
+
+
+def manifest_verifier(
+    keys: Mapping[str, Ed25519PublicKey], found: list[SignedManifest] | None = None
+) -> ManifestVerifier:
     """Check a manifest's signature against ``keys``, then parse it: the signed file sizes and
-    hashes, for :func:`deploy.ota.unpack.verified_extract` (verify before you expand)."""
+    hashes, for :func:`deploy.ota.unpack.verified_extract` (verify before you expand).
+
+    The verified manifest is appended to ``found`` when given, so the caller need not parse it
+    again.
+    """
 
     def verify(manifest: bytes, signature: bytes) -> dict[str, tuple[int, str]]:
-        verify_signature(manifest, signature, keys)
-        try:
-            parsed = parse_manifest(manifest)
-        except BundleError as exc:
-            raise RejectedError(str(exc)) from exc
-        return {name: (entry.size, entry.sha256) for name, entry in parsed.files.items()}
+        signed = verify_manifest(manifest, signature, keys)
+        if found is not None:
+            found.append(signed)
+        return signed.files()
+
+    return verify
+
+
+def expected_verifier(signed: SignedManifest) -> ManifestVerifier:
+    """A verifier for an archive whose manifest was verified already (the offer's): its bytes
+    must be exactly those; no second signature check, no second parse."""
+
+    def verify(manifest: bytes, signature: bytes) -> dict[str, tuple[int, str]]:
+        same_manifest(signed, manifest, signature)
+        return signed.files()
 
     return verify
 
@@ -224,6 +308,25 @@ def _sign_dir(root: Path, key: Ed25519PrivateKey) -> str:
     return fingerprint(key.public_key())
 
 
+def pack_dir(bundle_dir: Path, archive: Path) -> dict[str, object]:
+    """``omis bundle pack``: write a valid bundle directory as the ``.tar`` that ``omis ota
+    install`` and ``omis ota publish`` take (atomically; reproducible bytes).
+
+    Refuses, with one line and without touching ``archive``, a path that is not a directory or
+    whose manifest and files disagree.  Returns the bundle's description and whether it is
+    signed.
+    """
+    if not bundle_dir.is_dir():
+        raise RejectedError(f"{bundle_dir}: not a bundle directory")
+    bundle = load_checked(bundle_dir)
+    signature = bundle_dir / SIGNATURE
+    if signature.is_file() and signature.stat().st_size != SIGNATURE_BYTES:
+        raise SignatureInvalidError(f"{signature}: malformed (not {SIGNATURE_BYTES} bytes)")
+    pack_bundle(bundle_dir, archive)
+    log.info("packed %s into %s", bundle_dir, archive)
+    return {**bundle.describe(), "archive": str(archive), "signed": signature.is_file()}
+
+
 def sign_bundle(path: Path, key_path: Path) -> str:
     """Write ``manifest.sig`` into a bundle directory or .tar; returns the signer fingerprint."""
     key = load_private_key(key_path)
@@ -239,15 +342,19 @@ def sign_bundle(path: Path, key_path: Path) -> str:
 
 __all__ = [
     "KeyPair",
+    "SignedManifest",
     "VerifiedBundle",
+    "expected_verifier",
     "fingerprint",
     "generate_keypair",
     "load_checked",
     "load_private_key",
     "load_public_key",
     "opened",
+    "pack_dir",
     "sign_bundle",
     "verify_bundle",
     "verify_dir",
+    "verify_manifest",
     "verify_signature",
 ]

@@ -45,6 +45,7 @@ from inference.store_state import (  # the records are shared with the device CL
     StoreState,
     read_record,
     read_state,
+    slot_path,
 )
 
 # Outcome, Slot and StoreState are defined beside the shared reader and are part of this API.
@@ -96,7 +97,10 @@ class ModelStore:
 
     def bundle_path(self, slot: Slot) -> Path:
         """Directory of an installed bundle."""
-        return self.root / BUNDLES_DIR / slot.dir
+        try:
+            return slot_path(self.root, slot.dir)
+        except ModelStoreError as exc:
+            raise StoreError(str(exc)) from exc
 
     def open_slot(self, slot: Slot) -> Bundle:
         """Load an installed bundle, re-verifying every file and the recorded manifest."""

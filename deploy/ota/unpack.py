@@ -137,6 +137,15 @@ def _read_small(tf: tarfile.TarFile, member: tarfile.TarInfo, cap: int) -> bytes
     return fh.read(cap + 1)
 
 
+def read_signed_pair(archive: Path, limits: UnpackLimits | None = None) -> tuple[bytes, bytes]:
+    """(manifest bytes, signature bytes) of an archive, read in memory; nothing is unpacked."""
+    try:
+        _, manifest, signature = _signed_pair(archive, limits or UnpackLimits())
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        raise UnsafeArchiveError(f"{archive.name}: broken or truncated archive ({exc})") from exc
+    return manifest, signature
+
+
 def _signed_pair(archive: Path, limits: UnpackLimits) -> tuple[str, bytes, bytes]:
     """(top-level prefix, manifest bytes, signature bytes), reading nothing else to disk."""
     found: dict[str, tuple[str, bytes]] = {}

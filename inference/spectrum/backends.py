@@ -90,6 +90,22 @@ def open_backend(name: str = "auto") -> SpectrumBackend:
     return factory()
 
 
+def open_spectrum_backend(name: str = "auto") -> SpectrumBackend:
+    """Open the spectrum backend ``name`` (``auto``, ``numpy`` or ``cuda``) and log the choice."""
+    if name != "auto":
+        backend = open_backend(name)
+        log.info("spectrum backend %s opened (asked for by name)", backend.name)
+        return backend
+    try:
+        backend = _make_cuda()
+        why = "auto: CUDA is usable"
+    except BackendUnavailableError as exc:
+        backend = _make_numpy()
+        why = f"auto: CUDA not usable: {exc}"
+    log.info("spectrum backend %s opened (%s)", backend.name, why)
+    return backend
+
+
 def slide_histogram(
     backend: SpectrumBackend,
     fields: Sequence[FieldPair],
