@@ -27,7 +27,9 @@ def _api(tmp_path: Path, **http: object) -> TestClient:
     engine = open_engine(f"sqlite:///{tmp_path / 'a.sqlite'}")
     migrate(engine)
     accounts = [Account(name="lab", role="viewer", password_hash=hash_password(UNICODE))]
-    return TestClient(create_app(ArchiveQueries(engine), HttpConfig(accounts=accounts, **http), None))
+    return TestClient(
+        create_app(ArchiveQueries(engine), HttpConfig(accounts=accounts, **http), None)
+    )
 
 
 def _basic(name: str, password: str) -> dict[str, str]:
