@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -44,6 +45,7 @@ ROLES = ("viewer", "operator", "cytotech", "pathologist", "admin")
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 LOCAL_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 NAME_PATTERN = r"^[A-Za-z0-9_.@-]{1,64}$"
+_NAME = re.compile(NAME_PATTERN)
 TOKEN_PREFIX = "omis_"  # noqa: S105 (a prefix that marks tokens in logs, not a secret)
 # argon2id with OWASP's minimum (Password Storage Cheat Sheet): 19 MiB, t=2, p=1.  Memory-hard
 # enough that a GPU guesses slowly, cheap enough (~50 ms) that logins stay quick on a small box.
@@ -139,9 +141,7 @@ class User:
 
 def check_name(name: str) -> str:
     """``name`` if it is a valid user name; ``ValueError`` naming the rule otherwise."""
-    import re
-
-    if not re.fullmatch(NAME_PATTERN, name):
+    if not _NAME.fullmatch(name):
         raise ValueError(f"user name {name!r}: 1-64 of A-Z a-z 0-9 _ . @ -")
     return name
 
@@ -350,6 +350,8 @@ class Authenticator:
 
     def _find(self, name: str) -> tuple[str, str, str] | None:
         """(name, role, hash) of an enabled user or legacy account; None otherwise."""
+        if not _NAME.fullmatch(name):  # never reaches SQL (a NUL breaks PostgreSQL)
+            return None
         user = self.store.get(name)
         if user is not None:
             return None if user.disabled else (user.name, user.role, user.password_hash)
@@ -388,14 +390,16 @@ class Authenticator:
 
     def check_password(self, name: str, password: str, client: str) -> Principal:
         """The principal for ``name``/``password``; ``AuthError`` (401/429/503) otherwise."""
-        self.limiter.check(client)
         found = self._find(name)
         encoded = None if found is None else found[2]
         key = hmac.digest(
             self._cache_key, "\0".join((name, password, encoded or "")).encode(), "sha256"
         )
+        # Recently verified credentials pass without the KDF and before the limit, so a flood
+        # of wrong guesses from one address does not lock out a user working beside it.
         if found is not None and self._cached(key):
             return Principal(found[0], found[1], "basic")
+        self.limiter.check(client)
         if not self._run_kdf(password, encoded) or found is None:
             self.limiter.failed(client)
             raise AuthError(401, "wrong user name or password")
@@ -404,9 +408,9 @@ class Authenticator:
 
     def check_token(self, token: str, client: str) -> Principal:
         """The principal of an API token; ``AuthError`` otherwise (counted as a failure)."""
-        self.limiter.check(client)
         user = self.store.token_user(token)
         if user is None:
+            self.limiter.check(client)
             self.limiter.failed(client)
             raise AuthError(401, "unknown or revoked API token")
         return Principal(user.name, user.role, "token")
