@@ -27,7 +27,7 @@ from deploy.collector.tables import audit, results
 
 @pytest.fixture
 def archive(db_url: str) -> Iterator[Archive]:
-    found = open_archive(db_url, auth_failures_per_minute=4)
+    found = open_archive(db_url, auth_failures_per_minute=5)
     yield found
     found.close()
 
@@ -54,7 +54,11 @@ def test_session_cookie_flags_and_csrf_bound_to_the_session(archive: Archive) ->
 def test_wrong_logins_are_one_message_audited_and_limited(archive: Archive) -> None:
     api = archive.client()
     answers = [
-        api.post("/api/login", json={"name": name, "password": password})
+        api.post(  # ASCII-escaped JSON: a lone surrogate as a crafted client sends it
+            "/api/login",
+            content=json.dumps({"name": name, "password": password}),
+            headers={"content-type": "application/json"},
+        )
         for name, password in (
             (USERS["admin"], "wrong"),
             ("nobody", PASSWORD),
@@ -64,11 +68,21 @@ def test_wrong_logins_are_one_message_audited_and_limited(archive: Archive) -> N
     ]
     assert [a.status_code for a in answers] == [401] * 4
     assert {a.json()["detail"] for a in answers} == {"wrong user name or password"}
+    crafted = api.post(
+        "/api/login",
+        content=json.dumps({"name": "x", "password": "secret \udc80", "extra": "secret"}),
+        headers={"content-type": "application/json"},
+    )
+    assert crafted.status_code == 422 and "secret" not in crafted.text  # never echoed
+    assert {tuple(e["loc"]) for e in crafted.json()["detail"]} == {
+        ("body", "password"), ("body", "extra")
+    }  # fmt: skip
+    api.post("/api/login", json={"name": USERS["admin"], "password": "wrong again"})
     limited = api.post("/api/login", json={"name": USERS["admin"], "password": PASSWORD})
     assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
     with archive.engine.connect() as conn:
         failed = conn.execute(select(audit.c.user_name).where(audit.c.action == "login.failed"))
-        assert len(failed.all()) == 4
+        assert len(failed.all()) == 5
 
 
 def test_bearer_tokens_and_disabling_a_user(archive: Archive) -> None:

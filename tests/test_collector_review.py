@@ -170,6 +170,15 @@ def test_review_refusals_write_nothing(archive: Archive) -> None:
         (api.post(url, json={**good, "bethesda": "CIN2"}, headers={"X-CSRF-Token": csrf}), 422),
         (api.post(url, json={**good, "adequacy": "fine"}, headers={"X-CSRF-Token": csrf}), 422),
         (api.post(url, json={"adequacy": "satisfactory"}, headers={"X-CSRF-Token": csrf}), 422),
+        (api.post(url, json={**good, "comment": "a\x00b"}, headers={"X-CSRF-Token": csrf}), 422),
+        (
+            api.post(
+                url,
+                content=json.dumps({**good, "comment": "\ud800"}),
+                headers={"X-CSRF-Token": csrf, "content-type": "application/json"},
+            ),
+            422,
+        ),
         (api.post(url, json=good), 403),  # cookie without the CSRF header
         (api.post(url, json=good, headers={"X-CSRF-Token": "forged"}), 403),
         (

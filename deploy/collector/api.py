@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
@@ -23,7 +24,13 @@ from deploy.collector.config import HttpConfig, ReviewConfig
 from deploy.collector.fhir import diagnostic_bundle
 from deploy.collector.queries import LIST_COLUMNS, ArchiveQueries, ResultFilter
 from deploy.collector.review import Worklist, report_status
-from deploy.collector.review_api import ReviewContext, build_router, principal_dependency, require
+from deploy.collector.review_api import (
+    ReviewContext,
+    build_router,
+    principal_dependency,
+    require,
+    validation_error,
+)
 from deploy.collector.store import parse_time
 
 CSV_COLUMNS = [c.name for c in LIST_COLUMNS]
@@ -106,6 +113,7 @@ def create_app(
     viewer = require(principal_dependency(ctx), "viewer")
     page_limit = config.max_page
     app.include_router(build_router(ctx, page_limit))
+    app.add_exception_handler(RequestValidationError, validation_error)
 
     @app.get("/api/results", summary="results, newest first, filtered and paged")
     def list_results(

@@ -85,16 +85,22 @@ class AuthError(Exception):
 def hash_password(password: str, *, salt: bytes | None = None) -> str:
     """A new argon2id hash of ``password`` (UTF-8); ``salt`` only for reproducible tests."""
     if salt is not None:
-        return _HASHER.hash(password, salt=salt)
-    return _HASHER.hash(password)
+        return _HASHER.hash(_utf8(password), salt=salt)
+    return _HASHER.hash(_utf8(password))
 
 
 def scrypt_hash(password: str, *, salt: bytes | None = None) -> str:
     """A legacy scrypt hash (the format of ``http.accounts``), for tests and old tools."""
     salt = salt or os.urandom(16)
-    key = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
+    key = hashlib.scrypt(_utf8(password), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
     b64 = base64.b64encode
     return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt).decode()}${b64(key).decode()}"
+
+
+def _utf8(text: str) -> bytes:
+    """``text`` as UTF-8; a lone surrogate (never typed, only crafted) passes as its bytes so a
+    crafted password fails like any wrong one instead of raising."""
+    return text.encode("utf-8", "surrogatepass")
 
 
 def _verify_scrypt(password: str, encoded: str) -> bool:
@@ -105,7 +111,7 @@ def _verify_scrypt(password: str, encoded: str) -> bool:
         n, r, p = int(parts[1]), int(parts[2]), int(parts[3])
         salt, key = base64.b64decode(parts[4]), base64.b64decode(parts[5])
         actual = hashlib.scrypt(
-            password.encode(), salt=salt, n=n, r=r, p=p, dklen=len(key), maxmem=2**26
+            _utf8(password), salt=salt, n=n, r=r, p=p, dklen=len(key), maxmem=2**26
         )
     except (ValueError, binascii.Error):
         return False
@@ -117,7 +123,7 @@ def verify_password(password: str, encoded: str) -> bool:
     if encoded.startswith("scrypt$"):
         return _verify_scrypt(password, encoded)
     try:
-        return _HASHER.verify(encoded, password)
+        return _HASHER.verify(encoded, _utf8(password))
     except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
         return False
 
@@ -393,7 +399,7 @@ class Authenticator:
         found = self._find(name)
         encoded = None if found is None else found[2]
         key = hmac.digest(
-            self._cache_key, "\0".join((name, password, encoded or "")).encode(), "sha256"
+            self._cache_key, _utf8("\0".join((name, password, encoded or ""))), "sha256"
         )
         # Recently verified credentials pass without the KDF and before the limit, so a flood
         # of wrong guesses from one address does not lock out a user working beside it.

@@ -7,12 +7,14 @@ role check.  The routes live on one ``APIRouter`` so the read API in :mod:`api` 
 """
 
 import hmac
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deploy.collector.audit import Actor, AuditFilter, read_audit, record_now
@@ -50,9 +52,20 @@ MAX_OFFSET = 2**31 - 1
 
 
 def _no_nul(value: str | None) -> str | None:
-    if value is not None and "\x00" in value:
-        raise ValueError("must not contain NUL characters")
+    if value is not None and not _storable(value):
+        raise ValueError("must not contain NUL characters or lone surrogates")
     return value
+
+
+def _storable(value: str) -> bool:
+    """True if both databases can store ``value`` (no NUL, valid UTF-8)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Body(BaseModel):
@@ -207,6 +220,18 @@ def _secure(ctx: ReviewContext, request: Request) -> bool:
     return request.url.scheme == "https" if configured is None else configured
 
 
+def validation_error(_request: Request, exc: Exception) -> Response:
+    """422 naming the fields, never echoing the input (a password, a crafted string that
+    cannot be encoded) back."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    detail = [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+        for e in errors
+    ]
+    body = json.dumps({"detail": detail}, ensure_ascii=True, default=str)
+    return Response(body, status_code=422, media_type="application/json")
+
+
 def build_router(ctx: ReviewContext, page_limit: int) -> APIRouter:
     """Every route of this module on one router."""
     router = APIRouter()
@@ -227,7 +252,8 @@ def _session_routes(router: APIRouter, ctx: ReviewContext, principal: Any, viewe
             who = ctx.auth.check_password(body.name, body.password, client)
         except AuthError as exc:
             if exc.status == 401:
-                actor = Actor(body.name.replace("\x00", "?"), None, client)
+                shown = body.name.encode("utf-8", "replace").decode().replace("\x00", "?")
+                actor = Actor(shown, None, client)
                 record_now(ctx.users.engine, actor, "login.failed", None, {})
             raise _refused(exc) from None
         cookie, csrf, expires = ctx.users.new_session(who.name, ctx.config.session_ttl_s)
@@ -387,9 +413,5 @@ def _admin_routes(router: APIRouter, ctx: ReviewContext, principal: Any, page_li
 
 
 def _check_text(name: str, value: str | None) -> None:
-    if _no_nul_ok(value) is False:
-        raise HTTPException(422, f"{name}: must not contain NUL characters")
-
-
-def _no_nul_ok(value: str | None) -> bool:
-    return value is None or "\x00" not in value
+    if value is not None and not _storable(value):
+        raise HTTPException(422, f"{name}: must not contain NUL characters or lone surrogates")
