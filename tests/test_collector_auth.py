@@ -144,6 +144,12 @@ def test_legacy_http_accounts_keep_working_with_a_message(
     assert api.get("/api/me").json()["role"] == "operator"
     assert api.get("/api/me", auth=("new", "x")).json()["role"] == "viewer"
     assert api.get("/api/me", auth=("old", "password")).status_code == 401
+    browser = TestClient(api.app)
+    login = browser.post("/api/login", json={"name": "old", "password": "pässword"})
+    assert login.status_code == 200  # a legacy account gets a session like anyone
+    assert browser.get("/api/me").json() == {
+        "name": "old", "role": "operator", "via": "session", "csrf_token": login.json()["csrf_token"]
+    }  # fmt: skip
     engine.dispose()
 
 

@@ -190,6 +190,15 @@ def test_review_refusals_write_nothing(archive: Archive) -> None:
             404,
         ),
     ]
+    for unknown in ("not-a-result", "no%00id"):
+        refused.append(
+            (
+                api.post(
+                    f"/api/results/{unknown}/review", json=good, headers={"X-CSRF-Token": csrf}
+                ),
+                404,
+            )
+        )
     for role in ("viewer", "operator"):
         other, other_csrf = archive.login(role)
         refused.append((other.post(url, json=good, headers={"X-CSRF-Token": other_csrf}), 403))
@@ -199,6 +208,8 @@ def test_review_refusals_write_nothing(archive: Archive) -> None:
         assert response.status_code == status, response.text
         assert response.json()["detail"]
     assert _count(archive, reviews) == 0
+    for path in ("/api/results/no%00id", "/api/results/no%00id/fhir"):
+        assert api.get(path).status_code == 404
     with archive.engine.connect() as conn:
         actions = conn.execute(select(audit.c.action)).scalars().all()
     assert not [a for a in actions if a.startswith("review")]

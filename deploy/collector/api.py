@@ -27,6 +27,7 @@ from deploy.collector.review import Worklist, report_status
 from deploy.collector.review_api import (
     ReviewContext,
     build_router,
+    known_id,
     principal_dependency,
     require,
     validation_error,
@@ -135,7 +136,7 @@ def create_app(
         return StreamingResponse(lines, media_type="text/csv; charset=utf-8", headers=headers)
 
     def stored(message_id: str) -> dict[str, Any]:
-        found = queries.get_result(message_id)
+        found = queries.get_result(known_id(message_id))
         if found is None:
             raise HTTPException(404, f"no result {message_id!r}")
         return found

@@ -263,15 +263,14 @@ class UserStore:
             )  # fmt: skip
         return cookie, csrf, expires
 
-    def session(self, cookie: str) -> tuple[User, str] | None:
-        """(user, CSRF token) of a live session of an enabled user, or None."""
+    def session(self, cookie: str) -> tuple[str, str] | None:
+        """(user name, CSRF token) of a live session, or None (the caller checks the user)."""
         query = select(sessions).where(sessions.c.digest == _digest(cookie))
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         if row is None or row.expires_at < utcnow():
             return None
-        user = self.get(row.user_name)
-        return None if user is None or user.disabled else (user, row.csrf)
+        return row.user_name, row.csrf
 
     def end_session(self, cookie: str) -> None:
         """Delete the session (logout)."""
@@ -363,6 +362,11 @@ class Authenticator:
             return None if user.disabled else (user.name, user.role, user.password_hash)
         account = self._legacy.get(name)
         return None if account is None else (account.name, account.role, account.password_hash)
+
+    def account(self, name: str) -> tuple[str, str] | None:
+        """(name, role) of an enabled user or legacy account (a session's owner), or None."""
+        found = self._find(name)
+        return None if found is None else (found[0], found[1])
 
     def _cached(self, key: bytes) -> bool:
         with self._cache_lock:

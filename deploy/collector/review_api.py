@@ -9,13 +9,14 @@ role check.  The routes live on one ``APIRouter`` so the read API in :mod:`api` 
 import hmac
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deploy.collector.audit import Actor, AuditFilter, read_audit, record_now
 from deploy.collector.auth import (
@@ -47,7 +48,8 @@ log = logging.getLogger(__name__)
 COOKIE = "omis_session"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-MessageId = Annotated[str, Path(pattern=UUID_PATTERN, description="the result's message_id")]
+MessageId = Annotated[str, Path(max_length=200, description="the result's message_id")]
+_UUID = re.compile(UUID_PATTERN)
 MAX_OFFSET = 2**31 - 1
 
 
@@ -100,7 +102,12 @@ class ReviewBody(_Body):
 class ClaimBody(_Body):
     """``POST /api/worklist/{message_id}/claim``: ``user`` assigns to someone else."""
 
-    user: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.@-]{1,64}$")
+    user: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.@-]{1,64}$",
+        validation_alias=AliasChoices("user", "assignee", "user_name"),
+        description="assign to this user (pathologist+); absent: claim for yourself",
+    )
 
 
 class ReleaseBody(_Body):
@@ -148,14 +155,15 @@ def _from_header(ctx: ReviewContext, header: str, client: str) -> Principal:
 
 def _from_cookie(ctx: ReviewContext, request: Request, cookie: str) -> Principal:
     found = ctx.users.session(cookie)
-    if found is None:
+    account = None if found is None else ctx.auth.account(found[0])
+    if found is None or account is None:  # expired, ended, or its user disabled
         raise AuthError(401, "session expired or ended; log in again")
-    user, csrf = found
+    csrf = found[1]
     if request.method not in SAFE_METHODS:
         sent = request.headers.get("x-csrf-token", "")
         if not hmac.compare_digest(sent.encode(), csrf.encode()):
             raise HTTPException(403, "CSRF token missing or wrong (send X-CSRF-Token)")
-    return Principal(user.name, user.role, "session", csrf)
+    return Principal(account[0], account[1], "session", csrf)
 
 
 def principal_dependency(ctx: ReviewContext) -> Callable[[Request], Principal]:
@@ -201,6 +209,13 @@ def _time(name: str, text: str | None) -> Any:
         return parse_time(text)
     except ValueError as exc:
         raise HTTPException(422, f"{name}: not an RFC 3339 time with a zone: {text!r}") from exc
+
+
+def known_id(message_id: str) -> str:
+    """``message_id`` if it can name a stored result (a UUID); 404 otherwise, before any SQL."""
+    if not _UUID.fullmatch(message_id):
+        raise HTTPException(404, f"no result {message_id!r}")
+    return message_id
 
 
 def _mapped(call: Callable[[], Any]) -> Any:
@@ -316,6 +331,7 @@ def _worklist_routes(
         request: Request,
         body: ClaimBody | None = None,
     ) -> dict[str, Any]:
+        known_id(message_id)
         user = None if body is None else body.user
         if user is not None and user != who.name and not who.at_least("pathologist"):
             raise HTTPException(403, "assigning to another user needs the pathologist role")
@@ -329,6 +345,7 @@ def _worklist_routes(
         request: Request,
         _body: ReleaseBody | None = None,
     ) -> dict[str, Any]:
+        known_id(message_id)
         _mapped(lambda: ctx.worklist.release(message_id, _actor(who, request)))
         return {"message_id": message_id, "claimed_by": None}
 
@@ -344,6 +361,7 @@ def _worklist_routes(
         who: Annotated[Principal, cytotech],
         request: Request,
     ) -> dict[str, Any]:
+        known_id(message_id)
         verdict = body.model_dump()
         added, status = _mapped(
             lambda: ctx.worklist.add_review(message_id, verdict, _actor(who, request))
