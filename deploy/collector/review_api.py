@@ -136,8 +136,14 @@ def _client(request: Request) -> str:
     return request.client.host if request.client is not None else "?"
 
 
-def _refused(exc: AuthError) -> HTTPException:
-    headers = {"WWW-Authenticate": "Basic"} if exc.status == 401 else {}
+def _challenge(request: Request) -> dict[str, str]:
+    """The Basic challenge, except for page scripts (``X-Requested-With``): a browser would
+    answer it with its own password dialog over the dashboard's login page."""
+    return {} if request.headers.get("x-requested-with") else {"WWW-Authenticate": "Basic"}
+
+
+def _refused(exc: AuthError, request: Request) -> HTTPException:
+    headers = _challenge(request) if exc.status == 401 else {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
     return HTTPException(exc.status, exc.detail, headers or None)
@@ -179,10 +185,10 @@ def principal_dependency(ctx: ReviewContext) -> Callable[[Request], Principal]:
             if cookie:
                 return _from_cookie(ctx, request, cookie)
         except AuthError as exc:
-            raise _refused(exc) from None
+            raise _refused(exc, request) from None
         if not ctx.config.require_auth_on_localhost and client in LOCAL_HOSTS:
             return Principal("local", "viewer", "local")
-        raise HTTPException(401, "authentication required", {"WWW-Authenticate": "Basic"})
+        raise HTTPException(401, "authentication required", _challenge(request) or None)
 
     return principal
 
@@ -270,7 +276,7 @@ def _session_routes(router: APIRouter, ctx: ReviewContext, principal: Any, viewe
                 shown = body.name.encode("utf-8", "replace").decode().replace("\x00", "?")
                 actor = Actor(shown, None, client)
                 record_now(ctx.users.engine, actor, "login.failed", None, {})
-            raise _refused(exc) from None
+            raise _refused(exc, request) from None
         cookie, csrf, expires = ctx.users.new_session(who.name, ctx.config.session_ttl_s)
         response.set_cookie(
             COOKIE, cookie, max_age=ctx.config.session_ttl_s, path="/", httponly=True,
