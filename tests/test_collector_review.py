@@ -136,8 +136,9 @@ def test_sign_out_and_amend_move_fhir_from_preliminary_to_final_to_amended(
         {"outcome": "abstained", "reason": "no_usable_field"},
         {"outcome": "cancelled", "reason": "cmd/cancel"},
         {"prediction": {"label": None, "risk": None, "probabilities": {}, "abstained": False}},
+        {"model": {}, "patient_id": "P-17", "slide_id": "C:\\slides\\S 1"},
     ],
-    ids=["failed-path", "abstained", "no-fields", "cancelled", "classified-no-risk"],
+    ids=["failed-path", "abstained", "no-fields", "cancelled", "classified-no-risk", "odd"],
 )
 def test_fhir_of_every_outcome_says_what_it_is(archive: Archive, extra: dict[str, Any]) -> None:
     result = _add(archive, 1, p_high=0.3, **extra)
@@ -148,6 +149,12 @@ def test_fhir_of_every_outcome_says_what_it_is(archive: Archive, extra: dict[str
         "cancelled" if outcome in ("failed", "cancelled") else "preliminary"
     )
     texts = list(_texts(bundle))
+    if "patient_id" in extra:
+        subject = {"identifier": {"system": "urn:omis:patient", "value": "P-17"}}
+        assert report["subject"] == subject
+        assert (
+            _resources(bundle, "Specimen")[0]["accessionIdentifier"]["value"] == "C:\\slides\\S 1"
+        )
     assert not any("/dev/" in t or "None" in t for t in texts), texts
     observations = _resources(bundle, "Observation")
     risks = [
@@ -156,7 +163,8 @@ def test_fhir_of_every_outcome_says_what_it_is(archive: Archive, extra: dict[str
         if "urn:omis:risk" in json.dumps(o.get("valueCodeableConcept"))
         or "risk" in o["code"]["coding"][0]["code"]
     ]
-    assert risks == []  # an undecided slide never carries a risk call
+    decided = outcome == "classified" and "prediction" not in extra
+    assert len(risks) == decided  # an undecided slide never carries a risk call
     validate_both([bundle])
 
 
