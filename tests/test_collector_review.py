@@ -221,9 +221,13 @@ def test_review_refusals_write_nothing(archive: Archive) -> None:
     with archive.engine.connect() as conn:
         actions = conn.execute(select(audit.c.action)).scalars().all()
     assert not [a for a in actions if a.startswith("review")]
-    # Basic and bearer requests carry no ambient credential: no CSRF token needed
+    # a browser's remembered Basic credentials on another site's form: refused
     basic = archive.client()
     basic.auth = (USERS["cytotech"], PASSWORD)
+    for foreign in ({"Sec-Fetch-Site": "cross-site"}, {"Origin": "http://evil.example"}):
+        assert basic.post(url, json=good, headers=foreign).status_code == 403
+    assert _count(archive, reviews) == 0
+    # programs (Basic, bearer) send no ambient credential: no CSRF token needed
     assert basic.post(url, json={"adequacy": "unsatisfactory", "bethesda": None}).status_code == 201
 
 

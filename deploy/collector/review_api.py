@@ -172,11 +172,33 @@ def _from_cookie(ctx: ReviewContext, request: Request, cookie: str) -> Principal
     return Principal(account[0], account[1], "session", csrf)
 
 
+def _cross_site(request: Request) -> str | None:
+    """Why a write comes from another site (Fetch Metadata, then Origin vs Host), or None.
+
+    A browser attaches remembered HTTP Basic credentials to a form another site posts; it also
+    says where the request came from, which programs never do.
+    """
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None:  # every current browser sends it; a proxy keeps it
+        return None if fetch_site in ("same-origin", "none") else f"Sec-Fetch-Site: {fetch_site}"
+    origin = request.headers.get("origin")
+    if origin is not None:  # older browsers: the Origin must be the host asked (or forwarded)
+        host = origin.split("://", 1)[-1].rstrip("/")
+        hosts = {request.headers.get("host"), request.headers.get("x-forwarded-host")}
+        if host not in hosts:
+            return f"Origin {origin}"
+    return None
+
+
 def principal_dependency(ctx: ReviewContext) -> Callable[[Request], Principal]:
     """The dependency that says who is asking (401/403/429/503 when nobody acceptable)."""
 
     def principal(request: Request) -> Principal:
         client = _client(request)
+        if request.method not in SAFE_METHODS:
+            foreign = _cross_site(request)
+            if foreign is not None:
+                raise HTTPException(403, f"cross-site write refused ({foreign})")
         try:
             header = request.headers.get("authorization")
             if header:
@@ -269,6 +291,9 @@ def _session_routes(router: APIRouter, ctx: ReviewContext, principal: Any, viewe
     @router.post("/api/login", summary="log in: a session cookie and its CSRF token")
     def login(body: LoginBody, request: Request, response: Response) -> dict[str, Any]:
         client = _client(request)
+        foreign = _cross_site(request)
+        if foreign is not None:  # login CSRF: another site logging the browser in
+            raise HTTPException(403, f"cross-site login refused ({foreign})")
         try:
             who = ctx.auth.check_password(body.name, body.password, client)
         except AuthError as exc:
