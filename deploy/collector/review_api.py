@@ -46,6 +46,18 @@ from deploy.collector.store import parse_time
 log = logging.getLogger(__name__)
 
 COOKIE = "omis_session"
+_DETAIL = {"application/json": {"schema": {"type": "object", "properties": {"detail": {}}}}}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "not authenticated", "content": _DETAIL},
+    403: {
+        "description": "role too low, CSRF token missing, or a cross-site write",
+        "content": _DETAIL,
+    },
+    404: {"description": "no such result, alert or user", "content": _DETAIL},
+    409: {"description": "conflicts with the stored state", "content": _DETAIL},
+    429: {"description": "too many failed authentications from this client", "content": _DETAIL},
+    503: {"description": "password checks busy", "content": _DETAIL},
+}
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 MessageId = Annotated[str, Path(max_length=200, description="the result's message_id")]
@@ -277,7 +289,7 @@ def validation_error(_request: Request, exc: Exception) -> Response:
 
 def build_router(ctx: ReviewContext, page_limit: int) -> APIRouter:
     """Every route of this module on one router."""
-    router = APIRouter()
+    router = APIRouter(responses=RESPONSES)
     principal = principal_dependency(ctx)
     viewer = require(principal, "viewer")
     _session_routes(router, ctx, principal, viewer)
