@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 
 from deploy.collector.api import create_app
 from deploy.collector.audit import Actor
-from deploy.collector.auth import ROLES, UserStore
+from deploy.collector.auth import ROLES, UserStore, hash_password
 from deploy.collector.config import HttpConfig, ReviewConfig
 from deploy.collector.db import migrate, open_engine
 from deploy.collector.queries import ArchiveQueries
@@ -25,6 +25,7 @@ from deploy.collector.store import ArchiveStore
 PASSWORD = "correct horse ☂"
 # one user per role, named after it
 USERS = {role: f"{role}-1" for role in ROLES}
+_HASH = hash_password(PASSWORD)  # one hash for every fixture user (argon2id is slow on purpose)
 VALIDATOR = Path(__file__).resolve().parent / "tools" / "fhir-validator"
 
 
@@ -58,7 +59,7 @@ def open_archive(db_url: str, *, share: float = 0.10, **http: Any) -> Archive:
     migrate(engine)
     users = UserStore(engine)
     for role, name in USERS.items():
-        users.add(name, role, PASSWORD, Actor("test-setup", "admin"))
+        users.add(name, role, PASSWORD, Actor("test-setup", "admin"), hashed=_HASH)
     config = HttpConfig(**http)
     app = create_app(
         ArchiveQueries(engine),

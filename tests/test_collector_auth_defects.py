@@ -56,7 +56,7 @@ def test_unknown_and_known_users_are_refused_in_the_same_time(tmp_path: Path) ->
     pairs = [(_refusal_ms(api, "lab"), _refusal_ms(api, "nobody")) for _ in range(7)]
     known = statistics.median(k for k, _ in pairs)
     unknown = statistics.median(u for _, u in pairs)
-    assert 0.6 < unknown / known < 1.6, (known, unknown)
+    assert 0.55 < unknown / known < 1.8, (known, unknown)  # before: 2.3 (95 vs 41 ms)
 
 
 def test_failed_attempts_are_limited_per_client(tmp_path: Path) -> None:

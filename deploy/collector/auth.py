@@ -173,14 +173,18 @@ class UserStore:
             return None
         return User(row.name, row.role, row.password_hash, bool(row.disabled))
 
-    def add(self, name: str, role: str, password: str, actor: Actor) -> None:
-        """Create a user; ``ArchiveError`` if the name is taken."""
+    def add(
+        self, name: str, role: str, password: str, actor: Actor, *, hashed: str | None = None
+    ) -> None:
+        """Create a user; ``ArchiveError`` if the name is taken.  ``hashed``: ``password``'s
+        hash made earlier (test fixtures add many users with one password)."""
         check_name(name)
         check_role(role)
         if not password:
             raise ValueError("password: empty")
         now = utcnow()
-        hashed = hash_password(password)
+        if hashed is None:
+            hashed = hash_password(password)
         try:
             with self.engine.begin() as conn:
                 conn.execute(
