@@ -85,6 +85,15 @@ def _register_user(
     )
     disable.add_argument("name", help="user name")
     disable.set_defaults(handler=_cmd_user_disable)
+    imported = verbs.add_parser(
+        "import",
+        parents=[common, db],
+        help="copy the configuration's http.accounts into the archive",
+        description="Copy every http.accounts entry of --config (name, role, password hash) "
+        "into the archive's users, skipping names that exist; then delete the list from the "
+        "configuration.",
+    )
+    imported.set_defaults(handler=_cmd_user_import)
     token = verbs.add_parser(
         "token",
         parents=[common, db],
@@ -229,4 +238,25 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         pass
     finally:
         service.close()
+    return 0
+
+
+def _cmd_user_import(args: argparse.Namespace) -> int:
+    from deploy.collector.config import load_collector_config
+    from deploy.exceptions import ArchiveError
+
+    accounts = load_collector_config(args.user_config).http.accounts
+    if not accounts:
+        print("no http.accounts in the configuration: nothing to import", file=sys.stderr)
+        return 0
+    store, actor = _user_store(args), _cli_actor()
+    for account in accounts:
+        try:
+            # the hash moves as it is: scrypt hashes keep verifying
+            store.add(account.name, account.role, "-", actor, hashed=account.password_hash)
+        except ArchiveError:
+            print(f"user {account.name} exists already: skipped", file=sys.stderr)
+            continue
+        print(f"user {account.name} imported ({account.role})", file=sys.stderr)
+    print("now delete http.accounts from the configuration", file=sys.stderr)
     return 0

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from review_support import PASSWORD, USERS, Archive, open_archive
 from sqlalchemy import inspect, select, text
 
+from deploy.cli import main
 from deploy.collector.api import create_app
 from deploy.collector.audit import Actor
 from deploy.collector.auth import AuthError, hash_password, scrypt_hash
@@ -142,7 +143,7 @@ def test_legacy_http_accounts_keep_working_with_a_message(
     ]
     with caplog.at_level(logging.WARNING):
         api = TestClient(create_app(ArchiveQueries(engine), HttpConfig(accounts=accounts), None))
-    assert "omis collect user add" in caplog.text
+    assert "omis collect user import" in caplog.text
     api.auth = ("old", "pässword")
     assert api.get("/api/me").json()["role"] == "operator"
     assert api.get("/api/me", auth=("new", "x")).json()["role"] == "viewer"
@@ -154,6 +155,14 @@ def test_legacy_http_accounts_keep_working_with_a_message(
     assert browser.get("/api/me").json() == {
         "name": "old", "role": "operator", "via": "session", "csrf_token": csrf
     }  # fmt: skip
+    # the migration: `omis collect user import` moves the accounts, hashes and all
+    config = tmp_path / "collect.yaml"
+    config.write_text(json.dumps({"http": {"accounts": [a.model_dump() for a in accounts]}}))
+    db = f"sqlite:///{tmp_path / 'a.sqlite'}"
+    assert main(["collect", "user", "import", "--config", str(config), "--db", db]) == 0
+    moved = TestClient(create_app(ArchiveQueries(engine), HttpConfig(), None))
+    assert moved.get("/api/me", auth=("old", "pässword")).json()["role"] == "operator"
+    assert moved.get("/api/me", auth=("new", "x")).json()["via"] == "basic"
     engine.dispose()
 
 

@@ -326,9 +326,9 @@ class FailureLimiter:
 class Authenticator:
     """Checks passwords: database users first, then the configured legacy accounts.
 
-    Every check costs the same whatever the name: an unknown or disabled user is checked
-    against a dummy hash of the same kind; when legacy scrypt accounts exist every check runs
-    one scrypt and one argon2id (real or dummy), so neither kind shows in the timing.
+    Every check costs the same whatever the name: each runs one argon2id and one scrypt (legacy
+    and imported accounts keep scrypt hashes), against the user's hash or a dummy, so neither
+    an unknown or disabled name nor the kind of hash shows in the timing.
     """
 
     def __init__(
@@ -346,14 +346,16 @@ class Authenticator:
         self._kdf = threading.BoundedSemaphore(kdf_concurrency)
         self._kdf_wait_s = kdf_wait_s
         self._dummy_argon2 = hash_password(secrets.token_hex(16))
-        self._dummy_scrypt = scrypt_hash(secrets.token_hex(16)) if accounts else None
+        # legacy and imported accounts keep scrypt hashes: every check pays for both kinds
+        self._dummy_scrypt = scrypt_hash(secrets.token_hex(16))
         self._cache_key = secrets.token_bytes(32)
         self._cache: OrderedDict[bytes, float] = OrderedDict()
         self._cache_lock = threading.Lock()
         if accounts:
             log.warning(
                 "http.accounts (%s) still work; move them into the archive with "
-                "`omis collect user add NAME --role ROLE` and delete the list",
+                "`omis collect user import --config FILE` (or `user add NAME --role ROLE`) and "
+                "delete the list",
                 ", ".join(sorted(self._legacy)),
             )
 
@@ -392,10 +394,8 @@ class Authenticator:
             is_scrypt = encoded is not None and encoded.startswith("scrypt$")
             argon2_hash = encoded if encoded is not None and not is_scrypt else self._dummy_argon2
             ok_argon2 = verify_password(password, argon2_hash)
-            ok_scrypt = False
-            if self._dummy_scrypt is not None:  # legacy accounts exist: always pay for both
-                scrypt = encoded if encoded is not None and is_scrypt else self._dummy_scrypt
-                ok_scrypt = verify_password(password, scrypt)
+            scrypt = encoded if encoded is not None and is_scrypt else self._dummy_scrypt
+            ok_scrypt = verify_password(password, scrypt)
         finally:
             self._kdf.release()
         if encoded is None:
