@@ -2,10 +2,11 @@
 
 OpenAPI is served at ``/api/openapi.json`` (browsable at ``/api/docs``), behind the same login as
 the API.  Every endpoint needs at least the ``viewer`` role; unauthenticated requests are
-accepted from localhost only (see :mod:`deploy.collector.auth`).  Every parameter is bounded
-before it reaches SQL (:mod:`deploy.collector.http_params`); every response carries the security
-headers of :mod:`deploy.collector.http_security`.  The dashboard's static files are served at
-``/`` when present.
+accepted from localhost only (see :mod:`deploy.collector.auth`).  Login, the worklist, reviews,
+alerts and the audit trail are :mod:`deploy.collector.review_api`'s router.  Every parameter is
+bounded before it reaches SQL (:mod:`deploy.collector.http_params`); every response carries the
+security headers of :mod:`deploy.collector.http_security`.  The dashboard's static files are
+served at ``/`` when present.
 """
 
 import csv
@@ -14,23 +15,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy import Engine
 
 from deploy import __version__
 from deploy.collector.api_models import (
     NOT_FOUND,
     UNAUTHORIZED,
-    Alert,
     Device,
-    Me,
     ResultDetail,
     ResultPage,
 )
-from deploy.collector.auth import LOCAL_HOSTS, Accounts, Principal
-from deploy.collector.config import HttpConfig
+from deploy.collector.auth import Authenticator, Principal, UserStore
+from deploy.collector.config import HttpConfig, ReviewConfig
 from deploy.collector.fhir import diagnostic_bundle
 from deploy.collector.http_params import (
     DeviceFilter,
@@ -43,13 +43,21 @@ from deploy.collector.http_params import (
 )
 from deploy.collector.http_security import add_docs, add_edge_defences
 from deploy.collector.queries import LIST_COLUMNS, ArchiveQueries, ResultFilter
+from deploy.collector.review import Worklist, report_status
+from deploy.collector.review_api import (
+    ReviewContext,
+    build_router,
+    known_id,
+    principal_dependency,
+    require,
+    validation_error,
+)
 from deploy.messages.vocabulary import OutcomeName, Risk
 
 CSV_COLUMNS = [c.name for c in LIST_COLUMNS] + ["device_clock_ahead"]
 # OWASP's rule against CSV (formula) injection: a cell a spreadsheet would evaluate starts
 # with one of these; such text cells get a leading apostrophe.  Numbers are left as they are.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-_basic = HTTPBasic(auto_error=False)
 
 
 class CsvResponse(StreamingResponse):
@@ -99,29 +107,31 @@ def _csv_lines(rows: Iterator[dict[str, Any]]) -> Iterator[str]:
     yield buffer.getvalue()
 
 
-def _is_local(request: Request) -> bool:
-    return request.client is not None and request.client.host in LOCAL_HOSTS
+def review_context(
+    engine: Engine, config: HttpConfig, review: ReviewConfig | None = None
+) -> ReviewContext:
+    """Users, authenticator and worklist over the (writer) ``engine``."""
+    users = UserStore(engine)
+    auth = Authenticator(
+        users,
+        config.accounts,
+        failures_per_minute=config.auth_failures_per_minute,
+        kdf_concurrency=config.kdf_concurrency,
+    )
+    share = (review or ReviewConfig()).qc_sample_share
+    return ReviewContext(users, auth, Worklist(engine, qc_sample_share=share), config)
 
 
-def _principal_dependency(config: HttpConfig) -> Any:
-    accounts = Accounts(config.accounts)
-
-    def principal(
-        request: Request, credentials: Annotated[HTTPBasicCredentials | None, Depends(_basic)]
-    ) -> Principal:
-        if credentials is not None:
-            found = accounts.check(credentials.username, credentials.password)
-            if found is not None:
-                return found
-        elif config.require_auth_on_localhost is False and _is_local(request):
-            return Principal("local", "viewer")
-        raise HTTPException(401, "authentication required", {"WWW-Authenticate": "Basic"})
-
-    return principal
-
-
-def create_app(queries: ArchiveQueries, config: HttpConfig, dashboard: Path | None) -> FastAPI:
-    """The ASGI application over ``queries``."""
+def create_app(
+    queries: ArchiveQueries,
+    config: HttpConfig,
+    dashboard: Path | None,
+    *,
+    engine: Engine | None = None,
+    review: ReviewConfig | None = None,
+) -> FastAPI:
+    """The ASGI application over ``queries``; writes (reviews, acks, sessions) go to ``engine``
+    (default: ``queries.engine``)."""
     app = FastAPI(
         title="omis collect",
         version=__version__,
@@ -132,14 +142,13 @@ def create_app(queries: ArchiveQueries, config: HttpConfig, dashboard: Path | No
         responses=UNAUTHORIZED,
     )
     add_edge_defences(app, config)
-    login = _principal_dependency(config)
-    viewer = Depends(login)
+    ctx = review_context(engine or queries.engine, config, review)
+    login = principal_dependency(ctx)
+    viewer = require(login, "viewer")
     add_docs(app, login)
     page_limit = config.max_page
-
-    @app.get("/api/me", summary="who is asking, with the role")
-    def me(who: Annotated[Principal, viewer]) -> Me:
-        return Me(name=who.name, role=who.role)
+    app.include_router(build_router(ctx, page_limit))
+    app.add_exception_handler(RequestValidationError, validation_error)
 
     @app.get(
         "/api/results",
@@ -169,19 +178,24 @@ def create_app(queries: ArchiveQueries, config: HttpConfig, dashboard: Path | No
         return CsvResponse(_csv_lines(queries.iter_results(where)), headers=headers)
 
     def stored(message_id: str) -> dict[str, Any]:
-        found = queries.get_result(message_id)
+        found = queries.get_result(known_id(message_id))
         if found is None:
             raise HTTPException(404, f"no result {message_id!r}")
         return found
 
     @app.get(
         "/api/results/{message_id}",
-        summary="one result: the full payload and its row",
+        summary="one result: the full payload and its row, with its reviews",
         response_model=ResultDetail,
         responses=NOT_FOUND,
     )
     def get_result(_who: Annotated[Principal, viewer], message_id: MessageId) -> dict[str, Any]:
-        return stored(message_id)
+        found = stored(message_id)
+        reviews = ctx.worklist.reviews_of(message_id)
+        found["reviews"] = reviews
+        found["verdict"] = reviews[-1] if reviews else None
+        found["report_status"] = report_status(reviews)
+        return found
 
     @app.get(
         "/api/results/{message_id}/fhir",
@@ -196,20 +210,12 @@ def create_app(queries: ArchiveQueries, config: HttpConfig, dashboard: Path | No
         },
     )
     def get_fhir(_who: Annotated[Principal, viewer], message_id: MessageId) -> FhirResponse:
-        return FhirResponse(diagnostic_bundle(stored(message_id)))
+        body = diagnostic_bundle(stored(message_id), ctx.worklist.reviews_of(message_id))
+        return FhirResponse(body)
 
     @app.get("/api/devices", summary="known devices with live state", response_model=list[Device])
     def list_devices(_who: Annotated[Principal, viewer]) -> list[dict[str, Any]]:
         return queries.devices()
-
-    @app.get("/api/alerts", summary="alerts, newest first", response_model=list[Alert])
-    def list_alerts(
-        _who: Annotated[Principal, viewer],
-        open_only: Annotated[bool, Query(alias="open", description="open alerts only")] = False,
-        device: DeviceFilter = None,
-        limit: Annotated[int, limit_query(page_limit)] = 200,
-    ) -> list[dict[str, Any]]:
-        return queries.alerts(open_only=open_only, device=device, limit=limit)
 
     if dashboard is not None:
         app.mount("/", StaticFiles(directory=dashboard, html=True), name="dashboard")
