@@ -37,7 +37,7 @@ class Archive:
     store: ArchiveStore
     app: Any
 
-    def client(self, base_url: str = "http://testserver") -> TestClient:
+    def client(self, base_url: str = "http://localhost") -> TestClient:
         """A fresh client (its own cookie jar)."""
         return TestClient(self.app, base_url=base_url)
 

@@ -142,13 +142,16 @@ def test_legacy_http_accounts_keep_working_with_a_message(
         Account(name="new", role="viewer", password_hash=hash_password("x")),
     ]
     with caplog.at_level(logging.WARNING):
-        api = TestClient(create_app(ArchiveQueries(engine), HttpConfig(accounts=accounts), None))
+        api = TestClient(
+            create_app(ArchiveQueries(engine), HttpConfig(accounts=accounts), None),
+            base_url="http://localhost",
+        )
     assert "omis collect user import" in caplog.text
     api.auth = ("old", "pässword")
     assert api.get("/api/me").json()["role"] == "operator"
     assert api.get("/api/me", auth=("new", "x")).json()["role"] == "viewer"
     assert api.get("/api/me", auth=("old", "password")).status_code == 401
-    browser = TestClient(api.app)
+    browser = TestClient(api.app, base_url="http://localhost")
     login = browser.post("/api/login", json={"name": "old", "password": "pässword"})
     assert login.status_code == 200  # a legacy account gets a session like anyone
     csrf = login.json()["csrf_token"]
@@ -160,7 +163,9 @@ def test_legacy_http_accounts_keep_working_with_a_message(
     config.write_text(json.dumps({"http": {"accounts": [a.model_dump() for a in accounts]}}))
     db = f"sqlite:///{tmp_path / 'a.sqlite'}"
     assert main(["collect", "user", "import", "--config", str(config), "--db", db]) == 0
-    moved = TestClient(create_app(ArchiveQueries(engine), HttpConfig(), None))
+    moved = TestClient(
+        create_app(ArchiveQueries(engine), HttpConfig(), None), base_url="http://localhost"
+    )
     assert moved.get("/api/me", auth=("old", "pässword")).json()["role"] == "operator"
     assert moved.get("/api/me", auth=("new", "x")).json()["via"] == "basic"
     engine.dispose()

@@ -30,7 +30,8 @@ def _api(tmp_path: Path, **http: object) -> TestClient:
     migrate(engine)
     accounts = [Account(name="lab", role="viewer", password_hash=hash_password(UNICODE))]
     return TestClient(
-        create_app(ArchiveQueries(engine), HttpConfig(accounts=accounts, **http), None)
+        create_app(ArchiveQueries(engine), HttpConfig(accounts=accounts, **http), None),
+        base_url="http://localhost",
     )
 
 

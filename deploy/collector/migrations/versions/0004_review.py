@@ -4,7 +4,7 @@ Adds ``results.qc_rank`` (the reproducible QC draw, back-filled here) and the al
 ``slide_id``, ``acked_at``, ``acked_by``, ``count``.
 
 Revision ID: 0004
-Revises: 0001
+Revises: 0003
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0004"
-down_revision = "0001"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
