@@ -362,22 +362,26 @@ class OutboxPump:
         self._retry_at: dict[int, float] = {}  # refused row id -> monotonic time of next try
         self._refusals: dict[int, int] = {}  # refused row id -> refusals so far (back-off)
         self._stale: dict[int, int] = {}  # mid -> row id, in flight before the last reconnect
-        self._replay = threading.Event()
+        self._connection = 0  # the link's connection count the cursor belongs to
 
     def notify(self) -> None:
         """Wake the pump (a row was added)."""
         self._wake.set()
 
     def reconnected(self) -> None:
-        """The link came (back) up: replay every unacknowledged row, in order, from the start.
+        """The link came (back) up: wake the pump, which replays from the start.
 
         paho re-sends its own in-flight messages after a reconnect, but not in every case (a
         broker restart can leave some never re-sent), and the pump would wait for their PUBACK
         for ever.  So the outbox is the truth: everything not yet acknowledged goes out again
         with its message_id (consumers de-duplicate).  A late PUBACK for an old mid still
         acknowledges its row.
+
+        The replay itself is keyed on the link's connection count (:meth:`_fill`), not on this
+        call: the link is connected before its ``on_online`` hook runs, so a replay started
+        from here could reset the cursor after the pump already sent the first row on the new
+        connection -- and that row would go out twice on a healthy link.
         """
-        self._replay.set()  # done by the pump thread, the only one that moves the cursor
         self._wake.set()
 
     def _start_replay(self) -> None:
@@ -474,8 +478,11 @@ class OutboxPump:
     def _fill(self) -> int:
         if not self.link.connected.is_set():
             return 0
-        if self._replay.is_set():
-            self._replay.clear()
+        # The link counts a connection before it sets ``connected``, so a pump that sees the
+        # link up also sees that connection's number: exactly one replay per connection.
+        connection = self.link.connects
+        if connection != self._connection:
+            self._connection = connection
             self._start_replay()
         room = self.max_inflight - self.inflight
         if room <= 0:

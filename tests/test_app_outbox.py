@@ -205,7 +205,8 @@ def test_unacknowledged_rows_are_replayed_in_order_after_a_reconnect(tmp_path: P
             assert wait_until(lambda: link.count() == 3, 5)
             pump.on_puback(1, True)  # r0 acknowledged before the outage
             assert wait_until(lambda: box.stats().rows == 2, 5)
-            pump.reconnected()  # the link came back; mids 2 and 3 never got their PUBACK
+            link.connects += 1  # the link came back; mids 2 and 3 never got their PUBACK
+            pump.reconnected()
             assert wait_until(lambda: link.count() == 5, 5), "unacknowledged rows not replayed"
             pump.on_puback(2, True)  # a late PUBACK for an old mid still acknowledges r1
             pump.on_puback(5, True)  # r2, re-sent as mid 5
