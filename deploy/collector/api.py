@@ -152,6 +152,15 @@ def create_app(queries: ArchiveQueries, config: HttpConfig, dashboard: Path | No
     ) -> list[dict[str, Any]]:
         return queries.alerts(open_only=open_only, device=device, limit=limit)
 
+    @app.get("/api/rejected", summary="messages set aside: bytes as received, topic, reason")
+    def list_rejected(
+        _who: Annotated[Principal, viewer],
+        device: Annotated[str | None, Query(max_length=64, description="device id")] = None,
+        limit: Annotated[int, Query(ge=1, le=page_limit)] = 100,
+        offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    ) -> dict[str, Any]:
+        return queries.rejected(device=device, limit=limit, offset=offset)
+
     if dashboard is not None:
         app.mount("/", StaticFiles(directory=dashboard, html=True), name="dashboard")
     return app

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,11 +19,13 @@ from sqlalchemy import Connection, Engine, and_, delete, func, insert, select, u
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
-from deploy.collector.outcome import outcome_of, p_high
-from deploy.collector.tables import alerts, boots, devices, results
+from deploy.collector import storable
+from deploy.collector.tables import alerts, boots, devices, rejected, results
 from deploy.exceptions import ArchiveError
 
 log = logging.getLogger(__name__)
+
+STORED, DUPLICATE, CONFLICT = "stored", "duplicate", "conflict"
 
 
 def utcnow() -> datetime:
@@ -38,32 +42,27 @@ def parse_time(text: str) -> datetime:
 
 
 def result_row(result: dict[str, Any], received_at: datetime) -> dict[str, Any]:
-    """The indexed columns of one result (``ValueError``/``KeyError`` if it is malformed)."""
-    outcome = outcome_of(result)
-    prediction = result.get("prediction") or {}
-    model = result.get("model") or {}
-    return {
-        "message_id": str(result["message_id"]),
-        "device_id": str(result["device_id"]),
-        "boot_id": str(result["boot_id"]),
-        "seq": int(result["seq"]),
-        "slide_id": str(result["slide_id"]),
-        "scan_id": str(result["scan_id"]),
-        "started_at": parse_time(result["started_at"]),
-        "finished_at": parse_time(result["finished_at"]),
-        "received_at": received_at,
-        "outcome": outcome.kind,
-        "outcome_reason": outcome.reason,
-        "outcome_stage": outcome.stage,
-        "review": outcome.review,
-        "label": prediction.get("label"),
-        "risk": prediction.get("risk"),
-        "p_high": p_high(result),
-        "model_name": model.get("name"),
-        "model_version": model.get("version"),
-        "model_sha256": model.get("sha256"),
-        "payload": json.dumps(result, separators=(",", ":"), allow_nan=False),
-    }
+    """The indexed columns of one result (:class:`MessageRejectedError` if it is not storable)."""
+    device = result.get("device_id") if isinstance(result, dict) else None
+    return storable.result_row(result, str(device), received_at)
+
+
+def safe_text(value: str, limit: int = 2000) -> str:
+    """``value`` shortened, without NUL or lone surrogates: storable as a reason in any DB."""
+    cleaned = value.replace("\x00", "\\0")[:limit]
+    return cleaned.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A message set aside: the bytes as received, where from, why."""
+
+    topic: str
+    payload: bytes
+    reason: str
+    kind: str = "data"  # data | storage | conflict
+    device_id: str | None = None
+    message_id: str | None = None
 
 
 class ArchiveStore:
@@ -79,26 +78,94 @@ class ArchiveStore:
 
     def add_result(self, result: dict[str, Any]) -> bool:
         """Store one result; False if its ``message_id`` is already stored (a redelivery)."""
-        row = result_row(result, utcnow())
+        return self.add_results([result_row(result, utcnow())])[0] == STORED
+
+    def add_results(self, rows: Sequence[dict[str, Any]], prefix: str = "omis/v1") -> list[str]:
+        """Store checked rows (:func:`storable.result_row`) in ONE transaction.
+
+        Returns per row ``stored``, ``duplicate`` (the same content again: a redelivery) or
+        ``conflict`` (the same ``message_id`` with other content: kept in ``rejected`` with an
+        alert, the first copy stays).  Raises :class:`ArchiveError` (nothing committed).
+        """
+        outcomes: list[str] = []
         try:
             with self.engine.begin() as conn:
-                insert_row = self._insert_ignore(results, ["message_id"], row)
-                if conn.execute(insert_row.returning(results.c.id)).first() is None:
-                    return False  # already stored: a redelivery
-                self._track_seq(conn, row)
-                self._touch_device(conn, row["device_id"], last_result_at=row["received_at"])
-                if self.high_risk_alerts and row["risk"] == "high" and not row["review"]:
-                    self._alert(
-                        conn,
-                        f"high_risk:{row['message_id']}",
-                        "high_risk",
-                        row["device_id"],
-                        f"slide {row['slide_id']}: high risk (p(high) {row['p_high']})",
-                        message_id=row["message_id"],
-                    )
+                touched: dict[str, datetime] = {}
+                for row in rows:
+                    outcome = self._add_row(conn, row, f"{prefix}/{row['device_id']}/result")
+                    outcomes.append(outcome)
+                    if outcome == STORED:
+                        touched[row["device_id"]] = row["received_at"]
+                for device, at in touched.items():
+                    self._touch_device(conn, device, last_result_at=at)
         except SQLAlchemyError as exc:
-            raise ArchiveError(f"cannot store result {row['message_id']}: {exc}") from exc
-        return True
+            first = rows[0]["message_id"] if rows else "-"
+            raise ArchiveError(f"cannot store {len(rows)} result(s) from {first}: {exc}") from exc
+        return outcomes
+
+    def _add_row(self, conn: Connection, row: dict[str, Any], topic: str) -> str:
+        insert_row = self._insert_ignore(results, ["message_id"], row)
+        if conn.execute(insert_row.returning(results.c.id)).first() is None:
+            return self._same_again(conn, row, topic)
+        self._track_seq(conn, row)
+        if self.high_risk_alerts and row["risk"] == "high" and not row["review"]:
+            self._alert(
+                conn,
+                f"high_risk:{row['message_id']}",
+                "high_risk",
+                row["device_id"],
+                f"slide {row['slide_id']}: high risk (p(high) {row['p_high']})",
+                message_id=row["message_id"],
+            )
+        return STORED
+
+    def _same_again(self, conn: Connection, row: dict[str, Any], topic: str) -> str:
+        """A second copy of a stored ``message_id``: a duplicate, or a conflict kept aside."""
+        mine = results.c.message_id == row["message_id"]
+        first = conn.execute(select(results.c.payload).where(mine)).scalar_one()
+        if json.loads(first) == json.loads(row["payload"]):
+            return DUPLICATE
+        copy = Rejection(
+            topic,
+            row["payload"].encode("utf-8"),
+            "conflict: a different result with this message_id is already stored",
+            CONFLICT,
+            row["device_id"],
+            row["message_id"],
+        )
+        self._reject(conn, copy, row["received_at"])
+        return CONFLICT
+
+    def reject(self, items: Sequence[Rejection]) -> None:
+        """Set messages aside in ``rejected`` (one transaction), an alert for each."""
+        now = utcnow()
+        try:
+            with self.engine.begin() as conn:
+                for item in items:
+                    self._reject(conn, item, now)
+        except SQLAlchemyError as exc:
+            raise ArchiveError(f"cannot set aside {len(items)} message(s): {exc}") from exc
+
+    def _reject(self, conn: Connection, item: Rejection, now: datetime) -> None:
+        values = {
+            "received_at": now,
+            "topic": safe_text(item.topic),
+            "device_id": item.device_id,
+            "message_id": item.message_id,
+            "kind": item.kind,
+            "reason": safe_text(item.reason),
+            "payload": item.payload,
+        }
+        new_id = conn.execute(insert(rejected).values(**values).returning(rejected.c.id)).scalar()
+        what = f"message {item.message_id}" if item.message_id else "a message"
+        self._alert(
+            conn,
+            f"rejected:{new_id}",
+            "conflict" if item.kind == CONFLICT else "rejected",
+            item.device_id or "(unknown)",
+            f"{what} on {values['topic'][:200]} set aside ({item.kind}): {values['reason'][:300]}",
+            message_id=item.message_id,
+        )
 
     def _track_seq(self, conn: Connection, row: dict[str, Any]) -> None:
         device, boot, seq = row["device_id"], row["boot_id"], row["seq"]

@@ -1,0 +1,181 @@
+"""No single message stops ingest (issue 19 §2): poison payloads against real ``omis collect``.
+
+Two collector processes share one archive (SQLite and PostgreSQL) and one ``$share`` group on a
+real mosquitto.  Every poison is followed by valid results; all of those must be stored, and
+every poison must be in ``GET /api/rejected`` with its bytes as sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from broker_support import (
+    Mosquitto,
+    mosquitto_fixture,  # noqa: F401 - the "mosquitto" fixture
+    publish,
+    wait_until,
+)
+from collector_support import (
+    collector_child,
+    database_url,  # noqa: F401
+    make_result,
+    postgres_server,  # noqa: F401
+)
+
+from deploy.broker import free_port
+
+DEVICE = "scope-07"
+TOPIC = f"omis/v1/{DEVICE}/result"
+
+
+def _result_bytes(change: Callable[[dict[str, Any]], None]) -> bytes:
+    result = make_result(900, device=DEVICE)
+    change(result)
+    return json.dumps(result).encode()
+
+
+def _text_poison(marker: str, replacement: str) -> bytes:
+    """A result whose JSON text has ``"p_high": 0.5`` replaced (values json cannot build)."""
+    result = make_result(901, device=DEVICE)
+    result["prediction"]["p_high"] = 0.5
+    text = json.dumps(result)
+    assert marker in text
+    return text.replace(marker, replacement).encode()
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(result: dict[str, Any]) -> None:
+        *head, last = path.split(".")
+        target = result
+        for key in head:
+            target = target[key]
+        target[last] = value
+
+    return change
+
+
+POISONS: dict[str, bytes] = {
+    "nested 100,000 deep": _text_poison(
+        '"p_high": 0.5', '"p_high": 0.5, "deep": ' + "[" * 100_000 + "]" * 100_000
+    ),
+    "p_high of 401 digits": _text_poison('"p_high": 0.5', '"p_high": 1' + "0" * 400),
+    "p_high 1e400": _text_poison('"p_high": 0.5', '"p_high": 1e400'),
+    "probabilities [1]": _result_bytes(_set("prediction.probabilities", [1])),
+    "year 0001": _result_bytes(_set("started_at", "0001-01-01T00:30:00+01:00")),
+    "year 0001 Z": _result_bytes(_set("finished_at", "0001-01-01T00:00:00Z")),
+    "seq 2**63": _result_bytes(_set("seq", 2**63)),
+    "NUL in slide_id": _result_bytes(_set("slide_id", "S-\x00-1")),
+    "65-char label": _result_bytes(_set("prediction.label", "x" * 65)),
+    "non-numeric model.version": _result_bytes(_set("model.version", "four")),
+    "dict label": _result_bytes(_set("prediction.label", {"a": 1})),
+    "lone surrogate": _text_poison('"p_high": 0.5', '"p_high": 0.5, "note": "\\ud800"'),
+    "non-UTF-8": b'{"schema": "omis.result/1", "slide_id": "\xff\xfe"}',
+    "non-JSON": b"{not json",
+    "schema-violating": json.dumps({"schema": "omis.result/1", "message_id": "x"}).encode(),
+    "other device in body": _result_bytes(_set("device_id", "scope-99")),
+}
+# Retained state that is poison: every instance sees it (plain subscriptions).
+STATE_POISONS: dict[str, bytes] = {
+    f"omis/v1/{DEVICE}/status": b'{"schema": "omis.status/1", "x": '
+    + b"[" * 50_000
+    + b"]" * 50_000
+    + b"}",
+    f"omis/v1/{DEVICE}/ota/state": b"\xff not json",
+}
+
+
+def _retain(port: int, topic: str, payload: bytes) -> None:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
+    client.disconnect()
+    client.loop_stop()
+
+
+@pytest.fixture
+def collectors(
+    mosquitto: Mosquitto, db_url: str, tmp_path: Path
+) -> Iterator[tuple[list[subprocess.Popen[str]], list[str]]]:
+    """Two ``omis collect`` processes on one archive and one shared-subscription group."""
+    for topic, payload in STATE_POISONS.items():
+        _retain(mosquitto.port, topic, payload)
+    ports = [free_port(), free_port()]
+    procs = [
+        collector_child(mosquitto.url, db_url, f"archive-{i}", tmp_path / f"s{i}", port)
+        for i, port in enumerate(ports)
+    ]
+    try:
+        ready = wait_until(
+            lambda: (
+                all(f"Sending SUBACK to archive-{i}" in mosquitto.log_text() for i in (0, 1))
+                or any(p.poll() is not None for p in procs)
+            ),
+            60,
+        )
+        assert ready and all(p.poll() is None for p in procs), [p.poll() for p in procs]
+        yield procs, [f"http://127.0.0.1:{port}" for port in ports]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(15)
+
+
+def test_no_poison_message_stops_ingest(
+    mosquitto: Mosquitto, collectors: tuple[list[subprocess.Popen[str]], list[str]]
+) -> None:
+    procs, urls = collectors
+    valid: list[str] = []
+    seq = 0
+    for payload in POISONS.values():
+        publish(mosquitto.port, TOPIC, payload)
+        for _ in range(3):
+            seq += 1
+            result = make_result(seq, device=DEVICE)
+            valid.append(result["message_id"])
+            publish(mosquitto.port, TOPIC, json.dumps(result))
+    dotted = make_result(1, device="lab.scope-1")  # a device id the appliance accepts
+    valid.append(dotted["message_id"])
+    publish(mosquitto.port, "omis/v1/lab.scope-1/result", json.dumps(dotted))
+
+    api = httpx.Client(base_url=urls[0], timeout=30)
+
+    def stored() -> set[str]:
+        items = api.get("/api/results", params={"limit": 1000}).json()["items"]
+        return {item["message_id"] for item in items}
+
+    def rejected_payloads() -> list[bytes]:
+        body = api.get("/api/rejected", params={"limit": 1000}).json()
+        return [base64.b64decode(item["payload_base64"]) for item in body["items"]]
+
+    assert wait_until(lambda: stored() == set(valid), 60), (
+        len(stored()),
+        len(valid),
+        [p.poll() for p in procs],
+    )
+    assert wait_until(lambda: len(rejected_payloads()) >= len(POISONS) + 2 * len(STATE_POISONS), 30)
+    kept = rejected_payloads()
+    for name, payload in POISONS.items():
+        assert kept.count(payload) == 1, f"{name} not set aside exactly once"
+    for payload in STATE_POISONS.values():
+        assert kept.count(payload) == 2, "retained poison: one copy per instance"
+    body = api.get("/api/rejected", params={"device": DEVICE, "limit": 5}).json()
+    assert body["total"] == len(kept) and len(body["items"]) == 5
+    for item in body["items"]:
+        assert item["topic"].startswith(f"omis/v1/{DEVICE}/") and item["reason"]
+        assert item["received_at"].endswith("Z") and item["kind"] == "data"
+    assert body["by_device"][DEVICE] == len(kept)
+    alerts = api.get("/api/alerts", params={"limit": 1000}).json()
+    assert sum(a["kind"] == "rejected" for a in alerts) == len(kept)
+    assert all(p.poll() is None for p in procs), "a collector died"
