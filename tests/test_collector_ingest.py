@@ -179,3 +179,147 @@ def test_no_poison_message_stops_ingest(
     alerts = api.get("/api/alerts", params={"limit": 1000}).json()
     assert sum(a["kind"] == "rejected" for a in alerts) == len(kept)
     assert all(p.poll() is None for p in procs), "a collector died"
+
+
+# ---------------------------------------------------------------- in-process: store, retries, watchdog
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Any]:
+    from deploy.collector.db import migrate, open_engine
+
+    engine = open_engine(db_url)
+    migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+def test_a_second_copy_with_other_content_is_a_conflict(engine: Any) -> None:
+    from deploy.collector.queries import ArchiveQueries
+    from deploy.collector.store import ArchiveStore, result_row, utcnow
+
+    store, queries = ArchiveStore(engine), ArchiveQueries(engine)
+    first = make_result(1, device=DEVICE)
+    changed = json.loads(json.dumps(first))
+    changed["prediction"]["label"] = changed["prediction"]["risk"] = "high"
+    rows = [result_row(r, utcnow()) for r in (first, first, changed)]
+    assert store.add_results(rows[:1]) == ["stored"]
+    assert store.add_results(rows[1:]) == ["duplicate", "conflict"]
+    kept = queries.rejected()
+    assert kept["total"] == 1 and kept["items"][0]["kind"] == "conflict"
+    assert json.loads(base64.b64decode(kept["items"][0]["payload_base64"])) == changed
+    assert kept["items"][0]["message_id"] == first["message_id"]
+    assert [a["kind"] for a in queries.alerts()] == ["conflict"]
+    assert queries.get_result(first["message_id"])["result"] == first  # the first copy stays
+
+
+def _service(mosquitto: Mosquitto, tmp_path: Path, **ingest: Any) -> Any:
+    from deploy.collector.config import load_collector_config
+    from deploy.collector.service import ArchiveService
+
+    config = load_collector_config(
+        environ={},
+        overrides={
+            "mqtt": {"broker": mosquitto.url, "client_id": "archive-w"},
+            "http": {"port": free_port()},
+            "ingest": {"watchdog_s": 0.2, **ingest},
+        },
+    )
+    return ArchiveService(config, tmp_path / "state")
+
+
+def _run_until_it_fails(service: Any, timeout: float) -> BaseException | None:
+    import threading
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            service.run(threading.Event())
+        except BaseException as exc:  # the watchdog's ServiceError
+            failure.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(timeout)
+    return failure[0] if failure else None
+
+
+def test_watchdog_fails_the_run_when_the_network_thread_dies(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    from deploy.exceptions import ServiceError
+
+    service = _service(mosquitto, tmp_path)
+    service.start()
+    try:
+        assert service.subscriber.subscribed.wait(10)
+        service.subscriber._client.loop_stop()  # paho's network thread ends, as if it crashed
+        failure = _run_until_it_fails(service, 10)
+        assert isinstance(failure, ServiceError) and "network thread" in str(failure)
+    finally:
+        service.close()
+
+
+def test_watchdog_fails_the_run_when_the_writer_is_stuck(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    import threading
+
+    from deploy.exceptions import ServiceError
+
+    service = _service(mosquitto, tmp_path, stuck_after_s=0.5)
+    service.start()
+    release = threading.Event()
+    try:
+        store = service.subscriber.store
+        real = store.add_results
+        store.add_results = lambda rows, prefix: (release.wait(30), real(rows, prefix))[1]
+        assert service.subscriber.subscribed.wait(10)
+        publish(mosquitto.port, TOPIC, json.dumps(make_result(1, device=DEVICE)))
+        failure = _run_until_it_fails(service, 10)
+        assert isinstance(failure, ServiceError) and "stuck" in str(failure)
+    finally:
+        release.set()
+        service.close()
+
+
+def test_a_message_the_database_keeps_refusing_is_set_aside_after_bounded_tries(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    import threading
+
+    from deploy.exceptions import ArchiveError
+
+    service = _service(mosquitto, tmp_path, storage_tries=3, retry_min_s=0.05, retry_max_s=0.1)
+    service.start()
+    stop = threading.Event()
+    runner = threading.Thread(target=service.run, args=(stop,), daemon=True)
+    runner.start()
+    try:
+        sub = service.subscriber
+        real = sub.store.add_results
+
+        def refuse_one(rows: list[dict[str, Any]], prefix: str) -> list[str]:
+            if any(r["slide_id"] == "REFUSED" for r in rows):
+                raise ArchiveError("simulated: this row always fails")
+            return real(rows, prefix)
+
+        sub.store.add_results = refuse_one
+        assert sub.subscribed.wait(10)
+        bad = make_result(1, device=DEVICE, slide="REFUSED")
+        good = [make_result(seq, device=DEVICE) for seq in (2, 3)]
+        for result in (bad, *good):
+            publish(mosquitto.port, TOPIC, json.dumps(result))
+        assert wait_until(lambda: sub.stored == 2 and sub.rejected == 1, 20)
+        kept = service.subscriber.store.engine
+        from deploy.collector.queries import ArchiveQueries
+
+        item = ArchiveQueries(kept).rejected()["items"][0]
+        assert item["kind"] == "storage" and item["message_id"] == bad["message_id"]
+        assert "simulated" in item["reason"]
+        assert sub.storage_errors >= 3
+    finally:
+        stop.set()
+        runner.join(10)
+        service.close()
