@@ -18,6 +18,7 @@ duplicates carry the same ``message_id``.
 
 from __future__ import annotations
 
+import json
 import logging
 import ssl
 import threading
@@ -43,6 +44,7 @@ AVAILABILITY_ONLINE = "online"
 AVAILABILITY_STOPPED = "stopped"
 AVAILABILITY_OFFLINE = "offline"
 QOS = 1
+RECEIPT_SCHEMA = "omis.receipt/1"
 RETRY_MIN_S = 1.0  # first re-publish of a refused result
 RETRY_MAX_S = 60.0  # back-off cap, so an ACL mistake does not turn into a publish storm
 
@@ -85,6 +87,11 @@ class Topics:
     def metrics(self) -> str:
         """omis.metrics/1, QoS 0."""
         return f"{self.base}/metrics"
+
+    @property
+    def receipt(self) -> str:
+        """omis.receipt/1 from the archive: message_ids it stored or set aside (QoS 1)."""
+        return f"{self.base}/receipt"
 
     @property
     def command_filter(self) -> str:
@@ -152,6 +159,7 @@ class MqttLink:
         self.on_online = on_online
         self.extra_filters = tuple(extra_filters)  # subscribed beside cmd/+ on every connect
         self.on_puback: Callable[[int, bool], None] | None = None
+        self.on_receipt: Callable[[bytes], None] | None = None  # set: subscribe to receipts
         self.connected = threading.Event()
         self.connects = 0
         self._client: paho.Client | None = None
@@ -283,6 +291,8 @@ class MqttLink:
         log.info("MQTT: connected to %s (connection %d)", self.address, self.connects)
         client.publish(self.topics.availability, AVAILABILITY_ONLINE, QOS, True)
         filters = [self.topics.command_filter, *self.extra_filters]
+        if self.on_receipt is not None:
+            filters.append(self.topics.receipt)
         client.subscribe([(topic, QOS) for topic in filters])
         self.connected.set()
         if self.on_online is not None:
@@ -305,6 +315,12 @@ class MqttLink:
         log.log(level, "MQTT: disconnected from %s: %s", self.address, reason)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if msg.topic == self.topics.receipt and self.on_receipt is not None:
+            try:
+                self.on_receipt(bytes(msg.payload))
+            except Exception:
+                log.exception("MQTT: receipt could not be handled")
+            return
         if self.on_command is None:
             return
         try:
@@ -340,15 +356,24 @@ class OutboxPump:
         max_inflight: int,
         retry_min_s: float = RETRY_MIN_S,
         retry_max_s: float = RETRY_MAX_S,
+        *,
+        receipts: bool = False,
+        receipt_timeout_s: float = 300.0,
     ) -> None:
         self.outbox = outbox
         self.link = link
         self.max_inflight = max_inflight
         self.retry_min_s = retry_min_s
         self.retry_max_s = retry_max_s
+        self.receipts = receipts  # keep rows after PUBACK until the archive's receipt
+        self.receipt_timeout_s = receipt_timeout_s
         self.published = 0
         self.acked = 0
         self.rejected = 0
+        self.receipted = 0  # rows deleted on the archive's receipt
+        self.resent = 0  # rows published again because their receipt was overdue
+        self._receipt_ids: list[str] = []
+        self._next_overdue = 0.0
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._inflight: dict[int, int] = {}  # paho mid -> outbox row id
@@ -431,11 +456,43 @@ class OutboxPump:
         with self._lock:
             return len(self._inflight)
 
+    def on_receipt(self, payload: bytes) -> None:
+        """An ``omis.receipt/1`` (network thread): remember its ids, let the pump delete them."""
+        ids = receipt_ids(payload)
+        if ids is None:
+            log.warning("MQTT: ignoring a malformed receipt (%d bytes)", len(payload))
+            return
+        with self._lock:
+            self._receipt_ids.extend(ids)
+        self._wake.set()
+
     def _flush_acks(self) -> None:
         with self._lock:
             rows, self._acked_rows = self._acked_rows, []
+            receipted, self._receipt_ids = self._receipt_ids, []
         if rows:
-            self.acked += self.outbox.ack(sorted(set(rows)))
+            unique = sorted(set(rows))
+            if self.receipts:
+                self.outbox.mark_sent(unique)
+                self.acked += len(unique)
+            else:
+                self.acked += self.outbox.ack(unique)
+        if receipted:
+            self.receipted += self.outbox.receipt(receipted)
+
+    def _overdue(self, room: int) -> list[OutboxItem]:
+        """Sent rows whose receipt is overdue (checked every few seconds, not every wake-up)."""
+        now = time.monotonic()
+        if not self.receipts or room <= 0 or now < self._next_overdue:
+            return []
+        self._next_overdue = now + min(5.0, self.receipt_timeout_s / 4)
+        items = self.outbox.overdue(time.time() - self.receipt_timeout_s, room)
+        if items:
+            # Stamped now, so the next check waits a full timeout again for these.
+            self.outbox.mark_sent([item.rowid for item in items])
+            self.resent += len(items)
+            log.warning("MQTT: no receipt for %d sent result(s); publishing again", len(items))
+        return items
 
     def _due_retries(self, room: int) -> list[OutboxItem]:
         """Refused rows whose back-off has passed (rows acknowledged meanwhile are skipped)."""
@@ -487,10 +544,10 @@ class OutboxPump:
         room = self.max_inflight - self.inflight
         if room <= 0:
             return 0
-        retries = self._due_retries(room)
+        retries = self._due_retries(room) + self._overdue(room)
         for item in retries:
             self._send(item)
-        items = self.outbox.pending(after_rowid=self._cursor, limit=room - len(retries))
+        items = self.outbox.pending(after_rowid=self._cursor, limit=max(0, room - len(retries)))
         for item in items:
             self._cursor = item.rowid
             if item.rowid in self._retry_at:  # refused, waiting for its back-off
@@ -516,3 +573,17 @@ class OutboxPump:
                 return True
             time.sleep(0.05)
         return self.outbox.stats().rows == 0
+
+
+def receipt_ids(payload: bytes) -> list[str] | None:
+    """The ``message_id`` s an ``omis.receipt/1`` confirms (stored and set aside), else None."""
+    try:
+        data = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or data.get("schema") != RECEIPT_SCHEMA:
+        return None
+    ids = [*(data.get("message_ids") or []), *(data.get("rejected") or [])]
+    if not all(isinstance(i, str) and len(i) <= 64 for i in ids):
+        return None
+    return ids

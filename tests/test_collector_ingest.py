@@ -181,7 +181,7 @@ def test_no_poison_message_stops_ingest(
     assert all(p.poll() is None for p in procs), "a collector died"
 
 
-# ---------------------------------------------------------------- in-process: store, retries, watchdog
+# ------------------------------------------------- in-process: store, retries, watchdog
 
 
 @pytest.fixture
