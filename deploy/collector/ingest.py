@@ -208,6 +208,7 @@ class ArchiveSubscriber:
             writer.join(10)
         client, self._client = self._client, None
         if client is not None:
+            client.disable_logger()  # paho logs a deliberate disconnect at ERROR once
             client.disconnect()
             client.loop_stop()
         self.connected.clear()

@@ -80,44 +80,79 @@ class ArchiveStore:
         """Store one result; False if its ``message_id`` is already stored (a redelivery)."""
         return self.add_results([result_row(result, utcnow())])[0] == STORED
 
+    def _dialect_insert(self, table: Any) -> Any:
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        return dialect.insert(table)
+
     def add_results(self, rows: Sequence[dict[str, Any]], prefix: str = "omis/v1") -> list[str]:
         """Store checked rows (:func:`storable.result_row`) in ONE transaction.
 
         Returns per row ``stored``, ``duplicate`` (the same content again: a redelivery) or
         ``conflict`` (the same ``message_id`` with other content: kept in ``rejected`` with an
         alert, the first copy stays).  Raises :class:`ArchiveError` (nothing committed).
+
+        The statements are per batch, not per row: one multi-row insert, one seq bookkeeping
+        per (device, boot), one insert of the alerts -- that is what makes ingest fast.
         """
-        outcomes: list[str] = []
+        if not rows:
+            return []
         try:
             with self.engine.begin() as conn:
-                touched: dict[str, datetime] = {}
-                for row in rows:
-                    outcome = self._add_row(conn, row, f"{prefix}/{row['device_id']}/result")
-                    outcomes.append(outcome)
-                    if outcome == STORED:
-                        touched[row["device_id"]] = row["received_at"]
-                for device, at in touched.items():
-                    self._touch_device(conn, device, last_result_at=at)
+                outcomes = self._add_rows(conn, rows, prefix)
         except SQLAlchemyError as exc:
-            first = rows[0]["message_id"] if rows else "-"
+            first = rows[0]["message_id"]
             raise ArchiveError(f"cannot store {len(rows)} result(s) from {first}: {exc}") from exc
         return outcomes
 
-    def _add_row(self, conn: Connection, row: dict[str, Any], topic: str) -> str:
-        insert_row = self._insert_ignore(results, ["message_id"], row)
-        if conn.execute(insert_row.returning(results.c.id)).first() is None:
-            return self._same_again(conn, row, topic)
-        self._track_seq(conn, row)
-        if self.high_risk_alerts and row["risk"] == "high" and not row["review"]:
-            self._alert(
-                conn,
-                f"high_risk:{row['message_id']}",
-                "high_risk",
-                row["device_id"],
-                f"slide {row['slide_id']}: high risk (p(high) {row['p_high']})",
-                message_id=row["message_id"],
+    def _add_rows(self, conn: Connection, rows: Sequence[dict[str, Any]], prefix: str) -> list[str]:
+        insert_rows = (
+            self._dialect_insert(results)
+            .on_conflict_do_nothing(index_elements=["message_id"])
+            .returning(results.c.message_id)
+        )
+        inserted = {r[0] for r in conn.execute(insert_rows, list(rows))}
+        outcomes: list[str] = []
+        fresh: list[dict[str, Any]] = []
+        for row in rows:
+            if row["message_id"] in inserted:
+                inserted.discard(row["message_id"])  # a second copy in this batch is not new
+                outcomes.append(STORED)
+                fresh.append(row)
+            else:
+                topic = f"{prefix}/{row['device_id']}/result"
+                outcomes.append(self._same_again(conn, row, topic))
+        by_boot: dict[tuple[str, str], list[int]] = {}
+        for row in fresh:
+            by_boot.setdefault((row["device_id"], row["boot_id"]), []).append(row["seq"])
+        for (device, boot), seqs in by_boot.items():
+            self._track_seqs(conn, device, boot, seqs)
+        self._high_risk_alerts(conn, fresh)
+        last: dict[str, datetime] = {row["device_id"]: row["received_at"] for row in fresh}
+        for device, at in last.items():
+            self._touch_device(conn, device, last_result_at=at)
+        return outcomes
+
+    def _high_risk_alerts(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        if not self.high_risk_alerts:
+            return
+        now = utcnow()
+        values = [
+            {
+                "key": f"high_risk:{row['message_id']}",
+                "kind": "high_risk",
+                "device_id": row["device_id"],
+                "detail": f"slide {row['slide_id']}: high risk (p(high) {row['p_high']})",
+                "message_id": row["message_id"],
+                "created_at": now,
+            }
+            for row in rows
+            if row["risk"] == "high" and not row["review"]
+        ]
+        if values:
+            insert_alerts = self._dialect_insert(alerts).on_conflict_do_nothing(
+                index_elements=["key"]
             )
-        return STORED
+            conn.execute(insert_alerts, values)
 
     def _same_again(self, conn: Connection, row: dict[str, Any], topic: str) -> str:
         """A second copy of a stored ``message_id``: a duplicate, or a conflict kept aside."""
@@ -167,8 +202,12 @@ class ArchiveStore:
             message_id=item.message_id,
         )
 
-    def _track_seq(self, conn: Connection, row: dict[str, Any]) -> None:
-        device, boot, seq = row["device_id"], row["boot_id"], row["seq"]
+    def _track_seqs(self, conn: Connection, device: str, boot: str, seqs: list[int]) -> None:
+        """Seq bookkeeping for new results of one boot: max seq, gap alerts opened and split.
+
+        The boot's row is locked first (``FOR UPDATE`` on PostgreSQL; SQLite writers hold the
+        database), so instances sharing the load see each other's bookkeeping in turn.
+        """
         conn.execute(
             self._insert_ignore(
                 boots,
@@ -177,37 +216,49 @@ class ArchiveStore:
             )
         )
         mine = and_(boots.c.device_id == device, boots.c.boot_id == boot)
-        max_seq = conn.execute(select(boots.c.max_seq).where(mine).with_for_update()).scalar_one()
-        conn.execute(update(boots).where(mine).values(max_seq=max(max_seq, seq)))
+        highest = conn.execute(select(boots.c.max_seq).where(mine).with_for_update()).scalar_one()
+        conn.execute(update(boots).where(mine).values(max_seq=max(highest, *seqs)))
         same_boot = and_(alerts.c.device_id == device, alerts.c.boot_id == boot)
-        gap = conn.execute(
-            select(alerts.c.id, alerts.c.seq_from, alerts.c.seq_to).where(
-                same_boot,
-                alerts.c.kind == "seq_gap",
-                alerts.c.resolved_at.is_(None),
-                alerts.c.seq_from <= seq,
-                alerts.c.seq_to >= seq,
+        gaps = [
+            (g.id, g.seq_from, g.seq_to)
+            for g in conn.execute(
+                select(alerts.c.id, alerts.c.seq_from, alerts.c.seq_to).where(
+                    same_boot, alerts.c.kind == "seq_gap", alerts.c.resolved_at.is_(None)
+                )
             )
-        ).first()
-        if gap is not None:  # a late arrival fills (part of) a gap: split what is still missing
-            conn.execute(update(alerts).where(alerts.c.id == gap.id).values(resolved_at=utcnow()))
-            self._gap(conn, device, boot, gap.seq_from, seq - 1)
-            self._gap(conn, device, boot, seq + 1, gap.seq_to)
-            return
-        previous = conn.execute(
-            select(func.max(results.c.seq)).where(
-                results.c.device_id == device, results.c.boot_id == boot, results.c.seq < seq
-            )
-        ).scalar()
-        self._gap(conn, device, boot, (previous or 0) + 1, seq - 1)
+        ]
+        for seq in sorted(seqs):
+            gap = next((g for g in gaps if g[1] <= seq <= g[2]), None)
+            if gap is not None:  # a late arrival fills (part of) a gap: split what is missing
+                gaps.remove(gap)
+                conn.execute(
+                    update(alerts).where(alerts.c.id == gap[0]).values(resolved_at=utcnow())
+                )
+                gaps += self._gap(conn, device, boot, gap[1], seq - 1)
+                gaps += self._gap(conn, device, boot, seq + 1, gap[2])
+            elif seq > highest:
+                gaps += self._gap(conn, device, boot, highest + 1, seq - 1)
+            else:  # below the highest seq and in no open gap: measure from the stored ones
+                previous = conn.execute(
+                    select(func.max(results.c.seq)).where(
+                        results.c.device_id == device,
+                        results.c.boot_id == boot,
+                        results.c.seq < seq,
+                    )
+                ).scalar()
+                gaps += self._gap(conn, device, boot, (previous or 0) + 1, seq - 1)
+            highest = max(highest, seq)
 
-    def _gap(self, conn: Connection, device: str, boot: str, first: int, last: int) -> None:
+    def _gap(
+        self, conn: Connection, device: str, boot: str, first: int, last: int
+    ) -> list[tuple[int, int, int]]:
         if first > last:
-            return
+            return []
         span = str(first) if first == last else f"{first}-{last}"
+        key = f"seq_gap:{device}:{boot}:{first}-{last}:{utcnow().isoformat()}"
         self._alert(
             conn,
-            f"seq_gap:{device}:{boot}:{first}-{last}:{utcnow().isoformat()}",
+            key,
             "seq_gap",
             device,
             f"boot {boot}: result(s) seq {span} not received",
@@ -215,6 +266,8 @@ class ArchiveStore:
             seq_from=first,
             seq_to=last,
         )
+        found = conn.execute(select(alerts.c.id).where(alerts.c.key == key)).scalar()
+        return [] if found is None else [(int(found), first, last)]
 
     def _alert(
         self, conn: Connection, key: str, kind: str, device: str, detail: str, **extra: Any
