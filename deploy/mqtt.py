@@ -45,6 +45,7 @@ AVAILABILITY_STOPPED = "stopped"
 AVAILABILITY_OFFLINE = "offline"
 QOS = 1
 RECEIPT_SCHEMA = "omis.receipt/1"
+RECEIPT_SLACK_S = 2.0  # shared-subscription instances confirm slightly out of order
 RETRY_MIN_S = 1.0  # first re-publish of a refused result
 RETRY_MAX_S = 60.0  # back-off cap, so an ACL mistake does not turn into a publish storm
 
@@ -374,6 +375,7 @@ class OutboxPump:
         self.resent = 0  # rows published again because their receipt was overdue
         self._receipt_ids: list[str] = []
         self._next_overdue = 0.0
+        self._last_receipt = -float("inf")  # monotonic time of the last receipt
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._inflight: dict[int, int] = {}  # paho mid -> outbox row id
@@ -479,6 +481,7 @@ class OutboxPump:
                 self.acked += self.outbox.ack(unique)
         if receipted:
             self.receipted += self.outbox.receipt(receipted)
+            self._last_receipt = time.monotonic()
 
     def _overdue(self, room: int) -> list[OutboxItem]:
         """Sent rows whose receipt is overdue (checked every few seconds, not every wake-up)."""
@@ -486,7 +489,13 @@ class OutboxPump:
         if not self.receipts or room <= 0 or now < self._next_overdue:
             return []
         self._next_overdue = now + min(5.0, self.receipt_timeout_s / 4)
-        items = self.outbox.overdue(time.time() - self.receipt_timeout_s, room)
+        cutoff = time.time() - self.receipt_timeout_s
+        if now - self._last_receipt < self.receipt_timeout_s:
+            # Receipts are flowing: the archive is catching up on a backlog, not losing it.
+            # Only rows sent before the newest confirmed one were skipped (lost on the way);
+            # resending the rest would only feed the backlog with duplicates.
+            cutoff = min(cutoff, self.outbox.newest_receipted_sent_at - RECEIPT_SLACK_S)
+        items = self.outbox.overdue(cutoff, room)
         if items:
             # Stamped now, so the next check waits a full timeout again for these.
             self.outbox.mark_sent([item.rowid for item in items])
@@ -564,6 +573,17 @@ class OutboxPump:
             self._wake.wait(0.5)
             self._wake.clear()
         self._flush_acks()
+
+    def wait_receipts(self, message_ids: Sequence[str], timeout_s: float) -> bool:
+        """Wait until the archive's receipts removed ``message_ids`` or ``timeout_s`` passes."""
+        deadline = time.monotonic() + timeout_s
+        waiting = list(message_ids)
+        while waiting:
+            waiting = [m for m in waiting if self.outbox.state_of(m) is not None]
+            if not waiting or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        return not waiting
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until the outbox is empty (all acknowledged) or ``timeout_s`` passes."""

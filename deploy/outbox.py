@@ -95,6 +95,7 @@ class Outbox:
         self.synchronous = synchronous
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self.newest_receipted_sent_at = 0.0  # sent_at of the newest row a receipt deleted
         self._rows = 0  # every row held (the bounds)
         self._sent = 0  # of which acknowledged by the broker, waiting for the receipt
         self._bytes = 0
@@ -242,23 +243,26 @@ class Outbox:
         with self._lock:
             db = self._conn()
             deleted = freed = sent = 0
+            newest = self.newest_receipted_sent_at
             try:
                 db.execute("BEGIN IMMEDIATE")
                 for message_id in ids:
                     row = db.execute(
                         "DELETE FROM outbox WHERE message_id = ? "
-                        "RETURNING LENGTH(payload), sent_at IS NOT NULL",
+                        "RETURNING LENGTH(payload), sent_at IS NOT NULL, sent_at",
                         (message_id,),
                     ).fetchone()
                     if row is not None:
                         deleted += 1
                         freed += int(row[0])
                         sent += int(row[1])
+                        newest = max(newest, float(row[2] or 0.0))
                 db.execute("COMMIT")
             except sqlite3.Error as exc:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise OutboxError(f"{self.path}: cannot delete receipted rows: {exc}") from exc
+            self.newest_receipted_sent_at = newest
             self._rows -= deleted
             self._bytes -= freed
             self._sent -= sent

@@ -159,3 +159,32 @@ def test_a_20000_result_burst_with_the_shipped_broker_limits_loses_nothing(
         assert stored_ids(db_url) == set(device.sent_ids)
     finally:
         device.close()
+
+
+def test_omis_scan_with_a_dotted_device_id_is_archived_and_receipted(
+    archive: tuple[Mosquitto, str], tmp_path: Path
+) -> None:
+    """Issue 19: ``lab.scope-1`` was acknowledged by the broker and silently lost.  Now the
+    archive stores it and confirms it; ``omis scan --receipt-wait`` reports that."""
+    import sys
+
+    from fakes.bundles import make_bundle
+
+    broker, db_url = archive
+    make_bundle(tmp_path / "bundle")
+    argv = [
+        sys.executable, "-m", "deploy.cli", "scan", "--microscope", "sim://?seed=5",
+        "--broker", broker.url, "--bundle", str(tmp_path / "bundle"), "--slides", "2",
+        "--fields", "2", "--device-id", "lab.scope-1", "--state-dir", str(tmp_path / "state"),
+        "--receipt-wait", "30", "--json",
+    ]  # fmt: skip
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert [r["archived"] for r in report["results"]] == [True, True]
+    assert {r["message_id"] for r in report["results"]} <= stored_ids(db_url)
+    remaining = Outbox(tmp_path / "state" / "outbox.sqlite").open()
+    try:
+        assert remaining.stats().rows == remaining.stats().sent == 0
+    finally:
+        remaining.close()

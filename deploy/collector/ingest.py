@@ -451,9 +451,9 @@ class ArchiveSubscriber:
 
 def _message_id_of(payload: bytes) -> str | None:
     """The ``message_id`` of a payload set aside, when it has a well-formed one."""
-    try:
-        data = storable.decode(payload)
-    except MessageRejectedError:
+    try:  # leniently: the payload was set aside because something in it is wrong
+        data = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     value = data.get("message_id") if isinstance(data, dict) else None
     return value if isinstance(value, str) and storable.UUID_RE.match(value) else None
