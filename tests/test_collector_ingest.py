@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from broker_support import (
+    Collector,
     Mosquitto,
     mosquitto_fixture,  # noqa: F401 - the "mosquitto" fixture
     publish,
@@ -81,6 +82,19 @@ POISONS: dict[str, bytes] = {
     "schema-violating": json.dumps({"schema": "omis.result/1", "message_id": "x"}).encode(),
     "other device in body": _result_bytes(_set("device_id", "scope-99")),
 }
+# Poisons that are still JSON objects with a UUID message_id: their receipt names it.
+WITH_ID = [
+    n
+    for n in POISONS
+    if n
+    not in {
+        "nested 100,000 deep",
+        "non-UTF-8",
+        "non-JSON",
+        "schema-violating",
+        "p_high of 401 digits",
+    }
+]
 # Retained state that is poison: every instance sees it (plain subscriptions).
 STATE_POISONS: dict[str, bytes] = {
     f"omis/v1/{DEVICE}/status": b'{"schema": "omis.status/1", "x": '
@@ -136,6 +150,8 @@ def test_no_poison_message_stops_ingest(
     mosquitto: Mosquitto, collectors: tuple[list[subprocess.Popen[str]], list[str]]
 ) -> None:
     procs, urls = collectors
+    receipts = Collector(mosquitto.port, "omis/v1/+/receipt", client_id="device-view")
+    receipts.__enter__()
     valid: list[str] = []
     seq = 0
     for payload in POISONS.values():
@@ -179,6 +195,20 @@ def test_no_poison_message_stops_ingest(
     alerts = api.get("/api/alerts", params={"limit": 1000}).json()
     assert sum(a["kind"] == "rejected" for a in alerts) == len(kept)
     assert all(p.poll() is None for p in procs), "a collector died"
+    # Receipts: every stored result confirmed, every set-aside result with a message_id too.
+    poison_ids = {json.loads(p)["message_id"] for n, p in POISONS.items() if n in WITH_ID}
+    confirmed: set[str] = set()
+    aside: set[str] = set()
+
+    def receipted() -> bool:
+        for body in receipts.json_on("/receipt"):
+            assert body["schema"] == "omis.receipt/1"
+            confirmed.update(body["message_ids"])
+            aside.update(body["rejected"])
+        return confirmed >= set(valid) and aside >= poison_ids
+
+    assert wait_until(receipted, 20), (len(confirmed), len(aside))
+    receipts.__exit__()
 
 
 # ------------------------------------------------- in-process: store, retries, watchdog
