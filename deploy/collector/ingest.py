@@ -45,6 +45,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from deploy.broker import parse_broker_url
 from deploy.collector import storable
@@ -366,7 +367,7 @@ class ArchiveSubscriber:
         (with a capped back-off) and acknowledge nothing.  Without ``aside``: try for ever.
         Any other exception is the message's doing: :class:`MessageRejectedError`.
         """
-        tries = 0
+        tries = attempts = 0
         while True:
             self._busy_since = time.monotonic()
             try:
@@ -375,13 +376,17 @@ class ArchiveSubscriber:
                 raise
             except ArchiveError as exc:
                 self.storage_errors += 1
-                tries += 1
+                # A lost connection or a locked database says nothing about this message:
+                # only errors of its own statements count towards setting it aside.
+                tries += 1 if not _transient(exc) else 0
                 if aside is not None and tries >= self.ingest.storage_tries:
                     try:
                         return aside(f"storage: {exc}")
                     except ArchiveError:
                         log.warning("database unavailable (%s); retrying", str(exc)[:300])
-                delay = min(self.ingest.retry_max_s, self.ingest.retry_min_s * 2 ** min(tries, 30))
+                attempts += 1
+                backoff = self.ingest.retry_min_s * 2 ** min(attempts - 1, 30)
+                delay = min(self.ingest.retry_max_s, backoff)
                 if self._closing.wait(delay):
                     raise _StoppingError() from exc
             except Exception as exc:  # a defect this message provokes must not stop ingest
@@ -447,6 +452,12 @@ class ArchiveSubscriber:
 
     def _on_ota_state(self, device: str, payload: bytes) -> None:
         self.store.set_ota_state(device, storable.state_document(payload, "omis.ota_state/1"))
+
+
+def _transient(exc: ArchiveError) -> bool:
+    """True for a database that is unreachable or busy (not this message's fault)."""
+    cause = exc.__cause__
+    return isinstance(cause, OperationalError | InterfaceError | DisconnectionError)
 
 
 def _message_id_of(payload: bytes) -> str | None:
