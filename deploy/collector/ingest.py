@@ -280,9 +280,9 @@ class ArchiveSubscriber:
                 if kind == "result":
                     if item.payload:  # an empty message clears nothing on this topic
                         decoded = storable.decode(item.payload)
-                        results.append(
-                            (item, storable.result_row(decoded, device, item.received_at))
-                        )
+                        text = item.payload.decode("utf-8")  # decode() proved it is UTF-8
+                        row = storable.result_row(decoded, device, item.received_at, text)
+                        results.append((item, row))
                     continue
                 self._store_results(results, receipts)
                 results = []

@@ -27,6 +27,7 @@ MAX_DEPTH = 32  # deeper JSON is no result; also keeps every later json.dumps fa
 EARLIEST = datetime(1900, 1, 1)  # both databases, Python and RFC 3339 agree inside this window
 LATEST = datetime(9999, 1, 1)
 MAX_REASON = 4000  # outcome reasons are Text; a bound keeps one message from bloating a page
+_VISITED = (dict, list, str)
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 # Column lengths of ``results`` (String(n)); the names are the result's own keys.
 LENGTHS = {"boot_id": 128, "slide_id": 128, "scan_id": 128}
@@ -36,6 +37,13 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):  # 1e400
+        raise ValueError(f"number {literal[:20]} is out of range")
+    return value
+
+
 def decode(payload: bytes) -> Any:
     """``payload`` as strict JSON: UTF-8, no NaN/Infinity, not too deep, every value storable."""
     try:
@@ -43,7 +51,7 @@ def decode(payload: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise MessageRejectedError(f"not UTF-8 (invalid byte at offset {exc.start})") from exc
     try:
-        data = json.loads(text, parse_constant=_refuse_constant)
+        data = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite)
     except RecursionError as exc:
         raise MessageRejectedError("JSON nested too deeply") from exc
     except ValueError as exc:  # includes ints beyond Python's 4300-digit conversion limit
@@ -53,10 +61,12 @@ def decode(payload: bytes) -> Any:
 
 
 def check_values(data: Any) -> None:
-    """Walk ``data`` without recursion: depth, finite floats, encodable strings.
+    """Walk ``data`` without recursion: depth and encodable strings (numbers were checked
+    while parsing: :func:`_finite`).
 
     Large integers inside the payload are fine (it is stored as text; a simulated slide's seed
-    is 128 bits); the indexed columns check their own ranges (:func:`integer`).
+    is 128 bits); the indexed columns check their own ranges (:func:`integer`).  Only
+    containers and strings are visited: a spectrum's hundreds of numbers cost nothing.
     """
     stack: list[tuple[Any, int, str]] = [(data, 1, "")]
     while stack:
@@ -66,9 +76,14 @@ def check_values(data: Any) -> None:
         if isinstance(value, dict):
             for key, item in value.items():
                 _check_string(key, f"{path}.{key[:40]}")
-                stack.append((item, depth + 1, f"{path}.{key[:40]}"))
+                if isinstance(item, _VISITED):
+                    stack.append((item, depth + 1, f"{path}.{key[:40]}"))
         elif isinstance(value, list):
-            stack.extend((item, depth + 1, f"{path}[{i}]") for i, item in enumerate(value))
+            stack.extend(
+                (item, depth + 1, f"{path}[{i}]")
+                for i, item in enumerate(value)
+                if isinstance(item, _VISITED)
+            )
         elif isinstance(value, str):
             _check_string(value, path)
         elif isinstance(value, float) and not math.isfinite(value):
@@ -172,8 +187,14 @@ def _model_version(model: dict[str, Any]) -> int | None:
     return integer(version, "model.version", 0, required=False)  # type: ignore[no-any-return]
 
 
-def result_row(result: Any, device: str, received_at: datetime) -> dict[str, Any]:
-    """The ``results`` row of one decoded result; :class:`MessageRejectedError` names the field."""
+def result_row(
+    result: Any, device: str, received_at: datetime, text_as_received: str | None = None
+) -> dict[str, Any]:
+    """The ``results`` row of one decoded result; :class:`MessageRejectedError` names the field.
+
+    ``text_as_received``: the JSON text ``result`` was decoded from (:func:`decode`), stored
+    as the payload instead of encoding the result again.
+    """
     if not isinstance(result, dict) or result.get("schema") != "omis.result/1":
         raise MessageRejectedError("not a JSON object with schema 'omis.result/1'")
     message_id = text(result.get("message_id"), "message_id", 64)
@@ -209,7 +230,9 @@ def result_row(result: Any, device: str, received_at: datetime) -> dict[str, Any
         "model_name": text(model.get("name"), "model.name", 128, required=False),
         "model_version": _model_version(model),
         "model_sha256": text(model.get("sha256"), "model.sha256", 64, required=False),
-        "payload": json.dumps(result, separators=(",", ":"), allow_nan=False),
+        "payload": text_as_received
+        if text_as_received is not None
+        else json.dumps(result, separators=(",", ":"), allow_nan=False),
     }
 
 
