@@ -182,13 +182,14 @@ class ArchiveStore:
             raise ArchiveError(f"cannot set aside {len(items)} message(s): {exc}") from exc
 
     def _reject(self, conn: Connection, item: Rejection, now: datetime) -> None:
+        topic, reason = safe_text(item.topic), safe_text(item.reason)
         values = {
             "received_at": now,
-            "topic": safe_text(item.topic),
+            "topic": topic,
             "device_id": item.device_id,
             "message_id": item.message_id,
             "kind": item.kind,
-            "reason": safe_text(item.reason),
+            "reason": reason,
             "payload": item.payload,
         }
         new_id = conn.execute(insert(rejected).values(**values).returning(rejected.c.id)).scalar()
@@ -198,7 +199,7 @@ class ArchiveStore:
             f"rejected:{new_id}",
             "conflict" if item.kind == CONFLICT else "rejected",
             item.device_id or "(unknown)",
-            f"{what} on {values['topic'][:200]} set aside ({item.kind}): {values['reason'][:300]}",
+            f"{what} on {topic[:200]} set aside ({item.kind}): {reason[:300]}",
             message_id=item.message_id,
         )
 
