@@ -290,7 +290,7 @@ class ArchiveSubscriber:
             except MessageRejectedError as exc:
                 self._set_aside(item, device, str(exc), "data", receipts)
             except Exception as exc:  # a defect this message provokes must not stop ingest
-                log.exception("unexpected error on %s", item.topic[:200])
+                log.debug("unexpected error on %s", item.topic[:200], exc_info=True)
                 reason = f"unexpected {type(exc).__name__}: {exc}"
                 self._set_aside(item, device, reason, "data", receipts)
         self._store_results(results, receipts)
@@ -390,7 +390,7 @@ class ArchiveSubscriber:
                 if self._closing.wait(delay):
                     raise _StoppingError() from exc
             except Exception as exc:  # a defect this message provokes must not stop ingest
-                log.exception("unexpected error on a message")
+                log.debug("unexpected error on a message", exc_info=True)
                 raise MessageRejectedError(f"unexpected {type(exc).__name__}: {exc}") from exc
 
     def _set_aside(
