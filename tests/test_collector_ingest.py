@@ -241,6 +241,13 @@ def test_a_second_copy_with_other_content_is_a_conflict(engine: Any) -> None:
     assert kept["items"][0]["message_id"] == first["message_id"]
     assert [a["kind"] for a in queries.alerts()] == ["conflict"]
     assert queries.get_result(first["message_id"])["result"] == first  # the first copy stays
+    # both copies in one batch (one multi-row insert): the first is stored, the second kept
+    again = make_result(2, device=DEVICE)
+    other = json.loads(json.dumps(again))
+    other["slide_id"] = "S-other"
+    batch = [result_row(r, utcnow()) for r in (again, again, other)]
+    assert store.add_results(batch) == ["stored", "duplicate", "conflict"]
+    assert queries.rejected()["total"] == 2
 
 
 def _service(mosquitto: Mosquitto, tmp_path: Path, **ingest: Any) -> Any:
