@@ -313,9 +313,10 @@ class ArchiveSubscriber:
         rows = [row for _, row in results]
         try:
             outcomes = self.store.add_results(rows, self.prefix)
-        except ArchiveError as exc:
+        except Exception as exc:  # one row may be the cause: find it, store the others
             self.storage_errors += 1
             log.warning("storing %d result(s) at once failed (%s); one by one", len(rows), exc)
+            log.debug("batch failure", exc_info=True)
             outcomes = [self._store_one(item, row) for item, row in results]
         for (_, row), outcome in zip(results, outcomes, strict=True):
             self._count(outcome, row["device_id"])
