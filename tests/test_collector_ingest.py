@@ -360,3 +360,56 @@ def test_a_message_the_database_keeps_refusing_is_set_aside_after_bounded_tries(
         stop.set()
         runner.join(10)
         service.close()
+
+
+def test_a_stuck_writer_makes_omis_collect_exit_non_zero_and_nothing_is_lost(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """The process-level watchdog: a database call that does not return (here SQLite held
+    locked by another process, longer than ``ingest.stuck_after_s``) makes ``omis collect``
+    exit non-zero with one line, for its supervisor to restart it; the unacknowledged result
+    is redelivered to the next process and stored."""
+    import os
+    import sqlite3
+    import sys
+
+    from collector_support import ROOT
+
+    db_path = tmp_path / "archive.sqlite"
+    db_url = f"sqlite:///{db_path}"
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        OMIS_COLLECT_INGEST__STUCK_AFTER_S="1",
+        OMIS_COLLECT_INGEST__WATCHDOG_S="0.2",
+    )
+    argv = [
+        sys.executable, "-m", "deploy.cli", "collect", "--broker", mosquitto.url,
+        "--db", db_url, "--client-id", "archive-stuck", "--http", "127.0.0.1:0",
+        "--state-dir", str(tmp_path / "state"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert wait_until(lambda: "Sending SUBACK to archive-stuck" in mosquitto.log_text(), 60)
+        lock = sqlite3.connect(db_path, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")  # every write of the collector now waits (30 s)
+        result = make_result(1, device=DEVICE)
+        publish(mosquitto.port, TOPIC, json.dumps(result))
+        assert proc.wait(30) != 0
+        assert proc.stderr is not None
+        last = [line for line in proc.stderr.read().splitlines() if line.strip()][-1]
+        assert "watchdog" in last and "stuck" in last, last
+        lock.execute("ROLLBACK")
+        lock.close()
+        proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL, text=True, env=env)
+
+        def stored() -> bool:
+            with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
+                query = "SELECT COUNT(*) FROM results WHERE message_id = ?"
+                return bool(db.execute(query, (result["message_id"],)).fetchone()[0])
+
+        assert wait_until(stored, 60)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(15)

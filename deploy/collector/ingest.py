@@ -113,6 +113,7 @@ class ArchiveSubscriber:
         self._writer: threading.Thread | None = None
         self._inbox: queue.Queue[Inbound | None] = queue.Queue()
         self._closing = threading.Event()
+        self._failed = False  # the watchdog found a dead or stuck thread
         self._connection = 0
         self._busy_since: float | None = None  # the writer's current attempt started then
         self._states: dict[str, Callable[[str, bytes], None]] = {
@@ -195,6 +196,7 @@ class ArchiveSubscriber:
         while not stop.wait(self.ingest.watchdog_s):
             trouble = self.problem()
             if trouble is not None:
+                self._failed = True
                 log.critical(
                     "watchdog: %s; exiting so the supervisor restarts the collector", trouble
                 )
@@ -206,7 +208,8 @@ class ArchiveSubscriber:
         self._inbox.put(None)
         writer, self._writer = self._writer, None
         if writer is not None:
-            writer.join(10)
+            # A stuck writer is why the watchdog fired: do not wait for it (daemon thread).
+            writer.join(1 if self._failed else 10)
         client, self._client = self._client, None
         if client is not None:
             client.disable_logger()  # paho logs a deliberate disconnect at ERROR once
