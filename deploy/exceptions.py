@@ -14,7 +14,8 @@ Tree::
     │   ├── ScanCancelledError  a scan was cancelled before it produced a result
     │   └── InvalidResultError  the model's outputs make no valid result (NaN, out of range)
     ├── ServiceError            the daemon cannot start or a worker exceeded its restart cap
-    └── ArchiveError            the result archive (omis collect) cannot open, migrate or write
+    ├── ArchiveError            the result archive (omis collect) cannot open, migrate or write
+    └── MessageRejectedError    a message the archive cannot accept (a data error): set aside
 
 Foreign errors (``sqlite3.Error``, ``OSError``, ``pydantic.ValidationError``) are wrapped at the
 seam with ``raise ... from``.
@@ -84,3 +85,9 @@ class InvalidResultError(ScanError):
 
 class ArchiveError(DeployError):
     """The result archive's database cannot be opened, migrated or written."""
+
+
+class MessageRejectedError(DeployError, ValueError):
+    """A message the archive cannot accept (a *data* error: malformed, or a value neither
+    database can store).  It is set aside in the ``rejected`` table and acknowledged, never
+    retried; the message names the offending field."""

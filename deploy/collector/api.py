@@ -26,6 +26,7 @@ from deploy.collector.api_models import (
     NOT_FOUND,
     UNAUTHORIZED,
     Device,
+    RejectedPage,
     ResultDetail,
     ResultPage,
 )
@@ -216,6 +217,19 @@ def create_app(
     @app.get("/api/devices", summary="known devices with live state", response_model=list[Device])
     def list_devices(_who: Annotated[Principal, viewer]) -> list[dict[str, Any]]:
         return queries.devices()
+
+    @app.get(
+        "/api/rejected",
+        summary="messages set aside: bytes as received, topic, reason",
+        response_model=RejectedPage,
+    )
+    def list_rejected(
+        _who: Annotated[Principal, viewer],
+        device: DeviceFilter = None,
+        limit: Annotated[int, limit_query(page_limit)] = 100,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        return queries.rejected(device=device, limit=limit, offset=offset)
 
     if dashboard is not None:
         app.mount("/", StaticFiles(directory=dashboard, html=True), name="dashboard")

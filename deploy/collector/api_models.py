@@ -113,3 +113,27 @@ UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"content": _PROBLEM, "description": "no result with this message_id"}
 }
+
+
+class RejectedMessage(_Open):
+    """A message the archive could not accept, kept as received (never dropped)."""
+
+    id: int
+    received_at: str = Field(description="the archive's clock when it set the message aside")
+    topic: str
+    device_id: str | None = Field(description="from the topic, when it names one")
+    message_id: str | None
+    kind: str = Field(description="data, storage or conflict")
+    reason: str = Field(description="why, in one line")
+    payload_base64: str = Field(description="the bytes exactly as received, base64")
+    size: int
+
+
+class RejectedPage(_Open):
+    """One page of rejected messages, newest first, with counts per device."""
+
+    total: int
+    limit: int
+    offset: int
+    items: list[RejectedMessage]
+    by_device: dict[str, int] = Field(description="rejected messages per device, all pages")

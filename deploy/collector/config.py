@@ -115,6 +115,37 @@ class CollectorMqtt(_Section):
         return _credentials_out_of_url(data, "broker", "username")
 
 
+class IngestConfig(_Section):
+    """How messages become rows: batches, storage retries, receipts, the watchdog."""
+
+    batch_max: int = Field(
+        default=200, ge=1, le=10000, description="most results committed in one transaction"
+    )
+    storage_tries: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="tries to store one message while the database works for others; then it "
+        "is set aside in the rejected table (kind storage)",
+    )
+    retry_min_s: float = Field(default=0.5, gt=0, description="first storage retry delay")
+    retry_max_s: float = Field(default=30.0, gt=0, description="storage retry delay cap")
+    receipts: bool = Field(
+        default=True,
+        description="confirm every stored or set-aside message_id to its device on "
+        "<prefix>/<device>/receipt (the device keeps a result until then)",
+    )
+    watchdog_s: float = Field(
+        default=5.0, gt=0, le=3600, description="how often the MQTT and writer threads are checked"
+    )
+    stuck_after_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="exit non-zero when a received message waits this long without the writer "
+        "making progress (a stuck loop); the supervisor restarts the process",
+    )
+
+
 class Account(_Section):
     """An HTTP API account (roles as the broker's dashboard accounts)."""
 
@@ -232,6 +263,7 @@ class CollectorConfig(_Section):
     mqtt: CollectorMqtt = Field(default_factory=CollectorMqtt, description="MQTT session")
     database: DatabaseConfig = Field(default_factory=DatabaseConfig, description="storage")
     http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP API")
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description="ingest and receipts")
     high_risk_alerts: bool = Field(default=True, description="an alert for every high-risk result")
     review: ReviewConfig = Field(default_factory=ReviewConfig, description="worklist, QC sample")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, Select, func, select
 
-from deploy.collector.tables import alerts, devices, results
+from deploy.collector.tables import alerts, devices, rejected, results
 
 LIST_COLUMNS = (
     results.c.message_id,
@@ -171,3 +172,38 @@ class ArchiveQueries:
             data.pop("key")
             out.append(data)
         return out
+
+    def rejected(
+        self, *, device: str | None = None, limit: int = 100, offset: int = 0
+    ) -> dict[str, Any]:
+        """Messages set aside, newest first: bytes as received (base64), topic, reason, time.
+
+        ``by_device`` counts every rejected message per device (``null``: not known).
+        """
+        query = select(rejected)
+        counted = select(rejected.c.device_id, func.count().label("n")).group_by(
+            rejected.c.device_id
+        )
+        if device is not None:
+            query = query.where(rejected.c.device_id == device)
+        newest = query.order_by(rejected.c.received_at.desc(), rejected.c.id.desc())
+        with self.engine.connect() as conn:
+            rows = conn.execute(newest.limit(limit).offset(offset)).all()
+            counts = {r.device_id: int(r.n) for r in conn.execute(counted)}
+        total = counts.get(device, 0) if device is not None else sum(counts.values())
+        items = []
+        for row in rows:
+            data = dict(row._mapping)
+            raw = bytes(data.pop("payload"))
+            data["received_at"] = rfc3339(data["received_at"])
+            data["payload_base64"] = base64.b64encode(raw).decode("ascii")
+            data["size"] = len(raw)
+            items.append(data)
+        by_device = {str(k) if k is not None else "(unknown)": v for k, v in counts.items()}
+        return {
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+            "items": items,
+            "by_device": by_device,
+        }

@@ -75,7 +75,7 @@ class ArchiveService:
         reader = open_engine(self.db_url, writer=False)
         self.engines.append(reader)
         store = ArchiveStore(writer, high_risk_alerts=self.config.high_risk_alerts)
-        self.subscriber = ArchiveSubscriber(self.config.mqtt, store)
+        self.subscriber = ArchiveSubscriber(self.config.mqtt, store, self.config.ingest)
         self.subscriber.start()
         self._serve_http(ArchiveQueries(reader), writer)
         log.info("archive %s; API on %s", writer.url, self.http_url)

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -106,6 +107,23 @@ alerts = Table(
     Column("count", Integer, nullable=False, server_default="1"),
     Index("ix_alerts_open", "resolved_at", "created_at"),
     Index("ix_alerts_device", "device_id", "created_at"),
+)
+
+# Messages the archive could not accept: the bytes exactly as received, never dropped
+# (docs/collector.md, "Failure classes").  ``kind``: data, storage or conflict.
+rejected = Table(
+    "rejected",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("received_at", DateTime, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("device_id", String(64)),
+    Column("message_id", String(64)),
+    Column("kind", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Index("ix_rejected_received", "received_at"),
+    Index("ix_rejected_device", "device_id", "received_at"),
 )
 
 users = Table(

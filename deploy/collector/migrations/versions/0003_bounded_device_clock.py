@@ -6,7 +6,7 @@ A device whose clock runs ahead could pin its results on top of every list (a re
 parsed ``at`` bounded the same way.  Existing rows get the bound with no skew.
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0002
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0003"
-down_revision = "0001"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
