@@ -2,10 +2,17 @@
 
 Usage: ``python benchmarks/bench_collector.py [--n 2000] [--month] [--pg URL | --pg-temp]``
 
-* ingest, store: results per second through ``ArchiveStore.add_result`` (one transaction per
-  result, as the collector commits before each acknowledgement; seq tracking and alerts on).
+* ingest, store: results per second through ``ArchiveStore.add_results``, one transaction per
+  result (what the collector did before) and per batch of 20 (the shipped broker's
+  ``max_inflight_messages``) and of 200 (``ingest.batch_max``); values checked, seq tracking
+  and alerts on.  The ratio batch/single is measured in the same run.
 * ingest, MQTT: results per second from a real mosquitto (started here) through the collector's
-  subscriber (shared subscription, manual acks after commit) into the database.
+  subscriber (shared subscription, batched commits, manual acks after commit, receipts) into
+  the database.
+* idle (``--idle S``): CPU of an idle ``omis collect`` process over S seconds
+  (``/proc/<pid>/stat``), as a share of one core.
+
+Each ingest figure is the median of ``--repeat`` runs; the load average is printed with it.
 * query (``--month``): one busy device's month, 40 slides/h x 24 h x 30 days = 28,800 results
   with a 256-bin spectrum, bulk-loaded; then the API's queries, median and p95 of repeats.
 """
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -71,18 +79,49 @@ def fresh_url(kind: str, workdir: Path, pg: Any) -> str:
     return str(pg())
 
 
-def ingest_store(url: str, n: int) -> float:
+def ingest_store(url: str, n: int, batch: int) -> float:
+    """Results/s through the write side, ``batch`` results per transaction (rows built inside)."""
     engine = open_engine(url)
     migrate(engine)
     store = ArchiveStore(engine)
     start = datetime(2026, 1, 1, tzinfo=timezone.utc)
     bodies = [make(i + 1, start + timedelta(seconds=i)) for i in range(n)]
     t0 = time.perf_counter()
-    for body in bodies:
-        store.add_result(body)
+    for first in range(0, n, batch):
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        store.add_results([result_row(body, now) for body in bodies[first : first + batch]])
     rate = n / (time.perf_counter() - t0)
     engine.dispose()
     return rate
+
+
+def idle_cpu(url: str, port: int, seconds: float) -> float:
+    """Share of one core an idle ``omis collect`` process uses over ``seconds``."""
+    from broker_support import wait_until
+    from collector_support import collector_child
+
+    with tempfile.TemporaryDirectory() as state:
+        proc = collector_child(f"mqtt://127.0.0.1:{port}", url, "bench-idle", Path(state))
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                if "API and dashboard on" in line:
+                    break
+            else:
+                raise RuntimeError("omis collect did not start")
+            wait_until(lambda: False, 3.0)  # let start-up work settle before measuring
+            tick = os.sysconf("SC_CLK_TCK")
+
+            def cpu() -> float:
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+
+            before, t0 = cpu(), time.monotonic()
+            time.sleep(seconds)
+            return (cpu() - before) / (time.monotonic() - t0)
+        finally:
+            proc.terminate()
+            proc.wait(15)
 
 
 def ingest_mqtt(url: str, n: int, port: int) -> float:
@@ -112,7 +151,7 @@ def ingest_mqtt(url: str, n: int, port: int) -> float:
     for body in payloads:
         pub.publish(f"omis/v1/{device}/result", body, qos=1)
     while store.count() < n:
-        time.sleep(0.01)
+        time.sleep(0.05)
     rate = n / (time.perf_counter() - t0)
     pub.disconnect()
     pub.loop_stop()
@@ -180,6 +219,23 @@ def month_queries(url: str, repeats: int) -> list[tuple[str, float, float]]:
     return out
 
 
+def ingest_line(kind: str, url: Callable[[], str], args: Any, port: int | None) -> str:
+    """One table row: the store at three batch sizes and via MQTT, medians of the repeats."""
+
+    def median(run: Callable[[], float]) -> float:
+        return statistics.median(run() for _ in range(args.repeat))
+
+    single, twenty, batched = (
+        median(lambda b=size: ingest_store(url(), args.n, b))  # type: ignore[misc]
+        for size in (1, 20, 200)
+    )
+    mqtt_rate = median(lambda: ingest_mqtt(url(), args.n, port or 0))
+    return (
+        f"| {kind} | {single:.0f} | {twenty:.0f} | {batched:.0f} | "
+        f"{batched / single:.1f}x | {mqtt_rate:.0f} |"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000, help="results per ingest run")
@@ -187,6 +243,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=20, help="query repeats")
     parser.add_argument("--pg", help="postgresql://... (an empty database to use)")
     parser.add_argument("--pg-temp", action="store_true", help="start a throw-away PostgreSQL")
+    parser.add_argument("--repeat", type=int, default=1, help="ingest runs (median reported)")
+    parser.add_argument("--idle", type=float, default=0.0, help="seconds of idle CPU to measure")
     args = parser.parse_args()
     kinds = ["sqlite"]
     server = None
@@ -203,12 +261,22 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
             work = Path(tmp)
-            print(f"ingest, {args.n} results each\n")
-            print("| database | store (results/s) | via MQTT (results/s) |\n|---|---|---|")
+            print(f"ingest, {args.n} results each, median of {args.repeat} run(s)")
+            print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+            print(
+                "| database | 1 per transaction (results/s) | 20 per transaction | "
+                "200 per transaction | 200 / 1 | via MQTT (results/s) |"
+            )
+            print("|---|---|---|---|---|---|")
             for kind in kinds:
-                store_rate = ingest_store(fresh_url(kind, work, pg), args.n)
-                mqtt_rate = ingest_mqtt(fresh_url(kind, work, pg), args.n, broker.port or 0)
-                print(f"| {kind} | {store_rate:.0f} | {mqtt_rate:.0f} |", flush=True)
+                print(ingest_line(kind, lambda k=kind: fresh_url(k, work, pg), args, broker.port))
+            print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+            if args.idle:
+                print(f"\nidle omis collect over {args.idle:.0f} s\n")
+                print("| database | CPU (% of one core) |\n|---|---|")
+                for kind in kinds:
+                    share = idle_cpu(fresh_url(kind, work, pg), broker.port or 0, args.idle)
+                    print(f"| {kind} | {100 * share:.2f} |", flush=True)
             if args.month:
                 print(f"\nqueries on a month of one busy device ({MONTH} results + 7,200 more)\n")
                 print(

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TextIO
 
+from deploy.redact import redact
 from firmware_bridge.exceptions import BridgeError
 from inference.exceptions import InferenceError
 from inference.state_dir import DEFAULT_STATE_DIR
@@ -112,10 +113,18 @@ class LiveStderrHandler(logging.StreamHandler[TextIO]):
         super().emit(record)
 
 
+class RedactingFormatter(logging.Formatter):
+    """A formatter that masks URL passwords and registered secrets (:mod:`deploy.redact`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as text, secrets masked (tracebacks included)."""
+        return redact(super().format(record))
+
+
 def configure_logging(level: int) -> None:
     """Log records of ``level`` and above to stderr as ``time LEVEL logger: message``."""
     handler = LiveStderrHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
 
 
@@ -152,8 +161,8 @@ def _sigterm_unwinds() -> Iterator[None]:
 
 
 def one_line(text: str) -> str:
-    """``text`` with its lines joined, so an error is always exactly one line."""
-    return " | ".join(line.strip() for line in str(text).splitlines() if line.strip())
+    """``text`` with its lines joined, so an error is always exactly one line; secrets masked."""
+    return redact(" | ".join(line.strip() for line in str(text).splitlines() if line.strip()))
 
 
 def _os_error_text(exc: OSError) -> str:

@@ -144,7 +144,8 @@ def _scan_report(app: Any, requests: list[ScanRequest]) -> dict[str, Any]:
                 {"slide_id": request.slide_id, "delivery": "failed", "error": "not scanned"}
             )
             continue
-        pending = app.outbox.contains(committed.message_id)
+        state = app.outbox.state_of(committed.message_id)
+        pending = state == "pending"
         rows.append(
             {
                 "slide_id": request.slide_id,
@@ -156,6 +157,9 @@ def _scan_report(app: Any, requests: list[ScanRequest]) -> dict[str, Any]:
                 "label": committed.label,
                 "side": committed.side,
                 "delivery": "stored" if pending else "acknowledged",
+                # the archive's receipt arrived (the outbox deleted the row); False while the
+                # row waits for it (or when receipts are off and the PUBACK deleted it)
+                "archived": state is None and app.config.outbox.receipts,
             }
         )
     counts = {
@@ -194,9 +198,16 @@ def _print_scan_report(report: dict[str, Any]) -> None:
         if row["delivery"] == "failed":
             print(f"slide {row['slide_id']}: FAILED: {row['error']}")
             continue
+        archive = ""
+        if row["delivery"] == "acknowledged":
+            archive = (
+                "; stored by the archive (receipt)"
+                if row["archived"]
+                else "; kept in the outbox until the archive's receipt"
+            )
         print(
             f"slide {row['slide_id']}: {_outcome_words(row)}  seq {row['seq']}  "
-            f"message {row['message_id']}  {words[row['delivery']]}"
+            f"message {row['message_id']}  {words[row['delivery']]}{archive}"
         )
     s = report["summary"]
     print(
@@ -221,6 +232,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     try:
         app.start()
         app.run_batch(requests, ack_timeout_s=args.ack_timeout)
+        if args.receipt_wait > 0 and app.pump is not None and config.outbox.receipts:
+            app.pump.wait_receipts([c.message_id for c in app.committed], args.receipt_wait)
         report = _scan_report(app, requests)
     finally:
         app.shutdown()
@@ -269,6 +282,13 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
         type=float,
         default=10.0,
         help="seconds to wait for PUBACKs before leaving results in the outbox",
+    )
+    scan.add_argument(
+        "--receipt-wait",
+        type=float,
+        default=0.0,
+        help="also wait up to this many seconds for the archive's receipts (the report says "
+        "which results the archive confirmed); results without one stay in the outbox",
     )
     scan.add_argument("--json", action="store_true", help="machine-readable report on stdout")
     scan.set_defaults(handler=cmd_scan, slides=None)

@@ -125,6 +125,17 @@ class OutboxConfig(_Section):
         default="full",
         description="SQLite synchronous mode; full survives power loss, normal only crashes",
     )
+    receipts: bool = Field(
+        default=True,
+        description="keep a result after the broker's PUBACK (state sent) until the archive's "
+        "receipt on <prefix>/<device>/receipt; false = delete at PUBACK (no archive)",
+    )
+    receipt_timeout_s: float = Field(
+        default=300.0,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="publish a sent result again when no receipt came within this time",
+    )
 
 
 PLAN_NAME = r"^[A-Za-z0-9._-]{1,64}$"

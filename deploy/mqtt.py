@@ -43,6 +43,7 @@ AVAILABILITY_ONLINE = "online"
 AVAILABILITY_STOPPED = "stopped"
 AVAILABILITY_OFFLINE = "offline"
 QOS = 1
+RECEIPT_SLACK_S = 2.0  # shared-subscription instances confirm slightly out of order
 RETRY_MIN_S = 1.0  # first re-publish of a refused result
 RETRY_MAX_S = 60.0  # back-off cap, so an ACL mistake does not turn into a publish storm
 
@@ -90,6 +91,11 @@ class Topics:
     def metrics(self) -> str:
         """omis.metrics/1, QoS 0."""
         return f"{self.base}/metrics"
+
+    @property
+    def receipt(self) -> str:
+        """omis.receipt/1 from the archive: message_ids it stored or set aside (QoS 1)."""
+        return f"{self.base}/receipt"
 
     @property
     def command_filter(self) -> str:
@@ -157,6 +163,7 @@ class MqttLink:
         self.on_online = on_online
         self.extra_filters = tuple(extra_filters)  # subscribed beside cmd/+ on every connect
         self.on_puback: Callable[[int, bool], None] | None = None
+        self.on_receipt: Callable[[bytes], None] | None = None  # set: subscribe to receipts
         self.connected = threading.Event()
         self.connects = 0
         self._client: paho.Client | None = None
@@ -288,6 +295,8 @@ class MqttLink:
         log.info("MQTT: connected to %s (connection %d)", self.address, self.connects)
         client.publish(self.topics.availability, AVAILABILITY_ONLINE, QOS, True)
         filters = [self.topics.command_filter, *self.extra_filters]
+        if self.on_receipt is not None:
+            filters.append(self.topics.receipt)
         client.subscribe([(topic, QOS) for topic in filters])
         self.connected.set()
         if self.on_online is not None:
@@ -310,6 +319,12 @@ class MqttLink:
         log.log(level, "MQTT: disconnected from %s: %s", self.address, reason)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if msg.topic == self.topics.receipt and self.on_receipt is not None:
+            try:
+                self.on_receipt(bytes(msg.payload))
+            except Exception:
+                log.exception("MQTT: receipt could not be handled")
+            return
         if self.on_command is None:
             return
         try:
@@ -345,15 +360,25 @@ class OutboxPump:
         max_inflight: int,
         retry_min_s: float = RETRY_MIN_S,
         retry_max_s: float = RETRY_MAX_S,
+        *,
+        receipts: bool = False,
+        receipt_timeout_s: float = 300.0,
     ) -> None:
         self.outbox = outbox
         self.link = link
         self.max_inflight = max_inflight
         self.retry_min_s = retry_min_s
         self.retry_max_s = retry_max_s
+        self.receipts = receipts  # keep rows after PUBACK until the archive's receipt
+        self.receipt_timeout_s = receipt_timeout_s
         self.published = 0
         self.acked = 0
         self.rejected = 0
+        self.receipted = 0  # rows deleted on the archive's receipt
+        self.resent = 0  # rows published again because their receipt was overdue
+        self._receipt_ids: list[str] = []
+        self._next_overdue = 0.0
+        self._last_receipt = -float("inf")  # monotonic time of the last receipt
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._inflight: dict[int, int] = {}  # paho mid -> outbox row id
@@ -367,22 +392,26 @@ class OutboxPump:
         self._retry_at: dict[int, float] = {}  # refused row id -> monotonic time of next try
         self._refusals: dict[int, int] = {}  # refused row id -> refusals so far (back-off)
         self._stale: dict[int, int] = {}  # mid -> row id, in flight before the last reconnect
-        self._replay = threading.Event()
+        self._connection = 0  # the link's connection count the cursor belongs to
 
     def notify(self) -> None:
         """Wake the pump (a row was added)."""
         self._wake.set()
 
     def reconnected(self) -> None:
-        """The link came (back) up: replay every unacknowledged row, in order, from the start.
+        """The link came (back) up: wake the pump, which replays from the start.
 
         paho re-sends its own in-flight messages after a reconnect, but not in every case (a
         broker restart can leave some never re-sent), and the pump would wait for their PUBACK
         for ever.  So the outbox is the truth: everything not yet acknowledged goes out again
         with its message_id (consumers de-duplicate).  A late PUBACK for an old mid still
         acknowledges its row.
+
+        The replay itself is keyed on the link's connection count (:meth:`_fill`), not on this
+        call: the link is connected before its ``on_online`` hook runs, so a replay started
+        from here could reset the cursor after the pump already sent the first row on the new
+        connection -- and that row would go out twice on a healthy link.
         """
-        self._replay.set()  # done by the pump thread, the only one that moves the cursor
         self._wake.set()
 
     def _start_replay(self) -> None:
@@ -432,11 +461,50 @@ class OutboxPump:
         with self._lock:
             return len(self._inflight)
 
+    def on_receipt(self, payload: bytes) -> None:
+        """An ``omis.receipt/1`` (network thread): remember its ids, let the pump delete them."""
+        ids = receipt_ids(payload)
+        if ids is None:
+            log.warning("MQTT: ignoring a malformed receipt (%d bytes)", len(payload))
+            return
+        with self._lock:
+            self._receipt_ids.extend(ids)
+        self._wake.set()
+
     def _flush_acks(self) -> None:
         with self._lock:
             rows, self._acked_rows = self._acked_rows, []
+            receipted, self._receipt_ids = self._receipt_ids, []
         if rows:
-            self.acked += self.outbox.ack(sorted(set(rows)))
+            unique = sorted(set(rows))
+            if self.receipts:
+                self.outbox.mark_sent(unique)
+                self.acked += len(unique)
+            else:
+                self.acked += self.outbox.ack(unique)
+        if receipted:
+            self.receipted += self.outbox.receipt(receipted)
+            self._last_receipt = time.monotonic()
+
+    def _overdue(self, room: int) -> list[OutboxItem]:
+        """Sent rows whose receipt is overdue (checked every few seconds, not every wake-up)."""
+        now = time.monotonic()
+        if not self.receipts or room <= 0 or now < self._next_overdue:
+            return []
+        self._next_overdue = now + min(5.0, self.receipt_timeout_s / 4)
+        cutoff = time.time() - self.receipt_timeout_s
+        if now - self._last_receipt < self.receipt_timeout_s:
+            # Receipts are flowing: the archive is catching up on a backlog, not losing it.
+            # Only rows sent before the newest confirmed one were skipped (lost on the way);
+            # resending the rest would only feed the backlog with duplicates.
+            cutoff = min(cutoff, self.outbox.newest_receipted_sent_at - RECEIPT_SLACK_S)
+        items = self.outbox.overdue(cutoff, room)
+        if items:
+            # Stamped now, so the next check waits a full timeout again for these.
+            self.outbox.mark_sent([item.rowid for item in items])
+            self.resent += len(items)
+            log.warning("MQTT: no receipt for %d sent result(s); publishing again", len(items))
+        return items
 
     def _due_retries(self, room: int) -> list[OutboxItem]:
         """Refused rows whose back-off has passed (rows acknowledged meanwhile are skipped)."""
@@ -479,16 +547,19 @@ class OutboxPump:
     def _fill(self) -> int:
         if not self.link.connected.is_set():
             return 0
-        if self._replay.is_set():
-            self._replay.clear()
+        # The link counts a connection before it sets ``connected``, so a pump that sees the
+        # link up also sees that connection's number: exactly one replay per connection.
+        connection = self.link.connects
+        if connection != self._connection:
+            self._connection = connection
             self._start_replay()
         room = self.max_inflight - self.inflight
         if room <= 0:
             return 0
-        retries = self._due_retries(room)
+        retries = self._due_retries(room) + self._overdue(room)
         for item in retries:
             self._send(item)
-        items = self.outbox.pending(after_rowid=self._cursor, limit=room - len(retries))
+        items = self.outbox.pending(after_rowid=self._cursor, limit=max(0, room - len(retries)))
         for item in items:
             self._cursor = item.rowid
             if item.rowid in self._retry_at:  # refused, waiting for its back-off
@@ -506,6 +577,17 @@ class OutboxPump:
             self._wake.clear()
         self._flush_acks()
 
+    def wait_receipts(self, message_ids: Sequence[str], timeout_s: float) -> bool:
+        """Wait until the archive's receipts removed ``message_ids`` or ``timeout_s`` passes."""
+        deadline = time.monotonic() + timeout_s
+        waiting = list(message_ids)
+        while waiting:
+            waiting = [m for m in waiting if self.outbox.state_of(m) is not None]
+            if not waiting or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        return not waiting
+
     def drain(self, timeout_s: float) -> bool:
         """Wait until the outbox is empty (all acknowledged) or ``timeout_s`` passes."""
         deadline = time.monotonic() + timeout_s
@@ -514,3 +596,17 @@ class OutboxPump:
                 return True
             time.sleep(0.05)
         return self.outbox.stats().rows == 0
+
+
+def receipt_ids(payload: bytes) -> list[str] | None:
+    """The ``message_id`` s an ``omis.receipt/1`` confirms (stored and set aside), else None."""
+    from deploy.messages.parsing import MessageError, parse_message
+    from deploy.messages.receipt import ReceiptMessage
+
+    try:
+        receipt = parse_message("receipt", payload)
+    except MessageError:
+        return None
+    if not isinstance(receipt, ReceiptMessage):
+        return None
+    return [*receipt.message_ids, *(r.message_id for r in receipt.rejected)]

@@ -1,8 +1,10 @@
 """The durable result outbox: SQLite in WAL mode, one row per result, FIFO.
 
-A result is committed here *before* it is published and deleted only when the broker's PUBACK
-for it arrives, so results survive broker outages, crashes and reboots; a redelivered row
-carries its original ``message_id``.
+A result is committed here *before* it is published.  The broker's PUBACK only marks it
+``sent`` (``sent_at``); it is deleted when the archive's receipt names its ``message_id``
+(:meth:`Outbox.receipt`), so results survive broker outages, lost shared subscriptions, broker
+queue limits, crashes and reboots; a redelivered row carries its original ``message_id``.
+Without an archive (``outbox.receipts: false``) the PUBACK deletes it (:meth:`Outbox.ack`).
 
 Durability: ``synchronous=FULL`` by default.  In WAL mode ``NORMAL`` is already safe against a
 *process* crash but may lose the last commits on *power loss*; the appliance can lose power at
@@ -41,16 +43,25 @@ from deploy.exceptions import OutboxError, OutboxFullError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _DDL = """
 CREATE TABLE IF NOT EXISTS outbox (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     message_id  TEXT    NOT NULL UNIQUE,
     topic       TEXT    NOT NULL,
     payload     BLOB    NOT NULL,
-    created_at  REAL    NOT NULL
+    created_at  REAL    NOT NULL,
+    sent_at     REAL
 )
 """
+_PENDING = (
+    "SELECT id, message_id, topic, payload, created_at FROM outbox "
+    "WHERE id > ? AND sent_at IS NULL ORDER BY id LIMIT ?"
+)
+_OVERDUE = (
+    "SELECT id, message_id, topic, payload, created_at FROM outbox "
+    "WHERE sent_at < ? ORDER BY id LIMIT ?"
+)
 
 
 @dataclass(frozen=True)
@@ -66,13 +77,17 @@ class OutboxItem:
 
 @dataclass(frozen=True)
 class OutboxStats:
-    """Occupancy of the outbox."""
+    """Occupancy of the outbox: ``rows`` wait for the broker, ``sent`` for the archive's receipt.
+
+    The bounds (``full``) count both.
+    """
 
     rows: int
     bytes: int
     full: bool
     max_rows: int
     max_bytes: int
+    sent: int = 0
 
 
 class Outbox:
@@ -91,7 +106,9 @@ class Outbox:
         self.synchronous = synchronous
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
-        self._rows = 0
+        self.newest_receipted_sent_at = 0.0  # sent_at of the newest row a receipt deleted
+        self._rows = 0  # every row held (the bounds)
+        self._sent = 0  # of which acknowledged by the broker, waiting for the receipt
         self._bytes = 0
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self._fault: str | None = None  # a recovered fault not yet reported
@@ -101,13 +118,19 @@ class Outbox:
 
     def open(self) -> Outbox:
         """Open (creating if needed) the database and count what it holds."""
-        db, rows, size = self._connect()
+        db, rows, size, sent = self._connect()
         with self._lock:
-            self._db, self._rows, self._bytes = db, rows, size
-        log.info("outbox %s: %d pending result(s), %d bytes", self.path, rows, size)
+            self._db, self._rows, self._bytes, self._sent = db, rows, size, sent
+        log.info(
+            "outbox %s: %d result(s) (%d waiting for a receipt), %d bytes",
+            self.path,
+            rows,
+            sent,
+            size,
+        )
         return self
 
-    def _connect(self) -> tuple[sqlite3.Connection, int, int]:
+    def _connect(self) -> tuple[sqlite3.Connection, int, int, int]:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -117,16 +140,19 @@ class Outbox:
             db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
             db.execute("PRAGMA busy_timeout=5000")
             db.execute(_DDL)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+            if "sent_at" not in columns:  # an outbox of schema 1: nothing was marked sent
+                db.execute("ALTER TABLE outbox ADD COLUMN sent_at REAL")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            rows, size = db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
+            rows, size, sent = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0), COUNT(sent_at) FROM outbox"
             ).fetchone()
             self._identity = _identity(self.path)
         except sqlite3.Error as exc:
             raise OutboxError(f"{self.path}: cannot open outbox: {exc}") from exc
         except OSError as exc:
             raise OutboxError(f"{self.path}: cannot create outbox: {exc.strerror}") from exc
-        return db, int(rows), int(size)
+        return db, int(rows), int(size), int(sent)
 
     def check_file(self) -> str | None:
         """Recreate the database if it was deleted or replaced under us; returns the reason of a
@@ -159,7 +185,7 @@ class Outbox:
         old = self._conn()
         try:
             rows = old.execute(
-                "SELECT id, message_id, topic, payload, created_at FROM outbox ORDER BY id"
+                "SELECT id, message_id, topic, payload, created_at, sent_at FROM outbox ORDER BY id"
             ).fetchall()
             seq = old.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
             self._last_id = int(seq[0]) if seq else 0
@@ -175,12 +201,12 @@ class Outbox:
         rows = self._orphans or []
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)  # leftovers of the old one
-        db, _, _ = self._connect()
+        db, _, _, _ = self._connect()
         try:
             db.execute("BEGIN IMMEDIATE")
             db.executemany(
-                "INSERT INTO outbox (id, message_id, topic, payload, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO outbox (id, message_id, topic, payload, created_at, sent_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 rows,
             )
             # Row ids keep growing across the recreation: the publisher's cursor stays valid.
@@ -233,7 +259,10 @@ class Outbox:
         """Current occupancy."""
         with self._lock:
             full = self._rows >= self.max_rows or self._bytes >= self.max_bytes
-            return OutboxStats(self._rows, self._bytes, full, self.max_rows, self.max_bytes)
+            unsent = self._rows - self._sent
+            return OutboxStats(
+                unsent, self._bytes, full, self.max_rows, self.max_bytes, sent=self._sent
+            )
 
     def put(self, message_id: str, topic: str, payload: bytes) -> int:
         """Commit one message durably; returns its row id (its place in the FIFO).
@@ -266,22 +295,75 @@ class Outbox:
             self._bytes += len(payload)
             return int(cur.lastrowid or 0)
 
-    def pending(self, after_rowid: int = 0, limit: int = 100) -> list[OutboxItem]:
-        """Up to ``limit`` messages with row id greater than ``after_rowid``, oldest first."""
+    def _select(self, query: str, args: tuple[float | int, ...]) -> list[OutboxItem]:
         with self._lock:
             try:
-                rows = (
-                    self._conn()
-                    .execute(
-                        "SELECT id, message_id, topic, payload, created_at FROM outbox "
-                        "WHERE id > ? ORDER BY id LIMIT ?",
-                        (after_rowid, limit),
-                    )
-                    .fetchall()
-                )
+                rows = self._conn().execute(query, args).fetchall()
             except sqlite3.Error as exc:
                 raise OutboxError(f"{self.path}: cannot read outbox: {exc}") from exc
         return [OutboxItem(int(r[0]), r[1], r[2], bytes(r[3]), float(r[4])) for r in rows]
+
+    def pending(self, after_rowid: int = 0, limit: int = 100) -> list[OutboxItem]:
+        """Up to ``limit`` unsent messages with row id above ``after_rowid``, oldest first."""
+        return self._select(_PENDING, (after_rowid, limit))
+
+    def overdue(self, sent_before: float, limit: int = 100) -> list[OutboxItem]:
+        """Sent messages whose receipt is overdue (``sent_at < sent_before``), oldest first."""
+        return self._select(_OVERDUE, (sent_before, limit))
+
+    def mark_sent(self, rowids: Iterable[int], at: float | None = None) -> int:
+        """The broker acknowledged these rows: keep them as ``sent`` until the receipt."""
+        ids = list(rowids)
+        when = time.time() if at is None else at
+        with self._lock:
+            db = self._conn()
+            newly = 0
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                for rowid in ids:
+                    newly += db.execute(
+                        "UPDATE outbox SET sent_at = ? WHERE id = ? AND sent_at IS NULL",
+                        (when, rowid),
+                    ).rowcount
+                    db.execute("UPDATE outbox SET sent_at = ? WHERE id = ?", (when, rowid))
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise OutboxError(f"{self.path}: cannot mark rows sent: {exc}") from exc
+            self._sent += newly
+            return int(newly)
+
+    def receipt(self, message_ids: Iterable[str]) -> int:
+        """The archive confirmed these ``message_id`` s: delete them; returns how many."""
+        ids = list(message_ids)
+        with self._lock:
+            db = self._conn()
+            deleted = freed = sent = 0
+            newest = self.newest_receipted_sent_at
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                for message_id in ids:
+                    row = db.execute(
+                        "DELETE FROM outbox WHERE message_id = ? "
+                        "RETURNING LENGTH(payload), sent_at IS NOT NULL, sent_at",
+                        (message_id,),
+                    ).fetchone()
+                    if row is not None:
+                        deleted += 1
+                        freed += int(row[0])
+                        sent += int(row[1])
+                        newest = max(newest, float(row[2] or 0.0))
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise OutboxError(f"{self.path}: cannot delete receipted rows: {exc}") from exc
+            self.newest_receipted_sent_at = newest
+            self._rows -= deleted
+            self._bytes -= freed
+            self._sent -= sent
+            return deleted
 
     def ack(self, rowids: Iterable[int]) -> int:
         """Delete acknowledged messages in one transaction; returns how many were deleted."""
@@ -290,16 +372,19 @@ class Outbox:
             return 0
         with self._lock:
             db = self._conn()
-            deleted = freed = 0
+            deleted = freed = sent = 0
             try:
                 db.execute("BEGIN IMMEDIATE")
                 for rowid in ids:
                     row = db.execute(
-                        "DELETE FROM outbox WHERE id = ? RETURNING LENGTH(payload)", (rowid,)
+                        "DELETE FROM outbox WHERE id = ? "
+                        "RETURNING LENGTH(payload), sent_at IS NOT NULL",
+                        (rowid,),
                     ).fetchone()
                     if row is not None:
                         deleted += 1
                         freed += int(row[0])
+                        sent += int(row[1])
                 db.execute("COMMIT")
             except sqlite3.Error as exc:
                 if db.in_transaction:
@@ -307,17 +392,24 @@ class Outbox:
                 raise OutboxError(f"{self.path}: cannot delete acknowledged rows: {exc}") from exc
             self._rows -= deleted
             self._bytes -= freed
+            self._sent -= sent
             return deleted
 
     def contains(self, message_id: str) -> bool:
         """True if ``message_id`` is still waiting for its PUBACK."""
+        return self.state_of(message_id) == "pending"
+
+    def state_of(self, message_id: str) -> Literal["pending", "sent"] | None:
+        """``pending`` (waiting for the broker), ``sent`` (for the receipt), None (gone)."""
         with self._lock:
             row = (
                 self._conn()
-                .execute("SELECT 1 FROM outbox WHERE message_id = ?", (message_id,))
+                .execute("SELECT sent_at FROM outbox WHERE message_id = ?", (message_id,))
                 .fetchone()
             )
-        return row is not None
+        if row is None:
+            return None
+        return "pending" if row[0] is None else "sent"
 
 
 def _identity(path: Path) -> tuple[int, int]:

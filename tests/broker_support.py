@@ -81,9 +81,16 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
 class Mosquitto:
     """A mosquitto child process on a fixed free port; restartable on that same port."""
 
-    def __init__(self, workdir: Path, port: int | None = None, persistent: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        persistent: bool = False,
+        extra_config: str = "",
+    ) -> None:
         self.workdir = workdir
         self.persistent = persistent
+        self.extra_config = extra_config  # more mosquitto.conf lines (e.g. the shipped limits)
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.config = workdir / "mosquitto.conf"
@@ -104,7 +111,7 @@ class Mosquitto:
         self.config.write_text(
             f"listener {self.port} 127.0.0.1\n{same_user_setting()}allow_anonymous true\n"
             f"{persistence}"
-            f"log_dest file {self.log}\nlog_type all\n",
+            f"log_dest file {self.log}\nlog_type all\n{self.extra_config}",
             "utf-8",
         )
         for _ in range(50):  # the port may linger for a moment after a stop
@@ -118,6 +125,13 @@ class Mosquitto:
                 return self
             time.sleep(0.1)
         raise RuntimeError(f"mosquitto did not start on {self.port}: {self.log_text()[-500:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the broker: nothing is saved (idempotent)."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
     def stop(self) -> None:
         """Stop the broker (idempotent)."""

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,8 +32,11 @@ from broker_support import (
 
 from deploy.appliance.base import ScanRequest
 from deploy.appliance.service import Appliance
-from deploy.config import load_config
+from deploy.broker import parse_broker_url
+from deploy.config import MqttConfig, load_config
 from deploy.exceptions import ScanRejectedError
+from deploy.mqtt import MqttLink, OutboxPump, Topics
+from deploy.outbox import Outbox
 from deploy.schemas import validate
 
 BASE = "omis/v1/dev1"
@@ -69,12 +73,16 @@ def test_results_validated_by_mosquitto_sub(mosquitto: Mosquitto, tmp_path: Path
             "3",
             "-W",
             "30",
+            "-i",
+            "sub-validate",
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
     with Collector(mosquitto.port, f"{BASE}/#") as col:
-        time.sleep(0.3)  # let mosquitto_sub subscribe
+        # Ready when the broker has answered mosquitto_sub's SUBSCRIBE (its log says so).
+        suback = "Sending SUBACK to sub-validate"
+        assert wait_until(lambda: suback in mosquitto.log_text(), 10), mosquitto.log_text()
         with running(app_config(mosquitto.url), tmp_path / "state", FakeScanner()) as app:
             submit(app, "S-1", "S-2", "S-3")
             out, _ = sub.communicate(timeout=30)
@@ -91,6 +99,44 @@ def test_results_validated_by_mosquitto_sub(mosquitto: Mosquitto, tmp_path: Path
         validate("status", status)
     assert {s["state"] for s in statuses} >= {"idle", "scanning"}
     assert col.on("/availability")[0] == b"online"
+
+
+def test_first_result_goes_out_once_when_the_online_hook_is_late(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """The link is connected before its ``on_online`` hook runs, so the pump may send the first
+    row before the hook calls ``reconnected()``: that call must not replay the row on a healthy
+    link (issue 19 §7).  The hook here waits until the pump has sent, which makes the race
+    certain instead of occasional."""
+    topics = Topics("omis/v1", "dev1")
+    pumps: list[OutboxPump] = []
+
+    def late_hook() -> None:
+        wait_until(lambda: pumps[0].published >= 1, 5)
+        pumps[0].reconnected()
+
+    stop = threading.Event()
+    with Outbox(tmp_path / "o.db") as box, Collector(mosquitto.port, f"{BASE}/result") as col:
+        box.put("m-first", topics.result, b'{"n":1}')
+        link = MqttLink(MqttConfig(), parse_broker_url(mosquitto.url), topics, on_online=late_hook)
+        pump = OutboxPump(box, link, max_inflight=4)
+        pumps.append(pump)
+        link.on_puback = pump.on_puback
+        worker = threading.Thread(target=pump.run, args=(stop,), daemon=True)
+        worker.start()
+        link.start()
+        try:
+            assert wait_until(lambda: box.stats().rows == 0, 10)
+            box.put("m-marker", topics.result, b'{"n":2}')
+            pump.notify()
+            # FIFO on one connection: a duplicate of the first row would arrive before this.
+            assert wait_until(lambda: col.on("/result")[-1:] == [b'{"n":2}'], 10)
+        finally:
+            stop.set()
+            pump.notify()
+            worker.join(5)
+            link.close()
+    assert col.on("/result") == [b'{"n":1}', b'{"n":2}']
 
 
 def test_broker_down_when_scanning_starts(tmp_path: Path) -> None:
@@ -256,7 +302,8 @@ def test_bad_commands_over_mqtt_never_kill_the_daemon(mosquitto: Mosquitto, tmp_
 
 def test_outbox_full_refuses_scans_and_reports_degraded(tmp_path: Path) -> None:
     broker = Mosquitto(tmp_path)  # not started: nothing can be acknowledged
-    config = app_config(broker.url, outbox={"max_rows": 2})
+    # No archive here: the PUBACK frees the row (with receipts the archive's receipt would).
+    config = app_config(broker.url, outbox={"max_rows": 2, "receipts": False})
     with running(config, tmp_path / "state", FakeScanner()) as app:
         submit(app, "F1", "F2")
         assert wait_until(lambda: app.outbox.stats().rows == 2, 10)

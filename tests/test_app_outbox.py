@@ -205,7 +205,8 @@ def test_unacknowledged_rows_are_replayed_in_order_after_a_reconnect(tmp_path: P
             assert wait_until(lambda: link.count() == 3, 5)
             pump.on_puback(1, True)  # r0 acknowledged before the outage
             assert wait_until(lambda: box.stats().rows == 2, 5)
-            pump.reconnected()  # the link came back; mids 2 and 3 never got their PUBACK
+            link.connects += 1  # the link came back; mids 2 and 3 never got their PUBACK
+            pump.reconnected()
             assert wait_until(lambda: link.count() == 5, 5), "unacknowledged rows not replayed"
             pump.on_puback(2, True)  # a late PUBACK for an old mid still acknowledges r1
             pump.on_puback(5, True)  # r2, re-sent as mid 5
@@ -357,3 +358,71 @@ def test_row_ids_keep_growing_across_a_recreation(tmp_path: Path) -> None:
         box.ack(first)
         path.unlink()
         assert box.put("m3", "t", b"p") > max(first)
+
+
+# ---------------------------------------------------------------- receipts (issue 19 §2)
+
+
+def test_a_row_stays_after_its_puback_until_the_archive_confirms_it(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", max_rows=3) as box:
+        ids = [box.put(f"m{i}", "p/d/result", b"x" * 10) for i in range(3)]
+        assert box.mark_sent(ids[:2]) == 2
+        stats = box.stats()
+        assert (stats.rows, stats.sent, stats.full) == (1, 2, True)  # sent rows still count
+        assert not box.has_room()
+        assert [i.message_id for i in box.pending()] == ["m2"]
+        assert box.state_of("m0") == "sent" and box.state_of("m2") == "pending"
+        assert not box.contains("m0") and box.contains("m2")
+        assert [i.message_id for i in box.overdue(time.time() + 1)] == ["m0", "m1"]
+        assert box.overdue(time.time() - 3600) == []
+        assert box.receipt(["m0", "m2", "never-sent-here"]) == 2  # stored and set aside alike
+        stats = box.stats()
+        assert (stats.rows, stats.sent, stats.bytes) == (0, 1, 10)
+        assert box.state_of("m0") is None
+    with Outbox(tmp_path / "o.db") as box:  # the counts survive a restart
+        assert (box.stats().rows, box.stats().sent) == (0, 1)
+
+
+def test_an_outbox_of_schema_1_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL "
+        "UNIQUE, topic TEXT NOT NULL, payload BLOB NOT NULL, created_at REAL NOT NULL)"
+    )
+    db.execute("INSERT INTO outbox VALUES (1, 'old', 't', x'00', 0)")
+    db.commit()
+    db.close()
+    with Outbox(path) as box:
+        assert box.state_of("old") == "pending"
+        assert box.mark_sent([1]) == 1 and box.receipt(["old"]) == 1
+
+
+def test_the_pump_keeps_sent_rows_for_receipts_and_resends_overdue_ones(tmp_path: Path) -> None:
+    link = RefusingLink()
+    stop = threading.Event()
+    with Outbox(tmp_path / "o.db") as box:
+        box.put("m-a", "p/d/result", b"a")
+        box.put("m-b", "p/d/result", b"b")
+        pump = OutboxPump(box, link, max_inflight=4, receipts=True, receipt_timeout_s=1.0)
+        worker = threading.Thread(target=pump.run, args=(stop,), daemon=True)
+        worker.start()
+        try:
+            assert wait_until(lambda: link.count() == 2, 5)
+            pump.on_puback(1, True)
+            pump.on_puback(2, True)
+            assert wait_until(lambda: box.stats().sent == 2, 5)
+            assert box.stats().rows == 0  # nothing waits for the broker any more
+            pump.on_receipt(b'{"schema": "omis.receipt/1", "message_ids": ["m-a"], "rejected": []}')
+            pump.on_receipt(b'{"schema": "other"}')  # ignored, logged
+            assert wait_until(lambda: box.stats().sent == 1, 5)
+            # m-b has no receipt: after the timeout it is published again, same bytes
+            assert wait_until(lambda: link.count() == 3, 10)
+            assert link.sent[-1][1] == b"b"
+            pump.on_receipt(b'{"schema": "omis.receipt/1", "message_ids": [], "rejected": ["m-b"]}')
+            assert wait_until(lambda: box.stats().sent == 0, 5)
+        finally:
+            stop.set()
+            pump.notify()
+            worker.join(5)
+    assert (pump.receipted, pump.resent) == (2, 1)

@@ -58,7 +58,7 @@ def client(db_url: str, **http: Any) -> TestClient:
     ]
     config = HttpConfig(accounts=accounts, **http)
     # TestClient's peer is "testclient", i.e. not localhost: every request must authenticate
-    api = TestClient(create_app(ArchiveQueries(engine), config, None))
+    api = TestClient(create_app(ArchiveQueries(engine), config, None), base_url="http://localhost")
     api.auth = ("lab", PASSWORD)
     return api
 
@@ -84,8 +84,8 @@ def test_results_filters_and_paging(stored: dict[str, Any], db_url: str) -> None
     window = {"since": "2026-01-01T12:00:02Z", "until": "2026-01-01T13:00:04+01:00"}
     assert api.get("/api/results", params=window).json()["total"] == 2
     bad = api.get("/api/results", params={"since": "yesterday"})
-    assert bad.status_code == 400
-    assert "since" in bad.json()["detail"]
+    assert bad.status_code == 422
+    assert bad.json()["detail"][0]["loc"] == ["query", "since"]
     assert api.get("/api/results", params={"outcome": "exploded"}).status_code == 422
 
 
@@ -119,22 +119,18 @@ def test_fhir_bundle_is_valid_r4(stored: dict[str, Any], db_url: str, kind: str)
     resources = {e.resource.get_resource_type(): e.resource for e in bundle.entry}
     report = resources["DiagnosticReport"]
     assert isinstance(report, DiagnosticReport)
-    assert report.status == {"high": "final", "unsure": "preliminary", "failed": "cancelled"}[kind]
-    observations = {
-        e.resource.code.coding[0].code: e.resource
-        for e in bundle.entry
-        if e.resource.get_resource_type() == "Observation"
-    }
-    assert (
-        observations["outcome"].valueCodeableConcept.coding[0].code
-        == ({"high": "classified", "unsure": "abstained", "failed": "failed"}[kind])
-    )
-    assert observations["review"].valueBoolean is (kind != "high")
+    # nothing is signed out yet: the device's call is preliminary; a failed scan is cancelled
+    status = {"high": "preliminary", "unsure": "preliminary", "failed": "cancelled"}[kind]
+    assert report.status == status
+    call = resources["Observation"]
+    assert call.code.coding[0].code == "device-call"
+    value = call.valueCodeableConcept.coding[0].code
+    assert value == {"high": "high", "unsure": "abstained", "failed": "failed"}[kind]
     if kind == "high":
-        assert float(observations["p-high"].valueQuantity.value) == 0.91
-        assert report.conclusion == "high risk (p(high) 0.910)"
+        assert float(call.component[0].valueQuantity.value) == 0.91
+        assert "high risk, p(high) 0.91" in report.conclusion
     if kind == "failed":
-        assert report.conclusion == "failed at acquire: focus lost"
+        assert "scan failed at stage acquire" in report.conclusion
     models = [
         e.resource
         for e in bundle.entry
@@ -148,13 +144,13 @@ def test_fhir_bundle_is_valid_r4(stored: dict[str, Any], db_url: str, kind: str)
 
 def test_remote_requests_need_an_account(stored: dict[str, Any], db_url: str) -> None:
     api = client(db_url)
-    assert api.get("/api/me").json() == {"name": "lab", "role": "viewer"}
+    assert api.get("/api/me").json() == {"name": "lab", "role": "viewer", "via": "basic"}
     assert api.get("/api/me", auth=("op", PASSWORD)).json()["role"] == "operator"
     for auth in (("lab", "wrong"), ("nobody", PASSWORD)):
         response = api.get("/api/results", auth=auth)
         assert response.status_code == 401
         assert response.headers["www-authenticate"] == "Basic"
-    anonymous = TestClient(api.app)
+    anonymous = TestClient(api.app, base_url="http://localhost")
     assert anonymous.get("/api/results").status_code == 401
     assert verify_password(PASSWORD, hash_password(PASSWORD))
     assert not verify_password(PASSWORD, "plain-text")

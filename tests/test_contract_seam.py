@@ -109,7 +109,7 @@ def archive(tmp_path: Path) -> Any:
     config = HttpConfig(
         accounts=[Account(name="lab", role="viewer", password_hash=hash_password(PASSWORD))]
     )
-    api = TestClient(create_app(ArchiveQueries(engine), config, None))
+    api = TestClient(create_app(ArchiveQueries(engine), config, None), base_url="http://localhost")
     api.auth = ("lab", PASSWORD)
     yield subscriber, api
     engine.dispose()

@@ -77,7 +77,12 @@ def archive(broker: RunningBroker, tmp_path: Path) -> Iterator[ArchiveService]:
                 "client_id": "archive-dash",
                 "tls": tls_for(broker, "svc.ingest"),
             },
-            "http": {"port": free_port(), "accounts": accounts},
+            "http": {
+                "port": free_port(),
+                "accounts": accounts,
+                # the page's CSP lets it connect to this broker socket only
+                "dashboard_broker_url": f"wss://localhost:{broker.tree.dashboard_port}/mqtt",
+            },
         },
     )
     service = ArchiveService(config, tmp_path / "archive")

@@ -177,6 +177,25 @@ def test_service_accounts_cannot_publish_results(
         assert account.publish_ok(f"{PREFIX}/scope-01/cmd/ota", b"{}")
 
 
+def test_receipts_under_the_production_acl(broker: RunningBroker, peers: list[Peer]) -> None:
+    """Only the archive (svc.ingest) sends receipts; each device reads only its own."""
+    own = connect(broker, peers, "scope-01", "pw-01", cert="scope-01")
+    own.subscribe(f"{PREFIX}/scope-01/receipt")
+    other = connect(broker, peers, "scope-02", "pw-02", cert="scope-02")
+    other.subscribe(f"{PREFIX}/scope-01/receipt")
+    other.subscribe(f"{PREFIX}/+/receipt")
+    ingest = connect(broker, peers, "svc.ingest", None, cert="svc.ingest")
+    assert ingest.publish_ok(f"{PREFIX}/scope-01/receipt", b"r-1")
+    # a device can forge no receipt: a forged one would delete a result never stored
+    assert not other.publish_ok(f"{PREFIX}/scope-01/receipt", b"forged")
+    assert not own.publish_ok(f"{PREFIX}/scope-01/receipt", b"forged")
+    assert wait_for(lambda: own.received(f"{PREFIX}/scope-01/receipt") == [b"r-1"], 5)
+    ingest.publish_ok(f"{PREFIX}/scope-02/receipt", b"r-2")  # scope-02's own: it may read it
+    assert wait_for(lambda: other.received(f"{PREFIX}/scope-02/receipt") == [b"r-2"], 5)
+    assert other.received(f"{PREFIX}/scope-01/receipt") == []
+    assert own.received(f"{PREFIX}/scope-01/receipt") == [b"r-1"]
+
+
 # -- replies under the production ACL -----------------------------------------------------------
 
 

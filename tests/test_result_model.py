@@ -7,6 +7,7 @@ import json
 import math
 import re
 import threading
+from pathlib import Path
 from typing import Any, get_args
 
 import pytest
@@ -19,7 +20,7 @@ from deploy.collector.outcome import check_result
 from deploy.exceptions import SchemaError
 from deploy.messages import catalog, migrations, vocabulary
 from deploy.messages.identifiers import (
-    safe_path_component,
+    safe_join,
     validate_device_id,
 )
 from deploy.messages.receipt import ReceiptMessage
@@ -226,7 +227,7 @@ def test_the_oldest_format_goes_through_every_step() -> None:
 @pytest.mark.parametrize("device", ["lab.scope-1", "a", "A_b-c.d", "9" * 64])
 def test_one_identifier_rule_for_device_and_archive(device: str) -> None:
     assert validate_device_id(device) == device
-    assert safe_path_component(device) == device
+    assert safe_join(Path("/base"), device, ".tar") == Path(f"/base/{device}.tar")
     data = result_json(1, device=device, slide=device)
     validate("result", data)
     assert check_result(data)["device_id"] == device
@@ -239,7 +240,7 @@ def test_ids_outside_the_rule_are_refused_everywhere(bad: Any) -> None:
     with pytest.raises(ValueError, match="not a valid id"):
         validate_device_id(bad)
     with pytest.raises(ValueError):
-        safe_path_component(bad)
+        safe_join(Path("/base"), bad)
     data = result_json(1)
     data["device_id"] = bad
     with pytest.raises(ValueError, match="device_id"):

@@ -80,7 +80,13 @@ class Appliance:
         self.status = StatusTracker(self.identity, __version__)
         o = config.outbox
         self.outbox = Outbox(state_dir / OUTBOX_FILE, o.max_rows, o.max_bytes, o.synchronous)
-        self.transport = Transport(config.mqtt, topics, self.outbox)
+        self.transport = Transport(
+            config.mqtt,
+            topics,
+            self.outbox,
+            receipts=o.receipts,
+            receipt_timeout_s=o.receipt_timeout_s,
+        )
         self.supervisor = Supervisor(config.service.restart_max, config.service.restart_window_s)
         self._stop_requested = threading.Event()
         self._closed = False

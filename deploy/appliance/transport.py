@@ -22,8 +22,18 @@ SETTLE_INFLIGHT_S = 2.0
 class Transport:
     """Broker (when embedded), MQTT link and outbox pump of one appliance."""
 
-    def __init__(self, config: MqttConfig, topics: Topics, outbox: Outbox) -> None:
+    def __init__(
+        self,
+        config: MqttConfig,
+        topics: Topics,
+        outbox: Outbox,
+        *,
+        receipts: bool = True,
+        receipt_timeout_s: float = 300.0,
+    ) -> None:
         self.config = config
+        self.receipts = receipts  # outbox rows wait for the archive's receipt
+        self.receipt_timeout_s = receipt_timeout_s
         self.topics = topics
         self.outbox = outbox
         self.broker: EmbeddedBroker | None = None
@@ -53,8 +63,16 @@ class Transport:
             on_online=on_online,
             extra_filters=extra,
         )
-        self.pump = OutboxPump(self.outbox, self.link, self.config.max_inflight)
+        self.pump = OutboxPump(
+            self.outbox,
+            self.link,
+            self.config.max_inflight,
+            receipts=self.receipts,
+            receipt_timeout_s=self.receipt_timeout_s,
+        )
         self.link.on_puback = self.pump.on_puback
+        if self.receipts:
+            self.link.on_receipt = self.pump.on_receipt
         self.link.start()
         return self.pump
 
@@ -79,6 +97,8 @@ class Transport:
             "results_published": pump.published if pump else 0,
             "results_acked": pump.acked if pump else 0,
             "results_rejected": pump.rejected if pump else 0,
+            "results_receipted": pump.receipted if pump else 0,
+            "results_resent": pump.resent if pump else 0,
             "mqtt_connects": link.connects if link else 0,
         }
 

@@ -7,5 +7,7 @@ offline) and serves them over an HTTP API (FastAPI on uvicorn) and the dashboard
 
 Modules: ``config`` (typed configuration), ``store`` (tables, ingest, queries),
 ``outcome`` (the result's outcome and review flag), ``ingest`` (the MQTT side),
-``auth`` (accounts), ``api`` (HTTP), ``fhir`` (FHIR R4 export), ``service`` (runs it all).
+``auth`` (accounts), ``api`` (HTTP routes) with ``api_models`` (response models),
+``http_params`` (bounded parameters) and ``http_security`` (headers, allowed hosts, docs
+behind the login), ``fhir`` (FHIR R4 export), ``service`` (runs it all).
 """

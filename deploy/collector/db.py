@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,44 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=FULL")  # an acknowledged result survives power loss
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA mmap_size=0")  # read the database with read(), never through a map
     cursor.close()
+
+
+def _writable_file(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return  # SQLite creates it
+    if not stat.S_ISREG(mode):
+        raise ArchiveError(f"db: {path} is not a regular file; move it away")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise ArchiveError(
+            f"db: {path} is not writable; the archive needs to write the database and its "
+            "-wal and -shm files (SQLite maps -shm into memory: an unwritable one can crash "
+            "the process with SIGBUS); fix its owner or permissions, or remove it while no "
+            "collector runs"
+        )
+
+
+def check_sqlite_files(database: Path) -> None:
+    """Refuse, naming the file, what SQLite could not write: its directory (it creates -wal and
+    -shm there), the database, ``-wal`` and ``-shm``; each must be a regular, writable file.
+
+    SQLite maps ``-shm`` into memory; one it cannot extend turns into SIGBUS at the first
+    access, which kills the process with no log line, so this runs before anything opens."""
+    directory = database.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArchiveError(f"db: cannot create {directory}: {exc.strerror}") from exc
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ArchiveError(
+            f"db: {directory} is not writable; SQLite creates the database's -wal and -shm "
+            "files beside it"
+        )
+    for suffix in ("", "-wal", "-shm"):
+        _writable_file(Path(f"{database}{suffix}"))
 
 
 def open_engine(url: str, *, writer: bool = True) -> Engine:
@@ -49,7 +88,7 @@ def open_engine(url: str, *, writer: bool = True) -> Engine:
         database = engine.url.database
         if not database or database == ":memory:":
             raise ArchiveError("db: an in-memory SQLite database cannot be shared; give a path")
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        check_sqlite_files(Path(database))
         event.listen(engine, "connect", _sqlite_pragmas)
         begin = "BEGIN IMMEDIATE" if writer else "BEGIN"
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql(begin))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, Select, func, select
 
-from deploy.collector.tables import alerts, devices, results
+from deploy.collector.tables import alerts, devices, rejected, results
 
 LIST_COLUMNS = (
     results.c.message_id,
@@ -33,6 +34,11 @@ LIST_COLUMNS = (
     results.c.model_version,
     results.c.model_sha256,
 )
+# what the list endpoints read: the listed columns plus the bounded sort time
+_ROW_COLUMNS = (*LIST_COLUMNS, results.c.sort_at)
+# newest first by the device's finished_at bounded by the archive's clock (see
+# deploy.collector.store.bounded_time): a device clock in the future cannot pin a result on top
+NEWEST_FIRST = (results.c.sort_at.desc(), results.c.id.desc())
 
 
 def rfc3339(value: datetime | None) -> str | None:
@@ -75,8 +81,10 @@ class ResultFilter:
 
 
 def summary(row: Any) -> dict[str, Any]:
-    """One list row as JSON."""
+    """One list row as JSON; ``device_clock_ahead`` when finished_at had to be bounded."""
     data = dict(row._mapping)
+    sort_at = data.pop("sort_at")
+    data["device_clock_ahead"] = sort_at < data["finished_at"]
     for key in ("started_at", "finished_at", "received_at"):
         data[key] = rfc3339(data[key])
     data["review"] = bool(data["review"])
@@ -93,8 +101,7 @@ class ArchiveQueries:
         self, where: ResultFilter, limit: int, offset: int = 0
     ) -> tuple[int, list[dict[str, Any]]]:
         """(total matching, one page newest first)."""
-        page = where.apply(select(*LIST_COLUMNS))
-        page = page.order_by(results.c.finished_at.desc(), results.c.id.desc())
+        page = where.apply(select(*_ROW_COLUMNS)).order_by(*NEWEST_FIRST)
         total = where.apply(select(func.count()).select_from(results))
         with self.engine.connect() as conn:
             count = int(conn.execute(total).scalar_one())
@@ -103,8 +110,7 @@ class ArchiveQueries:
 
     def iter_results(self, where: ResultFilter, chunk: int = 1000) -> Iterator[dict[str, Any]]:
         """Every matching row, newest first, streamed from one query (CSV export)."""
-        query = where.apply(select(*LIST_COLUMNS))
-        query = query.order_by(results.c.finished_at.desc(), results.c.id.desc())
+        query = where.apply(select(*_ROW_COLUMNS)).order_by(*NEWEST_FIRST)
         with self.engine.connect() as conn:
             rows = conn.execution_options(yield_per=chunk).execute(query)
             for row in rows:
@@ -112,7 +118,7 @@ class ArchiveQueries:
 
     def get_result(self, message_id: str) -> dict[str, Any] | None:
         """The full stored payload plus the archive's columns, or None."""
-        query = select(*LIST_COLUMNS, results.c.payload).where(results.c.message_id == message_id)
+        query = select(*_ROW_COLUMNS, results.c.payload).where(results.c.message_id == message_id)
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         if row is None:
@@ -143,6 +149,7 @@ class ArchiveQueries:
             for key in ("availability_at", "last_result_at", "updated_at"):
                 data[key] = rfc3339(data[key])
             data.pop("status_at")
+            data.pop("status_time")
             out.append(data)
         return out
 
@@ -165,3 +172,38 @@ class ArchiveQueries:
             data.pop("key")
             out.append(data)
         return out
+
+    def rejected(
+        self, *, device: str | None = None, limit: int = 100, offset: int = 0
+    ) -> dict[str, Any]:
+        """Messages set aside, newest first: bytes as received (base64), topic, reason, time.
+
+        ``by_device`` counts every rejected message per device (``null``: not known).
+        """
+        query = select(rejected)
+        counted = select(rejected.c.device_id, func.count().label("n")).group_by(
+            rejected.c.device_id
+        )
+        if device is not None:
+            query = query.where(rejected.c.device_id == device)
+        newest = query.order_by(rejected.c.received_at.desc(), rejected.c.id.desc())
+        with self.engine.connect() as conn:
+            rows = conn.execute(newest.limit(limit).offset(offset)).all()
+            counts = {r.device_id: int(r.n) for r in conn.execute(counted)}
+        total = counts.get(device, 0) if device is not None else sum(counts.values())
+        items = []
+        for row in rows:
+            data = dict(row._mapping)
+            raw = bytes(data.pop("payload"))
+            data["received_at"] = rfc3339(data["received_at"])
+            data["payload_base64"] = base64.b64encode(raw).decode("ascii")
+            data["size"] = len(raw)
+            items.append(data)
+        by_device = {str(k) if k is not None else "(unknown)": v for k, v in counts.items()}
+        return {
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+            "items": items,
+            "by_device": by_device,
+        }

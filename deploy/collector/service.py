@@ -75,12 +75,12 @@ class ArchiveService:
         reader = open_engine(self.db_url, writer=False)
         self.engines.append(reader)
         store = ArchiveStore(writer, high_risk_alerts=self.config.high_risk_alerts)
-        self.subscriber = ArchiveSubscriber(self.config.mqtt, store)
+        self.subscriber = ArchiveSubscriber(self.config.mqtt, store, self.config.ingest)
         self.subscriber.start()
-        self._serve_http(ArchiveQueries(reader))
+        self._serve_http(ArchiveQueries(reader), writer)
         log.info("archive %s; API on %s", writer.url, self.http_url)
 
-    def _serve_http(self, queries: ArchiveQueries) -> None:
+    def _serve_http(self, queries: ArchiveQueries, writer: Engine) -> None:
         http = self.config.http
         family = socket.AF_INET6 if ":" in http.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -91,8 +91,12 @@ class ArchiveService:
             sock.close()
             raise ServiceError(f"http: cannot listen on {http.host}:{http.port}: {exc}") from exc
         self._socket = sock
-        app = create_app(queries, http, dashboard_dir(self.config))
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        app = create_app(
+            queries, http, dashboard_dir(self.config), engine=writer, review=self.config.review
+        )
+        # log_config=None: uvicorn's records go through our (redacting) handler, not its own
+        config = uvicorn.Config(app, log_level="warning", access_log=False, log_config=None)
+        server = uvicorn.Server(config)
         self._server = server
         self._http_thread = threading.Thread(
             target=server.run, kwargs={"sockets": [sock]}, name="collector-http", daemon=True

@@ -141,7 +141,10 @@ class ShadowArchive:
         :class:`ArchiveError` when the database fails.
         """
         text = payload.decode("utf-8")
-        message = parse_shadow(device, json.loads(text))
+        return self.store(parse_shadow(device, json.loads(text)), text)
+
+    def store(self, message: ShadowMessage, text: str) -> bool:
+        """Store a parsed shadow result (``text``: its payload); False for a redelivery."""
         row = _row(message, text)
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         stmt = dialect.insert(shadow_results).values(**row)

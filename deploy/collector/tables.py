@@ -14,11 +14,13 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 metadata = MetaData()
@@ -39,6 +41,8 @@ results = Table(
     Column("started_at", DateTime, nullable=False),
     Column("finished_at", DateTime, nullable=False),
     Column("received_at", DateTime, nullable=False),
+    # finished_at bounded by received_at + the allowed skew (lists order by it; 0003)
+    Column("sort_at", DateTime, nullable=False),
     Column("outcome", String(16), nullable=False),
     Column("outcome_reason", Text),
     Column("outcome_stage", String(64)),
@@ -50,10 +54,14 @@ results = Table(
     Column("model_version", BigInteger),
     Column("model_sha256", String(64)),
     Column("payload", Text, nullable=False),
+    # HMAC of message_id as a number in [0, 1): the reproducible QC draw (review.py)
+    Column("qc_rank", Float),
     Index("ix_results_finished", "finished_at"),
     Index("ix_results_device_finished", "device_id", "finished_at"),
     Index("ix_results_slide", "slide_id"),
     Index("ix_results_boot_seq", "device_id", "boot_id", "seq"),
+    Index("ix_results_sort", "sort_at"),
+    Index("ix_results_device_sort", "device_id", "sort_at"),
 )
 
 devices = Table(
@@ -63,7 +71,9 @@ devices = Table(
     Column("availability", String(16)),
     Column("availability_at", DateTime),
     Column("status", Text),
-    Column("status_at", String(40)),
+    Column("status_at", String(40)),  # the status's own "at", as the device sent it
+    # ... parsed and bounded by the archive's clock: a newer status replaces an older one (0003)
+    Column("status_time", DateTime),
     Column("ota_state", Text),
     Column("last_result_at", DateTime),
     Column("updated_at", DateTime, nullable=False),
@@ -92,9 +102,65 @@ alerts = Table(
     Column("detail", Text, nullable=False),
     Column("created_at", DateTime, nullable=False),
     Column("resolved_at", DateTime),
+    Column("slide_id", String(128)),
+    Column("acked_at", DateTime),
+    Column("acked_by", String(64)),
+    Column("count", Integer, nullable=False, server_default="1"),
     Index("ix_alerts_open", "resolved_at", "created_at"),
     Index("ix_alerts_device", "device_id", "created_at"),
 )
+
+# Messages the archive could not accept: the bytes exactly as received, never dropped
+# (docs/collector.md, "Failure classes").  ``kind``: data, storage or conflict.
+rejected = Table(
+    "rejected",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("received_at", DateTime, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("device_id", String(64)),
+    Column("message_id", String(64)),
+    Column("kind", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Index("ix_rejected_received", "received_at"),
+    Index("ix_rejected_device", "device_id", "received_at"),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("role", String(16), nullable=False),
+    Column("password_hash", Text, nullable=False),
+    Column("disabled", Boolean, nullable=False, server_default=false()),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+)
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("user_name", String(64), nullable=False),
+    Column("digest", String(64), nullable=False, unique=True),  # sha256 of the token
+    Column("label", String(64)),
+    Column("created_at", DateTime, nullable=False),
+    Column("revoked_at", DateTime),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("digest", String(64), primary_key=True),  # sha256 of the cookie value
+    Column("user_name", String(64), nullable=False),
+    Column("csrf", String(64), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("expires_at", DateTime, nullable=False),
+    Index("ix_sessions_user", "user_name"),
+)
+
 
 # Fleet (deploy/fleet): device groups, staged rollouts and each device's step in them.
 device_groups = Table(
@@ -183,8 +249,6 @@ shadow_results = Table(
     Index("ix_shadow_results_serving", "serving_message_id"),
 )
 
-# Reviewers' verdicts (owned by the review branch; the same definition, so the shadow
-# comparison can join it; its migration is the review branch's).  Latest row per message_id.
 reviews = Table(
     "reviews",
     metadata,
@@ -199,4 +263,27 @@ reviews = Table(
     Column("created_at", DateTime, nullable=False),
     Column("supersedes", BigInteger),
     Index("ix_reviews_message", "message_id", "id"),
+)
+
+claims = Table(
+    "claims",
+    metadata,
+    Column("message_id", String(64), primary_key=True),
+    Column("user_name", String(64), nullable=False),
+    Column("assigned_by", String(64), nullable=False),
+    Column("claimed_at", DateTime, nullable=False),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("at", DateTime, nullable=False),
+    Column("user_name", String(64), nullable=False),
+    Column("role", String(16)),
+    Column("action", String(32), nullable=False),
+    Column("target", String(300)),
+    Column("detail", Text, nullable=False),
+    Column("client", String(64)),
+    Index("ix_audit_at", "at"),
 )

@@ -18,6 +18,7 @@ from firmware_bridge.limits import (
     IDENTIFIER_RE,
     is_identifier,
 )
+from firmware_bridge.paths import safe_join  # paths built from ids: firmware_bridge/paths.py
 
 DEVICE_ID_PATTERN = IDENTIFIER_PATTERN
 SLIDE_ID_PATTERN = IDENTIFIER_PATTERN
@@ -43,7 +44,7 @@ __all__ = [
     "Identifier",
     "MessageId",
     "is_identifier",
-    "safe_path_component",
+    "safe_join",
     "validate_device_id",
     "validate_identifier",
 ]
@@ -59,16 +60,3 @@ def validate_identifier(value: object, what: str = "id") -> str:
 def validate_device_id(value: object) -> str:
     """``value`` if it is a valid device id (topics, results, the archive); else ``ValueError``."""
     return validate_identifier(value, "device id")
-
-
-def safe_path_component(value: object, what: str = "name") -> str:
-    """``value`` if it may be used as one file-name component: a valid id, so no ``/``, no
-    ``..``, no leading dot, no NUL, at most 64 characters; else ``ValueError``.
-
-    Use it for any peer-supplied string that becomes part of a path (OTA correlation or
-    transfer ids, device ids in file names).
-    """
-    name = validate_identifier(value, what)
-    if name in (".", ".."):  # unreachable with the pattern today; kept if the pattern widens
-        raise ValueError(f"{what} {value!r} is not a safe file name")
-    return name
