@@ -119,7 +119,7 @@ def test_shadow_results_are_archived_apart_and_a_forged_device_is_refused(
         forged = shadow_for(served[0], "low", device_id="scope-08")
         publish(mosquitto.port, f"{prefix}/shadow", json.dumps(forged))
         publish(mosquitto.port, f"{prefix}/shadow", b"{not json")
-        assert wait_until(lambda: service.subscriber.malformed == 2, 20)
+        assert wait_until(lambda: service.subscriber.rejected == 2, 20)
         engine = open_engine(db_url, writer=False)
         assert wait_until(lambda: _count(engine, shadow_results) == 3, 20)
         assert wait_until(lambda: api.get("/api/results").json()["total"] == 3, 20)
@@ -143,6 +143,10 @@ def test_shadow_results_are_archived_apart_and_a_forged_device_is_refused(
         assert body["referral"]["serving"]["k"] == 0
         assert (body["referral"]["candidate_only"], body["referral"]["serving_only"]) == (2, 0)
         assert body["referral"]["p_candidate_refers_more"] == 0.25
+        # Set aside with the bytes as received and one reason each (GET /api/rejected).
+        rejected = api.get("/api/rejected").json()
+        reasons = " | ".join(r["reason"] for r in rejected["items"])
+        assert "names device 'scope-08' but came on the topic of 'scope-07'" in reasons, reasons
         bad = api.get("/api/shadow", params={"candidate": "not a model"})
         assert bad.status_code == 422 and "candidate" in bad.text
         engine.dispose()

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 Z95 = 1.959963984540054
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
-NAME_VERSION = re.compile(r"^(?P<name>[^:\s]{1,128}):(?P<version>\d{1,18})$")
+NAME_VERSION = re.compile(r"^(?P<name>[^:\x00-\x20\x7f]{1,128}):(?P<version>[0-9]{1,18})$")
 
 
 def parse_shadow(device: str, data: Any) -> ShadowMessage:

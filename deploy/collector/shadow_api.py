@@ -9,9 +9,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query
 from sqlalchemy import Engine
 
+from deploy.collector.http_params import DeviceFilter
 from deploy.collector.shadow import ShadowArchive
 
-CANDIDATE = r"^([0-9a-f]{64}|[^:\s]{1,128}:\d{1,18})$"
+# ASCII classes only: OpenAPI clients read the pattern as ECMA-262, where \s and \d differ.
+CANDIDATE = r"^([0-9a-f]{64}|[^:\x00-\x20\x7f]{1,128}:[0-9]{1,18})$"
 
 
 def shadow_router(engine: Engine, viewer: Any) -> APIRouter:
@@ -33,12 +35,10 @@ def shadow_router(engine: Engine, viewer: Any) -> APIRouter:
                 description="the candidate's model sha256, or name:version",
             ),
         ],
-        device: Annotated[
-            list[str] | None, Query(description="only these devices (repeatable)")
-        ] = None,
+        device: DeviceFilter = None,
     ) -> dict[str, Any]:
         try:
-            return archive.compare(candidate, device)
+            return archive.compare(candidate, [device] if device else None)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
 
