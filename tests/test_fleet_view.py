@@ -34,7 +34,8 @@ def archive(db_url: str) -> tuple[ArchiveStore, TestClient]:
     engine = open_engine(db_url)
     migrate(engine)
     app = create_app(ArchiveQueries(engine), HttpConfig(require_auth_on_localhost=False), None)
-    return ArchiveStore(engine), TestClient(app, client=("127.0.0.1", 5000))
+    client = TestClient(app, base_url="http://localhost", client=("127.0.0.1", 5000))
+    return ArchiveStore(engine), client
 
 
 def test_outcomes_are_counted_once_and_a_rollback_raises_an_alert(
