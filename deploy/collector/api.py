@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from deploy import __version__
 from deploy.collector.auth import LOCAL_HOSTS, Accounts, Principal
 from deploy.collector.config import HttpConfig
+from deploy.collector.dashboard_settings import add_dashboard_settings
 from deploy.collector.fhir import diagnostic_bundle
 from deploy.collector.queries import LIST_COLUMNS, ArchiveQueries, ResultFilter
 from deploy.collector.store import parse_time
@@ -88,7 +89,12 @@ def _principal_dependency(config: HttpConfig) -> Any:
     return principal
 
 
-def create_app(queries: ArchiveQueries, config: HttpConfig, dashboard: Path | None) -> FastAPI:
+def create_app(
+    queries: ArchiveQueries,
+    config: HttpConfig,
+    dashboard: Path | None,
+    prefix: str = "omis/v1",
+) -> FastAPI:
     """The ASGI application over ``queries``."""
     app = FastAPI(
         title="omis collect",
@@ -153,5 +159,6 @@ def create_app(queries: ArchiveQueries, config: HttpConfig, dashboard: Path | No
         return queries.alerts(open_only=open_only, device=device, limit=limit)
 
     if dashboard is not None:
+        add_dashboard_settings(app, config, prefix)
         app.mount("/", StaticFiles(directory=dashboard, html=True), name="dashboard")
     return app

@@ -102,6 +102,12 @@ class HttpConfig(_Section):
         "when its node_modules are installed)",
     )
     max_page: int = Field(default=1000, ge=1, le=100000, description="largest page of results")
+    dashboard_broker_url: str | None = Field(
+        default=None,
+        pattern=r"^wss?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="the broker's WebSockets URL the dashboard connects to (ws:// or wss://); "
+        "None = the page's own host on port 8884.  The page never takes it from its URL",
+    )
 
 
 class DatabaseConfig(_Section):

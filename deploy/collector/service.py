@@ -91,7 +91,7 @@ class ArchiveService:
             sock.close()
             raise ServiceError(f"http: cannot listen on {http.host}:{http.port}: {exc}") from exc
         self._socket = sock
-        app = create_app(queries, http, dashboard_dir(self.config))
+        app = create_app(queries, http, dashboard_dir(self.config), self.config.mqtt.prefix)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
         self._server = server
         self._http_thread = threading.Thread(
