@@ -14,19 +14,23 @@ window.Omis.Alerts = class Alerts {
     this.hiddenDevices = new Set(); // decommissioned while the page is open
     this.local = new Map(); // key -> {key, kind, device_id, text} without an archive
     this.remote = [];
+    this.total = 0;
+    this.role = "viewer";
     this.more.addEventListener("click", () => { this.expanded = !this.expanded; this.render(); });
   }
 
   static SHOWN = 3;
+  static PAGE = 100;
   static KIND_ORDER = { high_risk: 0, offline: 1, seq_gap: 2 };
   static KIND_TEXT = { high_risk: "High risk", offline: "Offline", seq_gap: "Missing results" };
 
   async refresh() {
     if (!this.archive.enabled) return;
     try {
-      const items = await this.archive.alerts(500);
-      this.remote = (Array.isArray(items) ? items : window.Omis.list(window.Omis.obj(items).items)).map((a) => window.Omis.obj(a))
-        .filter((a) => !a.acked_at && !a.acknowledged_at && !a.resolved_at);
+      const page = await this.archive.alerts(Alerts.PAGE);
+      this.remote = window.Omis.list(page.items).map((a) => window.Omis.obj(a)).filter((a) => !a.acked_at && !a.resolved_at);
+      this.total = Number.isFinite(page.total) && page.total > 0 ? page.total : this.remote.length;
+      this.note.textContent = "";
       this.render();
     } catch (err) {
       this.note.textContent = `Alerts unavailable: ${err.message}`;
@@ -66,9 +70,10 @@ window.Omis.Alerts = class Alerts {
     const items = this.items();
     const shown = this.expanded ? items : items.slice(0, Alerts.SHOWN);
     this.list.replaceChildren(...shown.map((a) => this.item(a)));
-    this.count.textContent = String(items.length);
+    const total = this.archive.enabled ? Math.max(this.total - (this.remote.length - items.length), items.length) : items.length;
+    this.count.textContent = String(total);
     this.more.hidden = items.length <= Alerts.SHOWN;
-    this.more.textContent = this.expanded ? "Show fewer alerts" : `Show all ${items.length} alerts`;
+    this.more.textContent = this.expanded ? "Show fewer alerts" : `Show all ${items.length}${total > items.length ? ` of ${total}` : ""} alerts`;
     this.more.setAttribute("aria-expanded", String(this.expanded));
     document.getElementById("alerts-section").hidden = items.length === 0 && !this.note.textContent;
   }
@@ -88,6 +93,8 @@ window.Omis.Alerts = class Alerts {
     const when = el("span", "alert-time", localTime(text(alert.created_at)));
     const button = el("button", this.archive.enabled ? "ack" : "dismiss", this.archive.enabled ? "Acknowledge" : "Dismiss");
     button.type = "button";
+    // Who may acknowledge (docs/collector.md): high risk cytotech+, the rest operator+.
+    button.hidden = this.archive.enabled && !window.Omis.roleAtLeast(this.role, kind === "high_risk" ? "cytotech" : "operator");
     button.setAttribute("aria-label", `${button.textContent}: ${words}`);
     button.addEventListener("click", () => this.acknowledge(alert, key, button));
     node.append(head, body, when, button);
@@ -100,6 +107,7 @@ window.Omis.Alerts = class Alerts {
     try {
       await this.archive.ack(alert.id);
       this.remote = this.remote.filter((a) => a !== alert);
+      this.total = Math.max(0, this.total - 1);
       this.note.textContent = "";
       this.render();
     } catch (err) {

@@ -115,7 +115,7 @@
       credentials = { username, password };
       remember(username, password, form.elements.remember.checked);
       form.elements.password.value = "";
-      signedIn({ name: body.user ?? body.name ?? username, role: body.role });
+      signedIn({ name: body.name ?? username, role: body.role });
     } catch (err) {
       error.textContent = loginError(err);
     } finally {
@@ -137,6 +137,7 @@
     if (typeof who.csrf_token === "string") archive.setCsrf(who.csrf_token);
     role = window.Omis.ROLES.includes(who.role) ? who.role : "viewer";
     worklist.role = role;
+    alerts.role = role;
     document.body.dataset.role = role;
     $("who").textContent = `${text(who.name) || text(who.user) || "?"} (${role})`;
     $("logout").hidden = !archive.csrf; // a localhost session without accounts has nothing to end
@@ -223,6 +224,9 @@
       clean: true,
       reconnectPeriod: 3000,
       connectTimeout: 8000,
+      // mqtt.js would run its keep-alive timer in a Worker made from a blob: URL, which a strict
+      // CSP (script-src 'self', no worker-src blob:) refuses; plain timers need no exception.
+      timerVariant: "native",
     };
     if (credentials.username) options.username = credentials.username;
     if (credentials.password) options.password = credentials.password;

@@ -60,6 +60,7 @@ window.Omis.Archive = class Archive {
     }
     if (!response.ok) throw await Archive.failure(response);
     if (as === "blob") return response.blob();
+    if (as === "paged") return { items: await response.json(), total: Number(response.headers.get("X-Total-Count")) };
     if (response.status === 204) return null;
     return response.json();
   }
@@ -68,12 +69,13 @@ window.Omis.Archive = class Archive {
   post(path, body) { return this.request("POST", path, undefined, body); }
 
   me() { return this.get("/me"); }
-  login(username, password) { return this.post("/login", { username, password }); }
+  login(name, password) { return this.post("/login", { name, password }); }
   logout() { return this.post("/logout", {}); }
   results(filters, limit, offset) { return this.get("/results", { ...filters, limit, offset }); }
   result(messageId) { return this.get(`/results/${encodeURIComponent(messageId)}`); }
   devices() { return this.get("/devices"); }
-  alerts(limit) { return this.get("/alerts", { open: true, limit }); }
+  // Open (unresolved, unacknowledged) alerts; the server puts high risk first.
+  alerts(limit) { return this.get("/alerts", { open: true, limit }, "paged"); }
   ack(alertId) { return this.post(`/alerts/${encodeURIComponent(alertId)}/ack`, {}); }
   worklist(filters, limit, offset) { return this.get("/worklist", { ...filters, limit, offset }); }
   claim(messageId) { return this.post(`/worklist/${encodeURIComponent(messageId)}/claim`, {}); }

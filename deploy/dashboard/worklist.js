@@ -17,11 +17,14 @@ window.Omis.Worklist = class Worklist {
     document.getElementById("worklist-filters").addEventListener("submit", (ev) => { ev.preventDefault(); this.load(); });
   }
 
-  static QC_REASONS = ["qc_sample", "qc", "quality_control"];
-
   static isQc(item) {
-    return item.qc === true || item.qc_sample === true || Worklist.QC_REASONS.includes(item.reason);
+    return item.reason === "qc_sample";
   }
+
+  static REASONS = {
+    high_risk: "high risk", abstained: "abstained", insufficient_fields: "too few usable fields",
+    failed_scan: "failed scan", qc_sample: "QC sample",
+  };
 
   get mayReview() {
     return window.Omis.roleAtLeast(this.role, "cytotech");
@@ -30,7 +33,7 @@ window.Omis.Worklist = class Worklist {
   filters() {
     const form = document.getElementById("worklist-filters");
     const value = (name) => (form.elements[name] ? form.elements[name].value.trim() : "");
-    return { reason: value("reason"), device: value("device") };
+    return { reason: value("reason"), device: value("device"), signed: value("signed") };
   }
 
   async load() {
@@ -41,8 +44,9 @@ window.Omis.Worklist = class Worklist {
       const items = window.Omis.list(page.items).map((i) => window.Omis.obj(i));
       this.body.replaceChildren(...items.map((item) => this.row(item)));
       const total = window.Omis.num(page.total) ?? items.length;
-      note.textContent = `${total} slide(s) to review${total > items.length ? `; oldest ${items.length} shown` : ""}.`;
-      document.getElementById("worklist-count").textContent = String(total);
+      const signed = this.filters().signed;
+      note.textContent = `${total} slide(s) ${signed === "true" ? "signed out" : signed === "any" ? "in all" : "to review"}${total > items.length ? `; oldest ${items.length} shown` : ""}.`;
+      if (!signed || signed === "false") document.getElementById("worklist-count").textContent = String(total);
     } catch (err) {
       note.textContent = `Worklist unavailable: ${err.message}`;
     }
@@ -59,15 +63,14 @@ window.Omis.Worklist = class Worklist {
       tr.dataset.qc = "true";
       why.append(el("span", "badge qc", "QC sample"));
     } else {
-      why.append(el("span", "", text(item.reason) || data.outcome));
+      why.append(el("span", "", Worklist.REASONS[item.reason] || text(item.reason) || data.outcome));
     }
     const call = el("td", "label");
     const c = callOf(data);
     call.append(el("span", `badge ${c.badge}`, c.text));
-    const reviews = list(item.reviews);
-    const latest = window.Omis.obj(reviews[reviews.length - 1]);
-    const state = reviews.length ? `${text(latest.bethesda) || "reviewed"}${reviews.length > 1 ? ` (amended ${reviews.length - 1}×)` : ""}` : "open";
-    tr.dataset.state = reviews.length ? "signed" : "open";
+    const verdict = item.verdict && typeof item.verdict === "object" ? item.verdict : null;
+    const state = verdict ? `${text(verdict.bethesda) || text(verdict.adequacy) || "reviewed"}${verdict.supersedes !== null && verdict.supersedes !== undefined ? " (amended)" : ""}` : "open";
+    tr.dataset.state = verdict ? "signed" : "open";
     tr.append(el("td", "time", localTime(data.finished_at)), el("td", "slide", data.slide_id), el("td", "dev", data.device_id),
       why, call, el("td", "phigh", fixed(data.p_high, 3)), el("td", "claimed", text(item.claimed_by) || "–"), el("td", "verdict", state));
     const open = () => {
@@ -99,7 +102,8 @@ window.Omis.Worklist = class Worklist {
     }));
     const status = document.getElementById("review-status");
     status.textContent = reviews.length ? `Signed out${reviews.length > 1 ? `, amended ${reviews.length - 1}×` : ""}` : "Not reviewed yet: the device's call is preliminary.";
-    status.dataset.state = reviews.length ? (reviews.length > 1 ? "amended" : "final") : "preliminary";
+    const reported = text(obj(stored).report_status);
+    status.dataset.state = reported || (reviews.length ? (reviews.length > 1 ? "amended" : "final") : "preliminary");
     this.form.hidden = !this.mayReview;
     document.getElementById("claim").hidden = !this.mayReview || reviews.length > 0;
     document.getElementById("review-submit").textContent = reviews.length ? "Amend" : "Sign out";
@@ -119,8 +123,13 @@ window.Omis.Worklist = class Worklist {
     const row = this.current;
     if (!row) return;
     const f = this.form.elements;
-    if (!f.bethesda.value) { note.textContent = "Choose a Bethesda category."; note.dataset.ok = "false"; return; }
-    const verdict = { bethesda: f.bethesda.value, adequacy: f.adequacy.value, comment: f.comment.value.trim() };
+    if (!f.bethesda.value && f.adequacy.value !== "unsatisfactory") {
+      note.textContent = "Choose a Bethesda category (none only for an unsatisfactory specimen).";
+      note.dataset.ok = "false";
+      return;
+    }
+    const verdict = { bethesda: f.bethesda.value || null, adequacy: f.adequacy.value };
+    if (f.comment.value.trim()) verdict.comment = f.comment.value.trim();
     const button = document.getElementById("review-submit");
     const amend = button.textContent === "Amend";
     button.disabled = true;
@@ -128,7 +137,7 @@ window.Omis.Worklist = class Worklist {
       await this.archive.review(row.message_id, verdict);
       const stored = await this.archive.result(row.message_id);
       this.show(row, stored);
-      note.textContent = amend ? `Amended: ${verdict.bethesda}.` : `Signed out: ${verdict.bethesda}.`;
+      note.textContent = `${amend ? "Amended" : "Signed out"}: ${verdict.bethesda || "unsatisfactory specimen"}.`;
       note.dataset.ok = "true";
       this.load();
     } catch (err) {
