@@ -61,7 +61,7 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 
     config_body = b"{}"
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         if self.path.split("?")[0] == "/config.json":
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -386,8 +386,10 @@ def test_hostile_payloads_neither_throw_nor_inject(
             assert appliance.publish_ok(f"{PREFIX}/scope-07/result", json.dumps(body))
         status = {**status_payload("idle"), "queue": "full", "engine": 5, "last_error": "boom"}
         assert appliance.publish_ok(f"{PREFIX}/scope-07/status", json.dumps(status))
-        ota = {"schema": "omis.ota_state/1", "current": "3", "previous": {}, "pending": None,
-               "last_outcome": {"result": ["x"], "version": "v"}, "models": [], "progress": 1}  # fmt: skip
+        ota = {
+            "schema": "omis.ota_state/1", "current": "3", "previous": {}, "pending": None,
+            "last_outcome": {"result": ["x"], "version": "v"}, "models": [], "progress": 1,
+        }  # fmt: skip
         assert appliance.publish_ok(f"{PREFIX}/scope-07/ota/state", json.dumps(ota))
         rows = page.locator("#results tbody tr")
         expect(rows).to_have_count(len(bodies), timeout=10_000)
