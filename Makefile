@@ -29,6 +29,7 @@ install: $(VENV)/.stamp-train-$(HASH)
 install-test: $(VENV)/.stamp-test-$(HASH)
 	@bash scripts/system-deps.sh --test
 	@bash scripts/dashboard-deps.sh
+	@bash scripts/test-tools.sh
 
 # Binaries the demo talks to for real: the mosquitto broker; and the dashboard's front-end
 # packages, so the history page the demo prints is served.

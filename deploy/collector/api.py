@@ -2,7 +2,8 @@
 
 OpenAPI is served at ``/api/openapi.json`` (browsable at ``/api/docs``).  Every endpoint needs
 at least the ``viewer`` role; unauthenticated requests are accepted from localhost only (see
-:mod:`deploy.collector.auth`).  The dashboard's static files are served at ``/`` when present.
+:mod:`deploy.collector.auth`).  Login, the worklist, reviews, alerts and the audit trail are
+:mod:`deploy.collector.review_api`'s router.  The dashboard's static files are served at ``/``.
 """
 
 import csv
@@ -11,21 +12,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy import Engine
 
 from deploy import __version__
-from deploy.collector.auth import LOCAL_HOSTS, Accounts, Principal
-from deploy.collector.config import HttpConfig
+from deploy.collector.auth import Authenticator, Principal, UserStore
+from deploy.collector.config import HttpConfig, ReviewConfig
 from deploy.collector.dashboard_settings import add_dashboard_settings
 from deploy.collector.fhir import diagnostic_bundle
 from deploy.collector.queries import LIST_COLUMNS, ArchiveQueries, ResultFilter
+from deploy.collector.review import Worklist, report_status
+from deploy.collector.review_api import ReviewContext, build_router, principal_dependency, require
 from deploy.collector.store import parse_time
 
 CSV_COLUMNS = [c.name for c in LIST_COLUMNS]
-_basic = HTTPBasic(auto_error=False)
 
 
 def _time(name: str, text: str | None) -> Any:
@@ -68,34 +70,32 @@ def _csv_lines(rows: Iterator[dict[str, Any]]) -> Iterator[str]:
     yield buffer.getvalue()
 
 
-def _is_local(request: Request) -> bool:
-    return request.client is not None and request.client.host in LOCAL_HOSTS
-
-
-def _principal_dependency(config: HttpConfig) -> Any:
-    accounts = Accounts(config.accounts)
-
-    def principal(
-        request: Request, credentials: Annotated[HTTPBasicCredentials | None, Depends(_basic)]
-    ) -> Principal:
-        if credentials is not None:
-            found = accounts.check(credentials.username, credentials.password)
-            if found is not None:
-                return found
-        elif config.require_auth_on_localhost is False and _is_local(request):
-            return Principal("local", "viewer")
-        raise HTTPException(401, "authentication required", {"WWW-Authenticate": "Basic"})
-
-    return principal
+def review_context(
+    engine: Engine, config: HttpConfig, review: ReviewConfig | None = None
+) -> ReviewContext:
+    """Users, authenticator and worklist over the (writer) ``engine``."""
+    users = UserStore(engine)
+    auth = Authenticator(
+        users,
+        config.accounts,
+        failures_per_minute=config.auth_failures_per_minute,
+        kdf_concurrency=config.kdf_concurrency,
+    )
+    share = (review or ReviewConfig()).qc_sample_share
+    return ReviewContext(users, auth, Worklist(engine, qc_sample_share=share), config)
 
 
 def create_app(
     queries: ArchiveQueries,
     config: HttpConfig,
     dashboard: Path | None,
+    *,
+    engine: Engine | None = None,
+    review: ReviewConfig | None = None,
     prefix: str = "omis/v1",
 ) -> FastAPI:
-    """The ASGI application over ``queries``."""
+    """The ASGI application over ``queries``; writes (reviews, acks, sessions) go to ``engine``
+    (default: ``queries.engine``)."""
     app = FastAPI(
         title="omis collect",
         version=__version__,
@@ -104,12 +104,10 @@ def create_app(
         docs_url="/api/docs",
         redoc_url=None,
     )
-    viewer = Depends(_principal_dependency(config))
+    ctx = review_context(engine or queries.engine, config, review)
+    viewer = require(principal_dependency(ctx), "viewer")
     page_limit = config.max_page
-
-    @app.get("/api/me", summary="who is asking, with the role")
-    def me(who: Annotated[Principal, viewer]) -> dict[str, str]:
-        return {"name": who.name, "role": who.role}
+    app.include_router(build_router(ctx, page_limit))
 
     @app.get("/api/results", summary="results, newest first, filtered and paged")
     def list_results(
@@ -138,25 +136,21 @@ def create_app(
 
     @app.get("/api/results/{message_id}", summary="one result: the full payload and its row")
     def get_result(_who: Annotated[Principal, viewer], message_id: str) -> dict[str, Any]:
-        return stored(message_id)
+        found = stored(message_id)
+        reviews = ctx.worklist.reviews_of(message_id)
+        found["reviews"] = reviews
+        found["verdict"] = reviews[-1] if reviews else None
+        found["report_status"] = report_status(reviews)
+        return found
 
     @app.get("/api/results/{message_id}/fhir", summary="one result as a FHIR R4 Bundle")
     def get_fhir(_who: Annotated[Principal, viewer], message_id: str) -> JSONResponse:
-        body = diagnostic_bundle(stored(message_id))
+        body = diagnostic_bundle(stored(message_id), ctx.worklist.reviews_of(message_id))
         return JSONResponse(body, media_type="application/fhir+json")
 
     @app.get("/api/devices", summary="known devices with live state")
     def list_devices(_who: Annotated[Principal, viewer]) -> list[dict[str, Any]]:
         return queries.devices()
-
-    @app.get("/api/alerts", summary="alerts, newest first")
-    def list_alerts(
-        _who: Annotated[Principal, viewer],
-        open_only: Annotated[bool, Query(alias="open")] = False,
-        device: str | None = None,
-        limit: Annotated[int, Query(ge=1, le=page_limit)] = 200,
-    ) -> list[dict[str, Any]]:
-        return queries.alerts(open_only=open_only, device=device, limit=limit)
 
     if dashboard is not None:
         add_dashboard_settings(app, config, prefix)

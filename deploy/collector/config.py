@@ -108,6 +108,19 @@ class HttpConfig(_Section):
         description="the broker's WebSockets URL the dashboard connects to (ws:// or wss://); "
         "None = the page's own host on port 8884.  The page never takes it from its URL",
     )
+    auth_failures_per_minute: int = Field(
+        default=10, ge=1, le=100000, description="failed authentications per client and minute"
+    )
+    kdf_concurrency: int = Field(
+        default=2, ge=1, le=64, description="password hashes computed at once (the rest wait)"
+    )
+    session_ttl_s: int = Field(
+        default=12 * 3600, ge=60, le=30 * 24 * 3600, description="lifetime of a login session"
+    )
+    secure_cookies: bool | None = Field(
+        default=None,
+        description="mark the session cookie Secure; None = when the request came over TLS",
+    )
 
 
 class DatabaseConfig(_Section):
@@ -132,6 +145,17 @@ class DatabaseConfig(_Section):
         return self
 
 
+class ReviewConfig(_Section):
+    """The worklist (docs/collector.md)."""
+
+    qc_sample_share: float = Field(
+        default=0.10,
+        ge=0.0,
+        le=1.0,
+        description="share of classified-low results drawn for the negative rescreen",
+    )
+
+
 class CollectorConfig(_Section):
     """The whole ``omis collect`` configuration."""
 
@@ -139,6 +163,7 @@ class CollectorConfig(_Section):
     database: DatabaseConfig = Field(default_factory=DatabaseConfig, description="storage")
     http: HttpConfig = Field(default_factory=HttpConfig, description="HTTP API")
     high_risk_alerts: bool = Field(default=True, description="an alert for every high-risk result")
+    review: ReviewConfig = Field(default_factory=ReviewConfig, description="worklist, QC sample")
 
     @model_validator(mode="after")
     def _check(self) -> CollectorConfig:

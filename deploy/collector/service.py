@@ -77,10 +77,10 @@ class ArchiveService:
         store = ArchiveStore(writer, high_risk_alerts=self.config.high_risk_alerts)
         self.subscriber = ArchiveSubscriber(self.config.mqtt, store)
         self.subscriber.start()
-        self._serve_http(ArchiveQueries(reader))
+        self._serve_http(ArchiveQueries(reader), writer)
         log.info("archive %s; API on %s", writer.url, self.http_url)
 
-    def _serve_http(self, queries: ArchiveQueries) -> None:
+    def _serve_http(self, queries: ArchiveQueries, writer: Engine) -> None:
         http = self.config.http
         family = socket.AF_INET6 if ":" in http.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -91,7 +91,14 @@ class ArchiveService:
             sock.close()
             raise ServiceError(f"http: cannot listen on {http.host}:{http.port}: {exc}") from exc
         self._socket = sock
-        app = create_app(queries, http, dashboard_dir(self.config), self.config.mqtt.prefix)
+        app = create_app(
+            queries,
+            http,
+            dashboard_dir(self.config),
+            engine=writer,
+            review=self.config.review,
+            prefix=self.config.mqtt.prefix,
+        )
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
         self._server = server
         self._http_thread = threading.Thread(

@@ -17,7 +17,9 @@ from sqlalchemy import Connection, Engine, and_, delete, func, insert, select, u
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
+from deploy.collector.alerting import check_reused_seq, gap_text, raise_high_risk
 from deploy.collector.outcome import outcome_of, p_high
+from deploy.collector.qcsample import qc_rank
 from deploy.collector.tables import alerts, boots, devices, results
 from deploy.exceptions import ArchiveError
 
@@ -63,6 +65,7 @@ def result_row(result: dict[str, Any], received_at: datetime) -> dict[str, Any]:
         "model_version": model.get("version"),
         "model_sha256": model.get("sha256"),
         "payload": json.dumps(result, separators=(",", ":"), allow_nan=False),
+        "qc_rank": qc_rank(str(result["message_id"])),
     }
 
 
@@ -88,14 +91,7 @@ class ArchiveStore:
                 self._track_seq(conn, row)
                 self._touch_device(conn, row["device_id"], last_result_at=row["received_at"])
                 if self.high_risk_alerts and row["risk"] == "high" and not row["review"]:
-                    self._alert(
-                        conn,
-                        f"high_risk:{row['message_id']}",
-                        "high_risk",
-                        row["device_id"],
-                        f"slide {row['slide_id']}: high risk (p(high) {row['p_high']})",
-                        message_id=row["message_id"],
-                    )
+                    raise_high_risk(conn, row, self._alert)
         except SQLAlchemyError as exc:
             raise ArchiveError(f"cannot store result {row['message_id']}: {exc}") from exc
         return True
@@ -112,6 +108,7 @@ class ArchiveStore:
         mine = and_(boots.c.device_id == device, boots.c.boot_id == boot)
         max_seq = conn.execute(select(boots.c.max_seq).where(mine).with_for_update()).scalar_one()
         conn.execute(update(boots).where(mine).values(max_seq=max(max_seq, seq)))
+        check_reused_seq(conn, row, self._alert)
         same_boot = and_(alerts.c.device_id == device, alerts.c.boot_id == boot)
         gap = conn.execute(
             select(alerts.c.id, alerts.c.seq_from, alerts.c.seq_to).where(
@@ -137,13 +134,12 @@ class ArchiveStore:
     def _gap(self, conn: Connection, device: str, boot: str, first: int, last: int) -> None:
         if first > last:
             return
-        span = str(first) if first == last else f"{first}-{last}"
         self._alert(
             conn,
             f"seq_gap:{device}:{boot}:{first}-{last}:{utcnow().isoformat()}",
             "seq_gap",
             device,
-            f"boot {boot}: result(s) seq {span} not received",
+            gap_text(conn, device, boot, first, last),
             boot_id=boot,
             seq_from=first,
             seq_to=last,

@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 
 metadata = MetaData()
@@ -49,6 +50,8 @@ results = Table(
     Column("model_version", BigInteger),
     Column("model_sha256", String(64)),
     Column("payload", Text, nullable=False),
+    # HMAC of message_id as a number in [0, 1): the reproducible QC draw (review.py)
+    Column("qc_rank", Float),
     Index("ix_results_finished", "finished_at"),
     Index("ix_results_device_finished", "device_id", "finished_at"),
     Index("ix_results_slide", "slide_id"),
@@ -91,6 +94,83 @@ alerts = Table(
     Column("detail", Text, nullable=False),
     Column("created_at", DateTime, nullable=False),
     Column("resolved_at", DateTime),
+    Column("slide_id", String(128)),
+    Column("acked_at", DateTime),
+    Column("acked_by", String(64)),
+    Column("count", Integer, nullable=False, server_default="1"),
     Index("ix_alerts_open", "resolved_at", "created_at"),
     Index("ix_alerts_device", "device_id", "created_at"),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("role", String(16), nullable=False),
+    Column("password_hash", Text, nullable=False),
+    Column("disabled", Boolean, nullable=False, server_default=false()),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+)
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("user_name", String(64), nullable=False),
+    Column("digest", String(64), nullable=False, unique=True),  # sha256 of the token
+    Column("label", String(64)),
+    Column("created_at", DateTime, nullable=False),
+    Column("revoked_at", DateTime),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("digest", String(64), primary_key=True),  # sha256 of the cookie value
+    Column("user_name", String(64), nullable=False),
+    Column("csrf", String(64), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("expires_at", DateTime, nullable=False),
+    Index("ix_sessions_user", "user_name"),
+)
+
+reviews = Table(
+    "reviews",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("message_id", String(64), nullable=False),
+    Column("slide_id", String(128), nullable=False),
+    Column("bethesda", String(32)),
+    Column("adequacy", String(32), nullable=False),
+    Column("comment", Text),
+    Column("user_name", String(64), nullable=False),
+    Column("role", String(64), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("supersedes", BigInteger),
+    Index("ix_reviews_message", "message_id", "id"),
+)
+
+claims = Table(
+    "claims",
+    metadata,
+    Column("message_id", String(64), primary_key=True),
+    Column("user_name", String(64), nullable=False),
+    Column("assigned_by", String(64), nullable=False),
+    Column("claimed_at", DateTime, nullable=False),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("at", DateTime, nullable=False),
+    Column("user_name", String(64), nullable=False),
+    Column("role", String(16)),
+    Column("action", String(32), nullable=False),
+    Column("target", String(300)),
+    Column("detail", Text, nullable=False),
+    Column("client", String(64)),
+    Index("ix_audit_at", "at"),
 )
