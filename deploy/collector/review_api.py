@@ -116,8 +116,15 @@ def _client(request: Request) -> str:
     return request.client.host if request.client is not None else "?"
 
 
-def _refused(exc: AuthError) -> HTTPException:
-    headers = {"WWW-Authenticate": "Basic"} if exc.status == 401 else {}
+def _challenge(request: Request) -> str:
+    """``Basic`` for programs; the dashboard's own requests (``X-Requested-With``) get a scheme
+    browsers do not answer with a password prompt, so the page shows its login form and error
+    (a Basic challenge made the browser's fetch wait for a dialog: "Loading history…")."""
+    return 'Session realm="omis"' if request.headers.get("x-requested-with") else "Basic"
+
+
+def _refused(exc: AuthError, request: Request) -> HTTPException:
+    headers = {"WWW-Authenticate": _challenge(request)} if exc.status == 401 else {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
     return HTTPException(exc.status, exc.detail, headers or None)
@@ -158,10 +165,12 @@ def principal_dependency(ctx: ReviewContext) -> Callable[[Request], Principal]:
             if cookie:
                 return _from_cookie(ctx, request, cookie)
         except AuthError as exc:
-            raise _refused(exc) from None
+            raise _refused(exc, request) from None
         if not ctx.config.require_auth_on_localhost and client in LOCAL_HOSTS:
             return Principal("local", "viewer", "local")
-        raise HTTPException(401, "authentication required", {"WWW-Authenticate": "Basic"})
+        raise HTTPException(
+            401, "authentication required", {"WWW-Authenticate": _challenge(request)}
+        )
 
     return principal
 
@@ -229,7 +238,7 @@ def _session_routes(router: APIRouter, ctx: ReviewContext, principal: Any, viewe
             if exc.status == 401:
                 actor = Actor(body.name.replace("\x00", "?"), None, client)
                 record_now(ctx.users.engine, actor, "login.failed", None, {})
-            raise _refused(exc) from None
+            raise _refused(exc, request) from None
         cookie, csrf, expires = ctx.users.new_session(who.name, ctx.config.session_ttl_s)
         response.set_cookie(
             COOKIE, cookie, max_age=ctx.config.session_ttl_s, path="/", httponly=True,

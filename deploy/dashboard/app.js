@@ -141,6 +141,7 @@
     document.body.dataset.role = role;
     $("who").textContent = `${text(who.name) || text(who.user) || "?"} (${role})`;
     $("logout").hidden = !archive.csrf; // a localhost session without accounts has nothing to end
+    $("signin").hidden = who.via !== "local"; // anonymous local viewer: a person may still sign in
     $("login").hidden = true;
     $("app").hidden = false;
     $("tabs").hidden = false;
@@ -564,6 +565,7 @@
     $("settings").addEventListener("submit", onSettings);
     $("login-form").addEventListener("submit", onLogin);
     $("logout").addEventListener("click", onLogout);
+    $("signin").addEventListener("click", () => { $("login").hidden = false; $("login-form").elements.username.focus(); });
     $("disconnect").addEventListener("click", disconnect);
     for (const button of $("tabs").querySelectorAll("button")) button.addEventListener("click", () => showView(button.dataset.view));
     $("filters").addEventListener("submit", (ev) => { ev.preventDefault(); results.readFilters(); results.loadHistory(false); });

@@ -44,7 +44,9 @@ window.Omis.Archive = class Archive {
   }
 
   async request(method, path, params, body, as) {
-    const init = { method, cache: "no-store", credentials: "same-origin", headers: {} };
+    // X-Requested-With: the archive then answers 401 without a Basic challenge, which would make
+    // the browser hold the request for its own password dialog instead of showing the login form.
+    const init = { method, cache: "no-store", credentials: "same-origin", headers: { "X-Requested-With": "omis-dashboard" } };
     if (method !== "GET") {
       init.headers["X-CSRF-Token"] = this.csrf;
       if (body !== undefined) {
