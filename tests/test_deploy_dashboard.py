@@ -405,3 +405,67 @@ def test_hostile_payloads_neither_throw_nor_inject(
         expect(card.locator(".state")).to_have_text("idle")
     finally:
         appliance.close()
+
+
+def test_ota_panel_follows_install_and_local_rollback(
+    broker: RunningBroker, site: str, page: Page
+) -> None:
+    """The OTA panel: step, last outcome, rollbacks, serving and previous versions; after a
+    local rollback the card names the version the store serves, not the stale status's."""
+    appliance = Peer(broker, "scope-07", DEVICE_PW, cert="scope-07").connect()
+    try:
+        assert appliance.connected.is_set(), broker.log_text()[-800:]
+        sign_in_to_broker(page, site, DASH_PW)
+        expect(page.locator("#conn")).to_have_attribute("data-state", "connected", timeout=10_000)
+        status = status_payload("updating")
+        status["model"] = {"name": "omis-vgg16", "version": 3, "sha256": SHA}
+        publish_json(appliance, "status", status, "status", retain=True)
+
+        def model(version: int) -> dict[str, Any]:
+            return {"name": "omis-vgg16", "version": version, "sha256": SHA, "signer": "ab12"}
+
+        at = "2026-01-01T10:00:00Z"
+        committed = {"result": "committed", "version": 3, "reason": "", "at": at}
+        installing = {
+            "schema": "omis.ota_state/1", "current": 3, "previous": 2, "pending": 4,
+            "last_outcome": committed, "generation": 5, "step": "verifying",
+            "models": {"current": model(3), "previous": model(2), "pending": model(4)},
+            "progress": {"step": "verifying", "correlation_id": "c-1", "name": "m", "version": 4},
+        }  # fmt: skip
+        publish_json(appliance, "ota/state", installing, "ota_state", retain=True)
+        ota = page.locator('article.device[data-device="scope-07"] .ota')
+        expect(ota.locator(".fact-step dd")).to_have_text("verifying (v4)", timeout=5_000)
+        expect(ota.locator(".fact-serving dd")).to_have_text("omis-vgg16 v3 (v4 being installed)")
+        expect(ota.locator(".fact-previous dd")).to_have_text("omis-vgg16 v2")
+        expect(ota.locator(".fact-last dd")).to_have_text("committed v3, 2026-01-01 11:00:00 GMT+1")
+        expect(ota.locator(".fact-rollbacks dd")).to_have_text("none in the last update")
+
+        # v4 was switched to, failed its health check and was rolled back on the device; the
+        # retained status still names v4 (it is republished with the next slide).
+        status["model"] = model(4)
+        publish_json(appliance, "status", status, "status", retain=True)
+        rolled = {
+            **installing, "current": 3, "previous": None, "pending": None, "step": None,
+            "progress": None, "generation": 7,
+            "models": {"current": model(3), "previous": None, "pending": None},
+            "last_outcome": {
+                "result": "rolled_back", "version": 4, "reason": "golden outputs differ",
+                "at": "2026-01-01T10:05:00Z",
+            },
+        }  # fmt: skip
+        publish_json(appliance, "ota/state", rolled, "ota_state", retain=True)
+        card = page.locator('article.device[data-device="scope-07"]')
+        expect(ota.locator(".fact-step dd")).to_have_text("idle", timeout=5_000)
+        expect(ota.locator(".fact-serving dd")).to_have_text("omis-vgg16 v3")
+        expect(ota.locator(".fact-previous dd")).to_have_text("none")
+        expect(ota.locator(".fact-last dd")).to_have_text(
+            "rolled back from v4: golden outputs differ, 2026-01-01 11:05:00 GMT+1"
+        )
+        expect(ota.locator(".fact-rollbacks dd")).to_have_text(
+            "last update rolled back from v4 (golden outputs differ)"
+        )
+        expect(card.locator(".fact-model dd")).to_have_text("omis-vgg16 v3")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-ota.png"), full_page=True)
+    finally:
+        appliance.close()

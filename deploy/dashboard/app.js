@@ -371,7 +371,7 @@
       dev = {
         id, availability: "unknown", status: null, ota: null, model: null, archived: null, pending: new Set(),
         live: { availability: false, status: false, ota: false }, seen: new Set(),
-        counts: { total: 0, abstained: 0, failed: 0, cancelled: 0, labels: {} }, rollbacks: new Set(),
+        counts: { total: 0, abstained: 0, failed: 0, cancelled: 0, labels: {} },
       };
       dev.card = buildCard(dev);
       devices.set(id, dev);
@@ -458,7 +458,8 @@
     if (typeof last === "string") return last;
     const o = obj(last);
     if (!text(o.result)) return null;
-    const words = { committed: "committed", rolled_back: "rolled back", refused: "refused", failed: "failed" };
+    // deploy/ota: committed, rolled_back (from the version named), rejected, interrupted.
+    const words = { committed: "committed", rolled_back: "rolled back from", rejected: "rejected", interrupted: "interrupted" };
     const reason = text(o.reason);
     const at = text(o.at) ? `, ${localTime(o.at)}` : "";
     return `${words[o.result] || text(o.result)} ${version(o.version)}${reason ? `: ${reason}` : ""}${at}`;
@@ -476,18 +477,24 @@
       const m = obj(slot);
       return num(v) === null ? "none" : `${text(m.name) ? `${m.name} ` : ""}${version(v)}`;
     };
-    setFact(card, "serving", `${named(models.current, ota.current)}${num(ota.pending) !== null ? ` (on trial: v${ota.pending} not yet committed)` : ""}`);
+    const pending = num(ota.pending);
+    let trial = "";
+    if (pending !== null) trial = pending === num(ota.current) ? " (on trial: not yet committed)" : ` (v${pending} being installed)`;
+    setFact(card, "serving", `${named(models.current, ota.current)}${trial}`);
     setFact(card, "previous", named(models.previous, ota.previous));
     const progress = obj(ota.progress);
     const step = text(progress.step) || text(ota.step);
     setFact(card, "step", step ? `${step}${text(progress.version) ? ` (v${progress.version})` : ""}` : "idle");
     const last = ota.last_outcome;
     setFact(card, "last", outcomeLine(last) || "none");
+    // The store keeps only the last outcome: a count when the device sends one, else whether
+    // the last update was rolled back.
     const o = obj(last);
-    if (o.result === "rolled_back") dev.rollbacks.add(`${text(o.version)}@${text(o.at)}`);
     const count = num(ota.rollbacks);
-    const lastRollback = o.result === "rolled_back" ? `; last: ${version(o.version)}${text(o.reason) ? ` (${o.reason})` : ""}` : "";
-    setFact(card, "rollbacks", count !== null ? `${count}${lastRollback}` : `${dev.rollbacks.size} seen${lastRollback}`);
+    const rolled = o.result === "rolled_back" ? `from ${version(o.version)}${text(o.reason) ? ` (${o.reason})` : ""}` : null;
+    let rollbacks = rolled ? `last update rolled back ${rolled}` : "none in the last update";
+    if (count !== null) rollbacks = `${count}${rolled ? `; last ${rolled}` : ""}`;
+    setFact(card, "rollbacks", rollbacks);
   }
 
   // The model the device serves: the store's current slot (right after a local rollback, before
