@@ -386,7 +386,7 @@ def test_hostile_payloads_neither_throw_nor_inject(
             assert appliance.publish_ok(f"{PREFIX}/scope-07/result", json.dumps(body))
         status = {**status_payload("idle"), "queue": "full", "engine": 5, "last_error": "boom"}
         assert appliance.publish_ok(f"{PREFIX}/scope-07/status", json.dumps(status))
-        ota = {
+        ota: dict[str, Any] = {
             "schema": "omis.ota_state/1", "current": "3", "previous": {}, "pending": None,
             "last_outcome": {"result": ["x"], "version": "v"}, "models": [], "progress": 1,
         }  # fmt: skip

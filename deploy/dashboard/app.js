@@ -584,6 +584,11 @@
     $("more").addEventListener("click", () => results.loadHistory(true));
     $("chart-zoom").addEventListener("click", () => results.toggleZoom());
     results.onSelect = (row, stored) => worklist.show(row, stored);
+    archive.onSessionEnded = (err) => {
+      archive.enabled = false;
+      archive.setCsrf("");
+      showLogin(`Your session ended (${err.detail}): sign in again.`);
+    };
     window.addEventListener("resize", () => results.resize());
 
     config = await loadConfig();

@@ -15,6 +15,7 @@ window.Omis.Archive = class Archive {
   constructor() {
     this.base = `${window.location.origin}/api`;
     this.enabled = false; // set once /api/me answered
+    this.onSessionEnded = null; // called on a 401 after the sign-in (expired or ended session)
     this.csrf = window.sessionStorage.getItem("omis-dashboard.csrf") || "";
   }
 
@@ -60,7 +61,11 @@ window.Omis.Archive = class Archive {
     } catch (err) {
       throw new window.Omis.ApiError(0, `archive unreachable (${err.message})`);
     }
-    if (!response.ok) throw await Archive.failure(response);
+    if (!response.ok) {
+      const error = await Archive.failure(response);
+      if (response.status === 401 && this.enabled && path !== "/login" && this.onSessionEnded) this.onSessionEnded(error);
+      throw error;
+    }
     if (as === "blob") return response.blob();
     if (as === "paged") return { items: await response.json(), total: Number(response.headers.get("X-Total-Count")) };
     if (response.status === 204) return null;
