@@ -143,13 +143,21 @@ def result(seq: int, slide: str, high: float, **extra: Any) -> dict[str, Any]:
     return body
 
 
-def sign_in(page: Page, archive: ArchiveService, user: str, password: str | None = None) -> None:
+def sign_in(
+    page: Page,
+    archive: ArchiveService,
+    user: str,
+    password: str | None = None,
+    remember: bool = False,
+) -> None:
     """Open the page and sign in through its login form."""
     page.goto(f"{archive.http_url}index.html")
     form = page.locator("#login-form")
     expect(form).to_be_visible(timeout=10_000)
     form.locator("input[name=username]").fill(user)
     form.locator("input[name=password]").fill(PW[user] if password is None else password)
+    if remember:
+        form.locator("input[name=remember]").check()
     form.locator("button[type=submit]").click()
 
 
@@ -386,6 +394,11 @@ def test_login_worklist_sign_out_amend_and_acknowledge(
     cancelled_row = page.locator(f'#results tr[data-message-id="{cancelled["message_id"]}"]')
     expect(cancelled_row.locator("td.label")).to_have_text("cancelled")
     expect(cancelled_row.locator("td.label .badge")).to_have_class("badge risk-cancelled")
+    expect(cancelled_row.locator("td.outcome .badge")).to_have_class("badge outcome-cancelled")
+    background = "(s) => getComputedStyle(document.querySelector(s)).backgroundColor"
+    red = page.evaluate(background, "#results .risk-high")
+    assert page.evaluate(background, "#results .risk-cancelled") != red
+    assert page.evaluate(background, "#results .outcome-cancelled") != red
 
     # Alerts: high risk first, three shown, the rest one tap away; no wall of banners.
     alerts = page.locator("#alerts li.alert")
@@ -472,12 +485,14 @@ def test_crafted_link_sends_nothing_to_another_origin(
     attacker = Listener()
     try:
         evil = f"127.0.0.1:{attacker.port}"
-        sign_in(page, archive, "operator")
+        sign_in(page, archive, "operator", remember=True)  # the broker password is remembered
         signed_in(page, "operator")
         query = f"api=http://{evil}/api&broker=ws://{evil}/mqtt&url=ws://{evil}/mqtt"
         page.goto(f"{archive.http_url}index.html?{query}&username=operator&password=x")
         signed_in(page, "operator")  # still the own archive's session
-        expect(page.locator("#conn")).to_contain_text(f":{broker.tree.dashboard_port}/mqtt")
+        conn = page.locator("#conn")
+        expect(conn).to_have_attribute("data-state", "connected", timeout=10_000)
+        expect(conn).to_contain_text(f"wss://localhost:{broker.tree.dashboard_port}/mqtt")
         page.locator("#filters button[type=submit]").click()
         page.wait_for_load_state("networkidle")
         assert attacker.received == [], f"sent to {evil}: {attacker.received!r}"

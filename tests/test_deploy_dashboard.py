@@ -240,7 +240,8 @@ def test_dashboard_shows_devices_results_and_spectrum(
         expect(older.locator("td.phigh")).to_have_text("0.920")
         expect(older.locator("td.slide")).to_have_text("S-0001")
         expect(rows.first).to_have_attribute("data-message-id", third["message_id"])
-        expect(card.locator(".counts")).to_have_text("3 result(s) · high 1 · low 1 · abstained 1")
+        counts = "Since this page opened: 3 result(s) · high 1 · low 1 · abstained 1"
+        expect(card.locator(".counts")).to_have_text(counts)
         expect(card.locator(".state")).to_have_text("scanning")
 
         # The chart follows the newest result; tapping a row shows that row's spectrum.

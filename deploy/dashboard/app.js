@@ -149,7 +149,13 @@
     results.loadHistory(false);
     refreshArchive();
     worklist.load();
-    connect();
+    // The broker needs the password again after a reload (unless remembered); an anonymous
+    // local session (omis demo) tries the broker without one.
+    if (credentials.password || who.via === "local") connect();
+    else {
+      disconnect();
+      setConnection("disconnected", "enter the broker password under Connection for live updates");
+    }
   }
 
   function startLiveOnly() {
@@ -532,7 +538,7 @@
     const c = dev.counts;
     const labels = Object.entries(c.labels).sort().map(([label, n]) => `${label} ${n}`).join(" · ");
     const extra = ["failed", "cancelled"].filter((k) => c[k] > 0).map((k) => ` · ${k} ${c[k]}`).join("");
-    card.querySelector(".counts").textContent = `${c.total} result(s)${labels ? ` · ${labels}` : ""} · abstained ${c.abstained}${extra}`;
+    card.querySelector(".counts").textContent = `Since this page opened: ${c.total} result(s)${labels ? ` · ${labels}` : ""} · abstained ${c.abstained}${extra}`;
     card.querySelector(".commands").hidden = !roleAtLeast(role, "operator");
     renderOta(dev);
   }
