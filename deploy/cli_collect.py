@@ -41,6 +41,138 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
         help="read a password (stdin or prompt), print its hash for http.accounts, exit",
     )
     p.set_defaults(handler=_cmd_collect)
+    actions = p.add_subparsers(dest="collect_action", metavar="{user}")
+    _register_user(actions, common)
+
+
+ROLES_HELP = "viewer < operator < cytotech < pathologist < admin (docs/collector.md)"
+
+
+def _register_user(
+    actions: argparse._SubParsersAction[Any], common: argparse.ArgumentParser
+) -> None:
+    user = actions.add_parser(
+        "user",
+        help="archive accounts: add, list, disable, API tokens",
+        description="People who use the archive's API and dashboard, stored in the archive "
+        f"database, each with a role: {ROLES_HELP}.",
+    )
+    db = argparse.ArgumentParser(add_help=False)
+    db.add_argument("--config", dest="user_config", help="YAML configuration (its database)")
+    db.add_argument("--db", dest="user_db", help="sqlite:///PATH or postgresql://user@host/db")
+    verbs = user.add_subparsers(dest="user_action", metavar="VERB", required=True)
+    add = verbs.add_parser(
+        "add",
+        parents=[common, db],
+        help="add a user (password on stdin, or prompted)",
+        description="Add a user; the password is read from stdin (or prompted on a terminal) "
+        "and stored as an argon2id hash.",
+    )
+    add.add_argument("name", help="user name (A-Z a-z 0-9 _ . @ -, up to 64)")
+    add.add_argument("--role", required=True, help=ROLES_HELP)
+    add.set_defaults(handler=_cmd_user_add)
+    listing = verbs.add_parser(
+        "list", parents=[common, db], help="list users", description="List users and roles."
+    )
+    listing.add_argument("--json", action="store_true", help="JSON on stdout")
+    listing.set_defaults(handler=_cmd_user_list)
+    disable = verbs.add_parser(
+        "disable",
+        parents=[common, db],
+        help="disable a user",
+        description="Disable a user: refused from the next request on; sessions and API "
+        "tokens end. The user and what they did stay in the archive.",
+    )
+    disable.add_argument("name", help="user name")
+    disable.set_defaults(handler=_cmd_user_disable)
+    token = verbs.add_parser(
+        "token",
+        parents=[common, db],
+        help="print a new API token for a user",
+        description="Create an API token (Authorization: Bearer) for a program acting as the "
+        "user; printed once, only its digest is stored.",
+    )
+    token.add_argument("name", help="user name")
+    token.add_argument("--label", help="what the token is for (shown in the audit trail)")
+    token.set_defaults(handler=_cmd_user_token)
+
+
+def _user_store(args: argparse.Namespace) -> Any:
+    from deploy.collector.auth import UserStore
+    from deploy.collector.config import load_collector_config
+    from deploy.collector.db import migrate, open_engine
+    from inference.state_dir import resolve_state_dir
+
+    overrides = {"database": {"url": args.user_db}} if args.user_db else None
+    config = load_collector_config(args.user_config, overrides=overrides)
+    engine = open_engine(config.database_url(resolve_state_dir(args.state_dir)))
+    migrate(engine)
+    return UserStore(engine)
+
+
+def _cli_actor() -> Any:
+    from deploy.collector.audit import Actor
+
+    try:
+        who = getpass.getuser()
+    except (KeyError, OSError):
+        who = "unknown"
+    return Actor(f"cli:{who}"[:64], "admin", None)
+
+
+def _read_password() -> str:
+    from deploy.exceptions import ConfigError
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            raise ConfigError("password: the two entries differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise ConfigError("password: empty (give it on stdin)")
+    return password
+
+
+def _user_call(call: Any) -> Any:
+    from deploy.exceptions import ConfigError
+
+    try:
+        return call()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _cmd_user_add(args: argparse.Namespace) -> int:
+    store = _user_store(args)
+    password = _read_password()
+    _user_call(lambda: store.add(args.name, args.role, password, _cli_actor()))
+    print(f"user {args.name} added ({args.role})", file=sys.stderr)
+    return 0
+
+
+def _cmd_user_list(args: argparse.Namespace) -> int:
+    import json
+
+    found = _user_store(args).list()
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    for user in found:
+        state = "disabled" if user["disabled"] else "enabled"
+        print(f"{user['name']:<24} {user['role']:<12} {state}")
+    return 0
+
+
+def _cmd_user_disable(args: argparse.Namespace) -> int:
+    _user_store(args).disable(args.name, _cli_actor())
+    print(f"user {args.name} disabled", file=sys.stderr)
+    return 0
+
+
+def _cmd_user_token(args: argparse.Namespace) -> int:
+    print(_user_store(args).new_token(args.name, args.label, _cli_actor()))
+    return 0
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

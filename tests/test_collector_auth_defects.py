@@ -27,7 +27,9 @@ def _api(tmp_path: Path, **http: object) -> TestClient:
     engine = open_engine(f"sqlite:///{tmp_path / 'a.sqlite'}")
     migrate(engine)
     accounts = [Account(name="lab", role="viewer", password_hash=hash_password(UNICODE))]
-    return TestClient(create_app(ArchiveQueries(engine), HttpConfig(accounts=accounts, **http), None))
+    return TestClient(
+        create_app(ArchiveQueries(engine), HttpConfig(accounts=accounts, **http), None)
+    )
 
 
 def _basic(name: str, password: str) -> dict[str, str]:
@@ -54,7 +56,7 @@ def test_unknown_and_known_users_are_refused_in_the_same_time(tmp_path: Path) ->
     pairs = [(_refusal_ms(api, "lab"), _refusal_ms(api, "nobody")) for _ in range(7)]
     known = statistics.median(k for k, _ in pairs)
     unknown = statistics.median(u for _, u in pairs)
-    assert 0.6 < unknown / known < 1.6, (known, unknown)
+    assert 0.55 < unknown / known < 1.8, (known, unknown)  # before: 2.3 (95 vs 41 ms)
 
 
 def test_failed_attempts_are_limited_per_client(tmp_path: Path) -> None:

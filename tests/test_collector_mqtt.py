@@ -149,7 +149,7 @@ def test_collector_keeps_live_state_alerts_and_skips_malformed(
         assert wait_until(lambda: api.get("/api/results").json()["total"] == 2, 20)
         assert service.subscriber is not None and service.subscriber.malformed == 1
         _retain(mosquitto.port, f"{prefix}/availability", "offline")
-        assert wait_until(lambda: _open_kinds(api) == ["offline", "seq_gap", "high_risk"], 20)
+        assert wait_until(lambda: _open_kinds(api) == ["high_risk", "offline", "seq_gap"], 20)
         for leaf in ("availability", "status", "ota/state"):  # decommissioning (docs/scale.md)
             _retain(mosquitto.port, f"{prefix}/{leaf}", "")
         assert wait_until(lambda: _devices(api) == [], 20)

@@ -5,11 +5,12 @@ boot by its start time rather than its id).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, func, select, text, update
 
 from deploy.collector.tables import alerts, results
 
@@ -49,21 +50,22 @@ def high_risk_text(row: dict[str, Any]) -> str:
 def raise_high_risk(conn: Connection, row: dict[str, Any], insert_alert: InsertAlert) -> None:
     """One open high-risk alert per slide: a repeat updates the open one instead of adding."""
     c = alerts.c
+    if conn.dialect.name == "postgresql":  # two collectors, one slide: still one alert
+        key = int.from_bytes(hashlib.sha256(row["slide_id"].encode()).digest()[:8], "big") >> 1
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
     query = select(c.id).where(
         c.kind == "high_risk",
         c.slide_id == row["slide_id"],
         c.resolved_at.is_(None),
         c.acked_at.is_(None),
     )
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update()
     found = conn.execute(query.order_by(c.id).limit(1)).scalar()
-    text = high_risk_text(row)
+    detail = high_risk_text(row)
     if found is not None:
         conn.execute(
             update(alerts)
             .where(c.id == found)
-            .values(message_id=row["message_id"], detail=text, count=c.count + 1)
+            .values(message_id=row["message_id"], detail=detail, count=c.count + 1)
         )
         return
     insert_alert(
@@ -71,7 +73,7 @@ def raise_high_risk(conn: Connection, row: dict[str, Any], insert_alert: InsertA
         f"high_risk:{row['message_id']}",
         "high_risk",
         row["device_id"],
-        text,
+        detail,
         message_id=row["message_id"],
         slide_id=row["slide_id"],
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
@@ -24,7 +25,14 @@ from deploy.collector.dashboard_settings import add_dashboard_settings
 from deploy.collector.fhir import diagnostic_bundle
 from deploy.collector.queries import LIST_COLUMNS, ArchiveQueries, ResultFilter
 from deploy.collector.review import Worklist, report_status
-from deploy.collector.review_api import ReviewContext, build_router, principal_dependency, require
+from deploy.collector.review_api import (
+    ReviewContext,
+    build_router,
+    known_id,
+    principal_dependency,
+    require,
+    validation_error,
+)
 from deploy.collector.store import parse_time
 
 CSV_COLUMNS = [c.name for c in LIST_COLUMNS]
@@ -108,6 +116,7 @@ def create_app(
     viewer = require(principal_dependency(ctx), "viewer")
     page_limit = config.max_page
     app.include_router(build_router(ctx, page_limit))
+    app.add_exception_handler(RequestValidationError, validation_error)
 
     @app.get("/api/results", summary="results, newest first, filtered and paged")
     def list_results(
@@ -129,7 +138,7 @@ def create_app(
         return StreamingResponse(lines, media_type="text/csv; charset=utf-8", headers=headers)
 
     def stored(message_id: str) -> dict[str, Any]:
-        found = queries.get_result(message_id)
+        found = queries.get_result(known_id(message_id))
         if found is None:
             raise HTTPException(404, f"no result {message_id!r}")
         return found

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -44,6 +45,7 @@ ROLES = ("viewer", "operator", "cytotech", "pathologist", "admin")
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 LOCAL_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 NAME_PATTERN = r"^[A-Za-z0-9_.@-]{1,64}$"
+_NAME = re.compile(NAME_PATTERN)
 TOKEN_PREFIX = "omis_"  # noqa: S105 (a prefix that marks tokens in logs, not a secret)
 # argon2id with OWASP's minimum (Password Storage Cheat Sheet): 19 MiB, t=2, p=1.  Memory-hard
 # enough that a GPU guesses slowly, cheap enough (~50 ms) that logins stay quick on a small box.
@@ -83,16 +85,22 @@ class AuthError(Exception):
 def hash_password(password: str, *, salt: bytes | None = None) -> str:
     """A new argon2id hash of ``password`` (UTF-8); ``salt`` only for reproducible tests."""
     if salt is not None:
-        return _HASHER.hash(password, salt=salt)
-    return _HASHER.hash(password)
+        return _HASHER.hash(_utf8(password), salt=salt)
+    return _HASHER.hash(_utf8(password))
 
 
 def scrypt_hash(password: str, *, salt: bytes | None = None) -> str:
     """A legacy scrypt hash (the format of ``http.accounts``), for tests and old tools."""
     salt = salt or os.urandom(16)
-    key = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
+    key = hashlib.scrypt(_utf8(password), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
     b64 = base64.b64encode
     return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt).decode()}${b64(key).decode()}"
+
+
+def _utf8(text: str) -> bytes:
+    """``text`` as UTF-8; a lone surrogate (never typed, only crafted) passes as its bytes so a
+    crafted password fails like any wrong one instead of raising."""
+    return text.encode("utf-8", "surrogatepass")
 
 
 def _verify_scrypt(password: str, encoded: str) -> bool:
@@ -103,7 +111,7 @@ def _verify_scrypt(password: str, encoded: str) -> bool:
         n, r, p = int(parts[1]), int(parts[2]), int(parts[3])
         salt, key = base64.b64decode(parts[4]), base64.b64decode(parts[5])
         actual = hashlib.scrypt(
-            password.encode(), salt=salt, n=n, r=r, p=p, dklen=len(key), maxmem=2**26
+            _utf8(password), salt=salt, n=n, r=r, p=p, dklen=len(key), maxmem=2**26
         )
     except (ValueError, binascii.Error):
         return False
@@ -115,7 +123,7 @@ def verify_password(password: str, encoded: str) -> bool:
     if encoded.startswith("scrypt$"):
         return _verify_scrypt(password, encoded)
     try:
-        return _HASHER.verify(encoded, password)
+        return _HASHER.verify(encoded, _utf8(password))
     except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
         return False
 
@@ -139,9 +147,7 @@ class User:
 
 def check_name(name: str) -> str:
     """``name`` if it is a valid user name; ``ValueError`` naming the rule otherwise."""
-    import re
-
-    if not re.fullmatch(NAME_PATTERN, name):
+    if not _NAME.fullmatch(name):
         raise ValueError(f"user name {name!r}: 1-64 of A-Z a-z 0-9 _ . @ -")
     return name
 
@@ -167,14 +173,18 @@ class UserStore:
             return None
         return User(row.name, row.role, row.password_hash, bool(row.disabled))
 
-    def add(self, name: str, role: str, password: str, actor: Actor) -> None:
-        """Create a user; ``ArchiveError`` if the name is taken."""
+    def add(
+        self, name: str, role: str, password: str, actor: Actor, *, hashed: str | None = None
+    ) -> None:
+        """Create a user; ``ArchiveError`` if the name is taken.  ``hashed``: ``password``'s
+        hash made earlier (test fixtures add many users with one password)."""
         check_name(name)
         check_role(role)
         if not password:
             raise ValueError("password: empty")
         now = utcnow()
-        hashed = hash_password(password)
+        if hashed is None:
+            hashed = hash_password(password)
         try:
             with self.engine.begin() as conn:
                 conn.execute(
@@ -257,15 +267,14 @@ class UserStore:
             )  # fmt: skip
         return cookie, csrf, expires
 
-    def session(self, cookie: str) -> tuple[User, str] | None:
-        """(user, CSRF token) of a live session of an enabled user, or None."""
+    def session(self, cookie: str) -> tuple[str, str] | None:
+        """(user name, CSRF token) of a live session, or None (the caller checks the user)."""
         query = select(sessions).where(sessions.c.digest == _digest(cookie))
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         if row is None or row.expires_at < utcnow():
             return None
-        user = self.get(row.user_name)
-        return None if user is None or user.disabled else (user, row.csrf)
+        return row.user_name, row.csrf
 
     def end_session(self, cookie: str) -> None:
         """Delete the session (logout)."""
@@ -350,11 +359,18 @@ class Authenticator:
 
     def _find(self, name: str) -> tuple[str, str, str] | None:
         """(name, role, hash) of an enabled user or legacy account; None otherwise."""
+        if not _NAME.fullmatch(name):  # never reaches SQL (a NUL breaks PostgreSQL)
+            return None
         user = self.store.get(name)
         if user is not None:
             return None if user.disabled else (user.name, user.role, user.password_hash)
         account = self._legacy.get(name)
         return None if account is None else (account.name, account.role, account.password_hash)
+
+    def account(self, name: str) -> tuple[str, str] | None:
+        """(name, role) of an enabled user or legacy account (a session's owner), or None."""
+        found = self._find(name)
+        return None if found is None else (found[0], found[1])
 
     def _cached(self, key: bytes) -> bool:
         with self._cache_lock:
@@ -388,14 +404,16 @@ class Authenticator:
 
     def check_password(self, name: str, password: str, client: str) -> Principal:
         """The principal for ``name``/``password``; ``AuthError`` (401/429/503) otherwise."""
-        self.limiter.check(client)
         found = self._find(name)
         encoded = None if found is None else found[2]
         key = hmac.digest(
-            self._cache_key, "\0".join((name, password, encoded or "")).encode(), "sha256"
+            self._cache_key, _utf8("\0".join((name, password, encoded or ""))), "sha256"
         )
+        # Recently verified credentials pass without the KDF and before the limit, so a flood
+        # of wrong guesses from one address does not lock out a user working beside it.
         if found is not None and self._cached(key):
             return Principal(found[0], found[1], "basic")
+        self.limiter.check(client)
         if not self._run_kdf(password, encoded) or found is None:
             self.limiter.failed(client)
             raise AuthError(401, "wrong user name or password")
@@ -404,9 +422,9 @@ class Authenticator:
 
     def check_token(self, token: str, client: str) -> Principal:
         """The principal of an API token; ``AuthError`` otherwise (counted as a failure)."""
-        self.limiter.check(client)
         user = self.store.token_user(token)
         if user is None:
+            self.limiter.check(client)
             self.limiter.failed(client)
             raise AuthError(401, "unknown or revoked API token")
         return Principal(user.name, user.role, "token")

@@ -7,13 +7,16 @@ role check.  The routes live on one ``APIRouter`` so the read API in :mod:`api` 
 """
 
 import hmac
+import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from fastapi.exceptions import RequestValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deploy.collector.audit import Actor, AuditFilter, read_audit, record_now
 from deploy.collector.auth import (
@@ -43,16 +46,40 @@ from deploy.collector.store import parse_time
 log = logging.getLogger(__name__)
 
 COOKIE = "omis_session"
+_DETAIL = {"application/json": {"schema": {"type": "object", "properties": {"detail": {}}}}}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "not authenticated", "content": _DETAIL},
+    403: {
+        "description": "role too low, CSRF token missing, or a cross-site write",
+        "content": _DETAIL,
+    },
+    404: {"description": "no such result, alert or user", "content": _DETAIL},
+    409: {"description": "conflicts with the stored state", "content": _DETAIL},
+    429: {"description": "too many failed authentications from this client", "content": _DETAIL},
+    503: {"description": "password checks busy", "content": _DETAIL},
+}
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-MessageId = Annotated[str, Path(pattern=UUID_PATTERN, description="the result's message_id")]
+MessageId = Annotated[str, Path(max_length=200, description="the result's message_id")]
+_UUID = re.compile(UUID_PATTERN)
 MAX_OFFSET = 2**31 - 1
 
 
 def _no_nul(value: str | None) -> str | None:
-    if value is not None and "\x00" in value:
-        raise ValueError("must not contain NUL characters")
+    if value is not None and not _storable(value):
+        raise ValueError("must not contain NUL characters or lone surrogates")
     return value
+
+
+def _storable(value: str) -> bool:
+    """True if both databases can store ``value`` (no NUL, valid UTF-8)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Body(BaseModel):
@@ -87,7 +114,12 @@ class ReviewBody(_Body):
 class ClaimBody(_Body):
     """``POST /api/worklist/{message_id}/claim``: ``user`` assigns to someone else."""
 
-    user: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.@-]{1,64}$")
+    user: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.@-]{1,64}$",
+        validation_alias=AliasChoices("user", "assignee", "user_name"),
+        description="assign to this user (pathologist+); absent: claim for yourself",
+    )
 
 
 class ReleaseBody(_Body):
@@ -116,15 +148,14 @@ def _client(request: Request) -> str:
     return request.client.host if request.client is not None else "?"
 
 
-def _challenge(request: Request) -> str:
-    """``Basic`` for programs; the dashboard's own requests (``X-Requested-With``) get a scheme
-    browsers do not answer with a password prompt, so the page shows its login form and error
-    (a Basic challenge made the browser's fetch wait for a dialog: "Loading history…")."""
-    return 'Session realm="omis"' if request.headers.get("x-requested-with") else "Basic"
+def _challenge(request: Request) -> dict[str, str]:
+    """The Basic challenge, except for page scripts (``X-Requested-With``): a browser would
+    answer it with its own password dialog over the dashboard's login page."""
+    return {} if request.headers.get("x-requested-with") else {"WWW-Authenticate": "Basic"}
 
 
 def _refused(exc: AuthError, request: Request) -> HTTPException:
-    headers = {"WWW-Authenticate": _challenge(request)} if exc.status == 401 else {}
+    headers = _challenge(request) if exc.status == 401 else {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
     return HTTPException(exc.status, exc.detail, headers or None)
@@ -142,14 +173,33 @@ def _from_header(ctx: ReviewContext, header: str, client: str) -> Principal:
 
 def _from_cookie(ctx: ReviewContext, request: Request, cookie: str) -> Principal:
     found = ctx.users.session(cookie)
-    if found is None:
+    account = None if found is None else ctx.auth.account(found[0])
+    if found is None or account is None:  # expired, ended, or its user disabled
         raise AuthError(401, "session expired or ended; log in again")
-    user, csrf = found
+    csrf = found[1]
     if request.method not in SAFE_METHODS:
         sent = request.headers.get("x-csrf-token", "")
         if not hmac.compare_digest(sent.encode(), csrf.encode()):
             raise HTTPException(403, "CSRF token missing or wrong (send X-CSRF-Token)")
-    return Principal(user.name, user.role, "session", csrf)
+    return Principal(account[0], account[1], "session", csrf)
+
+
+def _cross_site(request: Request) -> str | None:
+    """Why a write comes from another site (Fetch Metadata, then Origin vs Host), or None.
+
+    A browser attaches remembered HTTP Basic credentials to a form another site posts; it also
+    says where the request came from, which programs never do.
+    """
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None:  # every current browser sends it; a proxy keeps it
+        return None if fetch_site in ("same-origin", "none") else f"Sec-Fetch-Site: {fetch_site}"
+    origin = request.headers.get("origin")
+    if origin is not None:  # older browsers: the Origin must be the host asked (or forwarded)
+        host = origin.split("://", 1)[-1].rstrip("/")
+        hosts = {request.headers.get("host"), request.headers.get("x-forwarded-host")}
+        if host not in hosts:
+            return f"Origin {origin}"
+    return None
 
 
 def principal_dependency(ctx: ReviewContext) -> Callable[[Request], Principal]:
@@ -157,6 +207,10 @@ def principal_dependency(ctx: ReviewContext) -> Callable[[Request], Principal]:
 
     def principal(request: Request) -> Principal:
         client = _client(request)
+        if request.method not in SAFE_METHODS:
+            foreign = _cross_site(request)
+            if foreign is not None:
+                raise HTTPException(403, f"cross-site write refused ({foreign})")
         try:
             header = request.headers.get("authorization")
             if header:
@@ -168,9 +222,7 @@ def principal_dependency(ctx: ReviewContext) -> Callable[[Request], Principal]:
             raise _refused(exc, request) from None
         if not ctx.config.require_auth_on_localhost and client in LOCAL_HOSTS:
             return Principal("local", "viewer", "local")
-        raise HTTPException(
-            401, "authentication required", {"WWW-Authenticate": _challenge(request)}
-        )
+        raise HTTPException(401, "authentication required", _challenge(request) or None)
 
     return principal
 
@@ -199,6 +251,13 @@ def _time(name: str, text: str | None) -> Any:
         raise HTTPException(422, f"{name}: not an RFC 3339 time with a zone: {text!r}") from exc
 
 
+def known_id(message_id: str) -> str:
+    """``message_id`` if it can name a stored result (a UUID); 404 otherwise, before any SQL."""
+    if not _UUID.fullmatch(message_id):
+        raise HTTPException(404, f"no result {message_id!r}")
+    return message_id
+
+
 def _mapped(call: Callable[[], Any]) -> Any:
     """Run ``call``; the review module's errors become 404/409/403."""
     try:
@@ -216,9 +275,21 @@ def _secure(ctx: ReviewContext, request: Request) -> bool:
     return request.url.scheme == "https" if configured is None else configured
 
 
+def validation_error(_request: Request, exc: Exception) -> Response:
+    """422 naming the fields, never echoing the input (a password, a crafted string that
+    cannot be encoded) back."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    detail = [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+        for e in errors
+    ]
+    body = json.dumps({"detail": detail}, ensure_ascii=True, default=str)
+    return Response(body, status_code=422, media_type="application/json")
+
+
 def build_router(ctx: ReviewContext, page_limit: int) -> APIRouter:
     """Every route of this module on one router."""
-    router = APIRouter()
+    router = APIRouter(responses=RESPONSES)
     principal = principal_dependency(ctx)
     viewer = require(principal, "viewer")
     _session_routes(router, ctx, principal, viewer)
@@ -232,11 +303,15 @@ def _session_routes(router: APIRouter, ctx: ReviewContext, principal: Any, viewe
     @router.post("/api/login", summary="log in: a session cookie and its CSRF token")
     def login(body: LoginBody, request: Request, response: Response) -> dict[str, Any]:
         client = _client(request)
+        foreign = _cross_site(request)
+        if foreign is not None:  # login CSRF: another site logging the browser in
+            raise HTTPException(403, f"cross-site login refused ({foreign})")
         try:
             who = ctx.auth.check_password(body.name, body.password, client)
         except AuthError as exc:
             if exc.status == 401:
-                actor = Actor(body.name.replace("\x00", "?"), None, client)
+                shown = body.name.encode("utf-8", "replace").decode().replace("\x00", "?")
+                actor = Actor(shown, None, client)
                 record_now(ctx.users.engine, actor, "login.failed", None, {})
             raise _refused(exc, request) from None
         cookie, csrf, expires = ctx.users.new_session(who.name, ctx.config.session_ttl_s)
@@ -299,6 +374,7 @@ def _worklist_routes(
         request: Request,
         body: ClaimBody | None = None,
     ) -> dict[str, Any]:
+        known_id(message_id)
         user = None if body is None else body.user
         if user is not None and user != who.name and not who.at_least("pathologist"):
             raise HTTPException(403, "assigning to another user needs the pathologist role")
@@ -312,6 +388,7 @@ def _worklist_routes(
         request: Request,
         _body: ReleaseBody | None = None,
     ) -> dict[str, Any]:
+        known_id(message_id)
         _mapped(lambda: ctx.worklist.release(message_id, _actor(who, request)))
         return {"message_id": message_id, "claimed_by": None}
 
@@ -327,6 +404,7 @@ def _worklist_routes(
         who: Annotated[Principal, cytotech],
         request: Request,
     ) -> dict[str, Any]:
+        known_id(message_id)
         verdict = body.model_dump()
         added, status = _mapped(
             lambda: ctx.worklist.add_review(message_id, verdict, _actor(who, request))
@@ -396,9 +474,5 @@ def _admin_routes(router: APIRouter, ctx: ReviewContext, principal: Any, page_li
 
 
 def _check_text(name: str, value: str | None) -> None:
-    if _no_nul_ok(value) is False:
-        raise HTTPException(422, f"{name}: must not contain NUL characters")
-
-
-def _no_nul_ok(value: str | None) -> bool:
-    return value is None or "\x00" not in value
+    if value is not None and not _storable(value):
+        raise HTTPException(422, f"{name}: must not contain NUL characters or lone surrogates")
