@@ -84,7 +84,7 @@ window.Omis = (function common() {
   // The decision: prediction.label is the thresholded call (prediction.risk for the binary task).
   function decisionOf(result) {
     const p = obj(result.prediction);
-    return { label: text(p.label), risk: text(p.risk) };
+    return { label: text(p.label), risk: text(p.risk), side: text(p.side) };
   }
 
   // One table row's data, from a live omis.result/1 or from an /api/results item.
@@ -98,7 +98,7 @@ window.Omis = (function common() {
         message_id: text(source.message_id) || "", device_id: text(source.device_id) || "–",
         slide_id: text(source.slide_id) || "–", finished_at: text(source.finished_at),
         outcome: o.kind, outcome_reason: o.reason, outcome_stage: o.stage, review: o.kind !== "classified",
-        label: d.label, risk: d.risk, p_high: pHigh(source), model_name: text(model.name),
+        label: d.label, risk: d.risk, side: d.side, p_high: pHigh(source), model_name: text(model.name),
         model_version: text(model.version), result: source,
       };
     }
@@ -121,7 +121,10 @@ window.Omis = (function common() {
 
   // The call as a short text and the badge class: abstained and cancelled are not a risk.
   function callOf(row) {
-    if (row.outcome === "abstained") return { text: `abstained${row.label ? ` (${row.label})` : ""}`, badge: "risk-abstained" };
+    // An abstained call names the side of the band p(high) fell on (prediction.side), else the
+    // label an older device sent.
+    const leaning = row.side ? `leans ${row.side}` : row.label;
+    if (row.outcome === "abstained") return { text: `abstained${leaning ? ` (${leaning})` : ""}`, badge: "risk-abstained" };
     if (row.outcome === "cancelled") return { text: "cancelled", badge: "risk-cancelled" };
     if (row.outcome === "failed") return { text: "failed", badge: "risk-failed" };
     const risk = row.risk === "high" || row.risk === "low" ? row.risk : "none";
