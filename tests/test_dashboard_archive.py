@@ -43,8 +43,9 @@ SHA = "5e" * 32
 PW = {
     "scope-07": "pw-dev", "svc.ingest": "pw-ingest", "dashboard": "pw-dash", "operator": "pw-op",
     "alice": "pw-älice-✓",  # a cytotechnologist; UTF-8 on purpose
+    "bob": "pw-bob",  # a pathologist
 }  # fmt: skip
-ROLES = {"dashboard": "viewer", "operator": "operator", "alice": "cytotech"}
+ROLES = {"dashboard": "viewer", "operator": "operator", "alice": "cytotech", "bob": "pathologist"}
 
 
 @pytest.fixture
@@ -420,6 +421,11 @@ def test_login_worklist_sign_out_amend_and_acknowledge(
     expect(qc.locator(".why")).to_have_text("QC sample")
     expect(page.locator("#results")).to_be_hidden()  # the overview table is another view
 
+    # The QC-sample slide: no assigning for a cytotech (a pathologist's job, below).
+    qc.click()
+    expect(page.locator("#review #claim")).to_be_visible()
+    expect(page.locator("#assign-form")).to_be_hidden()
+
     # Sign out S-0001 (claim first), then amend it: the history stays.
     work.filter(has_text="S-0001").click()
     review = page.locator("#review")
@@ -498,3 +504,29 @@ def test_crafted_link_sends_nothing_to_another_origin(
         assert attacker.received == [], f"sent to {evil}: {attacker.received!r}"
     finally:
         attacker.close()
+
+
+def test_pathologist_assigns_a_worklist_slide(
+    broker: RunningBroker, archive: ArchiveService, page: Page
+) -> None:
+    device = device_peer(broker)
+    try:
+        unsure = result(1, "S-0009", 0.5, outcome="abstained", reason="uncertain_probability")
+        assert device.publish_ok(f"{PREFIX}/scope-07/result", json.dumps(unsure))
+        assert wait_until(lambda: stored(archive) == 1, 20)
+    finally:
+        device.close()
+    sign_in(page, archive, "bob")
+    signed_in(page, "bob")
+    page.locator('#tabs button[data-view="worklist"]').click()
+    row = page.locator("#worklist tbody tr", has_text="S-0009")
+    row.click()
+    assign = page.locator("#assign-form")
+    assign.locator("input[name=user]").fill("alice")
+    assign.locator("button[type=submit]").click()
+    expect(page.locator("#review-note")).to_have_text("Assigned to alice.")
+    expect(row.locator("td.claimed")).to_have_text("alice")
+    assign.locator("input[name=user]").fill("dashboard")  # a viewer cannot hold a slide
+    assign.locator("button[type=submit]").click()
+    expect(page.locator("#review-note")).to_contain_text("Assigning failed: 4")
+    expect(row.locator("td.claimed")).to_have_text("alice")

@@ -85,7 +85,8 @@ window.Omis.Archive = class Archive {
   alerts(limit) { return this.get("/alerts", { open: true, limit }, "paged"); }
   ack(alertId) { return this.post(`/alerts/${encodeURIComponent(alertId)}/ack`, {}); }
   worklist(filters, limit, offset) { return this.get("/worklist", { ...filters, limit, offset }); }
-  claim(messageId) { return this.post(`/worklist/${encodeURIComponent(messageId)}/claim`, {}); }
+  // Claim for oneself, or (pathologist and above) assign to ``user``.
+  claim(messageId, user) { return this.post(`/worklist/${encodeURIComponent(messageId)}/claim`, user ? { user } : {}); }
   review(messageId, verdict) { return this.post(`/results/${encodeURIComponent(messageId)}/review`, verdict); }
 
   // CSV through fetch (the session cookie goes along), then saved as a file.

@@ -14,6 +14,10 @@ window.Omis.Worklist = class Worklist {
     this.form = document.getElementById("review-form");
     this.form.addEventListener("submit", (ev) => { ev.preventDefault(); this.submit(); });
     document.getElementById("claim").addEventListener("click", () => this.claim());
+    document.getElementById("assign-form").addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      this.claim(ev.target.elements.user.value.trim());
+    });
     document.getElementById("worklist-filters").addEventListener("submit", (ev) => { ev.preventDefault(); this.load(); });
   }
 
@@ -106,6 +110,7 @@ window.Omis.Worklist = class Worklist {
     status.dataset.state = reported || (reviews.length ? (reviews.length > 1 ? "amended" : "final") : "preliminary");
     this.form.hidden = !this.mayReview;
     document.getElementById("claim").hidden = !this.mayReview || reviews.length > 0;
+    document.getElementById("assign-form").hidden = !window.Omis.roleAtLeast(this.role, "pathologist") || reviews.length > 0;
     document.getElementById("review-submit").textContent = reviews.length ? "Amend" : "Sign out";
     const latest = reviews[reviews.length - 1];
     if (latest) {
@@ -148,16 +153,17 @@ window.Omis.Worklist = class Worklist {
     }
   }
 
-  async claim() {
+  async claim(user) {
     const note = document.getElementById("review-note");
     if (!this.current) return;
     try {
-      await this.archive.claim(this.current.message_id);
-      note.textContent = "Claimed: the slide is yours on the worklist.";
+      const answer = window.Omis.obj(await this.archive.claim(this.current.message_id, user));
+      const holder = window.Omis.text(answer.claimed_by) || user;
+      note.textContent = user ? `Assigned to ${holder}.` : "Claimed: the slide is yours on the worklist.";
       note.dataset.ok = "true";
       this.load();
     } catch (err) {
-      note.textContent = `Claim failed: ${err.message}`;
+      note.textContent = `${user ? "Assigning" : "Claim"} failed: ${err.message}`;
       note.dataset.ok = "false";
     }
   }
