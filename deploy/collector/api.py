@@ -32,6 +32,7 @@ from deploy.collector.api_models import (
 )
 from deploy.collector.auth import Authenticator, Principal, UserStore
 from deploy.collector.config import HttpConfig, ReviewConfig
+from deploy.collector.dashboard_settings import add_dashboard_settings
 from deploy.collector.fhir import diagnostic_bundle
 from deploy.collector.http_params import (
     DeviceFilter,
@@ -130,6 +131,7 @@ def create_app(
     *,
     engine: Engine | None = None,
     review: ReviewConfig | None = None,
+    prefix: str = "omis/v1",
 ) -> FastAPI:
     """The ASGI application over ``queries``; writes (reviews, acks, sessions) go to ``engine``
     (default: ``queries.engine``)."""
@@ -232,5 +234,6 @@ def create_app(
         return queries.rejected(device=device, limit=limit, offset=offset)
 
     if dashboard is not None:
+        add_dashboard_settings(app, config, prefix)
         app.mount("/", StaticFiles(directory=dashboard, html=True), name="dashboard")
     return app

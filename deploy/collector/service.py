@@ -92,7 +92,12 @@ class ArchiveService:
             raise ServiceError(f"http: cannot listen on {http.host}:{http.port}: {exc}") from exc
         self._socket = sock
         app = create_app(
-            queries, http, dashboard_dir(self.config), engine=writer, review=self.config.review
+            queries,
+            http,
+            dashboard_dir(self.config),
+            engine=writer,
+            review=self.config.review,
+            prefix=self.config.mqtt.prefix,
         )
         # log_config=None: uvicorn's records go through our (redacting) handler, not its own
         config = uvicorn.Config(app, log_level="warning", access_log=False, log_config=None)
