@@ -94,3 +94,33 @@ alerts = Table(
     Index("ix_alerts_open", "resolved_at", "created_at"),
     Index("ix_alerts_device", "device_id", "created_at"),
 )
+
+# A person's verdict on a result (sign-out); amendments are new rows, the latest row of a
+# message_id is its current verdict.  Same definition as the review branch's (docs/collector.md).
+reviews = Table(
+    "reviews",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("message_id", String(64), nullable=False),
+    Column("slide_id", String(128), nullable=False),
+    Column("bethesda", String(32), nullable=False),
+    Column("adequacy", String(32), nullable=False),
+    Column("comment", Text),
+    Column("user_name", String(64), nullable=False),
+    Column("role", String(64), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("supersedes", BigInteger),
+    Index("ix_reviews_message", "message_id", "id"),
+    Index("ix_reviews_slide", "slide_id", "id"),
+)
+
+# Study metadata of a slide that the device does not know: patient, site, reference standard.
+study_slides = Table(
+    "study_slides",
+    metadata,
+    Column("slide_id", String(128), primary_key=True),
+    Column("patient_id", String(128)),
+    Column("site", String(128)),
+    Column("reference", String(16)),
+    Column("updated_at", DateTime, nullable=False),
+)
