@@ -34,6 +34,7 @@ COMMAND_MODULES = (
     "inference.cli_device",
     "inference.cli_acquire",
     "firmware_bridge.cli",
+    "deploy.cli_dataset",
     "training.cli",
     "deploy.commands",
     "deploy.cli_ota",
