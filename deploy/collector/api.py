@@ -20,6 +20,7 @@ from deploy import __version__
 from deploy.collector.auth import LOCAL_HOSTS, Accounts, Principal
 from deploy.collector.config import HttpConfig
 from deploy.collector.fhir import diagnostic_bundle
+from deploy.collector.loop_api import LoopSettings, loop_router
 from deploy.collector.queries import LIST_COLUMNS, ArchiveQueries, ResultFilter
 from deploy.collector.store import parse_time
 
@@ -88,8 +89,13 @@ def _principal_dependency(config: HttpConfig) -> Any:
     return principal
 
 
-def create_app(queries: ArchiveQueries, config: HttpConfig, dashboard: Path | None) -> FastAPI:
-    """The ASGI application over ``queries``."""
+def create_app(
+    queries: ArchiveQueries,
+    config: HttpConfig,
+    dashboard: Path | None,
+    loop: LoopSettings | None = None,
+) -> FastAPI:
+    """The ASGI application over ``queries`` (``loop``: the data loop's settings)."""
     app = FastAPI(
         title="omis collect",
         version=__version__,
@@ -151,6 +157,13 @@ def create_app(queries: ArchiveQueries, config: HttpConfig, dashboard: Path | No
         limit: Annotated[int, Query(ge=1, le=page_limit)] = 200,
     ) -> list[dict[str, Any]]:
         return queries.alerts(open_only=open_only, device=device, limit=limit)
+
+    loop = loop or LoopSettings()
+    app.include_router(loop_router(queries.engine, loop, viewer))
+    if loop.writer is not None:
+        from deploy.collector.signout_api import signout_router
+
+        app.include_router(signout_router(loop.writer, viewer))
 
     if dashboard is not None:
         app.mount("/", StaticFiles(directory=dashboard, html=True), name="dashboard")
