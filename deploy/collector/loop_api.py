@@ -1,5 +1,7 @@
 """The data loop's HTTP endpoints (an APIRouter of its own, included by :mod:`api`).
 
+No ``from __future__ import annotations``: FastAPI must see the ``Depends`` objects.
+
 * ``GET /api/performance?model=&version=&device=&since=&until=`` -- figures of
   :mod:`deploy.collector.performance` (viewer);
 * ``GET /api/dataset?since=&until=&device=&reviewed_only=&qa_sample_only=`` -- the rows
@@ -7,8 +9,6 @@
 * ``PUT /api/study/{slide_id}`` -- a slide's study fields: patient, site, reference standard
   (operator and above).
 """
-
-from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +45,7 @@ class LoopSettings:
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
-    def from_config(cls, config: Any, writer: Engine | None) -> LoopSettings:
+    def from_config(cls, config: Any, writer: Engine | None) -> "LoopSettings":
         """From the collector's ``performance`` section."""
         perf = config.performance
         return cls(

@@ -5,8 +5,6 @@ audit, worklist); the table and body are the agreed ones (docs/collector.md).  E
 new ``reviews`` row; a later one amends (``supersedes`` the previous row of that result).
 """
 
-from __future__ import annotations
-
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException
