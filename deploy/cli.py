@@ -36,6 +36,8 @@ COMMAND_MODULES = (
     "firmware_bridge.cli",
     "deploy.cli_dataset",
     "training.cli",
+    "training.cli_validate",
+    "training.cli_validate",
     "deploy.commands",
     "deploy.cli_ota",
     "deploy.cli_demo",
