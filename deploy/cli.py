@@ -37,7 +37,6 @@ COMMAND_MODULES = (
     "deploy.cli_dataset",
     "training.cli",
     "training.cli_validate",
-    "training.cli_validate",
     "deploy.commands",
     "deploy.cli_ota",
     "deploy.cli_demo",

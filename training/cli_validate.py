@@ -98,9 +98,8 @@ def _print(r: dict[str, Any]) -> None:
     print(f"bundle {b['name']} v{b['version']} on {r['data']['path']} ({r['n']} slides)")
     print(f"locked {lock['created']}: {lock['path']} (sha256 {lock['sha256'][:12]}…)")
     o = r["outcomes"]
-    print(
-        f"  outcomes       {o['classified']} classified, {o['abstained']} referred, {o['failed']} failed"
-    )
+    counts = f"{o['classified']} classified, {o['abstained']} referred, {o['failed']} failed"
+    print(f"  outcomes       {counts}")
     print(f"  referral rate  {_fmt(r['referral_rate'])}")
     print(f"  sensitivity    {_fmt(r['sensitivity'])} on decided slides")
     print(f"  specificity    {_fmt(r['specificity'])} on decided slides")
