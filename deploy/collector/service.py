@@ -56,6 +56,7 @@ class ArchiveService:
         self._http_thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
         self.monitor: PerformanceMonitor | None = None
+        self.loop: LoopSettings | None = None
 
     @property
     def db_display(self) -> str:
@@ -81,6 +82,7 @@ class ArchiveService:
         self.subscriber = ArchiveSubscriber(self.config.mqtt, store)
         self.subscriber.start()
         loop = LoopSettings.from_config(self.config, writer)
+        self.loop = loop
         if loop.baselines:
             self.monitor = PerformanceMonitor(
                 writer, loop, self.config.performance.check_interval_s
