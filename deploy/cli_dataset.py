@@ -13,6 +13,8 @@ from typing import Any
 
 from deploy.exceptions import ConfigError
 
+TOKEN_ENV = "OMIS_ARCHIVE_TOKEN"
+
 
 def _dataset_actions(sub: argparse._SubParsersAction[Any]) -> argparse._SubParsersAction[Any]:
     parser = sub.choices.get("dataset")
@@ -38,7 +40,11 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--db", help="archive database URL (sqlite:///PATH or postgresql://…)")
     src.add_argument("--api", help="a running archive's base URL, e.g. http://127.0.0.1:8080")
-    p.add_argument("--token", help="--api: USER:PASSWORD (HTTP Basic) or an API token")
+    p.add_argument(
+        "--token",
+        help=f"--api: USER:PASSWORD (HTTP Basic) or an API token (default ${TOKEN_ENV}; the "
+        "environment keeps it off the command line)",
+    )
     p.add_argument("--out", required=True, type=Path, help="new (or empty) output directory")
     p.add_argument("--since", help="results finished at or after (RFC 3339)")
     p.add_argument("--until", help="results finished before (RFC 3339)")
@@ -88,7 +94,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         selection = from_database(args.db, query)
     else:
         source = args.api
-        selection = from_api(args.api, args.token, query)
+        import os
+
+        selection = from_api(args.api, args.token or os.environ.get(TOKEN_ENV), query)
     record = write_export(selection, args.out, query, source)
     if args.json:
         print(json.dumps(record, indent=2, allow_nan=False))

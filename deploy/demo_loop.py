@@ -20,6 +20,7 @@ import base64
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import shutil
 import subprocess
@@ -34,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deploy.broker import EmbeddedBroker
+from deploy.cli_dataset import TOKEN_ENV
 from deploy.collector.auth import hash_password
 from deploy.collector.embedded import EmbeddedArchive, embedded_archive
 from deploy.demo import DEVICE_ID, DemoConfig, _omis, _run_step, _stale_reason, ensure_dataset
@@ -142,8 +144,15 @@ def _sign_out(api: _Api, items: list[dict[str, Any]], console: Console) -> int:
 def _export(api: _Api, out: Path, console: Console, title: str, since: str | None) -> None:
     if out.exists():
         shutil.rmtree(out)
-    argv = ["dataset", "export", "--api", api.base, "--token", api.token, "--out", str(out)]
-    _run_step(console, title, _omis(*argv, *(["--since", since] if since else [])))
+    argv = _omis("dataset", "export", "--api", api.base, "--out", str(out))
+    argv += ["--since", since] if since else []
+    console.rule(f"[bold]{title}")
+    console.print(f"[dim]$ OMIS_ARCHIVE_TOKEN=… omis {' '.join(argv[3:])}")
+    # the credentials travel in the environment, never on a command line others can read
+    env = {**os.environ, TOKEN_ENV: api.token}
+    proc = subprocess.run(argv, env=env, check=False)
+    if proc.returncode != 0:
+        raise DeployError(f"demo step failed ({title}): exit code {proc.returncode}")
 
 
 def _performance_table(api: _Api) -> Table:
