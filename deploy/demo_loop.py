@@ -17,7 +17,6 @@ The numbers describe the simulator, not clinical performance.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import logging
 import os
@@ -268,6 +267,8 @@ def run_loop(cfg: LoopConfig, console: Console | None = None) -> int:
     return 0
 
 
-def loop_config(demo: DemoConfig, **sizes: int) -> LoopConfig:
-    """A loop configuration around the demo's (sizes: round1, round2, folds, epochs)."""
-    return dataclasses.replace(LoopConfig(demo), **sizes)
+def loop_config(
+    demo: DemoConfig, *, round1: int = 24, round2: int = 12, folds: int = 3, epochs: int = 30
+) -> LoopConfig:
+    """A loop configuration around the demo's."""
+    return LoopConfig(demo, round1=round1, round2=round2, folds=folds, epochs=epochs)
