@@ -45,6 +45,7 @@ def add_scan(
     shift_nm: float = 0.0,
     day: int = 1,
     model: tuple[str, int] = ("omis-test", 4),
+    spectrum_json: dict[str, Any] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """Store one result of a slide of ``group``; returns the payload."""
@@ -57,7 +58,7 @@ def add_scan(
         finished_at=f"2026-01-{day:02d}T12:{seq // 60 % 60:02d}:{seq % 60:02d}.000Z",
         **extra,
     )
-    result["spectrum"] = spectrum(group, rng, shift_nm)
+    result["spectrum"] = spectrum_json or spectrum(group, rng, shift_nm)
     result["model"] = {"name": model[0], "version": model[1], "sha256": "cd" * 32}
     result["prediction"]["p_high"] = p_high
     if abstained:
@@ -94,3 +95,23 @@ def set_patient(engine: Engine, slide_id: str, patient: str, site: str = "") -> 
 def new_id() -> str:
     """A message id."""
     return str(uuid.uuid4())
+
+
+def simulator_spectra(seed: int, first: int, n: int) -> list[tuple[str, Any, Any]]:
+    """(Pap group, x_nm, y) of simulated slides ``first..first+n-1``: one 160x128 field each
+    through the device's spectrum code (slides whose field fails QC are skipped)."""
+    from firmware_bridge.sim.sample import slide_for
+    from inference.exceptions import SpectrumInputError
+    from inference.spectrum.qc import compute_slide_spectrum
+
+    params = parse_params(None)
+    out = []
+    for i in range(first, first + n):
+        slide = slide_for(i, seed)
+        x, y = slide.field_positions(1)[0]
+        try:
+            s = compute_slide_spectrum([slide.render_pair(x, y, (160, 128))], params, "numpy")
+        except SpectrumInputError:
+            continue
+        out.append((slide.pap_group, s.spectrum.x_nm, s.spectrum.y))
+    return out

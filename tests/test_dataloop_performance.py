@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from collector_support import database_url, postgres_server  # noqa: F401
-from dataloop_support import AXIS, VERDICT, add_scan, open_archive, sign_out
+from dataloop_support import AXIS, VERDICT, add_scan, open_archive, sign_out, simulator_spectra
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from statsmodels.stats.proportion import proportion_confint
@@ -195,3 +195,33 @@ def test_sign_out_through_the_api_amends(db_url: str, tmp_path: Path) -> None:
     assert second["supersedes"] == first["id"]
     assert api.post(url, json={"bethesda": "Pap III"}).status_code == 422
     assert api.put(f"/api/study/{item['slide_id']}", json={"patient_id": "P-1"}).status_code == 200
+
+
+@pytest.mark.parametrize("shift_nm", [0.0, 3.0])
+def test_drift_alert_on_shifted_simulator_spectra(tmp_path: Path, shift_nm: float) -> None:
+    """The simulator's own spectra: a miscalibrated axis (shifted by 3 nm) raises the drift
+    alert, the same instrument unshifted does not."""
+    from deploy.collector.performance import centroid
+
+    reference = simulator_spectra(11, 0, 20)
+    service = simulator_spectra(11, 20, 20)
+    bundle = _bundle(tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    c = np.array([centroid(x.tolist(), y.tolist()) for _, x, y in reference])
+    ref = manifest["training"]["metrics"]["reference_distribution"]
+    ref["spectral_centroid_nm"] = {"mean": float(c.mean()), "sd": float(c.std(ddof=1)), "n": 20}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    url = f"sqlite:///{tmp_path / 'archive.sqlite'}"
+    engine, store = open_archive(url)
+    rng = np.random.default_rng(8)
+    for i, (group, x, y) in enumerate(service, start=1):
+        shifted = np.interp(x - shift_nm, x, y, left=0.0, right=0.0)
+        payload = {"algorithm": "omis-wdiff-v1", "axis": x.tolist(), "values": shifted.tolist()}
+        p = 0.9 if group in HIGH else 0.1
+        add_scan(store, i, group, rng, p_high=p, spectrum_json=payload)
+    engine.dispose()
+    model = _client(url, bundle).get("/api/performance").json()["models"][0]
+    drift = model["drift"]["spectral_centroid"]
+    fired = [a for a in model["alerts"] if a["metric"] == "spectral_centroid"]
+    assert drift["shift_nm"] == pytest.approx(shift_nm, abs=1.0)
+    assert bool(fired) is (shift_nm > 0)
