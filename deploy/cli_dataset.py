@@ -13,7 +13,7 @@ from typing import Any
 
 from deploy.exceptions import ConfigError
 
-TOKEN_ENV = "OMIS_ARCHIVE_TOKEN"
+TOKEN_ENV = "OMIS_ARCHIVE_TOKEN"  # noqa: S105 (the variable's name, not a secret)
 
 
 def _dataset_actions(sub: argparse._SubParsersAction[Any]) -> argparse._SubParsersAction[Any]:

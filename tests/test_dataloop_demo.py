@@ -1,4 +1,4 @@
-"""``omis demo --loop``, shrunk: scan, sign out through the API, export, train, validate, compare."""
+"""``omis demo --loop``, shrunk: scan, sign out through the API, export, train, validate."""
 
 from __future__ import annotations
 
