@@ -190,3 +190,19 @@ def test_patient_level_figures_and_cluster_bootstrap() -> None:
     assert len(pl["cluster_bootstrap"]["sensitivity_ci95"]) == 2
     assert f["sensitivity_with_referrals"]["n"] == 3
     assert f["specificity_with_referrals"]["successes"] == 2  # b2 counts as a positive call
+
+
+def test_raw_field_datasets_go_through_the_device_qc_and_spectrum(
+    loop: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "fields"
+    argv = ["dataset", "synth", "--out", str(data), "--slides", "6", "--fields", "1"]
+    assert main([*argv, "--size", "160x128", "--seed", "4", "--workers", "1", "-q"]) == 0
+    capsys.readouterr()
+    code, report = _validate(capsys, "--bundle", str(loop["bundle"]), "--data", str(data))
+    assert code == 0
+    assert report["data"]["kind"] == "fields" and report["n"] == 6
+    outcomes = {s["outcome"] for s in report["slides"]}
+    assert outcomes <= {"classified", "abstained", "failed"}
+    for s in report["slides"]:
+        assert (s["call"] is None) is (s["outcome"] == "failed")
