@@ -45,7 +45,7 @@ from deploy.collector.verdicts import (
     Study,
     default_study,
     latest_verdicts,
-    spectrum_of,
+    spectra_of,
     study_of,
 )
 from deploy.exceptions import ArchiveError
@@ -111,20 +111,29 @@ def _where(query: ExportQuery) -> list[Any]:
 
 def select_slides(engine: Engine, query: ExportQuery) -> Selection:
     """Read the archive: one exportable row per slide, and the excluded slides with reasons."""
-    stmt = select(*RESULT_COLUMNS, results.c.payload).where(*_where(query))
+    stmt = select(*RESULT_COLUMNS).where(*_where(query))
     stmt = stmt.order_by(results.c.finished_at, results.c.id)
     with engine.connect() as conn:
         rows = conn.execute(stmt).all()
         verdicts = latest_verdicts(conn)
         studies = study_of(conn)
-    by_slide: dict[str, list[Any]] = {}
-    for row in rows:
-        by_slide.setdefault(row.slide_id, []).append(row)
-    out = Selection([], [])
-    for slide_id, scans in by_slide.items():
-        _one_slide(
-            slide_id, scans, verdict=verdicts.get(slide_id), studies=studies, query=query, out=out
-        )
+        by_slide: dict[str, list[Any]] = {}
+        for row in rows:
+            by_slide.setdefault(row.slide_id, []).append(row)
+        out = Selection([], [])
+        chosen = [
+            c
+            for slide_id, scans in by_slide.items()
+            if (c := _choose(scans, verdicts.get(slide_id), query, out)) is not None
+        ]
+        spectra = spectra_of(conn, [c.message_id for c in chosen])
+    for row in chosen:
+        spectrum = spectra.get(row.message_id)
+        if spectrum is None:
+            out.excluded.append(_excluded(row, "the result carries no spectrum"))
+            continue
+        study = studies.get(row.slide_id) or default_study(row.slide_id)
+        out.rows.append(_export_row(row, verdicts.get(row.slide_id), study, spectrum))
     return out
 
 
@@ -138,51 +147,42 @@ def _excluded(row: Any, reason: str) -> dict[str, Any]:
     }
 
 
-def _one_slide(
-    slide_id: str,
-    scans: list[Any],
-    *,
-    verdict: Any,
-    studies: dict[str, Study],
-    query: ExportQuery,
-    out: Selection,
-) -> None:
+def _choose(scans: list[Any], verdict: Any, query: ExportQuery, out: Selection) -> Any:
+    """The slide's result to export (its newest with a spectrum), or None (listed as excluded)."""
     newest = scans[-1]
     usable = [r for r in scans if r.outcome in ("classified", "abstained")]
     if not usable:
         why = newest.outcome_reason or "no spectrum"
         out.excluded.append(_excluded(newest, f"{newest.outcome} scan: {why}"))
-        return
+        return None
     if verdict is None and query.reviewed_only:
         out.excluded.append(_excluded(newest, "no verdict (not signed out)"))
-        return
+        return None
     if verdict is not None and not verdict.satisfactory:
         out.excluded.append(_excluded(newest, "unsatisfactory specimen"))
-        return
-    chosen = usable[-1]
-    spectrum = spectrum_of(chosen.payload)
-    if spectrum is None:
-        out.excluded.append(_excluded(chosen, "the result carries no spectrum"))
-        return
-    study = studies.get(slide_id) or default_study(slide_id)
-    out.rows.append(
-        {
-            "slide_id": slide_id,
-            "patient_id": study.patient_id,
-            "patient_given": study.patient_given,
-            "pap_group": verdict.pap_group if verdict is not None else "",
-            "bethesda": verdict.bethesda if verdict is not None else "",
-            "device_id": chosen.device_id,
-            "site": study.site,
-            "acquired_at": rfc3339(chosen.finished_at),
-            "model_name": chosen.model_name or "",
-            "model_version": "" if chosen.model_version is None else str(chosen.model_version),
-            "reference": study.reference,
-            "message_id": chosen.message_id,
-            "axis": spectrum[0],
-            "values": spectrum[1],
-        }
-    )
+        return None
+    return usable[-1]
+
+
+def _export_row(
+    row: Any, verdict: Any, study: Study, spectrum: tuple[list[float], list[float]]
+) -> dict[str, Any]:
+    return {
+        "slide_id": row.slide_id,
+        "patient_id": study.patient_id,
+        "patient_given": study.patient_given,
+        "pap_group": verdict.pap_group if verdict is not None else "",
+        "bethesda": verdict.bethesda if verdict is not None else "",
+        "device_id": row.device_id,
+        "site": study.site,
+        "acquired_at": rfc3339(row.finished_at),
+        "model_name": row.model_name or "",
+        "model_version": "" if row.model_version is None else str(row.model_version),
+        "reference": study.reference,
+        "message_id": row.message_id,
+        "axis": spectrum[0],
+        "values": spectrum[1],
+    }
 
 
 # --- checks ----------------------------------------------------------------------------------

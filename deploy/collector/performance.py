@@ -345,7 +345,7 @@ def _findings(
     return found
 
 
-def _rows(conn: Connection, query: PerformanceQuery) -> list[Any]:
+def _conditions(query: PerformanceQuery) -> list[Any]:
     c = results.c
     conditions: list[Any] = [c.outcome != "cancelled"]
     if query.model is not None:
@@ -358,8 +358,32 @@ def _rows(conn: Connection, query: PerformanceQuery) -> list[Any]:
         conditions.append(c.finished_at >= query.since)
     if query.until is not None:
         conditions.append(c.finished_at < query.until)
-    stmt = select(*RESULT_COLUMNS, c.payload).where(*conditions)
+    return conditions
+
+
+def _rows(conn: Connection, query: PerformanceQuery) -> list[Any]:
+    c = results.c
+    stmt = select(*RESULT_COLUMNS).where(*_conditions(query))
     return list(conn.execute(stmt.order_by(c.finished_at, c.id)))
+
+
+def _centroids(
+    conn: Connection, query: PerformanceQuery, keys: Iterable[tuple[str, int]]
+) -> dict[tuple[str, int], list[float]]:
+    """Spectral centroids of the results of these model versions, streamed (payloads are big)."""
+    c = results.c
+    out: dict[tuple[str, int], list[float]] = {}
+    for name, version in keys:
+        stmt = select(c.payload).where(
+            *_conditions(query), c.model_name == name, c.model_version == version
+        )
+        values = out.setdefault((name, version), [])
+        for row in conn.execution_options(yield_per=500).execute(stmt):
+            spectrum = spectrum_of(row.payload)
+            value = centroid(*spectrum) if spectrum is not None else None
+            if value is not None:
+                values.append(value)
+    return out
 
 
 def performance(
@@ -373,6 +397,8 @@ def performance(
     with engine.connect() as conn:
         rows = _rows(conn, query)
         verdicts = latest_verdicts(conn)
+        present = {(r.model_name or "", r.model_version) for r in rows}
+        centroids = _centroids(conn, query, [k for k in baselines if k in present])
     overall = _Tally()
     models: dict[tuple[str, int | None], tuple[_Tally, dict[str, _Tally]]] = {}
     for row in rows:
@@ -382,11 +408,8 @@ def performance(
         tally, days = models.setdefault(key, (_Tally(), {}))
         tally.add(row, verdict)
         days.setdefault(row.finished_at.date().isoformat(), _Tally()).add(row, verdict)
-        if (row.model_name or "", row.model_version) in baselines:
-            spectrum = spectrum_of(row.payload)
-            value = centroid(*spectrum) if spectrum is not None else None
-            if value is not None:
-                tally.centroids.append(value)
+    for key, values in centroids.items():
+        models[key][0].centroids.extend(values)
     per_model = []
     for (name, version), (tally, days) in sorted(models.items(), key=lambda kv: str(kv[0])):
         baseline = baselines.get((name, version)) if version is not None else None

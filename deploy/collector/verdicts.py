@@ -110,6 +110,27 @@ def spectrum_of(payload: str) -> tuple[list[float], list[float]] | None:
     return [float(v) for v in axis], [float(v) for v in values]
 
 
+PAYLOAD_CHUNK = 500
+
+
+def spectra_of(
+    conn: Connection, message_ids: Iterable[str]
+) -> dict[str, tuple[list[float], list[float]]]:
+    """The slide spectrum of each result that has one, read in chunks (payloads are large)."""
+    ids = list(message_ids)
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    for i in range(0, len(ids), PAYLOAD_CHUNK):
+        chunk = ids[i : i + PAYLOAD_CHUNK]
+        query = select(results.c.message_id, results.c.payload).where(
+            results.c.message_id.in_(chunk)
+        )
+        for row in conn.execute(query):
+            spectrum = spectrum_of(row.payload)
+            if spectrum is not None:
+                out[row.message_id] = spectrum
+    return out
+
+
 RESULT_COLUMNS = (
     results.c.message_id,
     results.c.device_id,
