@@ -107,11 +107,11 @@ def _recompute(api: TestClient, db_url: str) -> dict[str, Any]:
     with engine.connect() as conn:
         verdict: dict[str, Any] = {}
         for row in conn.execute(select(reviews).order_by(reviews.c.id)):
-            verdict[row.slide_id] = row  # the last one wins
+            verdict[row.message_id] = row  # the last one wins
     engine.dispose()
     tp = fn = tn = fp = 0
     for r in items:
-        v = verdict.get(r["slide_id"])
+        v = verdict.get(r["message_id"])
         if r["outcome"] != "classified" or v is None or v.adequacy != "satisfactory":
             continue
         truth = v.bethesda in ("ASC-H", "HSIL", "AGC", "AIS", "SCC", "adenocarcinoma")

@@ -2,9 +2,9 @@
 
 For each model version (``model_name``, ``model_version``) among the matching results:
 
-* ``confusion`` ``{tp, fn, tn, fp}`` -- classified results of reviewed slides (satisfactory
-  verdict); positive = high risk (Bethesda ASC-H, HSIL, AGC, AIS, SCC, adenocarcinoma), called
-  positive when the result's ``risk`` is ``high``;
+* ``confusion`` ``{tp, fn, tn, fp}`` -- classified results with a satisfactory verdict of
+  their own (the result's latest review); positive = high risk (Bethesda ASC-H, HSIL, AGC,
+  AIS, SCC, adenocarcinoma), called positive when the result's ``risk`` is ``high``;
 * ``sensitivity`` = tp / (tp + fn), ``specificity`` = tn / (tn + fp), Wilson 95 % intervals;
 * ``referral_rate`` (abstained), ``qc_failure_rate`` (no field passed QC, or failed at the QC
   stage) and ``out_of_range_rate`` (abstained as out of range) over every result that is not
@@ -396,13 +396,13 @@ def performance(
     limits = limits or Limits()
     with engine.connect() as conn:
         rows = _rows(conn, query)
-        verdicts = latest_verdicts(conn)
+        verdicts = latest_verdicts(conn, per="message_id")
         present = {(r.model_name or "", r.model_version) for r in rows}
         centroids = _centroids(conn, query, [k for k in baselines if k in present])
     overall = _Tally()
     models: dict[tuple[str, int | None], tuple[_Tally, dict[str, _Tally]]] = {}
     for row in rows:
-        verdict = verdicts.get(row.slide_id)
+        verdict = verdicts.get(row.message_id)
         overall.add(row, verdict)
         key = (row.model_name or "", row.model_version)
         tally, days = models.setdefault(key, (_Tally(), {}))

@@ -1,7 +1,8 @@
 """Results joined with the lab's verdicts: what the dataset export and performance read.
 
-A slide's verdict is the latest ``reviews`` row of that slide (an amendment is a newer row), so
-every result of a re-scanned slide is compared with the same, current sign-out.  Study metadata
+A result's verdict is its latest ``reviews`` row (an amendment is a newer row); performance
+compares each result with its own verdict.  A slide's verdict, for the dataset export, is the
+latest review of any of its results.  Study metadata
 (patient, site, reference standard) comes from ``study_slides``; a slide without a patient is
 its own patient (said so in every export, see :func:`study_of`).
 """
@@ -60,15 +61,19 @@ class Study:
     patient_given: bool
 
 
-def latest_verdicts(conn: Connection, slide_ids: Iterable[str] | None = None) -> dict[str, Verdict]:
-    """The current verdict of every reviewed slide (of ``slide_ids`` when given)."""
-    newest = select(func.max(reviews.c.id)).group_by(reviews.c.slide_id)
+def latest_verdicts(
+    conn: Connection, slide_ids: Iterable[str] | None = None, *, per: str = "slide_id"
+) -> dict[str, Verdict]:
+    """The current verdict of every reviewed slide (``per="slide_id"``: the latest review of
+    any of its results) or result (``per="message_id"``: that result's latest review)."""
+    key = reviews.c[per]
+    newest = select(func.max(reviews.c.id)).group_by(key)
     query: Select[Any] = select(reviews).where(reviews.c.id.in_(newest))
     if slide_ids is not None:
         query = query.where(reviews.c.slide_id.in_(list(slide_ids)))
     out: dict[str, Verdict] = {}
     for row in conn.execute(query):
-        out[row.slide_id] = Verdict(
+        out[getattr(row, per)] = Verdict(
             int(row.id),
             row.message_id,
             row.slide_id,
