@@ -304,13 +304,29 @@ def _write_dir(
 
 
 def from_database(url: str, query: ExportQuery) -> Selection:
-    """Select from the archive database at ``url`` (migrated to the newest revision first)."""
-    from deploy.collector.db import migrate, open_engine
+    """Select from the archive database at ``url``; reads only (no file created, no migration)."""
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from deploy.collector.db import open_engine
 
     engine = open_engine(url, writer=False)
     try:
-        migrate(engine)
-        return select_slides(engine, query)
+        database = engine.url.database
+        if engine.dialect.name == "sqlite" and not (database and Path(database).is_file()):
+            raise ExportError(f"--db {url}: no such archive database file")
+        try:
+            missing = {"results", "reviews", "study_slides"} - set(
+                inspect(engine).get_table_names()
+            )
+            if missing:
+                raise ExportError(
+                    f"--db {url}: not an archive at the current schema (no table "
+                    f"{', '.join(sorted(missing))}); start omis collect on it once to migrate"
+                )
+            return select_slides(engine, query)
+        except SQLAlchemyError as exc:
+            raise ExportError(f"--db {url}: {exc}") from exc
     finally:
         engine.dispose()
 

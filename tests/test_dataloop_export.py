@@ -117,3 +117,11 @@ def test_contradictory_verdicts_for_one_patient_fail_and_write_nothing(
     assert "'P-1'" in err and "contradictory" in err
     assert not out.exists()
     assert not any(p.name.startswith(".export") for p in tmp_path.iterdir())
+
+
+def test_export_reads_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.sqlite"
+    args = ["dataset", "export", "--db", f"sqlite:///{missing}", "--out", str(tmp_path / "o")]
+    assert main(args) == 1
+    assert "no such archive database file" in capsys.readouterr().err
+    assert not missing.exists()
