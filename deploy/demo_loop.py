@@ -57,6 +57,9 @@ class LoopConfig:
     folds: int = 3
     epochs: int = 30
     wait_s: float = 60.0
+    # the model in service before the loop: a quick one on part of the demo's synthetic set
+    first_slides: int = 80
+    first_epochs: int = 25
 
 
 class _Api:
@@ -192,9 +195,10 @@ def _add_baseline(archive: EmbeddedArchive, bundle: Path, console: Console) -> N
         console.print(f"[yellow]{bundle}: no drift comparison ({exc})")
 
 
-def _first_bundle(demo: DemoConfig, dataset: Path, console: Console) -> Path:
+def _first_bundle(cfg: LoopConfig, dataset: Path, console: Console) -> Path:
     """The model in service before the loop: spectrum1d on the synthetic set (cached)."""
-    out = demo.cache_dir / f"{dataset.name}-spectrum1d"
+    demo = cfg.demo
+    out = demo.cache_dir / f"{dataset.name}-loop-m{cfg.first_slides}-e{cfg.first_epochs}"
     bundle = out / "bundle"
     if (bundle / "manifest.json").is_file() and _stale_reason(bundle) is None:
         console.print(f"[green]model in service[/]: cached bundle {bundle}")
@@ -207,6 +211,7 @@ def _first_bundle(demo: DemoConfig, dataset: Path, console: Console) -> Path:
         _omis(
             "train", "--data", str(dataset), "--out", str(out), "--preset", "spectrum1d",
             "--folds", str(demo.folds), "--seed", str(demo.seed), "--name", "omis-demo-1d",
+            "--max-slides", str(cfg.first_slides), "--epochs", str(cfg.first_epochs),
         ),
     )  # fmt: skip
     return bundle
@@ -217,7 +222,7 @@ def run_loop(cfg: LoopConfig, console: Console | None = None) -> int:
     console = console or Console()
     demo = cfg.demo
     demo.cache_dir.mkdir(parents=True, exist_ok=True)
-    first = _first_bundle(demo, ensure_dataset(demo, console), console)
+    first = _first_bundle(cfg, ensure_dataset(demo, console), console)
     work = demo.cache_dir / "loop"
     if work.exists():
         shutil.rmtree(work)  # each loop starts from an empty archive
