@@ -106,7 +106,9 @@ class _Rounds:
 
     def run(self, step: str, bundle: Path, seed: int, n: int) -> None:
         """Scan, wait for the archive, sign out through the API."""
-        self.console.rule(f"[bold]{step} scan {n} simulated slides with {bundle.parent.name}")
+        manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+        model = f"{manifest['name']} v{manifest['version']}"
+        self.console.rule(f"[bold]{step} scan {n} simulated slides with {model}")
         self.scan(bundle, seed, n)
         items = _archived(self.api, seed, n, self.cfg.wait_s)
         if len(items) < n:
