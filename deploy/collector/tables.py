@@ -103,7 +103,7 @@ reviews = Table(
     Column("id", _Id, primary_key=True, autoincrement=True),
     Column("message_id", String(64), nullable=False),
     Column("slide_id", String(128), nullable=False),
-    Column("bethesda", String(32), nullable=False),
+    Column("bethesda", String(32)),
     Column("adequacy", String(32), nullable=False),
     Column("comment", Text),
     Column("user_name", String(64), nullable=False),
@@ -111,8 +111,9 @@ reviews = Table(
     Column("created_at", DateTime, nullable=False),
     Column("supersedes", BigInteger),
     Index("ix_reviews_message", "message_id", "id"),
-    Index("ix_reviews_slide", "slide_id", "id"),
 )
+# The data loop reads verdicts per slide (dataset export): its own index, added by 0005.
+Index("ix_reviews_slide", reviews.c.slide_id, reviews.c.id)
 
 # Study metadata of a slide that the device does not know: patient, site, reference standard.
 study_slides = Table(

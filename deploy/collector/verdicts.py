@@ -30,25 +30,25 @@ class Verdict:
     review_id: int
     message_id: str
     slide_id: str
-    bethesda: str
+    bethesda: str | None  # None: an unsatisfactory specimen needs no category
     adequacy: str
     user_name: str
     created_at: datetime
 
     @property
     def satisfactory(self) -> bool:
-        """False for an unsatisfactory specimen (no diagnosis can be taken from it)."""
-        return self.adequacy == "satisfactory"
+        """True when a diagnosis can be taken from it: a satisfactory specimen with a category."""
+        return self.adequacy == "satisfactory" and self.bethesda is not None
 
     @property
     def pap_group(self) -> str:
-        """Pap group of the Bethesda category."""
-        return pap_group(self.bethesda)
+        """Pap group of the Bethesda category (``ValueError`` without one)."""
+        return pap_group(self.bethesda or "")
 
     @property
     def risk(self) -> str:
-        """``high`` or ``low``."""
-        return risk(self.bethesda)
+        """``high`` or ``low`` (``ValueError`` without a category)."""
+        return risk(self.bethesda or "")
 
 
 @dataclass(frozen=True)
