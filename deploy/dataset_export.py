@@ -196,7 +196,11 @@ def check_selection(selection: Selection, source: str) -> None:
             reasons[ex["reason"]] = reasons.get(ex["reason"], 0) + 1
         detail = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) or "no results"
         raise ExportError(f"{source}: nothing to export ({detail})")
-    from deploy.collector.bethesda import risk
+    from deploy.collector.bethesda import pap_class
+
+    def risk(bethesda: str) -> str:
+        found = pap_class(bethesda)
+        return found.risk if found is not None else "unknown"
 
     seen: dict[str, tuple[str, str]] = {}
     for row in selection.rows:

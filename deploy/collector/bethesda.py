@@ -1,44 +1,46 @@
-"""The Bethesda System (2014) categories, their Pap group and screening risk.
+"""The Bethesda System 2014 categories, their Pap group (Munich III, as the study's labels) and
+the binary risk the device predicts.
 
-The mapping follows the usual correspondence of the Bethesda categories with the Papanicolaou
-groups (Nayar & Wilbur, *The Bethesda System for Reporting Cervical Cytology*, 3rd ed., 2015;
-Munich nomenclature III for the Pap groups): negative is group II, the low-grade and
-undetermined squamous categories group III, the high-grade and glandular ones group IV, and
-carcinoma group V.  "High risk" (positive) is group IV and V, as in the study and in training.
+Source of the correspondence: the Munich nomenclature III ↔ Bethesda table (Griesser et al.,
+Frauenarzt 2013; German S3 guideline "Prävention des Zervixkarzinoms", 2017), collapsed to the
+study's groups II–V; high risk = groups IV and V (the study's binary split).  docs/collector.md.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
+Bethesda = Literal["NILM", "ASC-US", "LSIL", "ASC-H", "HSIL", "SCC", "AGC", "AIS", "adenocarcinoma"]
 Risk = Literal["low", "high"]
 
-# category -> (Pap group, risk)
-BETHESDA: dict[str, tuple[str, Risk]] = {
-    "NILM": ("II", "low"),
-    "ASC-US": ("III", "low"),
-    "LSIL": ("III", "low"),
-    "ASC-H": ("IV", "high"),
-    "HSIL": ("IV", "high"),
-    "AGC": ("IV", "high"),
-    "AIS": ("V", "high"),
-    "SCC": ("V", "high"),
-    "adenocarcinoma": ("V", "high"),
+
+class PapClass(NamedTuple):
+    """A verdict's Pap group and binary risk."""
+
+    pap_group: str
+    risk: Risk
+
+
+MAPPING: dict[str, PapClass] = {
+    "NILM": PapClass("II", "low"),
+    "ASC-US": PapClass("III", "low"),
+    "LSIL": PapClass("III", "low"),
+    "ASC-H": PapClass("IV", "high"),
+    "HSIL": PapClass("IV", "high"),
+    "AGC": PapClass("IV", "high"),
+    "AIS": PapClass("V", "high"),
+    "SCC": PapClass("V", "high"),
+    "adenocarcinoma": PapClass("V", "high"),
 }
-ADEQUACY = ("satisfactory", "unsatisfactory")
+
+CATEGORIES = tuple(MAPPING)
 
 
-def pap_group(bethesda: str) -> str:
-    """The Pap group of a Bethesda category; ``ValueError`` naming the known ones."""
+def pap_class(bethesda: str | None) -> PapClass | None:
+    """The Pap group and risk of a Bethesda category (None for no category, e.g. unsatisfactory)."""
+    if bethesda is None:
+        return None
     try:
-        return BETHESDA[bethesda][0]
+        return MAPPING[bethesda]
     except KeyError:
-        raise ValueError(
-            f"unknown Bethesda category {bethesda!r} (known: {', '.join(BETHESDA)})"
-        ) from None
-
-
-def risk(bethesda: str) -> Risk:
-    """``high`` or ``low`` for a Bethesda category; ``ValueError`` on an unknown one."""
-    pap_group(bethesda)
-    return BETHESDA[bethesda][1]
+        raise ValueError(f"bethesda: unknown category {bethesda!r}") from None

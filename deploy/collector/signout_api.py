@@ -12,17 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Engine, func, insert, select
 
 from deploy.collector.auth import Principal
-from deploy.collector.bethesda import BETHESDA
+from deploy.collector.bethesda import Bethesda
 from deploy.collector.queries import rfc3339
 from deploy.collector.store import utcnow
 from deploy.collector.tables import results, reviews
 
 SIGN_OUT_ROLES = frozenset({"operator", "cytotech", "pathologist", "admin"})
-Bethesda = Literal[
-    "NILM", "ASC-US", "LSIL", "ASC-H", "HSIL", "SCC", "AGC", "AIS", "adenocarcinoma"
-]  # fmt: skip
-if set(Bethesda.__args__) != set(BETHESDA):  # type: ignore[attr-defined]
-    raise RuntimeError("Bethesda literal and deploy.collector.bethesda disagree")
 
 
 class ReviewIn(BaseModel):

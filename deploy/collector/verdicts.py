@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Select, func, select
 
-from deploy.collector.bethesda import pap_group, risk
+from deploy.collector.bethesda import PapClass, pap_class
 from deploy.collector.tables import results, reviews, study_slides
 
 REFERENCES = ("cytology", "histology")
@@ -40,15 +40,21 @@ class Verdict:
         """True when a diagnosis can be taken from it: a satisfactory specimen with a category."""
         return self.adequacy == "satisfactory" and self.bethesda is not None
 
+    def _class(self) -> PapClass:
+        found = pap_class(self.bethesda)
+        if found is None:
+            raise ValueError(f"slide {self.slide_id!r}: verdict without a Bethesda category")
+        return found
+
     @property
     def pap_group(self) -> str:
         """Pap group of the Bethesda category (``ValueError`` without one)."""
-        return pap_group(self.bethesda or "")
+        return self._class().pap_group
 
     @property
     def risk(self) -> str:
         """``high`` or ``low`` (``ValueError`` without a category)."""
-        return risk(self.bethesda or "")
+        return self._class().risk
 
 
 @dataclass(frozen=True)
