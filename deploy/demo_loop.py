@@ -197,6 +197,16 @@ def _add_baseline(archive: EmbeddedArchive, bundle: Path, console: Console) -> N
         console.print(f"[yellow]{bundle}: no drift comparison ({exc})")
 
 
+def _signer_role() -> str:
+    """``cytotech`` where the archive knows that role (sign-out needs it), else ``operator``."""
+    from typing import get_args
+
+    from deploy.collector.config import Account
+
+    roles = get_args(Account.model_fields["role"].annotation)
+    return "cytotech" if "cytotech" in roles else "operator"
+
+
 def _first_bundle(cfg: LoopConfig, dataset: Path, console: Console) -> Path:
     """The model in service before the loop: spectrum1d on the synthetic set (cached)."""
     demo = cfg.demo
@@ -231,7 +241,7 @@ def run_loop(cfg: LoopConfig, console: Console | None = None) -> int:
     work.mkdir(parents=True)
     password = secrets.token_urlsafe(16)
     overrides = {
-        "http": {"accounts": [{"name": SIGNER, "role": "operator",
+        "http": {"accounts": [{"name": SIGNER, "role": _signer_role(),
                                "password_hash": hash_password(password)}]},
     }  # fmt: skip
     seed1, seed2 = demo.seed + 101, demo.seed + 102
