@@ -112,6 +112,13 @@ def _register_train(sub: argparse._SubParsersAction[Any], common: argparse.Argum
         default=0.0,
         help="random intensity scaling 1 ± U(0, s) (default 0: off)",
     )
+    p.add_argument(
+        "--group-by",
+        default="patient",
+        choices=("patient", "device", "site"),
+        help="cross-validation groups: patient (stratified K folds, default), or device/site "
+        "(leave-one-group-out, from the manifest's device_id/site column)",
+    )
     p.add_argument("--json", action="store_true", help="print the pooled metrics as JSON")
     p.set_defaults(handler=_cmd_train)
 
@@ -153,6 +160,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
             no_cache=args.no_cache,
             augment=Augment(noise_std=args.augment_noise, scale=args.augment_scale),
+            group_by=args.group_by,
         )
     except ValidationError as exc:
         where, message = first_error_parts(exc, "options")

@@ -52,6 +52,9 @@ class TrainOptions(BaseModel):
     cache_dir: Path | None = Field(None, description="default: DATA/.omis-cache")
     no_cache: bool = False
     augment: Augment = Augment()
+    group_by: Literal["patient", "device", "site"] = Field(
+        "patient", description="cross-validation groups: patient (K folds) or leave-one-out"
+    )
 
 
 def fit_config(opts: TrainOptions, preset: Preset) -> FitConfig:

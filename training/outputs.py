@@ -244,6 +244,12 @@ def write_outputs(
         ],
         "torch": torch.__version__,
         "code_revision": code_revision(),
+        # the data read, and the archive export they came from (its sha256 must equal ours)
+        "data": {
+            "manifest_sha256": p.ds.manifest_sha256,
+            "files_sha256": p.ds.files_sha256,
+            "export": report.get("export"),
+        },
     }
     write_json(work / "config.json", config)
     write_json(work / "report.json", report)

@@ -42,9 +42,10 @@ from training.crossval import (
     score_model,
 )
 from training.data import get_task, load_dataset
-from training.evaluate import make_folds, validation_split
+from training.evaluate import validation_split
 from training.exceptions import ConfigError, DataError
 from training.export import write_bundle
+from training.metrics import high_risk_probability
 from training.model import VGG16Classifier, build_model, get_preset, load_pretrained
 from training.options import (
     TrainOptions,
@@ -57,6 +58,7 @@ from training.outputs import build_report, write_outputs
 from training.prepared import Prepared
 from training.progress import Progress, Tick
 from training.record import bundle_meta, checkpoint_extra, metrics_summary
+from training.study import by_study, export_record, reference_distribution, study_folds
 from training.thresholds import softmax_t
 from training.train import (
     DistInfo,
@@ -280,7 +282,7 @@ def run_training(opts: TrainOptions, progress: Progress | None = None) -> TrainR
     cfg = fit_config(opts, get_preset(opts.preset))
     with distributed(opts.device) as info, progress:
         p = prepare(opts, progress)
-        folds = make_folds(p.labels, p.ds.patients, opts.folds, opts.seed)
+        folds = study_folds(p.labels, p.ds.slides, opts.group_by, opts.folds, opts.seed)
         with _output_dir(opts.out, info) as work:
             ctx = _Context(p, opts, cfg, work, {}, progress)
             report = _train_and_report(ctx, folds, info=info)
@@ -332,13 +334,12 @@ def _train_and_report(
     if ctx.work is None:
         return {"cnn": net.summary}
     baselines = _baselines(p, opts, folds, inner)
-    meta = bundle_meta(
-        p,
-        opts,
-        inp,
-        net.shipped.thresholds,
-        metrics_summary(net.summary["pooled"], len(folds)),
+    summary = metrics_summary(net.summary["pooled"], len(folds))
+    p_high = high_risk_probability(run.probs, high)
+    summary["reference_distribution"] = reference_distribution(
+        p.ds, p_high, net.shipped.thresholds, summary
     )
+    meta = bundle_meta(p, opts, inp, net.shipped.thresholds, summary)
     ctx.extra.update(checkpoint_extra(p, meta, inp.inputs[golden_idx]))
     save_checkpoint(
         ctx.work / "checkpoints" / "final.pt",
@@ -358,6 +359,9 @@ def _train_and_report(
         world_size=info.world_size,
         device=cfg.device,
     )
+    positive = np.isin(p.labels, list(high))
+    report["by_study"] = by_study(p.ds.slides, positive, p_high >= net.slide_threshold)
+    report["export"] = export_record(p.ds)
     write_outputs(
         ctx.work,
         p,

@@ -44,6 +44,7 @@ from deploy.collector.http_params import (
     limit_query,
 )
 from deploy.collector.http_security import add_docs, add_edge_defences
+from deploy.collector.loop_api import LoopSettings, loop_router
 from deploy.collector.queries import LIST_COLUMNS, ArchiveQueries, ResultFilter
 from deploy.collector.review import Worklist, report_status
 from deploy.collector.review_api import (
@@ -132,9 +133,10 @@ def create_app(
     engine: Engine | None = None,
     review: ReviewConfig | None = None,
     prefix: str = "omis/v1",
+    loop: LoopSettings | None = None,
 ) -> FastAPI:
     """The ASGI application over ``queries``; writes (reviews, acks, sessions) go to ``engine``
-    (default: ``queries.engine``)."""
+    (default: ``queries.engine``); ``loop``: the data loop's settings."""
     app = FastAPI(
         title="omis collect",
         version=__version__,
@@ -232,6 +234,8 @@ def create_app(
         offset: Offset = 0,
     ) -> dict[str, Any]:
         return queries.rejected(device=device, limit=limit, offset=offset)
+
+    app.include_router(loop_router(queries.engine, loop or LoopSettings(), viewer))
 
     if dashboard is not None:
         add_dashboard_settings(app, config, prefix)

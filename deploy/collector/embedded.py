@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 
@@ -53,9 +54,11 @@ def embedded_archive(
     broker_port: int,
     http: str = "127.0.0.1:0",
     dashboard_broker_url: str | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> Iterator[EmbeddedArchive]:
     """Run an archive on ``directory/collector.sqlite`` against a local broker; its dashboard
-    connects to ``dashboard_broker_url`` (the broker's WebSockets listener)."""
+    connects to ``dashboard_broker_url`` (the broker's WebSockets listener); ``overrides``: more
+    configuration, e.g. accounts."""
     host, _, port = http.rpartition(":")
     config = load_collector_config(
         environ={},
@@ -65,7 +68,9 @@ def embedded_archive(
                 "host": host,
                 "port": int(port),
                 "dashboard_broker_url": dashboard_broker_url,
+                **(overrides or {}).get("http", {}),
             },
+            **{k: v for k, v in (overrides or {}).items() if k != "http"},
         },
     )
     service = ArchiveService(config, directory)

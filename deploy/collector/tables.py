@@ -160,6 +160,8 @@ sessions = Table(
     Index("ix_sessions_user", "user_name"),
 )
 
+# A person's verdict on a result (sign-out); amendments are new rows, the latest row of a
+# message_id is its current verdict.  Same definition as the review branch's (docs/collector.md).
 reviews = Table(
     "reviews",
     metadata,
@@ -197,4 +199,18 @@ audit = Table(
     Column("detail", Text, nullable=False),
     Column("client", String(64)),
     Index("ix_audit_at", "at"),
+)
+
+# The data loop reads verdicts per slide (dataset export): its own index, added by 0005.
+Index("ix_reviews_slide", reviews.c.slide_id, reviews.c.id)
+
+# Study metadata of a slide that the device does not know: patient, site, reference standard.
+study_slides = Table(
+    "study_slides",
+    metadata,
+    Column("slide_id", String(128), primary_key=True),
+    Column("patient_id", String(128)),
+    Column("site", String(128)),
+    Column("reference", String(16)),
+    Column("updated_at", DateTime, nullable=False),
 )
