@@ -35,7 +35,6 @@ from rich.table import Table
 
 from deploy.broker import EmbeddedBroker
 from deploy.cli_dataset import TOKEN_ENV
-from deploy.collector.auth import hash_password
 from deploy.collector.embedded import EmbeddedArchive, embedded_archive
 from deploy.demo import DEVICE_ID, DemoConfig, _omis, _run_step, _stale_reason, ensure_dataset
 from deploy.exceptions import ConfigError, DeployError
@@ -197,14 +196,18 @@ def _add_baseline(archive: EmbeddedArchive, bundle: Path, console: Console) -> N
         console.print(f"[yellow]{bundle}: no drift comparison ({exc})")
 
 
-def _signer_role() -> str:
-    """``cytotech`` where the archive knows that role (sign-out needs it), else ``operator``."""
-    from typing import get_args
+def _add_signer(directory: Path, password: str) -> None:
+    """The demo's stand-in cytotechnologist as an archive user (sign-out needs ``cytotech``)."""
+    from deploy.collector.audit import Actor
+    from deploy.collector.auth import UserStore
+    from deploy.collector.db import migrate, open_engine
 
-    from deploy.collector.config import Account
-
-    roles = get_args(Account.model_fields["role"].annotation)
-    return "cytotech" if "cytotech" in roles else "operator"
+    engine = open_engine(f"sqlite:///{directory / 'collector.sqlite'}")
+    try:
+        migrate(engine)
+        UserStore(engine).add(SIGNER, "cytotech", password, Actor("omis-demo", "admin"))
+    finally:
+        engine.dispose()
 
 
 def _first_bundle(cfg: LoopConfig, dataset: Path, console: Console) -> Path:
@@ -240,14 +243,11 @@ def run_loop(cfg: LoopConfig, console: Console | None = None) -> int:
         shutil.rmtree(work)  # each loop starts from an empty archive
     work.mkdir(parents=True)
     password = secrets.token_urlsafe(16)
-    overrides = {
-        "http": {"accounts": [{"name": SIGNER, "role": _signer_role(),
-                               "password_hash": hash_password(password)}]},
-    }  # fmt: skip
+    _add_signer(work / "archive", password)
     seed1, seed2 = demo.seed + 101, demo.seed + 102
     with (
         EmbeddedBroker() as broker,
-        embedded_archive(work / "archive", int(broker.port or 0), overrides=overrides) as archive,
+        embedded_archive(work / "archive", int(broker.port or 0)) as archive,
     ):
         api = _Api(archive.service.http_url, SIGNER, password)
         _add_baseline(archive, first, console)
