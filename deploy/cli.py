@@ -42,6 +42,7 @@ COMMAND_MODULES = (
     "deploy.cli_ota",
     "deploy.cli_demo",
     "deploy.cli_collect",
+    "deploy.cli_fleet",
 )
 
 EXIT_ERROR = 1

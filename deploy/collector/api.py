@@ -34,6 +34,7 @@ from deploy.collector.auth import Authenticator, Principal, UserStore
 from deploy.collector.config import HttpConfig, ReviewConfig
 from deploy.collector.dashboard_settings import add_dashboard_settings
 from deploy.collector.fhir import diagnostic_bundle
+from deploy.collector.fleet_api import fleet_router
 from deploy.collector.http_params import (
     DeviceFilter,
     MessageId,
@@ -55,6 +56,7 @@ from deploy.collector.review_api import (
     require,
     validation_error,
 )
+from deploy.fleet.view import fleet_summary
 from deploy.messages.vocabulary import OutcomeName, Risk
 
 CSV_COLUMNS = [c.name for c in LIST_COLUMNS] + ["device_clock_ahead"]
@@ -218,9 +220,13 @@ def create_app(
         body = diagnostic_bundle(stored(message_id), ctx.worklist.reviews_of(message_id))
         return FhirResponse(body)
 
-    @app.get("/api/devices", summary="known devices with live state", response_model=list[Device])
+    @app.get(
+        "/api/devices",
+        summary="known devices with live state and their fleet view",
+        response_model=list[Device],
+    )
     def list_devices(_who: Annotated[Principal, viewer]) -> list[dict[str, Any]]:
-        return queries.devices()
+        return fleet_summary(queries.engine, queries.devices())
 
     @app.get(
         "/api/rejected",
@@ -237,6 +243,7 @@ def create_app(
 
     app.include_router(loop_router(queries.engine, loop or LoopSettings(), viewer))
 
+    app.include_router(fleet_router(queries.engine, viewer, page_limit))
     if dashboard is not None:
         add_dashboard_settings(app, config, prefix)
         app.mount("/", StaticFiles(directory=dashboard, html=True), name="dashboard")

@@ -24,6 +24,7 @@ from deploy.collector.alerting import check_reused_seq, gap_text, raise_high_ris
 from deploy.collector.storable import MAX_CLOCK_SKEW, bounded_time
 from deploy.collector.tables import alerts, boots, devices, rejected, results
 from deploy.exceptions import ArchiveError
+from deploy.fleet.view import record_ota_event
 
 log = logging.getLogger(__name__)
 
@@ -349,6 +350,7 @@ class ArchiveStore:
             with self.engine.begin() as conn:
                 if state:
                     self._touch_device(conn, device, ota_state=body)
+                    record_ota_event(conn, device, state, self._alert)
                 else:
                     mine = devices.c.device_id == device
                     conn.execute(update(devices).where(mine).values(ota_state=None))

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     false,
 )
 
@@ -213,4 +214,63 @@ study_slides = Table(
     Column("site", String(128)),
     Column("reference", String(16)),
     Column("updated_at", DateTime, nullable=False),
+)
+
+# Fleet (deploy/fleet): device groups, staged rollouts and each device's step in them.
+device_groups = Table(
+    "device_groups",
+    metadata,
+    Column("group_name", String(64), primary_key=True),
+    Column("device_id", String(64), primary_key=True),
+    Column("added_at", DateTime, nullable=False),
+)
+
+rollouts = Table(
+    "rollouts",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("bundle_sha256", String(64), nullable=False),
+    Column("bundle_name", String(128), nullable=False),
+    Column("bundle_version", BigInteger, nullable=False),
+    Column("target", Text, nullable=False),  # JSON: {"devices": [...]} or {"group": G, ...}
+    Column("canary", Integer, nullable=False),
+    Column("wave_size", Integer, nullable=False),
+    Column("state", String(16), nullable=False),  # running | halted | completed
+    Column("reason", Text),
+    # The bundle's sha256 while the rollout runs, else NULL: one running rollout per bundle.
+    Column("active_key", String(64), unique=True),
+    Column("owner", String(200)),  # host:pid of the command driving it
+    Column("heartbeat_at", DateTime),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+    Index("ix_rollouts_bundle", "bundle_sha256", "created_at"),
+)
+
+rollout_devices = Table(
+    "rollout_devices",
+    metadata,
+    Column("rollout_id", _Id, primary_key=True),
+    Column("device_id", String(64), primary_key=True),
+    Column("position", Integer, nullable=False),
+    Column("wave", Integer, nullable=False),
+    Column("step", String(16), nullable=False),
+    Column("version", BigInteger),
+    Column("detail", Text),
+    Column("updated_at", DateTime, nullable=False),
+)
+
+# What each device's retained ota/state reported as the end of an install (one row per offer
+# and final step): the fleet view counts rollbacks from it.
+ota_events = Table(
+    "ota_events",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("device_id", String(64), nullable=False),
+    Column("correlation_id", String(128), nullable=False),
+    Column("step", String(16), nullable=False),
+    Column("version", BigInteger),
+    Column("reason", Text),
+    Column("at", DateTime, nullable=False),
+    UniqueConstraint("device_id", "correlation_id", "step", name="uq_ota_events_offer_step"),
+    Index("ix_ota_events_device", "device_id", "at"),
 )
