@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -237,3 +238,90 @@ def test_cli_errors_are_one_line(trained: dict[str, Any], tmp_path: Path) -> Non
     assert not (tmp_path / "x").exists()
     proc = omis("train", "--data", str(trained["data"]), "--out", str(trained["out"]), check=False)
     assert proc.returncode == 1 and "not an empty directory" in proc.stderr
+
+
+def _train_args(data: Path, out: Path) -> list[str]:
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--folds",
+        "2",
+        "--epochs",
+        "2",
+        "--seed",
+        "1",
+        "--name",
+        "test-model",
+        "--version",
+        "3",
+        "--json",
+    ]
+
+
+def test_report_gives_the_referral_rate_and_both_sensitivities(trained: dict[str, Any]) -> None:
+    out: Path = trained["out"]
+    report = json.loads((out / "report.json").read_text())
+    n = report["data"]["slides_used"]
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    referred = sum(r["abstained"] == "true" for r in rows)
+    rr = report["referral_rate"]
+    assert set(rr) >= {"value", "ci95", "n", "successes"}
+    assert (rr["successes"], rr["n"]) == (referred, n)
+    assert rr["ci95"][0] <= rr["value"] <= rr["ci95"][1]
+    for key in ("sensitivity_decided", "specificity_with_review"):
+        assert report[key]["n"] >= 0 and key in report["cnn"]["pooled"]
+    for name in ("naive_bayes", "logistic_regression"):
+        assert "referral_rate" in report["baselines"][name]["pooled"]
+    assert report["thresholds"]["max_referral"] == 0.2
+    assert "referred" in (out / "report.md").read_text()
+
+
+def test_predictions_csv_reproduces_the_report(trained: dict[str, Any]) -> None:
+    """Full precision and every model's thresholds: the file gives the report's AUCs exactly."""
+    from training.metrics import roc_auc
+
+    out: Path = trained["out"]
+    report = json.loads((out / "report.json").read_text())
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    positive = np.array([r["truth"] == "high" for r in rows])
+    models = {"vgg16": report["cnn"], **report["baselines"]}
+    for name, res in models.items():
+        p = np.array([float(r[f"p_high_{name}"]) for r in rows])
+        assert roc_auc(positive, p) == res["pooled"]["roc_auc"], name
+        thr = np.array([float(r[f"threshold_{name}"]) for r in rows])
+        lo = np.array([float(r[f"abstain_low_{name}"]) for r in rows])
+        hi = np.array([float(r[f"abstain_high_{name}"]) for r in rows])
+        assert np.all((lo <= thr) & (thr <= hi)), name
+        referred = int(((p >= lo) & (p <= hi)).sum())
+        assert referred == res["pooled"]["referral_rate"]["successes"], name
+
+
+def test_the_same_command_gives_the_same_report(trained: dict[str, Any], tmp_path: Path) -> None:
+    """Threads, seeds and deterministic kernels are fixed and recorded: a second run of the same
+    command, with a different thread count in the environment, writes the same report."""
+    config = json.loads((trained["out"] / "config.json").read_text())
+    assert config["torch_threads"] == 1
+    env = config["environment"]
+    assert env["deterministic_algorithms"] is True
+    assert env["libraries"]["torch"] and env["machine"]["cpu_count"]
+    again = tmp_path / "again"
+    proc = subprocess.run(
+        [*OMIS, *_train_args(trained["data"], again)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"},
+        cwd=ROOT,
+        check=False,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = (trained["out"] / "report.json").read_bytes()
+    assert (again / "report.json").read_bytes() == first
+    assert (again / "predictions.csv").read_bytes() == (
+        trained["out"] / "predictions.csv"
+    ).read_bytes()

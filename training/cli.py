@@ -79,6 +79,20 @@ def _register_train(sub: argparse._SubParsersAction[Any], common: argparse.Argum
         help="sensitivity the decision threshold is chosen for, on validation data (0.9)",
     )
     p.add_argument(
+        "--max-referral",
+        type=float,
+        default=0.2,
+        help="largest share of slides the abstain band may refer to a person, on the smoothed "
+        "validation fit (default 0.2)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; the same command with the same count gives the same report "
+        "(default 1)",
+    )
+    p.add_argument(
         "--temperature-scaling",
         action="store_true",
         help="fit a softmax temperature on validation data (baked into the exported model)",
@@ -145,6 +159,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             max_slides=args.max_slides,
             final=args.final,
             target_sensitivity=args.target_sensitivity,
+            max_referral=args.max_referral,
+            threads=args.threads,
             temperature_scaling=args.temperature_scaling,
             out_of_range=args.out_of_range,
             render_params=json_object_arg(args.render_params, "--render-params") or None,

@@ -3,7 +3,9 @@
 ``predictions.csv`` has one row per slide, out of fold: ``slide_id, patient_id, pap_group,
 fold, truth``, then ``p_high_<model>`` for the network and every baseline, then the network's
 ``threshold`` (chosen on that fold's validation slides), ``decision`` (``high``/``low``) and
-``abstained`` (inside the fold's abstain band).
+``abstained`` (inside the fold's abstain band), then for every model its fold's
+``threshold_<model>``, ``abstain_low_<model>`` and ``abstain_high_<model>``.  Numbers are
+written at full precision (``repr``: the file reproduces the report's figures exactly).
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ if TYPE_CHECKING:
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 Network = tuple[str, Scored, ModelRun]
+RUN_ONLY = ("cache_hits", "cache_misses")
+REFERRAL_KEYS = (
+    "referral_rate",
+    "sensitivity_decided",
+    "specificity_decided",
+    "sensitivity_with_review",
+    "specificity_with_review",
+)
 Baselines = dict[str, tuple[Scored, ModelRun] | str]
 
 
@@ -128,9 +138,16 @@ def build_report(
         for k, (sc, r) in _models(network, baselines).items()
     }
     warnings = [
-        f"{k}: fold {f} predicted a single class for all its test slides (collapsed)"
+        f"{k}: fold {f['fold']} collapsed: {f['collapse_reason']}"
         for k, (sc, _) in _models(network, baselines).items()
-        for f in sc.summary["collapsed_folds"]
+        for f in sc.summary["per_fold"]
+        if f["collapsed"]
+    ]
+    warnings += [
+        f"{k}: fold {i} thresholds: {c.problem}"
+        for k, (sc, _) in _models(network, baselines).items()
+        for i, c in enumerate(sc.per_fold, start=1)
+        if c.problem
     ]
     return {
         "schema": "omis.train-report/1",
@@ -143,6 +160,10 @@ def build_report(
         "input": inp.spec.representation,
         "folds": len(folds),
         "data": {
+            # cache use describes this run, not its result: config.json has it
+            **{k: v for k, v in p.ds.stats.to_json().items() if k not in RUN_ONLY},
+            # after the preparation counts: ``slides_used`` is what this task trained on
+            "slides_prepared": p.ds.stats.slides_used,
             "dir": str(opts.data),
             "kind": p.ds.kind,
             "slides_used": len(p.ds.slides),
@@ -150,7 +171,6 @@ def build_report(
             "patients": len(set(p.ds.patients)),
             "manifest_sha256": p.ds.manifest_sha256,
             "files_sha256": p.ds.files_sha256,
-            **p.ds.stats.to_json(),
         },
         "confusion_matrix": pooled["confusion_matrix"],
         "sensitivity": pooled["sensitivity"],
@@ -159,6 +179,7 @@ def build_report(
         "roc_auc": pooled["roc_auc"],
         "roc_auc_ci95": pooled["roc_auc_ci95"],
         "threshold_at_target_sensitivity": pooled["threshold_at_target_sensitivity"],
+        **{k: pooled[k] for k in REFERRAL_KEYS},
         "calibration": pooled["calibration"],
         "thresholds": net.summary["thresholds"],
         "render": inp.render.model_dump(mode="json"),
@@ -181,6 +202,11 @@ def build_report(
     }
 
 
+def _full(v: float) -> str:
+    """Full precision: ``repr`` round-trips a float exactly."""
+    return repr(float(v))
+
+
 def predictions_csv(
     p: Prepared, folds: list[tuple[I64, I64]], network: Network, baselines: Baselines
 ) -> str:
@@ -192,26 +218,28 @@ def predictions_csv(
     models = _models(network, baselines)
     scores = {k: high_risk_probability(r.probs, high) for k, (_, r) in models.items()}
     net = models[network[0]][0]
-    low_band = np.zeros(p.labels.size)
-    high_band = np.zeros(p.labels.size)
-    for (_, te), c in zip(folds, net.per_fold, strict=True):
-        low_band[te], high_band[te] = c.thresholds.abstain_low, c.thresholds.abstain_high
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(
         ["slide_id", "patient_id", "pap_group", "fold", "truth"]
         + [f"p_high_{k}" for k in models]
         + ["threshold", "decision", "abstained"]
+        + [f"{col}_{k}" for k in models for col in ("threshold", "abstain_low", "abstain_high")]
     )
     ph = scores[network[0]]
     for i, s in enumerate(p.ds.slides):
         w.writerow(
             [s.slide_id, s.patient_id, s.pap_group, int(fold_of[i]), p.task.classes[p.labels[i]]]
-            + [f"{scores[k][i]:.6f}" for k in models]
+            + [_full(scores[k][i]) for k in models]
             + [
-                f"{net.slide_threshold[i]:.6f}",
+                _full(net.slide_threshold[i]),
                 "high" if ph[i] >= net.slide_threshold[i] else "low",
-                str(bool(low_band[i] <= ph[i] <= high_band[i])).lower(),
+                str(bool(net.band_low[i] <= ph[i] <= net.band_high[i])).lower(),
+            ]
+            + [
+                _full(v)
+                for sc, _ in models.values()
+                for v in (sc.slide_threshold[i], sc.band_low[i], sc.band_high[i])
             ]
         )
     return buf.getvalue()
@@ -228,6 +256,7 @@ def write_outputs(
     network: Network,
     baselines: Baselines,
     inp: Inputs,
+    environment: dict[str, Any],
 ) -> None:
     """config.json, report.json, report.md, predictions.csv and the plots."""
     slide_ids = [s.slide_id for s in p.ds.slides]
@@ -243,6 +272,9 @@ def write_outputs(
             for tr, te in folds
         ],
         "torch": torch.__version__,
+        "torch_threads": environment["torch_threads"],
+        "cache": {k: p.ds.stats.to_json()[k] for k in RUN_ONLY},
+        "environment": environment,
         "code_revision": code_revision(),
     }
     write_json(work / "config.json", config)

@@ -42,6 +42,7 @@ from training.crossval import (
     score_model,
 )
 from training.data import get_task, load_dataset
+from training.environment import environment_record
 from training.evaluate import make_folds, validation_split
 from training.exceptions import ConfigError, DataError
 from training.export import write_bundle
@@ -69,6 +70,7 @@ from training.train import (
     resolve_device,
     save_checkpoint,
     seed_everything,
+    set_threads,
 )
 from training.window import Inputs
 
@@ -183,6 +185,7 @@ class _Context:
     work: Path | None
     extra: dict[str, Any]
     progress: Progress
+    environment: dict[str, Any]
 
 
 def _fold_fitter(ctx: _Context, n_folds: int) -> Any:
@@ -276,13 +279,14 @@ def run_training(opts: TrainOptions, progress: Progress | None = None) -> TrainR
     pretrained_record(opts)  # a missing weights file is an error before any work
     _check_out(opts.out)
     resolve_device(opts.device)  # before any work: no GPU is an error, never a fallback
+    threads = set_threads(opts.threads)
     progress = progress or Progress(enabled=False)
     cfg = fit_config(opts, get_preset(opts.preset))
     with distributed(opts.device) as info, progress:
         p = prepare(opts, progress)
         folds = make_folds(p.labels, p.ds.patients, opts.folds, opts.seed)
         with _output_dir(opts.out, info) as work:
-            ctx = _Context(p, opts, cfg, work, {}, progress)
+            ctx = _Context(p, opts, cfg, work, {}, progress, environment_record(threads))
             report = _train_and_report(ctx, folds, info=info)
     seconds = time.monotonic() - started
     log.info("omis train finished in %.1f s: %s", seconds, opts.out)
@@ -324,6 +328,7 @@ def _train_and_report(
         inner,
         high=high,
         target=opts.target_sensitivity,
+        max_referral=opts.max_referral,
         temperature=temperature,
         shipped_val=shipped_val,
         classes=p.task.classes,
@@ -368,6 +373,7 @@ def _train_and_report(
         network=(name, net, run),
         baselines=baselines,
         inp=inp,
+        environment=ctx.environment,
     )
     return report
 
@@ -391,6 +397,7 @@ def _baselines(
             inner,
             high=p.task.high_classes,
             target=opts.target_sensitivity,
+            max_referral=opts.max_referral,
             classes=p.task.classes,
         )
         out[name] = (scored, run)

@@ -119,6 +119,35 @@ def _threshold_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _referral_lines(report: dict[str, Any], model: str) -> list[str]:
+    rows = [(f"{model} (this run)", report["cnn"]["pooled"])]
+    rows += [
+        (name.replace("_", " ").title(), res["pooled"])
+        for name, res in report.get("baselines", {}).items()
+        if isinstance(res, dict) and "pooled" in res and "referral_rate" in res["pooled"]
+    ]
+    if "referral_rate" not in rows[0][1]:
+        return []
+    lines = [
+        "",
+        "## What the device would do (each fold's abstain band on its test slides)",
+        "",
+        "Referred slides go to a person.  *Decided*: figures on the slides the device decides; "
+        "*with review*: each referral counted as a correct human review.",
+        "",
+        "| model | referred | sens. decided | spec. decided | sens. with review | "
+        "spec. with review |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {_pct(m['referral_rate'])} | {_pct(m['sensitivity_decided'])} | "
+        f"{_pct(m['specificity_decided'])} | {_pct(m['sensitivity_with_review'])} | "
+        f"{_pct(m['specificity_with_review'])} |"
+        for name, m in rows
+    ]
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The human-readable report."""
     pooled = report["cnn"]["pooled"]
@@ -144,6 +173,7 @@ def markdown(report: dict[str, Any]) -> str:
     for name, res in report.get("baselines", {}).items():
         if isinstance(res, dict) and "pooled" in res:
             lines.append(_row(name.replace("_", " ").title(), res["pooled"]))
+    lines += _referral_lines(report, model)
     lines += _comparison_lines(report)
     lines += _threshold_lines(report)
     if cov:

@@ -1,0 +1,95 @@
+"""The operating point: a referral rate bounded by ``--max-referral``, stable on small validation
+sets, and reported (issue 21 item 1)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.crossval import ModelRun, score_model
+from training.thresholds import choose_thresholds
+
+
+def _scores(rng: np.random.Generator, n: int, shift: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
+    """Overlapping classes (AUC about 0.85), a third positive, as p(high)."""
+    pos = rng.random(n) < 1 / 3
+    z = rng.normal(0.0, 1.0, n) + shift * pos - 1.0
+    return pos, 1.0 / (1.0 + np.exp(-z))
+
+
+def _referred(p: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    out: np.ndarray = (p >= lo) & (p <= hi)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("max_referral", [0.1, 0.2])
+def test_small_validation_set_keeps_the_referral_bound_on_new_slides(
+    seed: int, max_referral: float
+) -> None:
+    """Thresholds chosen on ~40 validation slides refer about ``max_referral`` of new slides,
+    never most of them, and still reach the sensitivity target when a referral is reviewed."""
+    rng = np.random.default_rng(seed)
+    pos_v, p_v = _scores(rng, 40)
+    pos_t, p_t = _scores(rng, 20000)
+    th = choose_thresholds(pos_v, p_v, 0.9, max_referral=max_referral).thresholds
+    referred = _referred(p_t, th.abstain_low, th.abstain_high)
+    assert referred.mean() <= max_referral + 0.1, referred.mean()
+    caught = (p_t[pos_t] >= th.abstain_low).mean()  # decided high, or referred to a person
+    assert caught >= 0.9 - 0.12, caught
+
+
+def test_the_bound_holds_on_the_validation_fit_and_says_when_targets_conflict() -> None:
+    rng = np.random.default_rng(7)
+    pos, p = _scores(rng, 400, shift=1.0)  # weak separation: the 98 % band is very wide
+    c = choose_thresholds(pos, p, 0.9, max_referral=0.15)
+    assert c.expected is not None
+    assert c.expected["referral_rate"] <= 0.15 + 1e-9
+    assert c.problem is not None and "max-referral" in c.problem
+    wide = choose_thresholds(pos, p, 0.9, max_referral=1.0)
+    assert wide.problem is None
+    assert wide.thresholds.abstain_high - wide.thresholds.abstain_low > (
+        c.thresholds.abstain_high - c.thresholds.abstain_low
+    )
+
+
+def test_no_referral_allowed_gives_a_plain_decision() -> None:
+    rng = np.random.default_rng(3)
+    pos, p = _scores(rng, 60)
+    th = choose_thresholds(pos, p, 0.9, max_referral=0.0).thresholds
+    assert th.abstain_low == th.decision == th.abstain_high
+
+
+def test_report_counts_referrals_and_both_sensitivities() -> None:
+    """Per model: the share of test slides referred (Wilson), sensitivity/specificity on the
+    decided slides and with each referral counted as a correct human review."""
+    rng = np.random.default_rng(11)
+    n = 120
+    labels = (rng.random(n) < 0.4).astype(np.int64)
+    p = 1.0 / (1.0 + np.exp(-(rng.normal(0, 1, n) + 1.5 * labels - 0.7)))
+    probs = np.stack([1 - p, p], axis=1)
+    folds = [(np.arange(60, 120), np.arange(0, 60)), (np.arange(0, 60), np.arange(60, 120))]
+    inner = [(tr[:30], tr[30:]) for tr, _ in folds]
+    run = ModelRun(probs, [probs[v] for _, v in inner])
+    sc = score_model(run, labels, folds, inner, high=[1], target=0.9, max_referral=0.2)
+    pooled = sc.summary["pooled"]
+    lo = np.zeros(n)
+    hi = np.zeros(n)
+    for (_, te), c in zip(folds, sc.per_fold, strict=True):
+        lo[te], hi[te] = c.thresholds.abstain_low, c.thresholds.abstain_high
+    referred = _referred(p, lo, hi)
+    rr = pooled["referral_rate"]
+    assert (rr["successes"], rr["n"]) == (int(referred.sum()), n)
+    assert rr["ci95"][0] <= rr["value"] <= rr["ci95"][1]
+    pos = labels == 1
+    decided = ~referred
+    called = p >= hi  # decided slides are outside the band: high above it
+    sens_d = pooled["sensitivity_decided"]
+    assert (sens_d["successes"], sens_d["n"]) == (
+        int((called & pos & decided).sum()),
+        int((pos & decided).sum()),
+    )
+    spec_r = pooled["specificity_with_review"]
+    assert spec_r["successes"] == int((~pos & (referred | (p < lo))).sum())
+    sens_r = pooled["sensitivity_with_review"]
+    assert sens_r["successes"] == int((pos & (referred | called)).sum())
