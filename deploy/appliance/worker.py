@@ -85,13 +85,16 @@ def verdict_of(report: SlideReport) -> SlideVerdict | None:
 
     A failure in acquisition is the hardware's (firmware, camera); any later failure is the
     device path's, which the model's bundle defines (spectrum, render, input, outputs).  A slide
-    whose every field failed quality control never reached the model (a dark camera, an empty
-    slide; QC is the device's, not the bundle's): it says nothing about the model either.
+    whose every field failed quality control never reached the model (``no_usable_field``): the
+    OTA health period counts it against the model only when the bundle changed the QC
+    thresholds (a dark camera or an empty slide is not the model's fault).
     """
     if report.outcome is Outcome.CLASSIFIED:
         return "ok"
     if report.outcome is Outcome.ABSTAINED:
-        return None if report.reason == AbstainReason.NO_USABLE_FIELD.value else "abstained"
+        if report.reason == AbstainReason.NO_USABLE_FIELD.value:
+            return "no_usable_field"
+        return "abstained"
     if report.outcome is Outcome.FAILED:
         return "hardware" if report.stage is Stage.ACQUIRE else "failed"
     return None
