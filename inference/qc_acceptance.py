@@ -66,10 +66,10 @@ def check_qc_acceptance(bundle: Bundle) -> None:
             "find no usable field"
         )
     op = bundle.manifest.training.operating_point
-    if op is not None and op.field_acceptance is not None:
-        if op.field_acceptance < MIN_FIELD_ACCEPTANCE:
-            raise QCAcceptanceError(
-                f"the bundle's QC accepted {op.field_acceptance:.1%} of its training fields, "
-                f"below {MIN_FIELD_ACCEPTANCE:.0%}"
-            )
+    accepted = None if op is None else op.field_acceptance
+    if accepted is not None and accepted < MIN_FIELD_ACCEPTANCE:
+        raise QCAcceptanceError(
+            f"the bundle's QC accepted {accepted:.1%} of its training fields, "
+            f"below {MIN_FIELD_ACCEPTANCE:.0%}"
+        )
     log.debug("QC acceptance: %d golden field pair(s) pass", len(quality))

@@ -45,7 +45,7 @@ def test_training_acceptance_below_the_floor_is_refused(signed: tuple[Path, Path
     op = {"referral_rate": 0.1, "slides": 50, "no_usable_field_rate": 0.6, "field_acceptance": 0.3}
     resigned(bundle, priv, set_key("training", {"operating_point": op}))
     installer = Installer(ModelStore(state), TrustStore(state), lambda b: None)
-    with pytest.raises(RejectedError, match="30.0% of its training fields"):
+    with pytest.raises(RejectedError, match=r"30\.0% of its training fields"):
         installer.install(bundle)
 
 
