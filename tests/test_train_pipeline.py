@@ -325,3 +325,55 @@ def test_the_same_command_gives_the_same_report(trained: dict[str, Any], tmp_pat
     assert (again / "predictions.csv").read_bytes() == (
         trained["out"] / "predictions.csv"
     ).read_bytes()
+
+
+def test_exported_fold_checkpoint_reproduces_its_predictions(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    """``omis export`` of fold-K.pt carries that fold's window, temperature and thresholds: the
+    device path on the fold's test slides gives predictions.csv's p(high) and thresholds."""
+    from training.evaluate import evaluate_bundle
+
+    out: Path = trained["out"]
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    for k in (1, 2):
+        target = tmp_path / f"fold-{k}"
+        omis(
+            "export",
+            "--checkpoint",
+            str(out / "checkpoints" / f"fold-{k}.pt"),
+            "--out",
+            str(target),
+        )
+        m = load_bundle(target).manifest
+        res = evaluate_bundle(target, trained["data"])
+        got = {
+            p["slide_id"]: sum(p["probabilities"][c] for c in m.high_classes)
+            for p in res["predictions"]
+        }
+        mine = [r for r in rows if r["fold"] == str(k)]
+        assert mine
+        for r in mine:
+            assert abs(got[r["slide_id"]] - float(r["p_high_vgg16"])) <= 1e-5, r["slide_id"]
+            assert m.thresholds.decision == float(r["threshold_vgg16"])
+            assert m.thresholds.abstain_low == float(r["abstain_low_vgg16"])
+            assert m.thresholds.abstain_high == float(r["abstain_high_vgg16"])
+
+
+def test_the_shipped_operating_point_comes_from_slides_it_never_trained_on(
+    trained: dict[str, Any],
+) -> None:
+    report = json.loads((trained["out"] / "report.json").read_text())
+    final = report["final_model"]
+    n = report["data"]["slides_used"]
+    assert final["fit_slides"] + final["calibration_slides"] == n
+    assert 0 < final["calibration_slides"] < n
+    op = report["shipped_operating_point"]
+    assert op["slides"] == final["calibration_slides"] and "calibration split" in op["measured_on"]
+    m = load_bundle(trained["out"] / "bundle").manifest
+    assert m.thresholds.decision == op["thresholds"]["decision"]
+    rec = m.training.operating_point
+    assert rec is not None and rec.slides == final["calibration_slides"]
+    figures = op["cross_fitted"] or op["on_split_with_its_own_thresholds"]
+    assert rec.referral_rate == figures["referral_rate"]["value"]
+    assert 0.0 <= rec.no_usable_field_rate <= 1.0 and rec.field_acceptance is not None

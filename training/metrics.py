@@ -183,7 +183,9 @@ def classification_metrics(
     }
 
 
-def referral_figures(positive: B, p_high: F64, low: F64, high: F64) -> dict[str, Any]:
+def referral_figures(
+    positive: B, p_high: F64, low: float | F64, high: float | F64
+) -> dict[str, Any]:
     """What the device would do with an abstain band ``[low, high]`` (per slide or one).
 
     A slide inside the band is referred to a person; outside it the device decides (high above

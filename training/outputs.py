@@ -121,6 +121,7 @@ def build_report(
     diff: float,
     world_size: int,
     device: str,
+    shipped: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """report.json (schema ``omis.train-report/1``; keys documented in docs/training.md)."""
     name, net, run = network
@@ -195,6 +196,7 @@ def build_report(
         "training_history": [e["history"] for e in run.extra],
         "warnings": warnings,
         "final_model": final,
+        "shipped_operating_point": shipped,
         "export": {"onnx_vs_torch_max_abs_diff": diff, "opset": 17, "exporter": "torchscript"},
         "world_size": world_size,
         "device": device,
