@@ -93,3 +93,25 @@ def test_report_counts_referrals_and_both_sensitivities() -> None:
     assert spec_r["successes"] == int((~pos & (referred | (p < lo))).sum())
     sens_r = pooled["sensitivity_with_review"]
     assert sens_r["successes"] == int((pos & (referred | called)).sum())
+
+
+def test_the_window_keeps_the_separating_bins_of_a_low_mass_tail() -> None:
+    """The classes differ only at -35 nm, far in a tail holding < 1 % of the mass: a window
+    fitted on mass alone cuts the signal out; the fitted window keeps it (issue 21 item 4)."""
+    from inference.render import RenderParams
+    from training.window import discriminative_coverage, fit_render_window
+
+    rng = np.random.default_rng(5)
+    x = np.linspace(-50.0, 50.0, 101)
+    n = 80
+    labels = (np.arange(n) % 2).astype(np.int64)
+    peak = np.exp(-0.5 * (x / 6.0) ** 2)
+    ys = peak[None, :] * (1.0 + 0.05 * rng.normal(size=(n, 1))) + 0.002 * rng.normal(size=(n, 101))
+    tail = np.abs(x + 35.0) <= 2.0
+    ys[:, tail] += 0.004 * labels[:, None]  # tiny in mass, but it is the whole difference
+    lo, hi = fit_render_window(x, ys, labels)
+    assert lo <= -36.0, (lo, hi)
+    cov = discriminative_coverage(x, ys, labels, RenderParams(x_range_nm=(lo, hi)))
+    assert cov is not None and cov >= 0.9
+    narrow = discriminative_coverage(x, ys, labels, RenderParams(x_range_nm=(-15.0, 15.0)))
+    assert narrow is not None and narrow < 0.5

@@ -34,7 +34,7 @@ from training.report import (
     plot_roc,
     write_json,
 )
-from training.window import Inputs, render_coverage
+from training.window import Inputs, discriminative_coverage, render_coverage
 
 if TYPE_CHECKING:
     from training.options import TrainOptions
@@ -94,6 +94,27 @@ def comparison(
         ),
         "note": "AUC intervals and paired AUC test: DeLong; accuracy of the risk decisions at "
         "each model's validation-chosen thresholds: McNemar (exact)",
+    }
+
+
+def _discriminative(
+    p: Prepared, inp: Inputs, fold_inputs: Sequence[Inputs], folds: Any
+) -> dict[str, Any] | None:
+    """Share of the class-separating signal inside the window (training.window)."""
+    if p.ys is None or p.axis is None:
+        return None
+    return {
+        "shipped_window_all_slides": discriminative_coverage(p.axis, p.ys, p.labels, inp.render),
+        "per_fold_test_slides": [
+            discriminative_coverage(p.axis, p.ys[te], p.labels[te], fi.render)
+            for fi, (_, te) in zip(fold_inputs, folds, strict=True)
+        ],
+        "per_fold_training_slides": [
+            discriminative_coverage(p.axis, p.ys[tr], p.labels[tr], fi.render)
+            for fi, (tr, _) in zip(fold_inputs, folds, strict=True)
+        ],
+        "definition": "share of the per-bin between-class variance share (eta squared above "
+        "chance) that lies inside the render window",
     }
 
 
@@ -186,6 +207,7 @@ def build_report(
         "render": inp.render.model_dump(mode="json"),
         "render_coverage": coverage,
         "render_coverage_per_fold": coverage_folds,
+        "discriminative_coverage": _discriminative(p, inp, fold_inputs, folds),
         "cnn": net.summary,
         "baselines": {
             k: ({"skipped": v} if isinstance(v, str) else v[0].summary)

@@ -182,6 +182,14 @@ def markdown(report: dict[str, Any]) -> str:
             "Render window coverage (fraction of each class's absolute spectral mass inside "
             "the shipped window): " + ", ".join(f"{k} {_num(v, '{:.4f}')}" for k, v in cov.items()),
         ]
+    disc = report.get("discriminative_coverage")
+    if disc:
+        lines += [
+            "",
+            "Discriminative coverage (share of the class-separating signal inside the window): "
+            f"shipped window {_num(disc['shipped_window_all_slides'], '{:.4f}')}; per fold on "
+            "its test slides " + ", ".join(_num(v, "{:.4f}") for v in disc["per_fold_test_slides"]),
+        ]
     for w in report.get("warnings", []):
         lines += ["", f"**Warning:** {w}"]
     lines += [
