@@ -301,9 +301,13 @@ def test_predictions_csv_reproduces_the_report(trained: dict[str, Any]) -> None:
         assert referred == res["pooled"]["referral_rate"]["successes"], name
 
 
-def test_the_same_command_gives_the_same_report(trained: dict[str, Any], tmp_path: Path) -> None:
-    """Threads, seeds and deterministic kernels are fixed and recorded: a second run of the same
-    command, with a different thread count in the environment, writes the same report."""
+def test_the_same_command_gives_the_same_report_and_repeats_spread(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    """Threads, seeds and deterministic kernels are fixed and recorded: the fixture's command
+    run again with ``--repeats 2`` (and another thread count in the environment) gives, for
+    its first seed, the same report and predictions byte for byte; repeats.json spreads every
+    figure and paired comparison over the two seeds."""
     config = json.loads((trained["out"] / "config.json").read_text())
     assert config["torch_threads"] == 1
     env = config["environment"]
@@ -311,7 +315,7 @@ def test_the_same_command_gives_the_same_report(trained: dict[str, Any], tmp_pat
     assert env["libraries"]["torch"] and env["machine"]["cpu_count"]
     again = tmp_path / "again"
     proc = subprocess.run(
-        [*OMIS, *_train_args(trained["data"], again)],
+        [*OMIS, *_train_args(trained["data"], again), "--repeats", "2"],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"},
@@ -321,10 +325,20 @@ def test_the_same_command_gives_the_same_report(trained: dict[str, Any], tmp_pat
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     first = (trained["out"] / "report.json").read_bytes()
-    assert (again / "report.json").read_bytes() == first
-    assert (again / "predictions.csv").read_bytes() == (
+    assert (again / "seed-1" / "report.json").read_bytes() == first
+    assert (again / "seed-1" / "predictions.csv").read_bytes() == (
         trained["out"] / "predictions.csv"
     ).read_bytes()
+    agg = json.loads((again / "repeats.json").read_text())
+    assert agg["seeds"] == [1, 2]
+    figures = agg["figures"]
+    for key in ("vgg16.roc_auc", "vgg16.referral_rate", "logistic_regression.roc_auc"):
+        s = figures[key]
+        values = [agg["per_seed"][seed][key] for seed in ("1", "2")]
+        assert s["n"] == 2 and s["min"] == min(values) and s["max"] == max(values)
+        assert s["mean"] == pytest.approx(sum(values) / 2)
+    assert "network_minus_naive_bayes.auc_difference" in figures
+    assert "| vgg16.roc_auc |" in (again / "repeats.md").read_text()
 
 
 def test_exported_fold_checkpoint_reproduces_its_predictions(

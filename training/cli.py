@@ -86,6 +86,13 @@ def _register_train(sub: argparse._SubParsersAction[Any], common: argparse.Argum
         "validation fit (default 0.2)",
     )
     p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="train N times with seeds SEED..SEED+N-1 into OUT/seed-S and report mean, SD and "
+        "range of every figure in OUT/repeats.json and repeats.md (default 1)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -173,6 +180,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         where, message = first_error_parts(exc, "options")
         raise ConfigError(f"--{where.replace('_', '-')}: {message}") from exc
+    if args.repeats != 1:
+        return _repeated(opts, args)
     with Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
         result = run_training(opts, progress)
     if not result.report.get("schema"):
@@ -183,6 +192,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2, allow_nan=False))
     else:
         _print_summary(summary)
+    return 0
+
+
+def _repeated(opts: Any, args: argparse.Namespace) -> int:
+    """``--repeats N``: N complete runs and the spread of their figures."""
+    from training.pipeline import run_training
+    from training.repeats import run_repeats
+
+    agg = run_repeats(opts, args.repeats, lambda o: run_training(o).report)
+    if args.json:
+        print(json.dumps(agg["figures"], indent=2, allow_nan=False))
+    else:
+        for key, s in agg["figures"].items():
+            if s["mean"] is not None:
+                sd = "n/a" if s["sd"] is None else f"{s['sd']:.4f}"
+                print(f"{key:<48} mean {s['mean']:.4f}  SD {sd}  [{s['min']:.4f}, {s['max']:.4f}]")
+        print(f"repeats: {opts.out}/repeats.md")
     return 0
 
 
