@@ -115,3 +115,23 @@ def test_the_window_keeps_the_separating_bins_of_a_low_mass_tail() -> None:
     assert cov is not None and cov >= 0.9
     narrow = discriminative_coverage(x, ys, labels, RenderParams(x_range_nm=(-15.0, 15.0)))
     assert narrow is not None and narrow < 0.5
+
+
+def test_baseline_thresholds_are_applied_to_the_fit_they_were_chosen_on() -> None:
+    """A baseline's test probabilities come from the same model (fitted on the fold's fit
+    part) whose validation probabilities chose its thresholds."""
+    from sklearn.naive_bayes import GaussianNB
+
+    from training.baselines import cross_val_baselines
+
+    rng = np.random.default_rng(2)
+    n = 60
+    labels = (np.arange(n) % 2).astype(np.int64)
+    x = rng.normal(size=(n, 20)) + labels[:, None] * 0.8
+    folds = [(np.arange(30, 60), np.arange(0, 30)), (np.arange(0, 30), np.arange(30, 60))]
+    inner = [(tr[:20], tr[20:]) for tr, _ in folds]
+    probs, val = cross_val_baselines({"peaks": x}, labels, folds, 2, 0, inner=inner)["naive_bayes"]
+    for (_, test), (fit_i, val_i), v in zip(folds, inner, val, strict=True):
+        clf = GaussianNB().fit(x[fit_i], labels[fit_i])
+        assert np.allclose(probs[test], clf.predict_proba(x[test]))
+        assert np.allclose(v, clf.predict_proba(x[val_i]))

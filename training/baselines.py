@@ -97,20 +97,33 @@ BASELINES: dict[str, tuple[str, Callable[[int, I64], Any]]] = {
 
 
 def _fit_predict(
-    make: Callable[[int, I64], Any], x: F64, y: I64, *, train: I64, test: I64, k: int, seed: int
-) -> F64:
+    make: Callable[[int, I64], Any],
+    x: F64,
+    y: I64,
+    *,
+    train: I64,
+    tests: tuple[I64, ...],
+    k: int,
+    seed: int,
+) -> list[F64]:
+    """One model fitted on ``train``; its class probabilities on each index set of ``tests``."""
     if np.unique(y[train]).size < 2:  # e.g. a tiny inner split: that class, with certainty
         log.warning("baseline trained on one class only (%d slides)", train.size)
-        out1 = np.zeros((test.size, k), dtype=np.float64)
-        out1[:, int(y[train][0])] = 1.0
-        return out1
+        outs = [np.zeros((t.size, k), dtype=np.float64) for t in tests]
+        for o in outs:
+            o[:, int(y[train][0])] = 1.0
+        return outs
     clf = make(seed, y[train])
     clf.fit(x[train], y[train])
-    got = np.asarray(clf.predict_proba(x[test]), dtype=np.float64)
-    # a class absent from the training fold has no column: put the columns where they belong
-    out = np.zeros((test.size, k), dtype=np.float64)
-    out[:, np.asarray(clf.classes_, dtype=np.int64)] = got
-    return out
+    cols = np.asarray(clf.classes_, dtype=np.int64)
+    result = []
+    for t in tests:
+        # a class absent from the training fold has no column: put the columns where they belong
+        out = np.zeros((t.size, k), dtype=np.float64)
+        if t.size:
+            out[:, cols] = np.asarray(clf.predict_proba(x[t]), dtype=np.float64)
+        result.append(out)
+    return result
 
 
 def cross_val_baselines(
@@ -126,7 +139,10 @@ def cross_val_baselines(
 
     ``features`` maps a feature-set name (``peaks``, ``spectrum``) to one row per slide; a
     baseline whose set is missing is not run.  ``inner`` holds each fold's (fit, validation)
-    split; the validation probabilities come from a model fitted on the fit part only.
+    split: then one model, fitted on the fit part only, gives both the validation
+    probabilities (where its thresholds are chosen) and the test probabilities (where they are
+    applied), as for the network.  Without ``inner`` the model is fitted on the whole training
+    fold.
     """
     out: dict[str, tuple[F64, list[F64]]] = {}
     for name, (kind, make) in BASELINES.items():
@@ -136,16 +152,12 @@ def cross_val_baselines(
         probs = np.zeros((labels.size, num_classes), dtype=np.float64)
         val: list[F64] = []
         for i, (train, test) in enumerate(folds):
-            probs[test] = _fit_predict(
-                make, x, labels, train=train, test=test, k=num_classes, seed=seed
+            fit_i, val_i = inner[i] if inner is not None else (train, train[:0])
+            probs[test], v = _fit_predict(
+                make, x, labels, train=fit_i, tests=(test, val_i), k=num_classes, seed=seed
             )
             if inner is not None:
-                fit_i, val_i = inner[i]
-                val.append(
-                    _fit_predict(make, x, labels, train=fit_i, test=val_i, k=num_classes, seed=seed)
-                    if val_i.size
-                    else np.zeros((0, num_classes))
-                )
+                val.append(v)
         out[name] = (probs, val)
         log.info("baseline %s: done on %d folds", name, len(folds))
     return out
