@@ -135,3 +135,17 @@ def test_baseline_thresholds_are_applied_to_the_fit_they_were_chosen_on() -> Non
         clf = GaussianNB().fit(x[fit_i], labels[fit_i])
         assert np.allclose(probs[test], clf.predict_proba(x[test]))
         assert np.allclose(v, clf.predict_proba(x[val_i]))
+
+
+def test_the_one_bin_rule_finds_the_separating_bin() -> None:
+    from training.baselines import BestBinRule
+    from training.metrics import roc_auc
+
+    rng = np.random.default_rng(8)
+    y = (np.arange(200) % 2).astype(np.int64)
+    x = rng.normal(size=(200, 30))
+    x[:, 17] -= 1.5 * y  # lower in the high-risk class: the sign is learnt too
+    rule = BestBinRule().fit(x[:100], y[:100])
+    assert rule.bin_ == 17
+    p = rule.predict_proba(x[100:])[:, 1]
+    assert (roc_auc(y[100:] == 1, p) or 0.0) > 0.8

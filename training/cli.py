@@ -230,7 +230,7 @@ def _fmt(p: dict[str, Any]) -> str:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     print(f"{'model':<19} {'sensitivity':<21} {'specificity':<21} {'accuracy':<21} AUC")
-    for name in ("cnn", "naive_bayes", "random_forest", "logistic_regression"):
+    for name in ("cnn", "naive_bayes", "random_forest", "logistic_regression", "best_bin"):
         if name in summary:
             m = summary[name]
             auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"

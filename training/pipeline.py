@@ -31,7 +31,7 @@ from firmware_bridge.fsutil import atomic_directory
 from inference.bundle import OperatingPoint, Thresholds
 from inference.exceptions import InferenceError
 from inference.spectrum import axis_nm, parse_params
-from training.baselines import cross_val_baselines, feature_matrix
+from training.baselines import BASELINES, cross_val_baselines, feature_matrix
 from training.checkpoint import FORMAT
 from training.crossval import (
     ModelRun,
@@ -488,7 +488,7 @@ def _baselines(
     spectra = p.spectra
     if spectra is None or p.ys is None:
         reason = "image dataset: no spectra for the classical baselines"
-        return {"naive_bayes": reason, "random_forest": reason, "logistic_regression": reason}
+        return dict.fromkeys(BASELINES, reason)
     feats = {"peaks": feature_matrix(spectra), "spectrum": p.ys}
     runs = cross_val_baselines(feats, p.labels, folds, len(p.task.classes), opts.seed, inner=inner)
     out: dict[str, tuple[Scored, ModelRun] | str] = {}
