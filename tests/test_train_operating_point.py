@@ -149,3 +149,20 @@ def test_the_one_bin_rule_finds_the_separating_bin() -> None:
     assert rule.bin_ == 17
     p = rule.predict_proba(x[100:])[:, 1]
     assert (roc_auc(y[100:] == 1, p) or 0.0) > 0.8
+
+
+def test_collapse_is_flagged_from_the_prediction_shares_and_the_loss() -> None:
+    """A 4-class fold predicting one class for 52 of 53 slides is collapsed (the former rule
+    needed all 53), and so is a fold whose validation loss is at chance level."""
+    from training.compare import collapse_reason
+
+    truth = np.array([0] * 18 + [1] * 14 + [2] * 6 + [3] * 15, dtype=np.int64)
+    pred = np.zeros(53, dtype=np.int64)
+    pred[0] = 3
+    why = collapse_reason(truth, pred)
+    assert why is not None and "52 of 53" in why
+    mixed = truth.copy()
+    assert collapse_reason(truth, mixed, val_loss=0.9, num_classes=4) is None
+    chance = collapse_reason(truth, mixed, val_loss=float(np.log(4)) - 0.01, num_classes=4)
+    assert chance is not None and "chance" in chance
+    assert collapse_reason(np.zeros(20, dtype=np.int64), np.zeros(20, dtype=np.int64)) is None
