@@ -17,7 +17,7 @@ def _scores(rng: np.random.Generator, n: int, shift: float = 1.5) -> tuple[np.nd
     return pos, 1.0 / (1.0 + np.exp(-z))
 
 
-def _referred(p: np.ndarray, lo: float, hi: float) -> np.ndarray:
+def _referred(p: np.ndarray, lo: float | np.ndarray, hi: float | np.ndarray) -> np.ndarray:
     out: np.ndarray = (p >= lo) & (p <= hi)
     return out
 
@@ -166,3 +166,31 @@ def test_collapse_is_flagged_from_the_prediction_shares_and_the_loss() -> None:
     chance = collapse_reason(truth, mixed, val_loss=float(np.log(4)) - 0.01, num_classes=4)
     assert chance is not None and "chance" in chance
     assert collapse_reason(np.zeros(20, dtype=np.int64), np.zeros(20, dtype=np.int64)) is None
+
+
+def test_the_report_counts_the_slides_the_task_used() -> None:
+    """``--task ii-v`` on 160 slides trains on the 104 of groups II and V: the report says 104
+    (the preparation's own count, 160, used to overwrite it)."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from training.data import PrepStats
+    from training.outputs import data_record
+
+    stats = PrepStats(slides_in_manifest=160, slides_used=160, cache_hits=3, cache_misses=157)
+    slides = [SimpleNamespace(slide_id=f"s{i}") for i in range(104)]
+    ds = SimpleNamespace(
+        stats=stats,
+        slides=slides,
+        kind="fields",
+        patients=[f"p{i}" for i in range(104)],
+        manifest_sha256="0" * 64,
+        files_sha256="1" * 64,
+    )
+    rec = data_record(SimpleNamespace(ds=ds, outside_task=56), Path("d"))  # type: ignore[arg-type]
+    assert (rec["slides_used"], rec["slides_outside_task"], rec["slides_prepared"]) == (
+        104,
+        56,
+        160,
+    )
+    assert "cache_hits" not in rec  # describes the run, not the result: config.json

@@ -130,6 +130,23 @@ def _coverage(p: Prepared, inp: Inputs, fold_inputs: Sequence[Inputs], folds: An
     return whole, per_fold
 
 
+def data_record(p: Prepared, data_dir: Path) -> dict[str, Any]:
+    """``report.json`` → ``data``: what was read, prepared and used for this task."""
+    return {
+        # cache use describes this run, not its result: config.json has it
+        **{k: v for k, v in p.ds.stats.to_json().items() if k not in RUN_ONLY},
+        # after the preparation counts: ``slides_used`` is what this task trained on
+        "slides_prepared": p.ds.stats.slides_used,
+        "dir": str(data_dir),
+        "kind": p.ds.kind,
+        "slides_used": len(p.ds.slides),
+        "slides_outside_task": p.outside_task,
+        "patients": len(set(p.ds.patients)),
+        "manifest_sha256": p.ds.manifest_sha256,
+        "files_sha256": p.ds.files_sha256,
+    }
+
+
 def build_report(
     p: Prepared,
     opts: TrainOptions,
@@ -181,19 +198,7 @@ def build_report(
         "model": name,
         "input": inp.spec.representation,
         "folds": len(folds),
-        "data": {
-            # cache use describes this run, not its result: config.json has it
-            **{k: v for k, v in p.ds.stats.to_json().items() if k not in RUN_ONLY},
-            # after the preparation counts: ``slides_used`` is what this task trained on
-            "slides_prepared": p.ds.stats.slides_used,
-            "dir": str(opts.data),
-            "kind": p.ds.kind,
-            "slides_used": len(p.ds.slides),
-            "slides_outside_task": p.outside_task,
-            "patients": len(set(p.ds.patients)),
-            "manifest_sha256": p.ds.manifest_sha256,
-            "files_sha256": p.ds.files_sha256,
-        },
+        "data": data_record(p, opts.data),
         "confusion_matrix": pooled["confusion_matrix"],
         "sensitivity": pooled["sensitivity"],
         "specificity": pooled["specificity"],
