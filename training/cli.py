@@ -213,11 +213,11 @@ def _repeated(opts: Any, args: argparse.Namespace) -> int:
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
-    keys = ("sensitivity", "specificity", "accuracy")
-    out: dict[str, Any] = {"cnn": {k: report[k] for k in (*keys, "roc_auc")}}
+    keys = ("sensitivity", "specificity", "accuracy", "referral_rate", "roc_auc")
+    out: dict[str, Any] = {"cnn": {k: report[k] for k in keys}}
     for name, res in report["baselines"].items():
         if "pooled" in res:
-            out[name] = {k: res["pooled"][k] for k in (*keys, "roc_auc")}
+            out[name] = {k: res["pooled"][k] for k in keys}
     return out
 
 
@@ -229,14 +229,17 @@ def _fmt(p: dict[str, Any]) -> str:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    print(f"{'model':<19} {'sensitivity':<21} {'specificity':<21} {'accuracy':<21} AUC")
+    print(
+        f"{'model':<19} {'sensitivity':<21} {'specificity':<21} {'accuracy':<21} "
+        f"{'referred':<21} AUC"
+    )
     for name in ("cnn", "naive_bayes", "random_forest", "logistic_regression", "best_bin"):
         if name in summary:
             m = summary[name]
             auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
             print(
                 f"{name:<19} {_fmt(m['sensitivity'])} {_fmt(m['specificity'])} "
-                f"{_fmt(m['accuracy'])} {auc}"
+                f"{_fmt(m['accuracy'])} {_fmt(m['referral_rate'])} {auc}"
             )
     print(
         f"bundle: {summary['bundle']}  report: {summary['out']}/report.md  "
