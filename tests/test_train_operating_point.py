@@ -194,3 +194,43 @@ def test_the_report_counts_the_slides_the_task_used() -> None:
         160,
     )
     assert "cache_hits" not in rec  # describes the run, not the result: config.json
+
+
+def _logits(rng: np.random.Generator, n: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Two-class logits whose true temperature is ``scale`` (labels drawn from the truth)."""
+    z = rng.normal(0.0, 1.5, n)
+    y = (rng.random(n) < 1.0 / (1.0 + np.exp(-z))).astype(np.int64)
+    return np.stack([np.zeros(n), z * scale], axis=1), y
+
+
+def test_temperature_is_kept_only_when_it_helps_held_out() -> None:
+    from training.operating import halves, temperature
+
+    rng = np.random.default_rng(21)
+    groups = [f"p{i}" for i in range(400)]
+    z, y = _logits(rng, 400, 4.0)  # overconfident: T of about 4 helps
+    t, why = temperature(z, y, halves(y, groups, 0), True)
+    assert why["used"] and t > 2.0 and why["heldout_nll_scaled"] < why["heldout_nll_unscaled"]
+    z, y = _logits(rng, 400, 1.0)  # calibrated already: held out, a fitted T rarely helps
+    t, why = temperature(z, y, halves(y, groups, 0), True)
+    assert why["used"] is (why["heldout_nll_scaled"] < why["heldout_nll_unscaled"])
+    assert t == 1.0 or why["used"]
+    assert temperature(z, y, None, True)[1]["used"] is False  # no split: not tested, not used
+    assert temperature(z, y, halves(y, groups, 0), False) == (
+        1.0,
+        {"used": False, "value": 1.0, "reason": "not requested"},
+    )
+
+
+def test_the_shipped_point_is_cross_fitted_on_the_calibration_split() -> None:
+    from training.operating import Target, calibrate
+
+    rng = np.random.default_rng(22)
+    z, y = _logits(rng, 120, 1.0)
+    groups = [f"p{i // 2}" for i in range(120)]
+    cal = calibrate(z, y, groups, high=[1], target=Target(0.9, 0.2, False), seed=0)
+    cf = cal.report["cross_fitted"]
+    assert cf is not None and cf["referral_rate"]["n"] == 120
+    assert cal.referral_rate == cf["referral_rate"]["value"]
+    assert cal.choice.thresholds.chosen_on == "validation" and cal.slides == 120
+    assert cal.report["temperature"]["used"] is False
