@@ -234,3 +234,18 @@ def test_the_shipped_point_is_cross_fitted_on_the_calibration_split() -> None:
     assert cal.referral_rate == cf["referral_rate"]["value"]
     assert cal.choice.thresholds.chosen_on == "validation" and cal.slides == 120
     assert cal.report["temperature"]["used"] is False
+
+
+def test_thresholds_do_not_depend_on_the_scale_of_the_scores() -> None:
+    """A strongly regularised model's p(high) may all lie within 0.01 of 0.5: the thresholds
+    must rank slides exactly as on the spread-out scores (an absolute bandwidth floor put the
+    decision below every score: all slides called high)."""
+    rng = np.random.default_rng(12)
+    pos, p = _scores(rng, 60)
+    z = np.log(p / (1 - p))
+    squeezed = 1.0 / (1.0 + np.exp(-z * 0.005))  # the same order, all within 0.01 of 0.5
+    a = choose_thresholds(pos, p, 0.9).thresholds
+    b = choose_thresholds(pos, squeezed, 0.9).thresholds
+    for x, y in ((a.decision, b.decision), (a.abstain_low, b.abstain_low)):
+        assert np.array_equal(p >= x, squeezed >= y)
+    assert 0.0 < (squeezed >= b.decision).mean() < 1.0

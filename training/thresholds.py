@@ -5,7 +5,8 @@ slides (patients held out of its training, never its test slides) give the thres
 p(high).  Validation sets are small (a fold of the 160-slide set holds about nine high-risk
 validation slides), so the thresholds are read off a *smoothed* score distribution rather than
 off the extreme empirical scores: each class's scores, on the logit scale, are smoothed with a
-Gaussian kernel (Silverman's bandwidth, with a floor), giving continuous class-conditional
+Gaussian kernel (Silverman's bandwidth, floored at a twentieth of the SD of all the scores),
+giving continuous class-conditional
 distribution functions ``F_high`` and ``F_low`` (a smoothed ROC curve).  Then:
 
 * the decision threshold ``d``: ``F_high(d) = 1 - target`` (the smoothed curve reaches the
@@ -46,7 +47,11 @@ BAND_SENSITIVITY = 0.98
 BAND_SPECIFICITY = 0.98
 DEFAULT_MAX_REFERRAL = 0.2
 LOGIT_CLIP = 30.0  # p(high) of exactly 0 or 1 (float saturation) maps to a finite logit
-BANDWIDTH_FLOOR = 0.1  # logit units: one class with identical scores still has a spread
+# Floor of a class's bandwidth, as a fraction of the SD of all validation scores (both classes):
+# a class with identical scores still has a spread, and the floor scales with the scores (a
+# strongly regularised model's p(high) may all lie within 0.01 of 0.5).
+BANDWIDTH_FLOOR = 0.05
+MIN_BANDWIDTH = 1e-9
 BISECT_STEPS = 80
 
 
@@ -88,14 +93,14 @@ class Smoothed:
     h: float
 
     @classmethod
-    def fit(cls, x: F64) -> Smoothed:
-        """Silverman's rule-of-thumb bandwidth, floored (tiny or tied samples)."""
+    def fit(cls, x: F64, floor: float) -> Smoothed:
+        """Silverman's rule-of-thumb bandwidth, at least ``floor`` (tiny or tied samples)."""
         x = np.asarray(x, dtype=np.float64)
         sd = float(np.std(x, ddof=1)) if x.size > 1 else 0.0
         iqr = float(np.subtract(*np.percentile(x, [75, 25]))) / 1.349 if x.size > 1 else 0.0
         spread = min(sd, iqr) if iqr > 0 else sd
         h = 0.9 * spread * x.size ** (-0.2) if spread > 0 else 0.0
-        return cls(x, max(h, BANDWIDTH_FLOOR))
+        return cls(x, max(h, floor, MIN_BANDWIDTH))
 
     def cdf(self, t: float) -> float:
         """P(score <= t) under the smoothed fit."""
@@ -178,7 +183,8 @@ def choose_thresholds(
             "validation data hold one risk class only: defaults kept",
         )
     z = _logit(p_high)
-    fit = _Fit(Smoothed.fit(z[pos]), Smoothed.fit(z[~pos]), float(pos.mean()))
+    floor = BANDWIDTH_FLOOR * float(np.std(z))
+    fit = _Fit(Smoothed.fit(z[pos], floor), Smoothed.fit(z[~pos], floor), float(pos.mean()))
     d = fit.high.quantile(1.0 - target_sensitivity)
     lo = min(fit.high.quantile(1.0 - BAND_SENSITIVITY), d)
     hi = max(fit.low.quantile(BAND_SPECIFICITY), d)
