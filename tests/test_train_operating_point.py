@@ -249,3 +249,18 @@ def test_thresholds_do_not_depend_on_the_scale_of_the_scores() -> None:
     for x, y in ((a.decision, b.decision), (a.abstain_low, b.abstain_low)):
         assert np.array_equal(p >= x, squeezed >= y)
     assert 0.0 < (squeezed >= b.decision).mean() < 1.0
+
+
+def test_a_collapsed_shipped_model_is_named() -> None:
+    """A final network that gives every calibration slide the same p(high) (seen on one seed of
+    the 160-slide set) is flagged, not shipped silently."""
+    from training.operating import Target, calibrate
+
+    y = (np.arange(40) % 2).astype(np.int64)
+    z = np.tile([[0.0, -0.016]], (40, 1))
+    groups = [f"p{i}" for i in range(40)]
+    cal = calibrate(z, y, groups, high=[1], target=Target(0.9, 0.2, False), seed=0)
+    assert cal.report["collapsed"] is not None and "collapsed" in cal.report["collapsed"]
+    separated = np.stack([np.zeros(40), 3.0 * (2 * y - 1) + 0.1 * np.arange(40) / 40], axis=1)
+    ok = calibrate(separated, y, groups, high=[1], target=Target(0.9, 0.2, False), seed=0)
+    assert ok.report["collapsed"] is None

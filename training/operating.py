@@ -152,6 +152,22 @@ def _share(hit: B, of: B) -> dict[str, Any]:
     return proportion(int(hit.sum()), int(of.sum()))
 
 
+FLAT_SPREAD = 1e-6  # p(high) differing by less than this across the split: one answer for all
+
+
+def collapse_of(positive: B, p_high: F64) -> str | None:
+    """Why the shipped model looks collapsed on its calibration split, or None."""
+    if p_high.size and float(np.ptp(p_high)) < FLAT_SPREAD:
+        return (
+            f"the shipped model gives every calibration slide p(high) = {float(p_high[0]):.4f}: "
+            "it predicts one answer for all slides (collapsed); do not ship it"
+        )
+    auc = auc_with_interval(positive, p_high)["value"]
+    if auc is not None and auc <= 0.5:
+        return f"the shipped model ranks its calibration slides at chance (AUC {auc:.3f})"
+    return None
+
+
 def calibrate(
     z: F64, labels: I64, groups: Sequence[str], *, high: Sequence[int], target: Target, seed: int
 ) -> Calibrated:
@@ -175,6 +191,7 @@ def calibrate(
             positive, ph, th.abstain_low, th.abstain_high
         ),
         "cross_fitted": None,
+        "collapsed": collapse_of(positive, ph),
         "note": "cross_fitted: each half of the split scored with thresholds chosen on the other "
         "half (slides the choice never saw); on_split_with_its_own_thresholds is optimistic",
     }

@@ -182,6 +182,8 @@ def build_report(
         for f in sc.summary["per_fold"]
         if f["collapsed"]
     ]
+    if shipped and shipped.get("collapsed"):
+        warnings.insert(0, f"SHIPPED MODEL: {shipped['collapsed']}")
     warnings += [
         f"{k}: fold {i} thresholds: {c.problem}"
         for k, (sc, _) in _models(network, baselines).items()
