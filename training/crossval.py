@@ -179,13 +179,6 @@ def cross_validate_network(
     return run, results, inputs
 
 
-def pooled_temperature(run: ModelRun, labels: I64, inner: Sequence[Fold]) -> float:
-    """Temperature of the shipped model: fitted on every fold's validation logits."""
-    z = np.concatenate(run.val_logits)
-    y = np.concatenate([labels[v] for _, v in inner])
-    return fit_temperature(z, y)
-
-
 def checkpoint_path(work: Path | None, name: str) -> Path | None:
     """``work/checkpoints/name`` or None when this process writes nothing."""
     return work / "checkpoints" / name if work is not None else None

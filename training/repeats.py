@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import statistics
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 from firmware_bridge.fsutil import atomic_directory, atomic_write_text
@@ -133,8 +132,3 @@ def run_repeats(opts: TrainOptions, repeats: int, run: RunFn) -> dict[str, Any]:
         write_json(tmp / "repeats.json", agg)
         atomic_write_text(tmp / "repeats.md", markdown(agg))
     return agg
-
-
-def seed_dirs(out: Path) -> list[Path]:
-    """The per-seed run directories of a repeated run."""
-    return sorted(out.glob("seed-*"))
