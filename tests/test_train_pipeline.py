@@ -278,6 +278,8 @@ def test_report_gives_the_referral_rate_and_both_sensitivities(trained: dict[str
     for name in ("naive_bayes", "logistic_regression"):
         assert "referral_rate" in report["baselines"][name]["pooled"]
     assert report["thresholds"]["max_referral"] == 0.2
+    verdict = report["comparison"]["against_best_baseline"]
+    assert verdict and report["comparison"]["best_baseline"] in verdict
     assert "referred" in (out / "report.md").read_text()
 
 

@@ -92,9 +92,31 @@ def comparison(
             if best is None or auc[name]["value"] is None
             else bool(auc[name]["value"] >= auc[best]["value"])
         ),
+        "against_best_baseline": _verdict(name, best, paired),
         "note": "AUC intervals and paired AUC test: DeLong; accuracy of the risk decisions at "
         "each model's validation-chosen thresholds: McNemar (exact)",
     }
+
+
+SIGNIFICANCE = 0.05
+
+
+def _verdict(name: str, best: str | None, paired: dict[str, Any]) -> str | None:
+    """One sentence: the network against the best baseline, from this run's DeLong test."""
+    if best is None:
+        return None
+    d = paired[best]["delong"]
+    diff, p = d["auc_difference"], d["p_value"]
+    if diff is None or p is None:
+        return f"{name} against {best}: not testable on these slides"
+    if p >= SIGNIFICANCE:
+        how = "within noise of"
+    else:
+        how = "significantly above" if diff > 0 else "significantly below"
+    return (
+        f"{name} is {how} the best baseline, {best} (AUC difference {diff:+.3f}, DeLong "
+        f"p = {p:.2g}); one run: rank models only on --repeats runs"
+    )
 
 
 def _discriminative(

@@ -91,6 +91,8 @@ def _comparison_lines(report: dict[str, Any]) -> list[str]:
             f"| {name} | {_num(d['auc_difference'], '{:+.3f}')} | {_num(d['p_value'])} | "
             f"{_num(t['mcnemar']['p_value'])} |"
         )
+    if cmp.get("against_best_baseline"):
+        lines += ["", f"**{cmp['against_best_baseline']}**"]
     return lines
 
 
