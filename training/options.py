@@ -40,6 +40,12 @@ class TrainOptions(BaseModel):
     max_slides: int | None = Field(None, ge=1)
     final: Literal["all", "best-fold"] = "all"
     target_sensitivity: float = Field(0.9, gt=0.0, le=1.0)
+    max_referral: float = Field(
+        0.2, ge=0.0, le=1.0, description="largest share of slides the abstain band may refer"
+    )
+    threads: int = Field(
+        1, ge=1, le=256, description="torch intra-op threads (results depend on the count)"
+    )
     temperature_scaling: bool = Field(False, description="fit a softmax temperature")
     out_of_range: float | None = Field(
         0.05, ge=0.0, le=1.0, description="bundle threshold on mass outside the render window"
