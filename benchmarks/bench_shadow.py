@@ -8,7 +8,7 @@ below are upper bounds of what a real microscope's slide sees):
 
   serving   run_slide (spectrum + QC of every field, slide spectrum, render, preprocess,
             infer, decide) and the result report: the latency to the serving result
-  shadow    the same, then the candidate's classify_spectrum on the slide's spectrum and its
+  shadow    the same, then the candidate's classify_slide_spectrum on the slide's spectrum and its
             report (what the appliance does after committing the serving result)
 
 Runs alternate (serving, shadow / shadow, serving: ABBA) slide by slide and repeat --repeats
@@ -62,7 +62,7 @@ def _one(serving: SlidePipeline, shadow: SlidePipeline | None, slide: list[Any])
     result.report()
     t1 = time.perf_counter()
     if shadow is not None:
-        shadow.classify_spectrum(result.spectrum, result.fields).report()
+        shadow.classify_slide_spectrum(result.spectrum, result.fields).report()
     t2 = time.perf_counter()
     return [(t1 - t0) * 1e3, (t2 - t0) * 1e3, (t2 - t1) * 1e3]
 

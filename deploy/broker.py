@@ -149,10 +149,16 @@ def same_user_setting() -> str:
     return f"user {pwd.getpwuid(0).pw_name}\n"
 
 
-def mosquitto_config(port: int, workdir: Path) -> str:
-    """The minimal embedded configuration: loopback only, no persistence."""
+def mosquitto_config(port: int, workdir: Path, websocket_port: int | None = None) -> str:
+    """The minimal embedded configuration: loopback only, no persistence; with
+    ``websocket_port`` also MQTT over WebSockets there (for a local dashboard)."""
+    websockets = (
+        ""
+        if websocket_port is None
+        else f"listener {websocket_port} 127.0.0.1\nprotocol websockets\n"
+    )
     return (
-        f"listener {port} 127.0.0.1\n" + same_user_setting() + "allow_anonymous true\n"
+        f"listener {port} 127.0.0.1\n" + websockets + same_user_setting() + "allow_anonymous true\n"
         "persistence false\n"
         f"log_dest file {workdir / 'mosquitto.log'}\n"
         "log_type error\nlog_type warning\nlog_type notice\n"
@@ -162,12 +168,23 @@ def mosquitto_config(port: int, workdir: Path) -> str:
 class EmbeddedBroker:
     """mosquitto as a child process; a context manager with an idempotent ``close()``."""
 
-    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, binary: str | None = None, *, websockets: bool = False
+    ) -> None:
         self.requested_port = port
         self.binary = binary
+        self.websockets = websockets
         self.port: int | None = None
+        self.websocket_port: int | None = None  # with websockets=True, after start()
         self._proc: subprocess.Popen[bytes] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def websocket_url(self) -> str:
+        """``ws://127.0.0.1:PORT/mqtt`` of the WebSockets listener (``websockets=True``)."""
+        if self.websocket_port is None:
+            raise BrokerError("embedded broker has no WebSockets listener")
+        return f"ws://127.0.0.1:{self.websocket_port}/mqtt"
 
     @property
     def address(self) -> BrokerAddress:
@@ -202,7 +219,8 @@ class EmbeddedBroker:
 
     def _try_start(self, binary: str, port: int, workdir: Path, timeout_s: float) -> bool:
         conf = workdir / "mosquitto.conf"
-        conf.write_text(mosquitto_config(port, workdir), "utf-8")
+        ws_port = free_port() if self.websockets else None
+        conf.write_text(mosquitto_config(port, workdir, ws_port), "utf-8")
         parent = os.getpid()
         proc = subprocess.Popen(
             [binary, "-c", str(conf)],
@@ -212,9 +230,11 @@ class EmbeddedBroker:
             preexec_fn=lambda: _die_with_parent(parent),  # noqa: PLW1509 - prctl needs it
         )
         deadline = time.monotonic() + timeout_s
+        ports = [port] if ws_port is None else [port, ws_port]
         while time.monotonic() < deadline and proc.poll() is None:
-            if wait_for_port("127.0.0.1", port, 0.2):
+            if all(wait_for_port("127.0.0.1", p, 0.2) for p in ports):
                 self._proc = proc
+                self.websocket_port = ws_port
                 return True
         proc.kill()
         proc.wait()

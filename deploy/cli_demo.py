@@ -27,6 +27,18 @@ def register(sub: argparse._SubParsersAction[Any], common: argparse.ArgumentPars
         action="store_true",
         help="keep the broker and the result archive (dashboard, API) running until Ctrl-C",
     )
+    p.add_argument(
+        "--loop",
+        action="store_true",
+        help="the lab's data loop: scan, sign out (the simulator's truth standing in for a "
+        "cytotechnologist), export, train a new model, validate it locked, compare both",
+    )
+    p.add_argument(
+        "--loop-slides",
+        type=int,
+        default=24,
+        help="--loop: slides of the first round (the second scans half as many; default 24)",
+    )
     p.set_defaults(handler=_cmd_demo)
 
 
@@ -45,4 +57,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         fresh=args.fresh,
         dashboard=args.dashboard,
     )
+    if args.loop:
+        from deploy.demo_loop import loop_config, run_loop
+
+        if args.loop_slides < 8:
+            from deploy.exceptions import DeployError
+
+            raise DeployError("--loop-slides must be at least 8 (training needs both classes)")
+        n = args.loop_slides
+        return run_loop(loop_config(cfg, round1=n, round2=max(4, n // 2)))
     return run_demo(cfg)

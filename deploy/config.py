@@ -248,12 +248,14 @@ class OtaConfig(_Section):
     health_check_interval_s: float = Field(
         default=30.0, gt=0, description="application health checks during the health period"
     )
-    health_max_abstentions: int = Field(
-        default=1,
-        ge=0,
+    health_significance: float = Field(
+        default=0.01,
+        gt=0.0,
+        lt=0.5,
         description=(
-            "more slides the model abstained on (not no_usable_field or insufficient_fields) "
-            "in the health period roll the update back"
+            "level of the health period's exact binomial tests: the update rolls back when its "
+            "referral (or, if it changed QC, no-usable-field) rate is significantly above the "
+            "rate its bundle was validated at"
         ),
     )
     need_after_s: float = Field(

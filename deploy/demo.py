@@ -16,6 +16,7 @@ it prints describe the simulator, not clinical performance.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ from rich.live import Live
 from rich.table import Table
 
 from deploy.broker import EmbeddedBroker
-from deploy.collector.embedded import embedded_archive
+from deploy.collector.embedded import EmbeddedArchive, embedded_archive
 from deploy.exceptions import DeployError
 from firmware_bridge.sim.sample import RISK
 
@@ -323,6 +325,28 @@ def _serve_until_interrupted(console: Console) -> None:
         console.print("stopped")
 
 
+@contextlib.contextmanager
+def demo_services(
+    archive_dir: Path, dashboard: bool, console: Console
+) -> Iterator[tuple[int, EmbeddedArchive]]:
+    """The embedded broker and the archive; yields (broker port, archive).
+
+    With ``dashboard`` the broker also speaks MQTT over WebSockets and the archive names that
+    listener in the page's ``config.json``: the page is live without editing anything.
+    """
+    with EmbeddedBroker(websockets=dashboard) as broker:
+        port = broker.port
+        if port is None:  # start() sets it or raises
+            raise DeployError("embedded broker has no port")
+        console.print(f"broker: mqtt://127.0.0.1:{port}")
+        ws_url = broker.websocket_url if dashboard else None
+        if ws_url is not None:
+            console.print(f"dashboard broker (WebSockets): {ws_url}")
+        with embedded_archive(archive_dir, port, dashboard_broker_url=ws_url) as archive:
+            console.print(f"archive (omis collect): {archive.service.db_display}")
+            yield port, archive
+
+
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> int:
     """Run the demo; returns the exit code (0 when every result arrived)."""
     console = console or Console(stderr=False)
@@ -335,25 +359,23 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> int:
     console.rule("[bold]3/4 start the embedded MQTT broker")
     inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
     run = DemoRun()
-    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="omis-demo-") as tmp:
-        port = broker.port
-        if port is None:  # start() sets it or raises
-            raise DeployError("embedded broker has no port")
-        console.print(f"broker: mqtt://127.0.0.1:{port}; subscribed to {PREFIX}/{DEVICE_ID}/#")
+    with (
+        demo_services(cfg.cache_dir / "archive", cfg.dashboard, console) as (port, archive),
+        tempfile.TemporaryDirectory(prefix="omis-demo-") as tmp,
+    ):
+        console.print(f"subscribed to {PREFIX}/{DEVICE_ID}/#")
         viewer = _subscriber(port, inbox)
         try:
-            with embedded_archive(cfg.cache_dir / "archive", port) as archive:
-                console.print(f"archive (omis collect): {archive.service.db_display}")
-                console.rule(f"[bold]4/4 scan {cfg.slides} simulated slides (sim:// over a pty)")
-                log_path = cfg.cache_dir / "last-scan.log"
-                console.print(f"[dim]scan log: {log_path}")
-                proc = _scan(cfg, bundle, port, Path(tmp), log_path)
-                code = _watch(proc, run, inbox, cfg, console)
-                out, _ = proc.communicate()
-                archived = archive.wait_for(set(run.results), 10.0)
-                console.print(f"archived: {archived} of {len(run.results)}; history: {archive.url}")
-                if cfg.dashboard:
-                    _serve_until_interrupted(console)
+            console.rule(f"[bold]4/4 scan {cfg.slides} simulated slides (sim:// over a pty)")
+            log_path = cfg.cache_dir / "last-scan.log"
+            console.print(f"[dim]scan log: {log_path}")
+            proc = _scan(cfg, bundle, port, Path(tmp), log_path)
+            code = _watch(proc, run, inbox, cfg, console)
+            out, _ = proc.communicate()
+            archived = archive.wait_for(set(run.results), 10.0)
+            console.print(f"archived: {archived} of {len(run.results)}; history: {archive.url}")
+            if cfg.dashboard:
+                _serve_until_interrupted(console)
         finally:
             viewer.loop_stop()
             viewer.disconnect()

@@ -15,8 +15,8 @@ Tree::
     │   └── InvalidResultError  the model's outputs make no valid result (NaN, out of range)
     ├── ServiceError            the daemon cannot start or a worker exceeded its restart cap
     ├── ArchiveError            the result archive (omis collect) cannot open, migrate or write
+    ├── MessageRejectedError    a message the archive cannot accept (a data error): set aside
     └── FleetError              a rollout or device group cannot be created, resumed or run
-    └── MessageRejectedError    a message the archive cannot accept (a data error): set aside
 
 Foreign errors (``sqlite3.Error``, ``OSError``, ``pydantic.ValidationError``) are wrapped at the
 seam with ``raise ... from``.
@@ -88,11 +88,11 @@ class ArchiveError(DeployError):
     """The result archive's database cannot be opened, migrated or written."""
 
 
-class FleetError(DeployError):
-    """A rollout or device group cannot be created, resumed or run (names the cause)."""
-
-
 class MessageRejectedError(DeployError, ValueError):
     """A message the archive cannot accept (a *data* error: malformed, or a value neither
     database can store).  It is set aside in the ``rejected`` table and acknowledged, never
     retried; the message names the offending field."""
+
+
+class FleetError(DeployError):
+    """A rollout or device group cannot be created, resumed or run (names the cause)."""

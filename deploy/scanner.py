@@ -260,7 +260,8 @@ class MicroscopeScanner:
             self.models.shadow_error = why
             return ShadowOutcome(candidate, None, why)
         try:
-            report = shadow.pipeline.classify_spectrum(result.spectrum, result.fields).report()
+            call = shadow.pipeline.classify_slide_spectrum(result.spectrum, result.fields)
+            report = call.report()
         except (InferenceError, ValidationError, ValueError) as exc:
             log.error("slide %s: shadow candidate failed: %s", slide, exc)
             return ShadowOutcome(candidate, None, f"{type(exc).__name__}: {exc}"[:512])

@@ -28,7 +28,7 @@ def _register_dataset(
     dataset = sub.add_parser(
         "dataset",
         parents=[common],
-        help="synthetic datasets",
+        help="datasets: synthesise (synth) or export signed-out slides from the archive",
         description="Datasets for training and tests; synth writes simulated slides.",
     )
     actions = dataset.add_subparsers(dest="dataset_command", metavar="ACTION", required=True)

@@ -194,6 +194,23 @@ class Pretrained(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of the weights file")
 
 
+class OperatingPoint(_Strict):
+    """The rates the shipped thresholds and QC were validated at (the OTA health period judges a
+    new model against them: ``deploy.appliance.health``)."""
+
+    referral_rate: Probability = Field(
+        description="share of slides the abstain band referred, on slides the model never saw"
+    )
+    slides: StrictInt = Field(ge=0, description="slides the referral rate was measured on")
+    no_usable_field_rate: Probability = Field(
+        description="share of the training data's slides on which no field passed this QC"
+    )
+    field_acceptance: Probability | None = Field(
+        None, description="share of the training data's fields this QC accepted"
+    )
+    measured_on: StrictStr = Field("", description="which slides the referral rate comes from")
+
+
 class Training(_Strict):
     """Where the model came from."""
 
@@ -208,6 +225,9 @@ class Training(_Strict):
     )
     data_files_sha256: str = Field(
         "", description="sha256 over the manifest and every image or spectrum file read"
+    )
+    operating_point: OperatingPoint | None = Field(
+        None, description="validated referral and no-usable-field rates (None: not recorded)"
     )
 
 

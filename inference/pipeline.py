@@ -296,6 +296,22 @@ class SlidePipeline:
         results = list(self.run([fields]))
         return results[0]
 
+    def classify_spectrum(self, x_nm: Any, y: Any) -> SlideResult:
+        """Classify a finished slide spectrum (one the device computed and published) with the
+        same decision as :meth:`run`: thresholds, abstain band and out-of-range check.
+
+        ``omis validate`` scores archive exports through this; the axis must be the bundle's.
+        """
+        x, values = np.asarray(x_nm, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        if x.shape != values.shape or x.ndim != 1:
+            raise SpectrumInputError(f"spectrum: axis {x.shape} and values {values.shape} differ")
+        zeros = np.zeros(x.size, dtype=np.int64)
+        spectrum = Spectrum(
+            self.params, x, values, zeros, zeros, zeros, 0, 0, (), "precomputed", {}
+        )
+        acc = _SlideAcc(0, time.perf_counter(), self._slide_qc())
+        return self._classify(_SlideSpectrum(acc, spectrum))
+
     def run(self, slides: Iterable[Iterable[object]]) -> Generator[SlideResult, None, None]:
         """Classify slides one after the other, pipelined; yields one result per slide."""
         spectra, opened = self._open_spectrum()
@@ -454,7 +470,7 @@ class SlidePipeline:
         acc.timings["total"] = (time.perf_counter() - acc.started) * 1e3
         return self._result(probs, tuple(acc.qc.fields), acc.timings, spectrum)
 
-    def classify_spectrum(
+    def classify_slide_spectrum(
         self, spectrum: Spectrum, fields: tuple[FieldQuality, ...]
     ) -> SlideResult:
         """Classify a slide spectrum computed elsewhere (no acquisition, no second spectrum).

@@ -147,15 +147,17 @@ def test_committed_results_are_bounded_in_a_long_running_daemon(
 
 
 def test_the_health_period_judges_the_model() -> None:
-    """Failures after acquisition roll back; abstentions beyond the limit roll back; a hardware
-    fault neither commits nor fails: the period starts over and ota/state names it."""
+    """Failures after acquisition roll back; a referral rate significantly above the validated
+    one rolls back; a hardware fault neither commits nor fails: the period starts over and
+    ota/state names it."""
+    from deploy.appliance.health import HealthJudge, ValidatedRates
     from deploy.appliance.ota import OtaController, OtaPorts, OtaSettings
     from deploy.ota import HealthPolicy
 
     now = [0.0]
     published: list[bytes] = []
 
-    def controller(max_abstentions: int = 1) -> OtaController:
+    def controller(referral: float = 0.05) -> OtaController:
         ports = OtaPorts(
             slide_lock=threading.Lock,
             publish=lambda topic, payload, retain: published.append(payload),
@@ -166,13 +168,12 @@ def test_the_health_period_judges_the_model() -> None:
             prefix="omis/v1",
             device_id="d1",
         )
-        ctl = OtaController(
-            Path("/nonexistent"), ports, None, OtaSettings(max_abstentions=max_abstentions)
-        )
+        ctl = OtaController(Path("/nonexistent"), ports, None, OtaSettings(significance=0.01))
         ctl.monitor._clock = lambda: now[0]
         ctl.monitor.start(HealthPolicy(slides=3, seconds=10.0, check_interval_s=1.0))
         ctl.monitor.record_check(True)
         ctl._watch = 1  # a switched model is on probation
+        ctl._judge = HealthJudge(ValidatedRates(referral, 0.05, True), qc_changed=False)
         return ctl
 
     ctl = controller()
@@ -182,12 +183,23 @@ def test_the_health_period_judges_the_model() -> None:
     ctl.slide_finished(1, "failed", "slide S: spectrum: shapes differ")
     assert ctl.monitor.verdict() == "unhealthy"
 
-    ctl = controller(max_abstentions=1)
+    ctl = controller(referral=0.05)
     ctl.slide_finished(1, "abstained", "uncertain_probability")
+    assert ctl.monitor.verdict() == "pending"  # p = 0.05: one referral proves nothing
+    ctl.slide_finished(1, "abstained", "uncertain_probability")
+    assert ctl.monitor.verdict() == "unhealthy"  # 2 of 2 at 5 %: p = 0.0025
+    assert "referred on 2 of 2 slides" in (ctl.monitor.failure or "")
+
+    ctl = controller(referral=0.4)  # a model validated to refer 40 %: 2 of 3 is expected
+    ctl.slide_finished(1, "abstained", "uncertain_probability")
+    ctl.slide_finished(1, "ok")
+    ctl.slide_finished(1, "abstained", "uncertain_probability")
+    assert ctl.monitor.verdict() == "healthy"
+
+    ctl = controller()  # same QC as before: slides without a usable field say nothing
+    for _ in range(3):
+        ctl.slide_finished(1, "no_usable_field", "no_usable_field")
     assert ctl.monitor.verdict() == "pending"
-    ctl.slide_finished(1, "abstained", "uncertain_probability")
-    assert ctl.monitor.verdict() == "unhealthy"
-    assert "2 abstained slides (limit 1)" in (ctl.monitor.failure or "")
 
     ctl = controller()
     ctl.slide_finished(1, "ok")

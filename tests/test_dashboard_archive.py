@@ -1,9 +1,14 @@
-"""The dashboard with the archive: history, filters, CSV, detail, zoom, operator commands, alerts.
+"""The dashboard with the archive: login, history, filters, CSV, detail, zoom, operator
+commands, the worklist with sign-out and amendment, alert acknowledgement.
 
 Everything is real: mosquitto with the production configuration (TLS, passwords, ACLs), the
-collector (``omis collect``: svc.ingest account over mqtts, SQLite, HTTP API serving the page),
-the appliance daemon (fake scanner) over mqtts for the operator's scan/cancel round trip, and
-Debian's Chromium driven by Playwright in the Europe/Berlin time zone.
+collector (``omis collect``: svc.ingest account over mqtts, SQLite, HTTP API serving the page,
+users in its database, login sessions), the appliance daemon (fake scanner) over mqtts for the
+operator's scan/cancel round trip, and Debian's Chromium driven by Playwright in the
+Europe/Berlin time zone (the ``chromium``/``page`` fixtures of conftest.py).  The people sign in
+through the page's login form; the page takes the broker from the archive's ``config.json`` and
+signs in there with the same name and password (the broker's ``users.passwd``).  PostgreSQL is
+covered by the API tests of the review routes.
 """
 
 from __future__ import annotations
@@ -17,17 +22,17 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import httpx
 import pytest
 from broker_support import app_config, appliance_child, wait_until
 from deploy_support import DASHBOARD_PORT, DEVICE_PORT, Peer, RunningBroker, dev_broker_module
-from playwright.sync_api import Page, expect, sync_playwright
-from test_deploy_dashboard import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS
+from playwright.sync_api import Page, expect
+from test_deploy_dashboard import ARTIFACTS
 
 from deploy.broker import free_port
-from deploy.collector.auth import hash_password
+from deploy.collector.audit import Actor
+from deploy.collector.auth import UserStore
 from deploy.collector.config import load_collector_config
 from deploy.collector.service import ArchiveService
 from deploy.messages.testing import result_json
@@ -35,7 +40,12 @@ from deploy.schemas import validate
 
 PREFIX = "omis/v1"
 SHA = "5e" * 32
-PW = {"scope-07": "pw-dev", "svc.ingest": "pw-ingest", "dashboard": "pw-dash", "operator": "pw-op"}
+PW = {
+    "scope-07": "pw-dev", "svc.ingest": "pw-ingest", "dashboard": "pw-dash", "operator": "pw-op",
+    "alice": "pw-älice-✓",  # a cytotechnologist; UTF-8 on purpose
+    "bob": "pw-bob",  # a pathologist
+}  # fmt: skip
+ROLES = {"dashboard": "viewer", "operator": "operator", "alice": "cytotech", "bob": "pathologist"}
 
 
 @pytest.fixture
@@ -43,7 +53,7 @@ def broker(tmp_path: Path) -> Iterator[RunningBroker]:
     tree = dev_broker_module().build_dev_broker(
         tmp_path / "broker",
         devices={"scope-07": PW["scope-07"]},
-        users={"dashboard": PW["dashboard"], "operator": PW["operator"]},
+        users={name: PW[name] for name in ROLES},
         ports={DEVICE_PORT: free_port(), DASHBOARD_PORT: free_port()},
         services={"svc.ingest": PW["svc.ingest"]},
     )
@@ -63,10 +73,6 @@ def tls_for(broker: RunningBroker, name: str) -> dict[str, Any]:
 
 @pytest.fixture
 def archive(broker: RunningBroker, tmp_path: Path) -> Iterator[ArchiveService]:
-    accounts = [
-        {"name": "dashboard", "role": "viewer", "password_hash": hash_password(PW["dashboard"])},
-        {"name": "operator", "role": "operator", "password_hash": hash_password(PW["operator"])},
-    ]
     config = load_collector_config(
         environ={},
         overrides={
@@ -79,15 +85,18 @@ def archive(broker: RunningBroker, tmp_path: Path) -> Iterator[ArchiveService]:
             },
             "http": {
                 "port": free_port(),
-                "accounts": accounts,
-                # the page's CSP lets it connect to this broker socket only
+                "require_auth_on_localhost": True,  # the browser runs here too: log in anyway
                 "dashboard_broker_url": f"wss://localhost:{broker.tree.dashboard_port}/mqtt",
             },
+            "review": {"qc_sample_share": 1.0},  # every classified-low slide is rescreened
         },
     )
     service = ArchiveService(config, tmp_path / "archive")
     stop = threading.Event()
     service.start()
+    people = UserStore(service.engines[0])
+    for name, role in ROLES.items():
+        people.add(name, role, PW[name], Actor("test-setup", "admin", None))
     runner = threading.Thread(target=service.run, args=(stop,))
     runner.start()
     assert service.subscriber is not None
@@ -98,29 +107,9 @@ def archive(broker: RunningBroker, tmp_path: Path) -> Iterator[ArchiveService]:
     service.close()
 
 
-@pytest.fixture
-def page(tmp_path: Path) -> Iterator[Page]:
-    with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"),
-            executable_path=CHROMIUM,
-            args=CHROMIUM_FLAGS,
-            ignore_https_errors=True,
-            viewport={"width": 1180, "height": 1000},
-            timezone_id="Europe/Berlin",
-            accept_downloads=True,
-        )
-        page = context.pages[0] if context.pages else context.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        yield page
-        context.close()
-        assert errors == [], f"JavaScript errors on the page: {errors}"
-
-
 def result(seq: int, slide: str, high: float, **kw: Any) -> dict[str, Any]:
     """A result whose signal sits within +-15 nm of a +-145 nm axis (as real spectra do), built
-    by the device's own builders (``kw``: ``outcome``, ``reason``, ``stage``)."""
+    by the device's own builders (``kw``: ``outcome``, ``reason``, ``stage``, ``finished_at``)."""
     axis = [float(x) for x in range(-145, 146, 1)]
     values = [round(math.exp(-((x / 6.0) ** 2)), 5) for x in axis]
     fields = [
@@ -134,7 +123,7 @@ def result(seq: int, slide: str, high: float, **kw: Any) -> dict[str, Any]:
         slide=slide,
         p_high=high,
         started_at="2026-01-01T12:00:00.000Z",
-        finished_at=f"2026-01-01T12:00:0{seq}.000Z",
+        finished_at=kw.pop("finished_at", f"2026-01-01T12:00:0{seq}.000Z"),
         model={"name": "omis-vgg16", "version": 3, "sha256": SHA},
         **kw,
         **(shape if kind in ("classified", "abstained") else {}),
@@ -143,13 +132,34 @@ def result(seq: int, slide: str, high: float, **kw: Any) -> dict[str, Any]:
     return body
 
 
-def dashboard_url(archive: ArchiveService, broker: RunningBroker, user: str) -> str:
-    query = {
-        "broker": f"wss://localhost:{broker.tree.dashboard_port}/mqtt",
-        "username": user,
-        "password": PW[user],
-    }
-    return f"{archive.http_url}index.html?{urlencode(query)}"
+def sign_in(
+    page: Page,
+    archive: ArchiveService,
+    user: str,
+    password: str | None = None,
+    remember: bool = False,
+) -> None:
+    """Open the page and sign in through its login form."""
+    page.goto(f"{archive.http_url}index.html")
+    form = page.locator("#login-form")
+    expect(form).to_be_visible(timeout=10_000)
+    form.locator("input[name=username]").fill(user)
+    form.locator("input[name=password]").fill(PW[user] if password is None else password)
+    if remember:
+        form.locator("input[name=remember]").check()
+    form.locator("button[type=submit]").click()
+
+
+def signed_in(page: Page, user: str) -> None:
+    expect(page.locator("#who")).to_have_text(f"{user} ({ROLES[user]})", timeout=10_000)
+    expect(page.locator("#login")).to_be_hidden()
+
+
+def api(archive: ArchiveService, path: str, user: str = "alice") -> Any:
+    """GET from the archive as ``user`` (HTTP Basic, the programs' way)."""
+    response = httpx.get(f"{archive.http_url}api/{path}", auth=(user, PW[user]), timeout=10)
+    response.raise_for_status()
+    return response.json()
 
 
 def device_peer(broker: RunningBroker) -> Peer:
@@ -159,7 +169,7 @@ def device_peer(broker: RunningBroker) -> Peer:
 
 
 def stored(archive: ArchiveService) -> int:
-    total: int = httpx.get(f"{archive.http_url}api/results", timeout=10).json()["total"]
+    total: int = api(archive, "results", "dashboard")["total"]
     return total
 
 
@@ -179,25 +189,28 @@ def test_history_filters_csv_detail_and_zoom(
     finally:
         device.close()  # the page below sees history only: nothing is live any more
 
-    page.goto(dashboard_url(archive, broker, "dashboard"))
+    sign_in(page, archive, "dashboard")
+    signed_in(page, "dashboard")
     rows = page.locator("#results tbody tr")
     expect(rows).to_have_count(4, timeout=10_000)
-    page.reload()  # history survives a reload
+    page.reload()  # history survives a reload (the session cookie stays)
     expect(rows).to_have_count(4, timeout=10_000)
+    signed_in(page, "dashboard")
     expect(page.locator("#history-note")).to_contain_text("4 archived result(s)")
 
-    high_row = page.locator(f'tr[data-message-id="{high["message_id"]}"]')
+    high_row = page.locator(f'#results tr[data-message-id="{high["message_id"]}"]')
     expect(high_row.locator("td.time")).to_have_text("2026-01-01 13:00:01 GMT+1")  # UTC 12:00
     expect(high_row.locator("td.phigh")).to_have_text("0.920")
     expect(high_row.locator("td.outcome")).to_have_text("classified")
-    unsure_row = page.locator(f'tr[data-message-id="{unsure["message_id"]}"]')
+    unsure_row = page.locator(f'#results tr[data-message-id="{unsure["message_id"]}"]')
     expect(unsure_row.locator("td.outcome")).to_contain_text("abstained")
     expect(unsure_row.locator("td.outcome .reason")).to_have_text("uncertain_probability")
     expect(unsure_row.locator("td.phigh")).to_have_text("0.550")
-    failed_row = page.locator(f'tr[data-message-id="{failed["message_id"]}"]')
+    failed_row = page.locator(f'#results tr[data-message-id="{failed["message_id"]}"]')
     expect(failed_row.locator("td.outcome .reason")).to_have_text("at acquire: focus lost")
     expect(page.locator(".commands").first).to_be_hidden()  # a viewer gets no command buttons
     expect(page.locator("li.alert-high_risk")).to_contain_text("S-0001")  # from the archive
+    expect(page.locator("li.alert-high_risk button.ack")).to_be_hidden()  # a viewer may not ack
 
     # The slide detail: outcome, reason and per-field QC; the chart zoomed to the signal.
     unsure_row.click()
@@ -271,7 +284,9 @@ def test_operator_commands_live_alerts_offline_and_decommissioning(
     try:
         assert appliance.stdout is not None
         assert appliance.stdout.readline().strip() == "READY"
-        page.goto(dashboard_url(archive, broker, "operator"))
+        sign_in(page, archive, "operator")
+        signed_in(page, "operator")
+        expect(page.locator("#conn")).to_have_attribute("data-state", "connected", timeout=10_000)
         card = page.locator('article.device[data-device="scope-07"]')
         expect(card.locator(".availability")).to_have_text("online", timeout=10_000)
         commands = card.locator(".commands")
@@ -295,9 +310,8 @@ def test_operator_commands_live_alerts_offline_and_decommissioning(
         row = page.locator("#results tbody tr", has_text=slide)
         expect(row).to_have_count(1, timeout=20_000)
         alert = page.locator("li.alert-high_risk", has_text=slide)
-        expect(alert).to_be_visible()
-        alert.locator("button.dismiss").click()
-        expect(alert).to_have_count(0)
+        expect(alert).to_be_visible(timeout=10_000)
+        expect(alert.locator("button.ack")).to_be_hidden()  # high risk: cytotech and above
 
         # The appliance dies: the broker publishes its will, the page raises an alert.
         os.kill(appliance.pid, signal.SIGKILL)
@@ -320,3 +334,183 @@ def test_operator_commands_live_alerts_offline_and_decommissioning(
     expect(page.locator("li.alert-offline")).to_have_count(0)
     expect(page.locator("#ignored")).to_be_hidden()
     expect(page.locator("#no-devices")).to_be_visible()
+
+
+def report_status(archive: ArchiveService, message_id: str) -> str:
+    """What the archive (and so its FHIR export) says the report is."""
+    status: str = api(archive, f"results/{message_id}")["report_status"]
+    return status
+
+
+def test_login_worklist_sign_out_amend_and_acknowledge(
+    broker: RunningBroker, archive: ArchiveService, page: Page
+) -> None:
+    """A cytotechnologist signs in, works the worklist, signs a slide out, amends it and
+    acknowledges its alert; the page says what the archive says at every step."""
+    device = device_peer(broker)
+    try:
+        high = result(1, "S-0001", 0.92)
+        low = result(2, "S-0002", 0.18)  # classified low: drawn for the QC rescreen (share 1.0)
+        unsure = result(3, "S-0003", 0.55, outcome="abstained", reason="uncertain_probability")
+        cancelled = result(4, "S-0004", 0.1, outcome="cancelled", reason="operator")
+        cancelled["prediction"] = {"label": None, "probabilities": {}, "risk": None}
+        cancelled["prediction"]["abstained"] = True
+        validate("result", cancelled)
+        gaps = [  # seq 5, 7, 9 and 11 never arrive: four gap alerts
+            result(seq, f"S-01{seq}", 0.2, finished_at=f"2026-01-01T12:00:{40 + seq}.000Z")
+            for seq in (6, 8, 10, 12)
+        ]
+        for body in (high, low, unsure, cancelled, *gaps):
+            assert device.publish_ok(f"{PREFIX}/scope-07/result", json.dumps(body))
+        assert wait_until(lambda: stored(archive) == 8, 20)
+    finally:
+        device.close()
+
+    # A wrong password: a visible message, not an endless "Loading history…".
+    sign_in(page, archive, "alice", password="wrong")
+    expect(page.locator("#login-error")).to_contain_text("wrong user name or password")
+    expect(page.locator("#app")).to_be_hidden()
+    page.locator("#login-form input[name=password]").fill(PW["alice"])
+    page.locator("#login-form button[type=submit]").click()
+    signed_in(page, "alice")
+    expect(page.locator("#conn")).to_have_attribute("data-state", "connected", timeout=10_000)
+
+    # A cancelled scan is shown as cancelled, not as an abstained (red) call.
+    cancelled_row = page.locator(f'#results tr[data-message-id="{cancelled["message_id"]}"]')
+    expect(cancelled_row.locator("td.label")).to_have_text("cancelled")
+    expect(cancelled_row.locator("td.label .badge")).to_have_class("badge risk-cancelled")
+    expect(cancelled_row.locator("td.outcome .badge")).to_have_class("badge outcome-cancelled")
+    background = "(s) => getComputedStyle(document.querySelector(s)).backgroundColor"
+    red = page.evaluate(background, "#results .risk-high")
+    assert page.evaluate(background, "#results .risk-cancelled") != red
+    assert page.evaluate(background, "#results .outcome-cancelled") != red
+
+    # Alerts: high risk first, three shown, the rest one tap away; no wall of banners.
+    alerts = page.locator("#alerts li.alert")
+    expect(alerts).to_have_count(3)
+    expect(alerts.first).to_have_attribute("data-kind", "high_risk")
+    expect(page.locator("#alert-count")).to_have_text("5")
+    page.locator("#alerts-more").click()
+    expect(alerts).to_have_count(5)
+    gap_text = page.locator("li.alert-seq_gap").first.locator(".alert-text").inner_text()
+    assert "not received" in gap_text and "scope-07" in gap_text, gap_text
+
+    # The worklist: oldest first, the QC-sample slide marked as such.
+    page.locator('#tabs button[data-view="worklist"]').click()
+    work = page.locator("#worklist tbody tr")
+    expect(work.first).to_be_visible(timeout=10_000)
+    slides = [work.nth(i).locator("td.slide").inner_text() for i in range(work.count())]
+    assert slides[:3] == ["S-0001", "S-0002", "S-0003"], slides
+    qc = page.locator('#worklist tr[data-qc="true"]', has_text="S-0002")
+    expect(qc.locator(".why")).to_have_text("QC sample")
+    expect(page.locator("#results")).to_be_hidden()  # the overview table is another view
+
+    # The QC-sample slide: no assigning for a cytotech (a pathologist's job, below).
+    qc.click()
+    expect(page.locator("#review #claim")).to_be_visible()
+    expect(page.locator("#assign-form")).to_be_hidden()
+
+    # Sign out S-0001 (claim first), then amend it: the history stays.
+    work.filter(has_text="S-0001").click()
+    review = page.locator("#review")
+    expect(review.locator("#review-status")).to_have_attribute("data-state", "preliminary")
+    assert report_status(archive, high["message_id"]) == "preliminary"
+    review.locator("#claim").click()
+    expect(review.locator("#review-note")).to_contain_text("Claimed")
+    expect(work.filter(has_text="S-0001").locator("td.claimed")).to_have_text("alice")
+    form = review.locator("#review-form")
+    form.locator("select[name=bethesda]").select_option("HSIL")
+    form.locator("textarea[name=comment]").fill("koilocytes <b>not markup</b>")
+    form.locator("#review-submit").click()
+    expect(review.locator("#review-note")).to_have_text("Signed out: HSIL.")
+    expect(review.locator("#review-status")).to_have_attribute("data-state", "final")
+    history = review.locator("#review-history li")
+    expect(history).to_have_count(1)
+    expect(history.first).to_contain_text("HSIL, satisfactory")
+    expect(history.first).to_contain_text("signed out by alice (cytotech)")
+    expect(history.first.locator("q")).to_have_text("koilocytes <b>not markup</b>")
+    assert report_status(archive, high["message_id"]) == "final"
+    expect(work.filter(has_text="S-0001")).to_have_count(0)  # signed out: off the worklist
+
+    expect(form.locator("#review-submit")).to_have_text("Amend")
+    form.locator("select[name=bethesda]").select_option("ASC-H")
+    form.locator("#review-submit").click()
+    expect(review.locator("#review-note")).to_have_text("Amended: ASC-H.")
+    expect(review.locator("#review-status")).to_have_attribute("data-state", "amended")
+    expect(history).to_have_count(2)
+    expect(history.nth(0)).to_have_class("review superseded")
+    expect(history.nth(1)).to_contain_text("ASC-H, satisfactory")
+    expect(history.nth(1)).to_contain_text("amended by alice (cytotech)")
+    assert report_status(archive, high["message_id"]) == "amended"
+    reviews = api(archive, f"results/{high['message_id']}")["reviews"]
+    assert [r["bethesda"] for r in reviews] == ["HSIL", "ASC-H"]
+
+    # Acknowledge the slide's high-risk alert: it is gone, and stays gone after a reload.
+    alert = page.locator("li.alert-high_risk", has_text="S-0001")
+    alert.locator("button.ack").click()
+    expect(alert).to_have_count(0)
+    expect(page.locator("#alert-count")).to_have_text("4")
+    page.reload()
+    signed_in(page, "alice")
+    expect(page.locator("#alert-count")).to_have_text("4")
+    expect(page.locator("li.alert-high_risk")).to_have_count(0)
+    acked = api(archive, "alerts?kind=high_risk")
+    assert acked[0]["acked_by"] == "alice" and acked[0]["acked_at"]
+
+    # Sign out of the dashboard: the session ends, the login form is back.
+    page.locator("#logout").click()
+    expect(page.locator("#login-form")).to_be_visible(timeout=10_000)
+    me = "fetch('/api/me', {headers: {'X-Requested-With': 't'}}).then(r => r.status)"
+    assert page.evaluate(me) == 401
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-login.png"), full_page=True)
+
+
+def test_crafted_link_sends_nothing_to_another_origin(
+    broker: RunningBroker, archive: ArchiveService, page: Page, tmp_path: Path
+) -> None:
+    """Issue 20 against the archive-served page: ``?api=``/``?broker=`` name the attacker."""
+    from test_deploy_dashboard import Listener
+
+    attacker = Listener()
+    try:
+        evil = f"127.0.0.1:{attacker.port}"
+        sign_in(page, archive, "operator", remember=True)  # the broker password is remembered
+        signed_in(page, "operator")
+        query = f"api=http://{evil}/api&broker=ws://{evil}/mqtt&url=ws://{evil}/mqtt"
+        page.goto(f"{archive.http_url}index.html?{query}&username=operator&password=x")
+        signed_in(page, "operator")  # still the own archive's session
+        conn = page.locator("#conn")
+        expect(conn).to_have_attribute("data-state", "connected", timeout=10_000)
+        expect(conn).to_contain_text(f"wss://localhost:{broker.tree.dashboard_port}/mqtt")
+        page.locator("#filters button[type=submit]").click()
+        page.wait_for_load_state("networkidle")
+        assert attacker.received == [], f"sent to {evil}: {attacker.received!r}"
+    finally:
+        attacker.close()
+
+
+def test_pathologist_assigns_a_worklist_slide(
+    broker: RunningBroker, archive: ArchiveService, page: Page
+) -> None:
+    device = device_peer(broker)
+    try:
+        unsure = result(1, "S-0009", 0.5, outcome="abstained", reason="uncertain_probability")
+        assert device.publish_ok(f"{PREFIX}/scope-07/result", json.dumps(unsure))
+        assert wait_until(lambda: stored(archive) == 1, 20)
+    finally:
+        device.close()
+    sign_in(page, archive, "bob")
+    signed_in(page, "bob")
+    page.locator('#tabs button[data-view="worklist"]').click()
+    row = page.locator("#worklist tbody tr", has_text="S-0009")
+    row.click()
+    assign = page.locator("#assign-form")
+    assign.locator("input[name=user]").fill("alice")
+    assign.locator("button[type=submit]").click()
+    expect(page.locator("#review-note")).to_have_text("Assigned to alice.")
+    expect(row.locator("td.claimed")).to_have_text("alice")
+    assign.locator("input[name=user]").fill("dashboard")  # a viewer cannot hold a slide
+    assign.locator("button[type=submit]").click()
+    expect(page.locator("#review-note")).to_contain_text("Assigning failed: 4")
+    expect(row.locator("td.claimed")).to_have_text("alice")

@@ -48,6 +48,17 @@ BASE = f"omis/v1/{DEVICE}"
 NAN = float("nan")
 # Only slides decide: 2 good ones commit; the time limit is out of reach of these tests.
 SLIDES_DECIDE = HealthPolicy(slides=2, seconds=600.0, check_interval_s=0.1)
+# What each bundle was validated at (training.operating_point): the health period's baselines.
+VALIDATED = {
+    "abstain": {
+        "operating_point": {"referral_rate": 0.05, "slides": 100, "no_usable_field_rate": 0.0}
+    },
+    "abstain-validated": {
+        "operating_point": {"referral_rate": 0.5, "slides": 100, "no_usable_field_rate": 0.0}
+    },
+}
+# Passes its own golden fields (focus about 0.18) but not the simulated microscope's (0.10-0.14).
+QC = {"qc-strict": {"min_focus": 0.15}}
 BROKEN = {
     "nan": ([NAN, NAN], "non-finite"),
     "not-probabilities": ([0.9, 0.9], "sum to 1.8"),
@@ -61,11 +72,24 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     d = tmp_path_factory.mktemp("ota-health")
     keys = generate_keypair(d / "keys", "fleet")
     out: dict[str, Any] = {"pub": keys.public}
-    variants: dict[str, list[float] | None] = {"v1": None, "v2": None, "abstain": [0.5, 0.5]}
+    variants: dict[str, list[float] | None] = {
+        "v1": None,
+        "v2": None,
+        "abstain": [0.5, 0.5],
+        "abstain-validated": [0.5, 0.5],
+        "qc-strict": None,
+    }
     variants.update({name: values for name, (values, _) in BROKEN.items()})
     for name, off_golden in variants.items():
         version = 1 if name == "v1" else 2
-        bundle = make_bundle(d / name, seed=version, version=version, off_golden=off_golden)
+        bundle = make_bundle(
+            d / name,
+            seed=version,
+            version=version,
+            off_golden=off_golden,
+            training=VALIDATED.get(name),
+            qc=QC.get(name),
+        )
         sign_bundle(bundle.root, keys.private)
         out[name] = bundle.root
         out[f"sha-{name}"] = bundle.model_sha256
@@ -80,16 +104,12 @@ def _state_with_v1(tmp_path: Path, kit: dict[str, Any]) -> Path:
 
 
 @contextlib.contextmanager
-def running(
-    broker: Mosquitto, state: Path, max_abstentions: int = 1
-) -> Iterator[tuple[Appliance, MicroscopeScanner]]:
+def running(broker: Mosquitto, state: Path) -> Iterator[tuple[Appliance, MicroscopeScanner]]:
     """An in-process appliance (real scanner on ``sim://``) serving the model store."""
     config = app_config(
         broker.url, DEVICE, scan={"microscope": "sim://", "fields": 2, "scan_on_insert": False}
     )
-    settings = OtaSettings(
-        health=SLIDES_DECIDE, max_abstentions=max_abstentions, transfer_timeout_s=20.0
-    )
+    settings = OtaSettings(health=SLIDES_DECIDE, significance=0.01, transfer_timeout_s=20.0)
     scanner = MicroscopeScanner("sim://", None, state, sim_size=(64, 48))
     app = Appliance(load_config(environ={}, overrides=config), state, scanner, settings)
     app.start()
@@ -181,18 +201,18 @@ def test_outputs_that_break_on_real_slides_roll_back(
     assert (st["current"], st["pending"]) == (1, None)
 
 
-def test_abstaining_on_every_slide_rolls_back_past_the_limit(
+def test_referring_far_above_the_validated_rate_rolls_back(
     mosquitto: Mosquitto, tmp_path: Path, kit: dict[str, Any]
 ) -> None:
     state = _state_with_v1(tmp_path, kit)
     with (
         Collector(mosquitto.port, f"{BASE}/#") as col,
-        running(mosquitto, state, max_abstentions=1) as (app, _),
+        running(mosquitto, state) as (app, _),
     ):
         _offer(mosquitto, kit["abstain"], "c-abstain")
         assert wait_until(lambda: _in_health(col), 15), _states(col)[-1:]
         first = _scan(app, col, "A1")
-        _still_on_probation(state, col)  # one abstention is within the limit
+        _still_on_probation(state, col)  # one referral at a 5 % rate is no evidence
         second = _scan(app, col, "A2")
         assert wait_until(lambda: _outcome(col) == ("rolled_back", 1), 30), _states(col)[-1]
     for result in (first, second):
@@ -200,7 +220,47 @@ def test_abstaining_on_every_slide_rolls_back_past_the_limit(
         assert result["reason"] == "uncertain_probability"
         assert result["model"]["sha256"] == kit["sha-abstain"]
     last = _states(col)[-1]["last_outcome"]
-    assert "2 abstained slides (limit 1)" in last["reason"] and "slide A2" in last["reason"]
+    assert "referred on 2 of 2 slides" in last["reason"] and "5.0%" in last["reason"], last
+    assert "slide A2" in last["reason"]
+    assert ModelStore(state).state()["current"] == 1
+
+
+def test_referring_at_the_validated_rate_commits(
+    mosquitto: Mosquitto, tmp_path: Path, kit: dict[str, Any]
+) -> None:
+    """A model validated to refer half the slides refers two in a row: expected, not a fault
+    (a fixed cap on abstentions rolled such healthy updates back by chance)."""
+    state = _state_with_v1(tmp_path, kit)
+    with (
+        Collector(mosquitto.port, f"{BASE}/#") as col,
+        running(mosquitto, state) as (app, _),
+    ):
+        _offer(mosquitto, kit["abstain-validated"], "c-validated")
+        assert wait_until(lambda: _in_health(col), 15), _states(col)[-1:]
+        results = [_scan(app, col, slide) for slide in ("R1", "R2")]
+        assert wait_until(lambda: _outcome(col) == ("committed", 2), 30), _states(col)[-1]
+    assert [r["outcome"] for r in results] == ["abstained", "abstained"], results
+    assert ModelStore(state).state()["current"] == 2
+
+
+def test_a_bundle_whose_qc_rejects_real_fields_rolls_back(
+    mosquitto: Mosquitto, tmp_path: Path, kit: dict[str, Any]
+) -> None:
+    """The bundle changed QC so that no field of a real slide passes: every slide is
+    ``no_usable_field`` and the model is never consulted.  That jump is the bundle's fault."""
+    state = _state_with_v1(tmp_path, kit)
+    with (
+        Collector(mosquitto.port, f"{BASE}/#") as col,
+        running(mosquitto, state) as (app, _),
+    ):
+        _offer(mosquitto, kit["qc-strict"], "c-qc")
+        assert wait_until(lambda: _in_health(col), 15), _states(col)[-1:]
+        results = [_scan(app, col, slide) for slide in ("Q1", "Q2")]
+        assert wait_until(lambda: _outcome(col) == ("rolled_back", 1), 30), _states(col)[-1]
+    for r in results:
+        assert (r["outcome"], r["reason"]) == ("abstained", "no_usable_field"), r
+    last = _states(col)[-1]["last_outcome"]
+    assert "no usable field on 2 of 2 slides" in last["reason"], last
     assert ModelStore(state).state()["current"] == 1
 
 
@@ -287,7 +347,7 @@ def test_slides_without_a_usable_field_say_nothing_about_the_model(
     state = _state_with_v1(tmp_path, kit)
     with (
         Collector(mosquitto.port, f"{BASE}/#") as col,
-        running(mosquitto, state, max_abstentions=1) as (app, scanner),
+        running(mosquitto, state) as (app, scanner),
     ):
         scope = scanner._microscope
         assert isinstance(scope, SimMicroscope)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -237,3 +238,158 @@ def test_cli_errors_are_one_line(trained: dict[str, Any], tmp_path: Path) -> Non
     assert not (tmp_path / "x").exists()
     proc = omis("train", "--data", str(trained["data"]), "--out", str(trained["out"]), check=False)
     assert proc.returncode == 1 and "not an empty directory" in proc.stderr
+
+
+def _train_args(data: Path, out: Path) -> list[str]:
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--folds",
+        "2",
+        "--epochs",
+        "2",
+        "--seed",
+        "1",
+        "--name",
+        "test-model",
+        "--version",
+        "3",
+        "--json",
+    ]
+
+
+def test_report_gives_the_referral_rate_and_both_sensitivities(trained: dict[str, Any]) -> None:
+    out: Path = trained["out"]
+    report = json.loads((out / "report.json").read_text())
+    n = report["data"]["slides_used"]
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    referred = sum(r["abstained"] == "true" for r in rows)
+    rr = report["referral_rate"]
+    assert set(rr) >= {"value", "ci95", "n", "successes"}
+    assert (rr["successes"], rr["n"]) == (referred, n)
+    assert rr["ci95"][0] <= rr["value"] <= rr["ci95"][1]
+    for key in ("sensitivity_decided", "specificity_with_review"):
+        assert report[key]["n"] >= 0 and key in report["cnn"]["pooled"]
+    for name in ("naive_bayes", "logistic_regression"):
+        assert "referral_rate" in report["baselines"][name]["pooled"]
+    assert report["thresholds"]["max_referral"] == 0.2
+    verdict = report["comparison"]["against_best_baseline"]
+    assert verdict and report["comparison"]["best_baseline"] in verdict
+    assert "referred" in (out / "report.md").read_text()
+
+
+def test_predictions_csv_reproduces_the_report(trained: dict[str, Any]) -> None:
+    """Full precision and every model's thresholds: the file gives the report's AUCs exactly."""
+    from training.metrics import roc_auc
+
+    out: Path = trained["out"]
+    report = json.loads((out / "report.json").read_text())
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    positive = np.array([r["truth"] == "high" for r in rows])
+    models = {"vgg16": report["cnn"], **report["baselines"]}
+    for name, res in models.items():
+        p = np.array([float(r[f"p_high_{name}"]) for r in rows])
+        assert roc_auc(positive, p) == res["pooled"]["roc_auc"], name
+        thr = np.array([float(r[f"threshold_{name}"]) for r in rows])
+        lo = np.array([float(r[f"abstain_low_{name}"]) for r in rows])
+        hi = np.array([float(r[f"abstain_high_{name}"]) for r in rows])
+        assert np.all((lo <= thr) & (thr <= hi)), name
+        referred = int(((p >= lo) & (p <= hi)).sum())
+        assert referred == res["pooled"]["referral_rate"]["successes"], name
+
+
+def test_the_same_command_gives_the_same_report_and_repeats_spread(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    """Threads, seeds and deterministic kernels are fixed and recorded: the fixture's command
+    run again with ``--repeats 2`` (and another thread count in the environment) gives, for
+    its first seed, the same report and predictions byte for byte; repeats.json spreads every
+    figure and paired comparison over the two seeds."""
+    config = json.loads((trained["out"] / "config.json").read_text())
+    assert config["torch_threads"] == 1
+    env = config["environment"]
+    assert env["deterministic_algorithms"] is True
+    assert env["libraries"]["torch"] and env["machine"]["cpu_count"]
+    again = tmp_path / "again"
+    proc = subprocess.run(
+        [*OMIS, *_train_args(trained["data"], again), "--repeats", "2"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"},
+        cwd=ROOT,
+        check=False,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = (trained["out"] / "report.json").read_bytes()
+    assert (again / "seed-1" / "report.json").read_bytes() == first
+    assert (again / "seed-1" / "predictions.csv").read_bytes() == (
+        trained["out"] / "predictions.csv"
+    ).read_bytes()
+    agg = json.loads((again / "repeats.json").read_text())
+    assert agg["seeds"] == [1, 2]
+    figures = agg["figures"]
+    for key in ("vgg16.roc_auc", "vgg16.referral_rate", "logistic_regression.roc_auc"):
+        s = figures[key]
+        values = [agg["per_seed"][seed][key] for seed in ("1", "2")]
+        assert s["n"] == 2 and s["min"] == min(values) and s["max"] == max(values)
+        assert s["mean"] == pytest.approx(sum(values) / 2)
+    assert "network_minus_naive_bayes.auc_difference" in figures
+    assert "| vgg16.roc_auc |" in (again / "repeats.md").read_text()
+
+
+def test_exported_fold_checkpoint_reproduces_its_predictions(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    """``omis export`` of fold-K.pt carries that fold's window, temperature and thresholds: the
+    device path on the fold's test slides gives predictions.csv's p(high) and thresholds."""
+    from training.evaluate import evaluate_bundle
+
+    out: Path = trained["out"]
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    for k in (1, 2):
+        target = tmp_path / f"fold-{k}"
+        omis(
+            "export",
+            "--checkpoint",
+            str(out / "checkpoints" / f"fold-{k}.pt"),
+            "--out",
+            str(target),
+        )
+        m = load_bundle(target).manifest
+        res = evaluate_bundle(target, trained["data"])
+        got = {
+            p["slide_id"]: sum(p["probabilities"][c] for c in m.high_classes)
+            for p in res["predictions"]
+        }
+        mine = [r for r in rows if r["fold"] == str(k)]
+        assert mine
+        for r in mine:
+            assert abs(got[r["slide_id"]] - float(r["p_high_vgg16"])) <= 1e-5, r["slide_id"]
+            assert m.thresholds.decision == float(r["threshold_vgg16"])
+            assert m.thresholds.abstain_low == float(r["abstain_low_vgg16"])
+            assert m.thresholds.abstain_high == float(r["abstain_high_vgg16"])
+
+
+def test_the_shipped_operating_point_comes_from_slides_it_never_trained_on(
+    trained: dict[str, Any],
+) -> None:
+    report = json.loads((trained["out"] / "report.json").read_text())
+    final = report["final_model"]
+    n = report["data"]["slides_used"]
+    assert final["fit_slides"] + final["calibration_slides"] == n
+    assert 0 < final["calibration_slides"] < n
+    op = report["shipped_operating_point"]
+    assert op["slides"] == final["calibration_slides"] and "calibration split" in op["measured_on"]
+    m = load_bundle(trained["out"] / "bundle").manifest
+    assert m.thresholds.decision == op["thresholds"]["decision"]
+    rec = m.training.operating_point
+    assert rec is not None and rec.slides == final["calibration_slides"]
+    figures = op["cross_fitted"] or op["on_split_with_its_own_thresholds"]
+    assert rec.referral_rate == figures["referral_rate"]["value"]
+    assert 0.0 <= rec.no_usable_field_rate <= 1.0 and rec.field_acceptance is not None

@@ -58,6 +58,7 @@ def test_report_and_predictions(trained1d: dict[str, Any]) -> None:
         "naive_bayes",
         "random_forest",
         "logistic_regression",
+        "best_bin",
     }
     for t in report["comparison"]["paired_with_network"].values():
         assert "p_value" in t["delong"] and "p_value" in t["mcnemar"]

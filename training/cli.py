@@ -79,6 +79,27 @@ def _register_train(sub: argparse._SubParsersAction[Any], common: argparse.Argum
         help="sensitivity the decision threshold is chosen for, on validation data (0.9)",
     )
     p.add_argument(
+        "--max-referral",
+        type=float,
+        default=0.2,
+        help="largest share of slides the abstain band may refer to a person, on the smoothed "
+        "validation fit (default 0.2)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="train N times with seeds SEED..SEED+N-1 into OUT/seed-S and report mean, SD and "
+        "range of every figure in OUT/repeats.json and repeats.md (default 1)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; the same command with the same count gives the same report "
+        "(default 1)",
+    )
+    p.add_argument(
         "--temperature-scaling",
         action="store_true",
         help="fit a softmax temperature on validation data (baked into the exported model)",
@@ -111,6 +132,13 @@ def _register_train(sub: argparse._SubParsersAction[Any], common: argparse.Argum
         type=float,
         default=0.0,
         help="random intensity scaling 1 ± U(0, s) (default 0: off)",
+    )
+    p.add_argument(
+        "--group-by",
+        default="patient",
+        choices=("patient", "device", "site"),
+        help="cross-validation groups: patient (stratified K folds, default), or device/site "
+        "(leave-one-group-out, from the manifest's device_id/site column)",
     )
     p.add_argument("--json", action="store_true", help="print the pooled metrics as JSON")
     p.set_defaults(handler=_cmd_train)
@@ -145,6 +173,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             max_slides=args.max_slides,
             final=args.final,
             target_sensitivity=args.target_sensitivity,
+            max_referral=args.max_referral,
+            threads=args.threads,
             temperature_scaling=args.temperature_scaling,
             out_of_range=args.out_of_range,
             render_params=json_object_arg(args.render_params, "--render-params") or None,
@@ -153,10 +183,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
             no_cache=args.no_cache,
             augment=Augment(noise_std=args.augment_noise, scale=args.augment_scale),
+            group_by=args.group_by,
         )
     except ValidationError as exc:
         where, message = first_error_parts(exc, "options")
         raise ConfigError(f"--{where.replace('_', '-')}: {message}") from exc
+    if args.repeats != 1:
+        return _repeated(opts, args)
     with Progress(enabled=not args.quiet and sys.stderr.isatty()) as progress:
         result = run_training(opts, progress)
     if not result.report.get("schema"):
@@ -170,12 +203,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _repeated(opts: Any, args: argparse.Namespace) -> int:
+    """``--repeats N``: N complete runs and the spread of their figures."""
+    from training.pipeline import run_training
+    from training.repeats import run_repeats
+
+    agg = run_repeats(opts, args.repeats, lambda o: run_training(o).report)
+    if args.json:
+        print(json.dumps(agg["figures"], indent=2, allow_nan=False))
+    else:
+        for key, s in agg["figures"].items():
+            if s["mean"] is not None:
+                sd = "n/a" if s["sd"] is None else f"{s['sd']:.4f}"
+                print(f"{key:<48} mean {s['mean']:.4f}  SD {sd}  [{s['min']:.4f}, {s['max']:.4f}]")
+        print(f"repeats: {opts.out}/repeats.md")
+    return 0
+
+
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
-    keys = ("sensitivity", "specificity", "accuracy")
-    out: dict[str, Any] = {"cnn": {k: report[k] for k in (*keys, "roc_auc")}}
+    keys = ("sensitivity", "specificity", "accuracy", "referral_rate", "roc_auc")
+    out: dict[str, Any] = {"cnn": {k: report[k] for k in keys}}
     for name, res in report["baselines"].items():
         if "pooled" in res:
-            out[name] = {k: res["pooled"][k] for k in (*keys, "roc_auc")}
+            out[name] = {k: res["pooled"][k] for k in keys}
     return out
 
 
@@ -187,14 +237,17 @@ def _fmt(p: dict[str, Any]) -> str:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    print(f"{'model':<19} {'sensitivity':<21} {'specificity':<21} {'accuracy':<21} AUC")
-    for name in ("cnn", "naive_bayes", "random_forest", "logistic_regression"):
+    print(
+        f"{'model':<19} {'sensitivity':<21} {'specificity':<21} {'accuracy':<21} "
+        f"{'referred':<21} AUC"
+    )
+    for name in ("cnn", "naive_bayes", "random_forest", "logistic_regression", "best_bin"):
         if name in summary:
             m = summary[name]
             auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
             print(
                 f"{name:<19} {_fmt(m['sensitivity'])} {_fmt(m['specificity'])} "
-                f"{_fmt(m['accuracy'])} {auc}"
+                f"{_fmt(m['accuracy'])} {_fmt(m['referral_rate'])} {auc}"
             )
     print(
         f"bundle: {summary['bundle']}  report: {summary['out']}/report.md  "

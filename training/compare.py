@@ -114,9 +114,42 @@ def per_class(y_true: I64, y_pred: I64, classes: Sequence[str], seed: int = 0) -
     return out
 
 
+COLLAPSE_SHARE = 0.95  # one class in at least this share of the predictions
+CHANCE_LOSS_FRACTION = 0.95  # validation loss within 5 % of a uniform guess (ln K)
+
+
+def collapse_reason(
+    y_true: I64, y_pred: I64, val_loss: float | None = None, num_classes: int | None = None
+) -> str | None:
+    """Why a fold's model looks collapsed, or None.
+
+    Collapsed: the test slides hold several classes, yet one class takes at least
+    ``COLLAPSE_SHARE`` of the predictions (and is not itself that common among the truths); or
+    the class-weighted validation loss is at chance level (a uniform guess scores ``ln K``).
+    """
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    if y_pred.size and np.unique(y_true).size > 1:
+        values, counts = np.unique(y_pred, return_counts=True)
+        top = int(np.argmax(counts))
+        share = counts[top] / y_pred.size
+        truth_share = float((y_true == values[top]).mean())
+        if share >= COLLAPSE_SHARE and truth_share < COLLAPSE_SHARE:
+            return (
+                f"class {int(values[top])} predicted for {int(counts[top])} of {y_pred.size} slides"
+            )
+    if val_loss is not None and num_classes is not None and num_classes > 1:
+        chance = float(np.log(num_classes))
+        if val_loss >= CHANCE_LOSS_FRACTION * chance:
+            return (
+                f"validation loss {val_loss:.3f} at chance level (ln {num_classes} = {chance:.3f})"
+            )
+    return None
+
+
 def collapsed(y_true: I64, y_pred: I64) -> bool:
-    """True when a fold's test slides hold several classes but all got the same prediction."""
-    return np.unique(y_true).size > 1 and np.unique(y_pred).size == 1
+    """True when one class takes nearly every prediction though the truths are mixed."""
+    return collapse_reason(y_true, y_pred) is not None
 
 
 def per_patient(

@@ -20,8 +20,14 @@ import numpy.typing as npt
 import torch
 
 from training.evaluate import FoldPredictions, summarize
-from training.metrics import high_risk_probability
-from training.thresholds import Choice, choose_thresholds, fit_temperature, softmax_t
+from training.metrics import high_risk_probability, referral_figures
+from training.thresholds import (
+    DEFAULT_MAX_REFERRAL,
+    Choice,
+    choose_thresholds,
+    fit_temperature,
+    softmax_t,
+)
 from training.train import FitConfig, FitResult, predict_logits, resolve_device
 from training.window import Inputs
 
@@ -50,6 +56,8 @@ class Scored:
     shipped: Choice
     slide_threshold: F64
     summary: dict[str, Any]
+    band_low: F64 = field(default_factory=lambda: np.zeros(0))
+    band_high: F64 = field(default_factory=lambda: np.zeros(0))
 
 
 def score_model(
@@ -63,19 +71,34 @@ def score_model(
     temperature: float = 1.0,
     shipped_val: F64 | None = None,
     classes: Sequence[str] | None = None,
+    max_referral: float = DEFAULT_MAX_REFERRAL,
 ) -> Scored:
-    """Choose each fold's thresholds on its validation slides and score its test slides."""
+    """Choose each fold's thresholds on its validation slides and score its test slides.
+
+    Besides the metrics at the decision threshold, the summary gives what the device would do
+    with each fold's abstain band (:func:`~training.metrics.referral_figures`), per fold and
+    pooled.
+    """
     positive = np.isin(labels, list(high))
     choices = []
     slide_thr = np.zeros(labels.size, dtype=np.float64)
+    band_lo = np.zeros(labels.size, dtype=np.float64)
+    band_hi = np.zeros(labels.size, dtype=np.float64)
     for (_, test), (_, val), vp in zip(folds, inner, run.val_probs, strict=True):
-        c = choose_thresholds(positive[val], high_risk_probability(vp, high), target)
+        c = choose_thresholds(
+            positive[val], high_risk_probability(vp, high), target, max_referral=max_referral
+        )
         choices.append(c)
         slide_thr[test] = c.thresholds.decision
+        band_lo[test], band_hi[test] = c.thresholds.abstain_low, c.thresholds.abstain_high
     all_val = np.concatenate([v for _, v in inner])
     pooled_val = shipped_val if shipped_val is not None else np.concatenate(run.val_probs)
     shipped = choose_thresholds(
-        positive[all_val], high_risk_probability(pooled_val, high), target, temperature
+        positive[all_val],
+        high_risk_probability(pooled_val, high),
+        target,
+        temperature,
+        max_referral=max_referral,
     )
     summary = summarize(
         labels,
@@ -85,12 +108,19 @@ def score_model(
         target,
         classes=classes,
     )
+    p_high = high_risk_probability(run.probs, high)
+    summary["pooled"].update(referral_figures(positive, p_high, band_lo, band_hi))
+    for f, (_, test) in zip(summary["per_fold"], folds, strict=True):
+        f.update(referral_figures(positive[test], p_high[test], band_lo[test], band_hi[test]))
     summary["thresholds"] = {
         "chosen_on": "validation",
+        "max_referral": max_referral,
+        "method": "smoothed (Gaussian-kernel) class score distributions on the logit scale; "
+        "band narrowed to --max-referral (training.thresholds)",
         "per_fold": [c.to_json() for c in choices],
         "shipped": shipped.to_json(),
     }
-    return Scored(choices, shipped, slide_thr, summary)
+    return Scored(choices, shipped, slide_thr, summary, band_lo, band_hi)
 
 
 FitFn = Callable[[int, I64, I64, Inputs], FitResult]
@@ -147,13 +177,6 @@ def cross_validate_network(
             t,
         )
     return run, results, inputs
-
-
-def pooled_temperature(run: ModelRun, labels: I64, inner: Sequence[Fold]) -> float:
-    """Temperature of the shipped model: fitted on every fold's validation logits."""
-    z = np.concatenate(run.val_logits)
-    y = np.concatenate([labels[v] for _, v in inner])
-    return fit_temperature(z, y)
 
 
 def checkpoint_path(work: Path | None, name: str) -> Path | None:

@@ -58,6 +58,10 @@ KIND_COLUMNS: dict[Kind, tuple[str, ...]] = {
     "images": ("image",),
 }
 PAP_GROUPS = ("II", "III", "IV", "V")
+# Optional study columns (omis dataset export writes them); kept per slide for grouping and
+# per-site / per-device figures.
+STUDY_COLUMNS = ("device_id", "site", "acquired_at", "model_version", "reference")
+REFERENCES = ("cytology", "histology")
 _GROUP_ALIASES = {
     **{g.lower(): g for g in PAP_GROUPS},
     **{str(i + 2): g for i, g in enumerate(PAP_GROUPS)},
@@ -124,6 +128,12 @@ class Slide:
     image: U8 | None = None
     fields_used: int = 0
     fields_rejected: int = 0
+    study: dict[str, str] = field(default_factory=dict)
+
+
+def study_values(row: _Row) -> dict[str, str]:
+    """The study columns a manifest row fills (empty values left out)."""
+    return {c: row.values[c] for c in STUDY_COLUMNS if row.values.get(c)}
 
 
 @dataclass
@@ -245,6 +255,9 @@ def _row_problems(row: _Row, root: Path, kind: Kind, allow_lossy: bool = False) 
         problems.append("empty patient_id")
     if _normalise_group(row.pap_group) is None:
         problems.append(f"unknown pap_group {row.pap_group!r} (known: {', '.join(PAP_GROUPS)})")
+    reference = row.values.get("reference", "")
+    if reference and reference not in REFERENCES:
+        problems.append(f"unknown reference {reference!r} (known: {', '.join(REFERENCES)})")
     for col in KIND_COLUMNS[kind]:
         if col == "field":
             if not row.values.get(col, "").strip():
@@ -453,6 +466,7 @@ def _slide_from_fields(
         y=entry.y,
         fields_used=len(per_field) - len(rejected),
         fields_rejected=len(rejected),
+        study=study_values(slide.rows[0]),
     )
 
 
@@ -519,7 +533,9 @@ def _slide_from_spectrum(root: Path, slide: _SlideRows, params: Params) -> Slide
         x_nm, y = load_spectrum_file(root / row.values["spectrum"], params)
     except DataError as exc:
         raise DataError(f"line {row.line}: {exc}") from exc
-    return Slide(slide.slide_id, slide.patient_id, slide.pap_group, x_nm=x_nm, y=y)
+    return Slide(
+        slide.slide_id, slide.patient_id, slide.pap_group, x_nm=x_nm, y=y, study=study_values(row)
+    )
 
 
 def _slide_from_image(root: Path, slide: _SlideRows) -> Slide:
@@ -528,7 +544,9 @@ def _slide_from_image(root: Path, slide: _SlideRows) -> Slide:
         image = read_rgb(root / row.values["image"])
     except InputError as exc:
         raise DataError(f"line {row.line}: {exc}") from exc
-    return Slide(slide.slide_id, slide.patient_id, slide.pap_group, image=image)
+    return Slide(
+        slide.slide_id, slide.patient_id, slide.pap_group, image=image, study=study_values(row)
+    )
 
 
 # --- entry point ---------------------------------------------------------------------------

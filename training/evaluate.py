@@ -24,7 +24,7 @@ from inference.exceptions import BundleError, InferenceError
 from inference.preprocess import spectrum_to_tensor, to_tensor
 from inference.render import RenderParams, render_params_from_json, render_spectrum
 from inference.spectrum import parse_params
-from training.compare import auc_with_interval, collapsed, per_class
+from training.compare import auc_with_interval, collapse_reason, per_class
 from training.data import Dataset, Slide, get_task, load_dataset
 from training.exceptions import DataError, TrainingError
 from training.metrics import classification_metrics, high_risk_probability, predict_classes
@@ -111,7 +111,8 @@ def summarize(
     """Per-fold and pooled metrics of out-of-fold predictions.
 
     ``threshold``: one for all slides, or one per slide (each fold's own).  A fold whose test
-    slides hold several classes but all got one prediction is flagged ``collapsed``; with
+    slides hold several classes but nearly all got one prediction, or whose validation loss is
+    at chance level, is flagged ``collapsed`` (:func:`~training.compare.collapse_reason`); with
     ``classes`` the per-class metrics are added (pooled).
     """
     thr = np.broadcast_to(np.asarray(threshold, dtype=np.float64), labels.shape)
@@ -126,7 +127,10 @@ def summarize(
         )
         pred = predict_classes(preds.probs[test], high_classes, thr[test])
         extra = preds.extra[i] if i < len(preds.extra) else {}
-        per_fold.append({"fold": i + 1, **extra, **m, "collapsed": collapsed(labels[test], pred)})
+        why = collapse_reason(labels[test], pred, extra.get("best_val_loss"), preds.probs.shape[1])
+        per_fold.append(
+            {"fold": i + 1, **extra, **m, "collapsed": why is not None, "collapse_reason": why}
+        )
     pooled = classification_metrics(
         labels,
         preds.probs,

@@ -181,3 +181,34 @@ def classification_metrics(
         ),
         "calibration": calibration(positive, p_high),
     }
+
+
+def referral_figures(
+    positive: B, p_high: F64, low: float | F64, high: float | F64
+) -> dict[str, Any]:
+    """What the device would do with an abstain band ``[low, high]`` (per slide or one).
+
+    A slide inside the band is referred to a person; outside it the device decides (high above
+    the band, low below).  ``referral_rate`` is the share referred; ``*_decided`` are figures
+    on the decided slides only; ``*_with_review`` count each referral as a correct human review
+    (the best a referral can do: they bound what the workflow can reach).
+    """
+    pos = np.asarray(positive, dtype=bool)
+    p = np.asarray(p_high, dtype=np.float64)
+    lo = np.broadcast_to(np.asarray(low, dtype=np.float64), p.shape)
+    hi = np.broadcast_to(np.asarray(high, dtype=np.float64), p.shape)
+    referred = (p >= lo) & (p <= hi)
+    decided = ~referred
+    called_high = decided & (p > hi)
+    called_low = decided & (p < lo)
+    return {
+        "referral_rate": proportion(int(referred.sum()), int(p.size)),
+        "sensitivity_decided": proportion(
+            int((pos & called_high).sum()), int((pos & decided).sum())
+        ),
+        "specificity_decided": proportion(
+            int((~pos & called_low).sum()), int((~pos & decided).sum())
+        ),
+        "sensitivity_with_review": proportion(int((pos & ~called_low).sum()), int(pos.sum())),
+        "specificity_with_review": proportion(int((~pos & ~called_high).sum()), int((~pos).sum())),
+    }

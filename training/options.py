@@ -40,6 +40,12 @@ class TrainOptions(BaseModel):
     max_slides: int | None = Field(None, ge=1)
     final: Literal["all", "best-fold"] = "all"
     target_sensitivity: float = Field(0.9, gt=0.0, le=1.0)
+    max_referral: float = Field(
+        0.2, ge=0.0, le=1.0, description="largest share of slides the abstain band may refer"
+    )
+    threads: int = Field(
+        1, ge=1, le=256, description="torch intra-op threads (results depend on the count)"
+    )
     temperature_scaling: bool = Field(False, description="fit a softmax temperature")
     out_of_range: float | None = Field(
         0.05, ge=0.0, le=1.0, description="bundle threshold on mass outside the render window"
@@ -52,6 +58,9 @@ class TrainOptions(BaseModel):
     cache_dir: Path | None = Field(None, description="default: DATA/.omis-cache")
     no_cache: bool = False
     augment: Augment = Augment()
+    group_by: Literal["patient", "device", "site"] = Field(
+        "patient", description="cross-validation groups: patient (K folds) or leave-one-out"
+    )
 
 
 def fit_config(opts: TrainOptions, preset: Preset) -> FitConfig:

@@ -3,7 +3,9 @@
 ``predictions.csv`` has one row per slide, out of fold: ``slide_id, patient_id, pap_group,
 fold, truth``, then ``p_high_<model>`` for the network and every baseline, then the network's
 ``threshold`` (chosen on that fold's validation slides), ``decision`` (``high``/``low``) and
-``abstained`` (inside the fold's abstain band).
+``abstained`` (inside the fold's abstain band), then for every model its fold's
+``threshold_<model>``, ``abstain_low_<model>`` and ``abstain_high_<model>``.  Numbers are
+written at full precision (``repr``: the file reproduces the report's figures exactly).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from training.report import (
     plot_roc,
     write_json,
 )
-from training.window import Inputs, render_coverage
+from training.window import Inputs, discriminative_coverage, render_coverage
 
 if TYPE_CHECKING:
     from training.options import TrainOptions
@@ -42,6 +44,14 @@ if TYPE_CHECKING:
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 Network = tuple[str, Scored, ModelRun]
+RUN_ONLY = ("cache_hits", "cache_misses")
+REFERRAL_KEYS = (
+    "referral_rate",
+    "sensitivity_decided",
+    "specificity_decided",
+    "sensitivity_with_review",
+    "specificity_with_review",
+)
 Baselines = dict[str, tuple[Scored, ModelRun] | str]
 
 
@@ -82,8 +92,51 @@ def comparison(
             if best is None or auc[name]["value"] is None
             else bool(auc[name]["value"] >= auc[best]["value"])
         ),
+        "against_best_baseline": _verdict(name, best, paired),
         "note": "AUC intervals and paired AUC test: DeLong; accuracy of the risk decisions at "
         "each model's validation-chosen thresholds: McNemar (exact)",
+    }
+
+
+SIGNIFICANCE = 0.05
+
+
+def _verdict(name: str, best: str | None, paired: dict[str, Any]) -> str | None:
+    """One sentence: the network against the best baseline, from this run's DeLong test."""
+    if best is None:
+        return None
+    d = paired[best]["delong"]
+    diff, p = d["auc_difference"], d["p_value"]
+    if diff is None or p is None:
+        return f"{name} against {best}: not testable on these slides"
+    if p >= SIGNIFICANCE:
+        how = "within noise of"
+    else:
+        how = "significantly above" if diff > 0 else "significantly below"
+    return (
+        f"{name} is {how} the best baseline, {best} (AUC difference {diff:+.3f}, DeLong "
+        f"p = {p:.2g}); one run: rank models only on --repeats runs"
+    )
+
+
+def _discriminative(
+    p: Prepared, inp: Inputs, fold_inputs: Sequence[Inputs], folds: Any
+) -> dict[str, Any] | None:
+    """Share of the class-separating signal inside the window (training.window)."""
+    if p.ys is None or p.axis is None:
+        return None
+    return {
+        "shipped_window_all_slides": discriminative_coverage(p.axis, p.ys, p.labels, inp.render),
+        "per_fold_test_slides": [
+            discriminative_coverage(p.axis, p.ys[te], p.labels[te], fi.render)
+            for fi, (_, te) in zip(fold_inputs, folds, strict=True)
+        ],
+        "per_fold_training_slides": [
+            discriminative_coverage(p.axis, p.ys[tr], p.labels[tr], fi.render)
+            for fi, (tr, _) in zip(fold_inputs, folds, strict=True)
+        ],
+        "definition": "share of the per-bin between-class variance share (eta squared above "
+        "chance) that lies inside the render window",
     }
 
 
@@ -99,6 +152,23 @@ def _coverage(p: Prepared, inp: Inputs, fold_inputs: Sequence[Inputs], folds: An
     return whole, per_fold
 
 
+def data_record(p: Prepared, data_dir: Path) -> dict[str, Any]:
+    """``report.json`` → ``data``: what was read, prepared and used for this task."""
+    return {
+        # cache use describes this run, not its result: config.json has it
+        **{k: v for k, v in p.ds.stats.to_json().items() if k not in RUN_ONLY},
+        # after the preparation counts: ``slides_used`` is what this task trained on
+        "slides_prepared": p.ds.stats.slides_used,
+        "dir": str(data_dir),
+        "kind": p.ds.kind,
+        "slides_used": len(p.ds.slides),
+        "slides_outside_task": p.outside_task,
+        "patients": len(set(p.ds.patients)),
+        "manifest_sha256": p.ds.manifest_sha256,
+        "files_sha256": p.ds.files_sha256,
+    }
+
+
 def build_report(
     p: Prepared,
     opts: TrainOptions,
@@ -111,6 +181,7 @@ def build_report(
     diff: float,
     world_size: int,
     device: str,
+    shipped: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """report.json (schema ``omis.train-report/1``; keys documented in docs/training.md)."""
     name, net, run = network
@@ -128,9 +199,18 @@ def build_report(
         for k, (sc, r) in _models(network, baselines).items()
     }
     warnings = [
-        f"{k}: fold {f} predicted a single class for all its test slides (collapsed)"
+        f"{k}: fold {f['fold']} collapsed: {f['collapse_reason']}"
         for k, (sc, _) in _models(network, baselines).items()
-        for f in sc.summary["collapsed_folds"]
+        for f in sc.summary["per_fold"]
+        if f["collapsed"]
+    ]
+    if shipped and shipped.get("collapsed"):
+        warnings.insert(0, f"SHIPPED MODEL: {shipped['collapsed']}")
+    warnings += [
+        f"{k}: fold {i} thresholds: {c.problem}"
+        for k, (sc, _) in _models(network, baselines).items()
+        for i, c in enumerate(sc.per_fold, start=1)
+        if c.problem
     ]
     return {
         "schema": "omis.train-report/1",
@@ -142,16 +222,7 @@ def build_report(
         "model": name,
         "input": inp.spec.representation,
         "folds": len(folds),
-        "data": {
-            "dir": str(opts.data),
-            "kind": p.ds.kind,
-            "slides_used": len(p.ds.slides),
-            "slides_outside_task": p.outside_task,
-            "patients": len(set(p.ds.patients)),
-            "manifest_sha256": p.ds.manifest_sha256,
-            "files_sha256": p.ds.files_sha256,
-            **p.ds.stats.to_json(),
-        },
+        "data": data_record(p, opts.data),
         "confusion_matrix": pooled["confusion_matrix"],
         "sensitivity": pooled["sensitivity"],
         "specificity": pooled["specificity"],
@@ -159,11 +230,13 @@ def build_report(
         "roc_auc": pooled["roc_auc"],
         "roc_auc_ci95": pooled["roc_auc_ci95"],
         "threshold_at_target_sensitivity": pooled["threshold_at_target_sensitivity"],
+        **{k: pooled[k] for k in REFERRAL_KEYS},
         "calibration": pooled["calibration"],
         "thresholds": net.summary["thresholds"],
         "render": inp.render.model_dump(mode="json"),
         "render_coverage": coverage,
         "render_coverage_per_fold": coverage_folds,
+        "discriminative_coverage": _discriminative(p, inp, fold_inputs, folds),
         "cnn": net.summary,
         "baselines": {
             k: ({"skipped": v} if isinstance(v, str) else v[0].summary)
@@ -174,11 +247,17 @@ def build_report(
         "training_history": [e["history"] for e in run.extra],
         "warnings": warnings,
         "final_model": final,
+        "shipped_operating_point": shipped,
         "export": {"onnx_vs_torch_max_abs_diff": diff, "opset": 17, "exporter": "torchscript"},
         "world_size": world_size,
         "device": device,
         "clinical_warning": "numbers from synthetic data are not clinical performance",
     }
+
+
+def _full(v: float) -> str:
+    """Full precision: ``repr`` round-trips a float exactly."""
+    return repr(float(v))
 
 
 def predictions_csv(
@@ -192,26 +271,28 @@ def predictions_csv(
     models = _models(network, baselines)
     scores = {k: high_risk_probability(r.probs, high) for k, (_, r) in models.items()}
     net = models[network[0]][0]
-    low_band = np.zeros(p.labels.size)
-    high_band = np.zeros(p.labels.size)
-    for (_, te), c in zip(folds, net.per_fold, strict=True):
-        low_band[te], high_band[te] = c.thresholds.abstain_low, c.thresholds.abstain_high
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(
         ["slide_id", "patient_id", "pap_group", "fold", "truth"]
         + [f"p_high_{k}" for k in models]
         + ["threshold", "decision", "abstained"]
+        + [f"{col}_{k}" for k in models for col in ("threshold", "abstain_low", "abstain_high")]
     )
     ph = scores[network[0]]
     for i, s in enumerate(p.ds.slides):
         w.writerow(
             [s.slide_id, s.patient_id, s.pap_group, int(fold_of[i]), p.task.classes[p.labels[i]]]
-            + [f"{scores[k][i]:.6f}" for k in models]
+            + [_full(scores[k][i]) for k in models]
             + [
-                f"{net.slide_threshold[i]:.6f}",
+                _full(net.slide_threshold[i]),
                 "high" if ph[i] >= net.slide_threshold[i] else "low",
-                str(bool(low_band[i] <= ph[i] <= high_band[i])).lower(),
+                str(bool(net.band_low[i] <= ph[i] <= net.band_high[i])).lower(),
+            ]
+            + [
+                _full(v)
+                for sc, _ in models.values()
+                for v in (sc.slide_threshold[i], sc.band_low[i], sc.band_high[i])
             ]
         )
     return buf.getvalue()
@@ -228,6 +309,7 @@ def write_outputs(
     network: Network,
     baselines: Baselines,
     inp: Inputs,
+    environment: dict[str, Any],
 ) -> None:
     """config.json, report.json, report.md, predictions.csv and the plots."""
     slide_ids = [s.slide_id for s in p.ds.slides]
@@ -243,7 +325,16 @@ def write_outputs(
             for tr, te in folds
         ],
         "torch": torch.__version__,
+        "torch_threads": environment["torch_threads"],
+        "cache": {k: p.ds.stats.to_json()[k] for k in RUN_ONLY},
+        "environment": environment,
         "code_revision": code_revision(),
+        # the data read, and the archive export they came from (its sha256 must equal ours)
+        "data": {
+            "manifest_sha256": p.ds.manifest_sha256,
+            "files_sha256": p.ds.files_sha256,
+            "export": report.get("export"),
+        },
     }
     write_json(work / "config.json", config)
     write_json(work / "report.json", report)

@@ -28,24 +28,26 @@ import numpy.typing as npt
 import torch
 
 from firmware_bridge.fsutil import atomic_directory
-from inference.bundle import Thresholds
+from inference.bundle import OperatingPoint, Thresholds
 from inference.exceptions import InferenceError
 from inference.spectrum import axis_nm, parse_params
-from training.baselines import cross_val_baselines, feature_matrix
+from training.baselines import BASELINES, cross_val_baselines, feature_matrix
 from training.checkpoint import FORMAT
 from training.crossval import (
     ModelRun,
     Scored,
     checkpoint_path,
     cross_validate_network,
-    pooled_temperature,
     score_model,
 )
 from training.data import get_task, load_dataset
-from training.evaluate import make_folds, validation_split
+from training.environment import environment_record
+from training.evaluate import validation_split
 from training.exceptions import ConfigError, DataError
 from training.export import write_bundle
+from training.metrics import high_risk_probability
 from training.model import VGG16Classifier, build_model, get_preset, load_pretrained
+from training.operating import Target, calibrate, operating_point
 from training.options import (
     TrainOptions,
     check_weights_decision,
@@ -53,11 +55,11 @@ from training.options import (
     given_render,
     pretrained_record,
 )
-from training.outputs import build_report, write_outputs
+from training.outputs import REFERRAL_KEYS, build_report, write_outputs
 from training.prepared import Prepared
 from training.progress import Progress, Tick
 from training.record import bundle_meta, checkpoint_extra, metrics_summary
-from training.thresholds import softmax_t
+from training.study import by_study, export_record, reference_distribution, study_folds
 from training.train import (
     DistInfo,
     FitConfig,
@@ -66,9 +68,11 @@ from training.train import (
     SpectrumImages,
     distributed,
     fit,
+    predict_logits,
     resolve_device,
     save_checkpoint,
     seed_everything,
+    set_threads,
 )
 from training.window import Inputs
 
@@ -79,6 +83,7 @@ F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 CHECKPOINT_FORMAT = FORMAT
 GOLDEN_COUNT = 4
+CALIBRATION_SEED = 7919  # the final model's calibration split differs from every fold's
 NETWORK_NAMES = {"paper": "vgg16", "tiny": "vgg16", "spectrum1d": "spectrum1d"}
 
 
@@ -183,6 +188,7 @@ class _Context:
     work: Path | None
     extra: dict[str, Any]
     progress: Progress
+    environment: dict[str, Any]
 
 
 def _fold_fitter(ctx: _Context, n_folds: int) -> Any:
@@ -214,33 +220,81 @@ def _loaded(ctx: _Context) -> Any:
     return model_for
 
 
-def final_model(
-    ctx: _Context, run: ModelRun, results: list[FitResult], fold_inputs: list[Inputs]
-) -> tuple[torch.nn.Module, Inputs, dict[str, Any]]:
-    """The shipped network and the inputs it reads (see the module docstring for the choice)."""
+@dataclass
+class Final:
+    """The shipped network, its inputs, thresholds and operating point."""
+
+    model: torch.nn.Module
+    inputs: Inputs
+    info: dict[str, Any]
+    thresholds: Thresholds
+    operating_point: OperatingPoint
+    report: dict[str, Any]
+
+
+def _target(opts: TrainOptions) -> Target:
+    return Target(opts.target_sensitivity, opts.max_referral, opts.temperature_scaling)
+
+
+def _best_fold(
+    ctx: _Context, run: ModelRun, net: Scored, results: list[FitResult], fold_inputs: list[Inputs]
+) -> Final:
+    """The fold model with the lowest validation loss, with its fold's thresholds and figures."""
     p, opts = ctx.p, ctx.opts
     model = _new_model(p, opts)
-    if opts.final == "best-fold":
-        losses = [r.best_val_loss for r in results]
-        best = min(range(len(results)), key=lambda i: (losses[i] is None, losses[i] or 0.0))
-        model.load_state_dict(results[best].state)
-        return (
-            model,
-            fold_inputs[best],
-            {
-                "choice": "best-fold",
-                "fold": best + 1,
-                "description": f"the fold-{best + 1} model (lowest validation loss)",
+    losses = [r.best_val_loss for r in results]
+    best = min(range(len(results)), key=lambda i: (losses[i] is None, losses[i] or 0.0))
+    model.load_state_dict(results[best].state)
+    fold = net.summary["per_fold"][best]
+    th = net.per_fold[best].thresholds.model_copy(
+        update={"temperature": float(run.extra[best]["temperature"])}
+    )
+    rate = fold["referral_rate"]["value"] or 0.0
+    measured_on = f"fold {best + 1}'s test slides (never seen by that fold's model)"
+    return Final(
+        model,
+        fold_inputs[best],
+        {
+            "choice": "best-fold",
+            "fold": best + 1,
+            "description": f"the fold-{best + 1} model (lowest validation loss)",
+        },
+        th,
+        operating_point(rate, int(fold["n"]), p.ds.stats, measured_on),
+        {
+            "measured_on": measured_on,
+            "slides": fold["n"],
+            "thresholds": {**net.per_fold[best].to_json(), **th.model_dump(mode="json")},
+            "figures": {
+                k: fold[k] for k in (*REFERRAL_KEYS, "sensitivity", "specificity", "roc_auc")
             },
-        )
+        },
+    )
+
+
+def final_model(
+    ctx: _Context, run: ModelRun, net: Scored, results: list[FitResult], fold_inputs: list[Inputs]
+) -> Final:
+    """The shipped network, its thresholds and its operating point (:mod:`training.operating`)."""
+    p, opts = ctx.p, ctx.opts
+    if opts.final == "best-fold":
+        return _best_fold(ctx, run, net, results, fold_inputs)
+    model = _new_model(p, opts)
     epochs = max(1, round(statistics.median(e["best_epoch"] for e in run.extra)))
     all_idx = np.arange(p.labels.size, dtype=np.int64)
-    inp = p.inputs_for(all_idx)
+    fit_idx, cal_idx = validation_split(
+        all_idx, p.labels, p.ds.patients, opts.seed + CALIBRATION_SEED
+    )
+    if cal_idx.size == 0:
+        raise DataError(
+            "too few patients (< 3) to hold out a calibration split for the final model"
+        )
+    inp = p.inputs_for(fit_idx)
     seed_everything(opts.seed)
     with ctx.progress.task("final model") as tick:
         res = fit(
             model,
-            _dataset(p, inp, all_idx, ctx.cfg),
+            _dataset(p, inp, fit_idx, ctx.cfg),
             None,
             None,
             cfg=ctx.cfg.model_copy(update={"epochs": epochs}),
@@ -250,15 +304,33 @@ def final_model(
             progress=_phase_tick(tick),
         )
     model.load_state_dict(res.state)
-    return (
-        model,
+    device = resolve_device(ctx.cfg.device)
+    z_cal = predict_logits(model.to(device), inp.inputs[cal_idx], ctx.cfg.batch_size, device)
+    cal = calibrate(
+        z_cal.double().numpy(),
+        p.labels[cal_idx],
+        [p.ds.patients[i] for i in cal_idx],
+        high=p.task.high_classes,
+        target=_target(opts),
+        seed=opts.seed,
+    )
+    measured_on = "held-out calibration split, cross-fitted"
+    return Final(
+        model.cpu(),
         inp,
         {
             "choice": "all",
             "epochs": epochs,
-            "description": f"trained on all {p.labels.size} slides for {epochs} epoch(s), "
-            "the median of the folds' early-stopping epochs",
+            "fit_slides": int(fit_idx.size),
+            "calibration_slides": int(cal_idx.size),
+            "calibration_slide_ids": [p.ds.slides[i].slide_id for i in cal_idx],
+            "description": f"trained on {fit_idx.size} of {p.labels.size} slides for {epochs} "
+            "epoch(s), the median of the folds' early-stopping epochs; temperature and "
+            f"thresholds chosen on the other {cal_idx.size} slides (held-out patients)",
         },
+        cal.choice.thresholds,
+        operating_point(cal.referral_rate, cal.slides, p.ds.stats, measured_on),
+        cal.report,
     )
 
 
@@ -276,13 +348,14 @@ def run_training(opts: TrainOptions, progress: Progress | None = None) -> TrainR
     pretrained_record(opts)  # a missing weights file is an error before any work
     _check_out(opts.out)
     resolve_device(opts.device)  # before any work: no GPU is an error, never a fallback
+    threads = set_threads(opts.threads)
     progress = progress or Progress(enabled=False)
     cfg = fit_config(opts, get_preset(opts.preset))
     with distributed(opts.device) as info, progress:
         p = prepare(opts, progress)
-        folds = make_folds(p.labels, p.ds.patients, opts.folds, opts.seed)
+        folds = study_folds(p.labels, p.ds.slides, opts.group_by, opts.folds, opts.seed)
         with _output_dir(opts.out, info) as work:
-            ctx = _Context(p, opts, cfg, work, {}, progress)
+            ctx = _Context(p, opts, cfg, work, {}, progress, environment_record(threads))
             report = _train_and_report(ctx, folds, info=info)
     seconds = time.monotonic() - started
     log.info("omis train finished in %.1f s: %s", seconds, opts.out)
@@ -312,32 +385,38 @@ def _train_and_report(
         num_classes=len(p.task.classes),
         temperature_scaling=opts.temperature_scaling,
     )
-    high = p.task.high_classes
-    temperature = pooled_temperature(run, p.labels, inner) if opts.temperature_scaling else 1.0
-    shipped_val = None
-    if opts.temperature_scaling:
-        shipped_val = softmax_t(np.concatenate(run.val_logits), temperature)
     net = score_model(
         run,
         p.labels,
         folds,
         inner,
-        high=high,
+        high=p.task.high_classes,
         target=opts.target_sensitivity,
-        temperature=temperature,
-        shipped_val=shipped_val,
+        max_referral=opts.max_referral,
         classes=p.task.classes,
     )
-    model, inp, final = final_model(ctx, run, results, fold_inputs)
+    shipped = final_model(ctx, run, net, results, fold_inputs)
+    model, inp, final = shipped.model, shipped.inputs, shipped.info
+    net.summary["thresholds"]["shipped"] = {
+        "n_validation": shipped.report["slides"],
+        "problem": None,
+        **shipped.report["thresholds"],
+        **shipped.thresholds.model_dump(mode="json"),
+        "chosen_on_detail": shipped.report["measured_on"],
+    }
     if ctx.work is None:
         return {"cnn": net.summary}
+    _save_fold_checkpoints(
+        ctx, run, net=net, results=results, fold_inputs=fold_inputs, golden_idx=golden_idx
+    )
     baselines = _baselines(p, opts, folds, inner)
+    summary = metrics_summary(net.summary["pooled"], len(folds))
+    p_high = high_risk_probability(run.probs, p.task.high_classes)
+    summary["reference_distribution"] = reference_distribution(
+        p.ds, p_high, shipped.thresholds, summary
+    )
     meta = bundle_meta(
-        p,
-        opts,
-        inp,
-        net.shipped.thresholds,
-        metrics_summary(net.summary["pooled"], len(folds)),
+        p, opts, inp, shipped.thresholds, summary, operating_point=shipped.operating_point
     )
     ctx.extra.update(checkpoint_extra(p, meta, inp.inputs[golden_idx]))
     save_checkpoint(
@@ -355,9 +434,13 @@ def _train_and_report(
         final=final,
         inputs=(inp, fold_inputs),
         diff=diff,
+        shipped=shipped.report,
         world_size=info.world_size,
         device=cfg.device,
     )
+    positive = np.isin(p.labels, list(p.task.high_classes))
+    report["by_study"] = by_study(p.ds.slides, positive, p_high >= net.slide_threshold)
+    report["export"] = export_record(p.ds)
     write_outputs(
         ctx.work,
         p,
@@ -368,8 +451,40 @@ def _train_and_report(
         network=(name, net, run),
         baselines=baselines,
         inp=inp,
+        environment=ctx.environment,
     )
     return report
+
+
+def _save_fold_checkpoints(
+    ctx: _Context,
+    run: ModelRun,
+    *,
+    net: Scored,
+    results: list[FitResult],
+    fold_inputs: list[Inputs],
+    golden_idx: list[int],
+) -> None:
+    """Rewrite each ``fold-K.pt`` with its own window, temperature and thresholds, so that
+    ``omis export`` of it gives a bundle reproducing that fold's rows of predictions.csv."""
+    if ctx.work is None:
+        return
+    for k, (res, inp, choice) in enumerate(zip(results, fold_inputs, net.per_fold, strict=True)):
+        th = choice.thresholds.model_copy(
+            update={"temperature": float(run.extra[k]["temperature"])}
+        )
+        fold = net.summary["per_fold"][k]
+        meta = bundle_meta(
+            ctx.p, ctx.opts, inp, th, {"fold": k + 1, "roc_auc": fold["roc_auc"], "n": fold["n"]}
+        )
+        save_checkpoint(
+            ctx.work / "checkpoints" / f"fold-{k + 1}.pt",
+            {
+                **checkpoint_extra(ctx.p, meta, inp.inputs[golden_idx]),
+                "model_state": res.state,
+                "fold": k + 1,
+            },
+        )
 
 
 def _baselines(
@@ -378,7 +493,7 @@ def _baselines(
     spectra = p.spectra
     if spectra is None or p.ys is None:
         reason = "image dataset: no spectra for the classical baselines"
-        return {"naive_bayes": reason, "random_forest": reason, "logistic_regression": reason}
+        return dict.fromkeys(BASELINES, reason)
     feats = {"peaks": feature_matrix(spectra), "spectrum": p.ys}
     runs = cross_val_baselines(feats, p.labels, folds, len(p.task.classes), opts.seed, inner=inner)
     out: dict[str, tuple[Scored, ModelRun] | str] = {}
@@ -391,6 +506,7 @@ def _baselines(
             inner,
             high=p.task.high_classes,
             target=opts.target_sensitivity,
+            max_referral=opts.max_referral,
             classes=p.task.classes,
         )
         out[name] = (scored, run)

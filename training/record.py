@@ -8,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from inference.bundle import Thresholds, Training
+from inference.bundle import OperatingPoint, Thresholds, Training
 from inference.render import RenderParams
 from training.checkpoint import FORMAT
 from training.export import BundleMeta, code_revision
@@ -22,7 +22,13 @@ F32 = npt.NDArray[np.float32]
 
 
 def bundle_meta(
-    p: Prepared, opts: TrainOptions, inp: Inputs, thresholds: Thresholds, metrics: dict[str, Any]
+    p: Prepared,
+    opts: TrainOptions,
+    inp: Inputs,
+    thresholds: Thresholds,
+    metrics: dict[str, Any],
+    *,
+    operating_point: OperatingPoint | None = None,
 ) -> BundleMeta:
     """The manifest's content besides the files."""
     return BundleMeta(
@@ -44,6 +50,7 @@ def bundle_meta(
             metrics=metrics,
             preset=p.preset.name,
             pretrained=pretrained_record(opts),
+            operating_point=operating_point,
         ),
         qc=p.ds.qc.model_dump(),
     )

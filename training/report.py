@@ -91,6 +91,8 @@ def _comparison_lines(report: dict[str, Any]) -> list[str]:
             f"| {name} | {_num(d['auc_difference'], '{:+.3f}')} | {_num(d['p_value'])} | "
             f"{_num(t['mcnemar']['p_value'])} |"
         )
+    if cmp.get("against_best_baseline"):
+        lines += ["", f"**{cmp['against_best_baseline']}**"]
     return lines
 
 
@@ -115,6 +117,35 @@ def _threshold_lines(report: dict[str, Any]) -> list[str]:
         f"{c['abstain_high']:.4f}] ({c['n_validation']} slides)"
         + (f" — {c['problem']}" if c["problem"] else "")
         for i, c in enumerate(th["per_fold"], start=1)
+    ]
+    return lines
+
+
+def _referral_lines(report: dict[str, Any], model: str) -> list[str]:
+    rows = [(f"{model} (this run)", report["cnn"]["pooled"])]
+    rows += [
+        (name.replace("_", " ").title(), res["pooled"])
+        for name, res in report.get("baselines", {}).items()
+        if isinstance(res, dict) and "pooled" in res and "referral_rate" in res["pooled"]
+    ]
+    if "referral_rate" not in rows[0][1]:
+        return []
+    lines = [
+        "",
+        "## What the device would do (each fold's abstain band on its test slides)",
+        "",
+        "Referred slides go to a person.  *Decided*: figures on the slides the device decides; "
+        "*with review*: each referral counted as a correct human review.",
+        "",
+        "| model | referred | sens. decided | spec. decided | sens. with review | "
+        "spec. with review |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {_pct(m['referral_rate'])} | {_pct(m['sensitivity_decided'])} | "
+        f"{_pct(m['specificity_decided'])} | {_pct(m['sensitivity_with_review'])} | "
+        f"{_pct(m['specificity_with_review'])} |"
+        for name, m in rows
     ]
     return lines
 
@@ -144,6 +175,7 @@ def markdown(report: dict[str, Any]) -> str:
     for name, res in report.get("baselines", {}).items():
         if isinstance(res, dict) and "pooled" in res:
             lines.append(_row(name.replace("_", " ").title(), res["pooled"]))
+    lines += _referral_lines(report, model)
     lines += _comparison_lines(report)
     lines += _threshold_lines(report)
     if cov:
@@ -151,6 +183,14 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             "Render window coverage (fraction of each class's absolute spectral mass inside "
             "the shipped window): " + ", ".join(f"{k} {_num(v, '{:.4f}')}" for k, v in cov.items()),
+        ]
+    disc = report.get("discriminative_coverage")
+    if disc:
+        lines += [
+            "",
+            "Discriminative coverage (share of the class-separating signal inside the window): "
+            f"shipped window {_num(disc['shipped_window_all_slides'], '{:.4f}')}; per fold on "
+            "its test slides " + ", ".join(_num(v, "{:.4f}") for v in disc["per_fold_test_slides"]),
         ]
     for w in report.get("warnings", []):
         lines += ["", f"**Warning:** {w}"]

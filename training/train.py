@@ -103,6 +103,28 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def set_threads(threads: int) -> dict[str, Any]:
+    """Fix torch's CPU thread count (summation order, hence results, depends on it) and ask for
+    deterministic kernels (as :func:`seed_everything` does again before each fit).
+
+    Returns what is now in force, for ``config.json``.
+    """
+    torch.set_num_threads(threads)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        torch.set_num_interop_threads(1)  # only settable before the first parallel work
+    except RuntimeError:
+        log.debug("torch inter-op threads already fixed at %d", torch.get_num_interop_threads())
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+    }
+
+
 def resolve_device(name: str) -> torch.device:
     """``cpu`` or ``cuda`` (the local rank's GPU under torchrun); CUDA missing is an error."""
     if name == "cpu":

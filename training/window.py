@@ -27,6 +27,7 @@ I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
 
 COVERAGE = 0.99
+DISCRIMINATIVE_COVERAGE = 0.95
 SPECTRUM_SCALE_QUANTILE = 0.99
 
 
@@ -50,6 +51,9 @@ def fit_render_window(
         lo_c = int(np.searchsorted(cum, tail, side="left"))
         hi_c = int(np.searchsorted(cum, 1.0 - tail, side="left"))
         lo_i, hi_i = min(lo_i, lo_c), max(hi_i, min(hi_c, x.size - 1))
+    d_lo, d_hi = _central_interval(discriminative_weight(y, labels), DISCRIMINATIVE_COVERAGE)
+    if d_lo <= d_hi:
+        lo_i, hi_i = min(lo_i, d_lo), max(hi_i, d_hi)
     if lo_i >= hi_i:
         return (float(x[0]), float(x[-1]))
     step = float(x[1] - x[0])  # half a bin of margin: a point on the edge stays inside
@@ -57,6 +61,47 @@ def fit_render_window(
         max(float(x[0]), float(x[lo_i]) - step / 2),
         min(float(x[-1]), float(x[hi_i]) + step / 2),
     )
+
+
+def discriminative_weight(ys: F64, labels: I64) -> F64:
+    """Per axis point: between-class share of variance (eta squared) above chance, >= 0."""
+    y = np.atleast_2d(np.asarray(ys, dtype=np.float64))
+    classes = np.unique(labels)
+    n = y.shape[0]
+    if classes.size < 2 or n <= classes.size:
+        return np.zeros(y.shape[1])
+    grand = y.mean(axis=0)
+    total = ((y - grand) ** 2).sum(axis=0)
+    between = sum((labels == c).sum() * (y[labels == c].mean(axis=0) - grand) ** 2 for c in classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        eta2 = np.where(total > 0, between / total, 0.0)
+    chance = (classes.size - 1) / (n - 1)
+    out: F64 = np.clip(eta2 - chance, 0.0, None)
+    return out
+
+
+def _central_interval(weight: F64, coverage: float) -> tuple[int, int]:
+    """Indices of the smallest central interval holding ``coverage`` of ``weight`` (lo > hi:
+    no weight at all)."""
+    total = float(weight.sum())
+    if total <= 0.0:
+        return 1, 0
+    cum = np.cumsum(weight) / total
+    tail = (1.0 - coverage) / 2.0
+    lo = int(np.searchsorted(cum, tail, side="left"))
+    hi = int(np.searchsorted(cum, 1.0 - tail, side="left"))
+    return lo, min(hi, weight.size - 1)
+
+
+def discriminative_coverage(x_nm: F64, ys: F64, labels: I64, render: RenderParams) -> float | None:
+    """Share of the discriminative weight (see the module doc) inside the render window."""
+    weight = discriminative_weight(ys, labels)
+    total = float(weight.sum())
+    if total <= 0.0 or render.x_range_nm is None:
+        return None
+    lo, hi = render.x_range_nm
+    x = np.asarray(x_nm, dtype=np.float64)
+    return float(weight[(x >= lo) & (x <= hi)].sum()) / total
 
 
 def render_coverage(

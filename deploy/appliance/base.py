@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 ScanSource = Literal["cli", "mqtt", "firmware"]
 # How a slide judges the model on probation (OTA health period); see deploy.appliance.worker.
-SlideVerdict = Literal["ok", "abstained", "failed", "hardware"]
+SlideVerdict = Literal["ok", "abstained", "no_usable_field", "failed", "hardware"]
 SlideListener = Callable[[str], None]
 
 

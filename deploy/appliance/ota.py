@@ -38,6 +38,7 @@ from typing import Any
 from deploy import __version__
 from deploy.appliance.base import ModelSwapper, ShadowHost, SlideVerdict
 from deploy.appliance.commands import CommandFailed
+from deploy.appliance.health import HealthJudge, ValidatedRates
 from deploy.appliance.ota_settings import OtaPorts, OtaSettings, ota_health_checks
 from deploy.appliance.ota_transfer import (
     OtaReceiver,
@@ -145,7 +146,7 @@ class OtaController:
         self._progress: dict[str, Any] | None = None
         self._phase = ""
         self._watch = 0  # id of the health period in progress (0: none)
-        self._abstained = 0  # abstained slides in that period
+        self._judge: HealthJudge | None = None  # that period's referral / QC rate tests
         self._stopping = threading.Event()
 
     @property
@@ -249,30 +250,54 @@ class OtaController:
         """Judge the new model by a slide that started on it (``token``: its health period).
 
         ``ok`` counts towards the commit; ``failed`` (any failure after acquisition, non-finite
-        outputs included) rolls back; abstentions beyond ``max_abstentions`` roll back (slides
-        that never reached the model, no field passing QC, are not reported: see
-        :func:`~deploy.appliance.worker.verdict_of`);
+        outputs included) rolls back.  ``abstained`` and ``no_usable_field`` go to the
+        period's :class:`~deploy.appliance.health.HealthJudge`: a referral rate significantly
+        above the bundle's validated one rolls back, and so does a no-usable-field rate
+        significantly above it when the bundle changed the QC thresholds (with the same QC, a
+        slide without a usable field says nothing about the model); otherwise an abstention is
+        the model doing what it was validated to do and counts like ``ok``.
         ``hardware`` (firmware, camera) neither: the period starts over, and ``ota/state``
         names the fault.
         """
         if not token or token != self._watch:
             return
-        if verdict == "ok":
-            self.monitor.record_slide(True)
-        elif verdict == "failed":
+        if verdict == "failed":
             self.monitor.record_slide(False, reason)
-        elif verdict == "abstained":
-            self._abstained += 1
-            limit = self.settings.max_abstentions
-            if self._abstained > limit:
-                why = f"{self._abstained} abstained slides (limit {limit}); last: {reason}"
-                self.monitor.record_slide(False, why)
+        elif verdict in ("ok", "abstained", "no_usable_field"):
+            self._judge_slide(verdict, reason)
         else:
             log.warning("ota: hardware fault in the health period (period extended): %s", reason)
             self.monitor.record_hardware_fault(reason)
             job = self._job
             if job is not None:
                 self._set_progress("health", job, hardware_fault=reason, extended=True)
+
+    def _judge_slide(self, verdict: SlideVerdict, reason: str) -> None:
+        judge = self._judge
+        why = judge.record(verdict) if judge is not None else None
+        if why is not None:
+            self.monitor.record_slide(False, f"{why}; last: {reason}" if reason else why)
+        elif verdict != "no_usable_field" or (judge is not None and judge.qc_changed):
+            self.monitor.record_slide(True)
+
+    def _qc_changed(self, bundle: Bundle) -> bool:
+        """True when ``bundle``'s QC thresholds differ from the model it replaces (or, for a
+        first model, from the defaults)."""
+        from inference.spectrum.qc import QCThresholds
+
+        try:
+            previous = self.store.read_state().previous
+            before = (
+                self.store.open_slot(previous).manifest.qc_thresholds
+                if previous is not None
+                else QCThresholds()
+            )
+        except (StoreError, InferenceError, OSError) as exc:
+            log.warning(
+                "ota: previous QC unknown (%s): counting QC rejections against the model", exc
+            )
+            return True
+        return bool(before != bundle.manifest.qc_thresholds)
 
     # -- OTA worker ------------------------------------------------------------------------------
 
@@ -415,9 +440,14 @@ class OtaController:
         info = swapper.load_model(bundle, self.store.generation())
         if self._phase == "switched":
             self._watch += 1  # slides from now on run on the new model and count for it
-            self._abstained = 0
+            self._judge = HealthJudge(
+                ValidatedRates.of(bundle),
+                qc_changed=self._qc_changed(bundle),
+                significance=self.settings.significance,
+            )
         else:
             self._watch = 0
+            self._judge = None
         self.ports.model_loaded(info)
 
     # -- replies, state ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deploy.appliance.base import ScannerInfo
+from deploy.appliance.health import HEALTH_SIGNIFICANCE
 from deploy.config import OtaConfig
 from deploy.ota.exceptions import HealthCheckError, OtaError
 from deploy.ota.install import HealthPolicy
@@ -29,7 +30,7 @@ class OtaSettings:
     transfer_timeout_s: float = 300.0  # no chunk for this long: the offer is refused
     fetch_timeout_s: float = 60.0  # HTTPS download socket timeout
     checks: Sequence[Callable[[], None]] = ()  # extra application health checks; raise to fail
-    max_abstentions: int = 1  # more abstained slides in a health period roll back
+    significance: float = HEALTH_SIGNIFICANCE  # level of the health period's rate tests
 
     @classmethod
     def from_config(cls, config: OtaConfig) -> OtaSettings:
@@ -43,7 +44,7 @@ class OtaSettings:
             need_after_s=config.need_after_s,
             transfer_timeout_s=config.transfer_timeout_s,
             fetch_timeout_s=config.fetch_timeout_s,
-            max_abstentions=config.health_max_abstentions,
+            significance=config.health_significance,
         )
 
 

@@ -92,7 +92,7 @@ class ScanPorts:
 
 
 # Abstentions decided by the device's quality control before (or regardless of) the model.
-_QC_ABSTAIN = (AbstainReason.NO_USABLE_FIELD.value, AbstainReason.INSUFFICIENT_FIELDS.value)
+_QC_ABSTAIN = (AbstainReason.INSUFFICIENT_FIELDS.value,)  # the device's setting, not the model
 
 
 def verdict_of(report: SlideReport) -> SlideVerdict | None:
@@ -100,13 +100,17 @@ def verdict_of(report: SlideReport) -> SlideVerdict | None:
 
     A failure in acquisition is the hardware's (firmware, camera); any later failure is the
     device path's, which the model's bundle defines (spectrum, render, input, outputs).  A slide
-    whose every field failed quality control never reached the model (a dark camera, an empty
-    slide; QC is the device's, not the bundle's): it says nothing about the model either, nor
-    does one with too few usable fields (``scan.min_usable_fields``, the device's setting).
+    whose every field failed quality control never reached the model (``no_usable_field``): the
+    OTA health period counts it against the model only when the bundle changed the QC
+    thresholds (a dark camera or an empty slide is not the model's fault).  A slide with too few
+    usable fields (``insufficient_fields``, the device's ``scan.min_usable_fields``) says nothing
+    about the model either.
     """
     if report.outcome is Outcome.CLASSIFIED:
         return "ok"
     if report.outcome is Outcome.ABSTAINED:
+        if report.reason == AbstainReason.NO_USABLE_FIELD.value:
+            return "no_usable_field"
         return None if report.reason in _QC_ABSTAIN else "abstained"
     if report.outcome is Outcome.FAILED:
         return "hardware" if report.stage is Stage.ACQUIRE else "failed"

@@ -32,6 +32,7 @@ from deploy.collector.api_models import (
 )
 from deploy.collector.auth import Authenticator, Principal, UserStore
 from deploy.collector.config import HttpConfig, ReviewConfig
+from deploy.collector.dashboard_settings import add_dashboard_settings
 from deploy.collector.fhir import diagnostic_bundle
 from deploy.collector.fleet_api import fleet_router
 from deploy.collector.http_params import (
@@ -44,6 +45,7 @@ from deploy.collector.http_params import (
     limit_query,
 )
 from deploy.collector.http_security import add_docs, add_edge_defences
+from deploy.collector.loop_api import LoopSettings, loop_router
 from deploy.collector.queries import LIST_COLUMNS, ArchiveQueries, ResultFilter
 from deploy.collector.review import Worklist, report_status
 from deploy.collector.review_api import (
@@ -133,9 +135,11 @@ def create_app(
     *,
     engine: Engine | None = None,
     review: ReviewConfig | None = None,
+    prefix: str = "omis/v1",
+    loop: LoopSettings | None = None,
 ) -> FastAPI:
     """The ASGI application over ``queries``; writes (reviews, acks, sessions) go to ``engine``
-    (default: ``queries.engine``)."""
+    (default: ``queries.engine``); ``loop``: the data loop's settings."""
     app = FastAPI(
         title="omis collect",
         version=__version__,
@@ -238,8 +242,11 @@ def create_app(
     ) -> dict[str, Any]:
         return queries.rejected(device=device, limit=limit, offset=offset)
 
+    app.include_router(loop_router(queries.engine, loop or LoopSettings(), viewer))
+
     app.include_router(fleet_router(queries.engine, viewer, page_limit))
     app.include_router(shadow_router(queries.engine, viewer))
     if dashboard is not None:
+        add_dashboard_settings(app, config, prefix)
         app.mount("/", StaticFiles(directory=dashboard, html=True), name="dashboard")
     return app

@@ -257,8 +257,33 @@ class ReviewConfig(_Section):
     )
 
 
+class PerformanceConfig(_Section):
+    """Performance in service and its alerts (``GET /api/performance``, docs/collector.md)."""
+
+    bundles: list[Path] = Field(
+        default_factory=list,
+        description="bundle directories (or their manifest.json) whose validated figures and "
+        "reference distribution the service data are compared with",
+    )
+    alpha: float = Field(
+        default=0.01, gt=0.0, lt=0.5, description="level of the one-sided exact binomial test"
+    )
+    min_n: int = Field(default=20, ge=1, description="fewest slides before an alert may fire")
+    psi_limit: float = Field(default=0.25, gt=0.0, description="p(high) drift limit (PSI)")
+    centroid_limit_sd: float = Field(
+        default=1.0, gt=0.0, description="spectral centroid shift limit, in training SDs"
+    )
+    check_interval_s: float = Field(
+        default=300.0, ge=1.0, description="how often the alerts are re-evaluated"
+    )
+
+
 class CollectorConfig(_Section):
     """The whole ``omis collect`` configuration."""
+
+    performance: PerformanceConfig = Field(
+        default_factory=PerformanceConfig, description="performance monitoring and its alerts"
+    )
 
     mqtt: CollectorMqtt = Field(default_factory=CollectorMqtt, description="MQTT session")
     database: DatabaseConfig = Field(default_factory=DatabaseConfig, description="storage")

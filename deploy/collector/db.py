@@ -108,7 +108,7 @@ def migrate(engine: Engine) -> None:
             if engine.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_LOCK})
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "heads")  # branches revising 0001 until the lead chains them
+            command.upgrade(cfg, "head")
     except SQLAlchemyError as exc:
         raise ArchiveError(f"db: cannot migrate {engine.url!r}: {exc}") from exc
     log.debug("database %s at the newest revision", engine.url)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 
@@ -49,15 +50,27 @@ class EmbeddedArchive:
 
 @contextmanager
 def embedded_archive(
-    directory: Path, broker_port: int, http: str = "127.0.0.1:0"
+    directory: Path,
+    broker_port: int,
+    http: str = "127.0.0.1:0",
+    dashboard_broker_url: str | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> Iterator[EmbeddedArchive]:
-    """Run an archive on ``directory/collector.sqlite`` against a local broker."""
+    """Run an archive on ``directory/collector.sqlite`` against a local broker; its dashboard
+    connects to ``dashboard_broker_url`` (the broker's WebSockets listener); ``overrides``: more
+    configuration, e.g. accounts."""
     host, _, port = http.rpartition(":")
     config = load_collector_config(
         environ={},
         overrides={
             "mqtt": {"broker": f"mqtt://127.0.0.1:{broker_port}", "client_id": "omis-demo-archive"},
-            "http": {"host": host, "port": int(port)},
+            "http": {
+                "host": host,
+                "port": int(port),
+                "dashboard_broker_url": dashboard_broker_url,
+                **(overrides or {}).get("http", {}),
+            },
+            **{k: v for k, v in (overrides or {}).items() if k != "http"},
         },
     )
     service = ArchiveService(config, directory)

@@ -19,6 +19,8 @@ from deploy.collector.api import create_app
 from deploy.collector.config import CollectorConfig
 from deploy.collector.db import migrate, normalise_url, open_engine
 from deploy.collector.ingest import ArchiveSubscriber
+from deploy.collector.loop_api import LoopSettings
+from deploy.collector.monitor import PerformanceMonitor
 from deploy.collector.queries import ArchiveQueries
 from deploy.collector.store import ArchiveStore
 from deploy.exceptions import ConfigError, ServiceError
@@ -53,6 +55,8 @@ class ArchiveService:
         self._server: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
+        self.monitor: PerformanceMonitor | None = None
+        self.loop: LoopSettings | None = None
 
     @property
     def db_display(self) -> str:
@@ -77,10 +81,16 @@ class ArchiveService:
         store = ArchiveStore(writer, high_risk_alerts=self.config.high_risk_alerts)
         self.subscriber = ArchiveSubscriber(self.config.mqtt, store, self.config.ingest)
         self.subscriber.start()
-        self._serve_http(ArchiveQueries(reader), writer)
+        loop = LoopSettings.from_config(self.config, writer)
+        self.loop = loop
+        if loop.baselines:
+            self.monitor = PerformanceMonitor(
+                writer, loop, self.config.performance.check_interval_s
+            ).start()
+        self._serve_http(ArchiveQueries(reader), writer, loop)
         log.info("archive %s; API on %s", writer.url, self.http_url)
 
-    def _serve_http(self, queries: ArchiveQueries, writer: Engine) -> None:
+    def _serve_http(self, queries: ArchiveQueries, writer: Engine, loop: LoopSettings) -> None:
         http = self.config.http
         family = socket.AF_INET6 if ":" in http.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -92,7 +102,13 @@ class ArchiveService:
             raise ServiceError(f"http: cannot listen on {http.host}:{http.port}: {exc}") from exc
         self._socket = sock
         app = create_app(
-            queries, http, dashboard_dir(self.config), engine=writer, review=self.config.review
+            queries,
+            http,
+            dashboard_dir(self.config),
+            engine=writer,
+            review=self.config.review,
+            prefix=self.config.mqtt.prefix,
+            loop=loop,
         )
         # log_config=None: uvicorn's records go through our (redacting) handler, not its own
         config = uvicorn.Config(app, log_level="warning", access_log=False, log_config=None)
@@ -120,6 +136,9 @@ class ArchiveService:
         sock, self._socket = self._socket, None
         if sock is not None:
             sock.close()
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.close()
         subscriber, self.subscriber = self.subscriber, None
         if subscriber is not None:
             subscriber.close()

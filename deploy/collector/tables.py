@@ -161,6 +161,60 @@ sessions = Table(
     Index("ix_sessions_user", "user_name"),
 )
 
+# A person's verdict on a result (sign-out); amendments are new rows, the latest row of a
+# message_id is its current verdict.  Same definition as the review branch's (docs/collector.md).
+reviews = Table(
+    "reviews",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("message_id", String(64), nullable=False),
+    Column("slide_id", String(128), nullable=False),
+    Column("bethesda", String(32)),
+    Column("adequacy", String(32), nullable=False),
+    Column("comment", Text),
+    Column("user_name", String(64), nullable=False),
+    Column("role", String(64), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("supersedes", BigInteger),
+    Index("ix_reviews_message", "message_id", "id"),
+)
+
+claims = Table(
+    "claims",
+    metadata,
+    Column("message_id", String(64), primary_key=True),
+    Column("user_name", String(64), nullable=False),
+    Column("assigned_by", String(64), nullable=False),
+    Column("claimed_at", DateTime, nullable=False),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("at", DateTime, nullable=False),
+    Column("user_name", String(64), nullable=False),
+    Column("role", String(16)),
+    Column("action", String(32), nullable=False),
+    Column("target", String(300)),
+    Column("detail", Text, nullable=False),
+    Column("client", String(64)),
+    Index("ix_audit_at", "at"),
+)
+
+# The data loop reads verdicts per slide (dataset export): its own index, added by 0005.
+Index("ix_reviews_slide", reviews.c.slide_id, reviews.c.id)
+
+# Study metadata of a slide that the device does not know: patient, site, reference standard.
+study_slides = Table(
+    "study_slides",
+    metadata,
+    Column("slide_id", String(128), primary_key=True),
+    Column("patient_id", String(128)),
+    Column("site", String(128)),
+    Column("reference", String(16)),
+    Column("updated_at", DateTime, nullable=False),
+)
 
 # Fleet (deploy/fleet): device groups, staged rollouts and each device's step in them.
 device_groups = Table(
@@ -247,43 +301,4 @@ shadow_results = Table(
     Column("payload", Text, nullable=False),
     Index("ix_shadow_results_candidate", "candidate_sha256", "device_id"),
     Index("ix_shadow_results_serving", "serving_message_id"),
-)
-
-reviews = Table(
-    "reviews",
-    metadata,
-    Column("id", _Id, primary_key=True, autoincrement=True),
-    Column("message_id", String(64), nullable=False),
-    Column("slide_id", String(128), nullable=False),
-    Column("bethesda", String(32)),
-    Column("adequacy", String(32), nullable=False),
-    Column("comment", Text),
-    Column("user_name", String(64), nullable=False),
-    Column("role", String(64), nullable=False),
-    Column("created_at", DateTime, nullable=False),
-    Column("supersedes", BigInteger),
-    Index("ix_reviews_message", "message_id", "id"),
-)
-
-claims = Table(
-    "claims",
-    metadata,
-    Column("message_id", String(64), primary_key=True),
-    Column("user_name", String(64), nullable=False),
-    Column("assigned_by", String(64), nullable=False),
-    Column("claimed_at", DateTime, nullable=False),
-)
-
-audit = Table(
-    "audit",
-    metadata,
-    Column("id", _Id, primary_key=True, autoincrement=True),
-    Column("at", DateTime, nullable=False),
-    Column("user_name", String(64), nullable=False),
-    Column("role", String(16)),
-    Column("action", String(32), nullable=False),
-    Column("target", String(300)),
-    Column("detail", Text, nullable=False),
-    Column("client", String(64)),
-    Index("ix_audit_at", "at"),
 )

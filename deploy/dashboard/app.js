@@ -1,77 +1,216 @@
-// OMIS appliance dashboard: live state over MQTT (mqtt.js browser bundle), history from the
-// archive's HTTP API (omis collect), charts with uPlot.  Topics and payloads: docs/mqtt.md.
-// Every value from the broker or the API is shown through textContent, never parsed as HTML.
+// OMIS appliance dashboard: live state over MQTT (mqtt.js browser bundle), history, worklist,
+// reviews and alerts from the archive's HTTP API (omis collect), charts with uPlot.  Topics and
+// payloads: docs/mqtt.md; the API: docs/collector.md; the page: docs/dashboard.md.
+//
+// Endpoints come from the server, never from the page's URL: the API is this page's own origin
+// and the broker is GET config.json (http.dashboard_broker_url).  A crafted link can therefore
+// not make the page send a password anywhere else (issue 20).  Every value from the broker or the
+// API is shown through textContent, never parsed as HTML; there is no inline script or style, so
+// a strict Content-Security-Policy (script-src 'self') holds.
 "use strict";
 
 (function main() {
-  const { el, localTime, modelText } = window.Omis;
-  const STORAGE_KEY = "omis-dashboard.settings";
+  const { el, localTime, modelText, text, num, obj, roleAtLeast } = window.Omis;
+  const STORAGE_KEY = "omis-dashboard.broker";
+  const LEGACY_KEY = "omis-dashboard.settings"; // held a URL-supplied broker and password
   const DEVICE_ID = /^[A-Za-z0-9_-]{1,64}$/;
   const KINDS = ["availability", "status", "result", "ota/state"];
 
   const $ = (id) => document.getElementById(id);
   const devices = new Map(); // id -> device record
+  const forgotten = new Set(); // decommissioned while the page is open
+  const archive = new window.Omis.Archive();
+  const results = new window.Omis.Results(archive);
+  const alerts = new window.Omis.Alerts(archive);
+  const worklist = new window.Omis.Worklist(archive, results);
+  let config = { broker_url: null, prefix: "omis/v1" };
+  let credentials = { username: "", password: "" }; // for the broker (memory, or remembered)
+  let role = "viewer";
   let client = null;
-  let archive = new window.Omis.Archive("");
-  let results = new window.Omis.Results(archive);
-  let operator = false;
   let ignored = 0;
+  let refreshTimers = [];
 
-  // ------------------------------------------------------------------ settings ----
+  // ------------------------------------------------------------- configuration ----
 
-  function defaultUrl() {
+  function defaultBroker() {
     const secure = window.location.protocol === "https:";
-    const host = window.location.hostname || "localhost";
-    return `${secure ? "wss" : "ws"}://${host}:8884/mqtt`;
+    return `${secure ? "wss" : "ws"}://${window.location.hostname || "localhost"}:8884/mqtt`;
   }
 
-  function defaultApi() {
-    return window.location.protocol.startsWith("http") ? `${window.location.origin}/api` : "";
-  }
-
-  function loadSettings() {
-    const settings = { url: defaultUrl(), api: defaultApi(), username: "", password: "", prefix: "omis/v1", remember: false };
+  // The server's settings (same origin); a plain static server without one gets the defaults.
+  async function loadConfig() {
+    const found = { broker_url: defaultBroker(), prefix: "omis/v1" };
     try {
-      Object.assign(settings, JSON.parse(window.localStorage.getItem(STORAGE_KEY) || "{}"));
+      const response = await fetch("config.json", { cache: "no-store", credentials: "same-origin" });
+      if (response.ok) {
+        const body = obj(await response.json());
+        if (typeof body.broker_url === "string" && /^wss?:\/\//.test(body.broker_url)) found.broker_url = body.broker_url;
+        if (typeof body.prefix === "string" && body.prefix) found.prefix = body.prefix.replace(/\/+$/, "");
+      }
+    } catch (err) {
+      console.warn("config.json unreadable: using the defaults", err);
+    }
+    return found;
+  }
+
+  // A remembered broker password is used only for the broker it was remembered for.
+  function loadRemembered() {
+    window.localStorage.removeItem(LEGACY_KEY);
+    try {
+      const saved = obj(JSON.parse(window.localStorage.getItem(STORAGE_KEY) || "{}"));
+      if (saved.broker_url === config.broker_url) {
+        return { username: text(saved.username) || "", password: text(saved.password) || "", remember: Boolean(saved.password) };
+      }
     } catch (err) {
       console.warn("ignoring unreadable saved settings", err);
     }
-    const query = new URLSearchParams(window.location.search);
-    const fromQuery = { broker: "url", url: "url", api: "api", username: "username", password: "password", prefix: "prefix" };
-    for (const [param, key] of Object.entries(fromQuery)) {
-      if (query.has(param)) settings[key] = query.get(param);
-    }
-    settings.prefix = settings.prefix.replace(/\/+$/, "");
-    return settings;
+    return { username: "", password: "", remember: false };
   }
 
-  function saveSettings(settings) {
-    const stored = { url: settings.url, api: settings.api, username: settings.username, prefix: settings.prefix, remember: settings.remember };
-    if (settings.remember) stored.password = settings.password;
+  function remember(username, password, keep) {
+    const stored = { broker_url: config.broker_url, username };
+    if (keep) stored.password = password;
     window.localStorage.setItem(STORAGE_KEY, JSON.stringify(stored));
-  }
-
-  function fillForm(settings) {
-    const form = $("settings");
-    for (const key of ["url", "api", "username", "password", "prefix"]) form.elements[key].value = settings[key] || "";
-    form.elements.remember.checked = Boolean(settings.remember);
-  }
-
-  function readForm() {
-    const form = $("settings");
-    return {
-      url: form.elements.url.value.trim(),
-      api: form.elements.api.value.trim(),
-      username: form.elements.username.value.trim(),
-      password: form.elements.password.value,
-      prefix: form.elements.prefix.value.trim().replace(/\/+$/, ""),
-      remember: form.elements.remember.checked,
-    };
   }
 
   function showSettings(open) {
     $("settings").hidden = !open;
     $("settings-toggle").setAttribute("aria-expanded", String(open));
+  }
+
+  // ------------------------------------------------------------------- session ----
+
+  async function probeArchive() {
+    try {
+      signedIn(await archive.me());
+    } catch (err) {
+      if (err.status === 401) { showLogin(""); return; }
+      if (err.status === 404) { startLiveOnly(); return; } // a static server: no archive behind it
+      showLogin(`The archive does not answer (${err.message}).`);
+    }
+  }
+
+  function showLogin(message) {
+    $("login").hidden = false;
+    $("app").hidden = true;
+    $("tabs").hidden = true;
+    $("login-error").textContent = message;
+    $("history-note").textContent = "Sign in to see the archive.";
+    const form = $("login-form");
+    if (!form.elements.username.value) form.elements.username.focus();
+  }
+
+  async function onLogin(ev) {
+    ev.preventDefault();
+    const form = $("login-form");
+    const username = form.elements.username.value.trim();
+    const password = form.elements.password.value;
+    const error = $("login-error");
+    error.textContent = "";
+    const button = form.querySelector("button[type=submit]");
+    button.disabled = true;
+    try {
+      const body = obj(await archive.login(username, password));
+      archive.setCsrf(body.csrf_token);
+      credentials = { username, password };
+      remember(username, password, form.elements.remember.checked);
+      form.elements.password.value = "";
+      signedIn({ name: body.name ?? username, role: body.role });
+    } catch (err) {
+      error.textContent = loginError(err);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function loginError(err) {
+    if (err.status === 401 || err.status === 403) return "Sign-in refused: wrong user name or password, or the account is disabled.";
+    if (err.status === 429) return `Too many sign-in attempts: wait a minute and try again (${err.detail}).`;
+    if (err.status === 422 || err.status === 400) return `Sign-in refused: ${err.detail}`;
+    if (err.status === 0) return `Cannot reach the archive: ${err.detail}`;
+    return `Sign-in failed (${err.message}).`;
+  }
+
+  function signedIn(me) {
+    const who = obj(me);
+    archive.enabled = true;
+    if (typeof who.csrf_token === "string") archive.setCsrf(who.csrf_token);
+    role = window.Omis.ROLES.includes(who.role) ? who.role : "viewer";
+    worklist.role = role;
+    alerts.role = role;
+    document.body.dataset.role = role;
+    $("who").textContent = `${text(who.name) || text(who.user) || "?"} (${role})`;
+    $("logout").hidden = !archive.csrf; // a localhost session without accounts has nothing to end
+    $("signin").hidden = who.via !== "local"; // anonymous local viewer: a person may still sign in
+    $("login").hidden = true;
+    $("app").hidden = false;
+    $("tabs").hidden = false;
+    results.readFilters();
+    results.loadHistory(false);
+    refreshArchive();
+    worklist.load();
+    // The broker needs the password again after a reload (unless remembered); an anonymous
+    // local session (omis demo) tries the broker without one.
+    if (credentials.password || who.via === "local") connect();
+    else {
+      disconnect();
+      setConnection("disconnected", "enter the broker password under Connection for live updates");
+    }
+  }
+
+  function startLiveOnly() {
+    archive.enabled = false;
+    $("login").hidden = true;
+    $("app").hidden = false;
+    results.loadHistory(false);
+    alerts.render();
+    if (credentials.username || credentials.password) connect();
+    else showSettings(true);
+  }
+
+  async function onLogout() {
+    try {
+      await archive.logout();
+    } catch (err) {
+      console.warn("logout", err);
+    }
+    archive.setCsrf("");
+    credentials = { username: "", password: "" };
+    window.localStorage.removeItem(STORAGE_KEY);
+    disconnect();
+    window.location.reload(); // nothing of the session stays on the page
+  }
+
+  // A live result or availability change: the archive stored or alerted on it by now.
+  function scheduleRefresh() {
+    if (!archive.enabled || refreshTimers.length) return;
+    refreshTimers = [700, 3000].map((ms, i) => setTimeout(() => {
+      refreshArchive();
+      if (i === 1) { refreshTimers = []; worklist.load(); }
+    }, ms));
+  }
+
+  async function refreshArchive() {
+    if (!archive.enabled) return;
+    alerts.refresh();
+    try {
+      const known = await archive.devices();
+      for (const item of window.Omis.list(known)) applyArchiveDevice(obj(item));
+    } catch (err) {
+      console.warn("devices unavailable", err);
+    }
+  }
+
+  // The archive's last known state, until the broker says something newer.
+  function applyArchiveDevice(item) {
+    const id = text(item.device_id);
+    if (!id || !DEVICE_ID.test(id) || forgotten.has(id)) return;
+    const dev = device(id);
+    dev.archived = num(item.results);
+    if (!dev.live.availability && typeof item.availability === "string") dev.availability = item.availability;
+    if (!dev.live.status && item.status) dev.status = obj(item.status);
+    if (!dev.live.ota && item.ota_state) dev.ota = obj(item.ota_state);
+    renderDevice(dev);
   }
 
   // ---------------------------------------------------------------- connection ----
@@ -82,63 +221,34 @@
     node.textContent = detail ? `${state}: ${detail}` : state;
   }
 
-  function start(settings, live) {
-    archive = new window.Omis.Archive(settings.api, settings.username, settings.password);
-    results = new window.Omis.Results(archive);
-    results.readFilters();
-    results.loadHistory(false);
-    loadArchiveState();
-    if (live) connect(settings);
-  }
-
-  async function loadArchiveState() {
-    if (!archive.enabled) return;
-    try {
-      operator = (await archive.me()).role === "operator";
-      document.body.dataset.role = operator ? "operator" : "viewer";
-      subscribeReplies();
-      for (const dev of devices.values()) renderDevice(dev);
-      for (const alert of await archive.alerts()) {
-        if (alert.kind === "high_risk") raiseAlert(`risk:${alert.message_id}`, "high_risk", alert.device_id, alert.detail);
-        if (alert.kind === "offline") raiseAlert(`offline:${alert.device_id}`, "offline", alert.device_id, `${alert.device_id} went offline (${localTime(alert.created_at)})`);
-        if (alert.kind === "seq_gap") raiseAlert(`gap:${alert.id}`, "seq_gap", alert.device_id, `${alert.device_id}: ${alert.detail}`);
-      }
-      for (const item of await archive.devices()) device(item.device_id).archived = item.results;
-      for (const dev of devices.values()) renderDevice(dev);
-    } catch (err) {
-      console.warn("archive state unavailable", err);
-    }
-  }
-
-  function connect(settings) {
+  function connect() {
     disconnect();
-    setConnection("connecting", settings.url);
+    const url = config.broker_url;
+    setConnection("connecting", url);
     const options = {
       protocolVersion: 5,
       clientId: `omis-dash-${Math.random().toString(16).slice(2, 10)}`,
       clean: true,
       reconnectPeriod: 3000,
       connectTimeout: 8000,
+      // mqtt.js would run its keep-alive timer in a Worker made from a blob: URL, which a strict
+      // CSP (script-src 'self', no worker-src blob:) refuses; plain timers need no exception.
+      timerVariant: "native",
     };
-    if (settings.username) options.username = settings.username;
-    if (settings.password) options.password = settings.password;
-    client = mqtt.connect(settings.url, options);
-    const prefix = settings.prefix;
-    client.omisPrefix = prefix;
+    if (credentials.username) options.username = credentials.username;
+    if (credentials.password) options.password = credentials.password;
+    client = mqtt.connect(url, options);
+    const prefix = config.prefix;
     client.on("connect", () => {
-      setConnection("connected", settings.url);
+      setConnection("connected", url);
       const filters = Object.fromEntries(KINDS.map((kind) => [`${prefix}/+/${kind}`, { qos: 1 }]));
       client.subscribe(filters, (err) => { if (err) setConnection("error", `subscribe: ${err.message}`); });
-      subscribeReplies();
+      if (roleAtLeast(role, "operator")) client.subscribe(`${prefix}/+/cmd/+/reply`, { qos: 1 });
     });
-    client.on("reconnect", () => setConnection("connecting", settings.url));
+    client.on("reconnect", () => setConnection("connecting", url));
     client.on("offline", () => setConnection("disconnected", "broker unreachable"));
     client.on("error", (err) => setConnection("error", err.message));
     client.on("message", (topic, payload) => onMessage(prefix, topic, payload));
-  }
-
-  function subscribeReplies() {
-    if (operator && client && client.connected) client.subscribe(`${client.omisPrefix}/+/cmd/+/reply`, { qos: 1 });
   }
 
   function disconnect() {
@@ -147,6 +257,15 @@
       client = null;
     }
     setConnection("disconnected");
+  }
+
+  function onSettings(ev) {
+    ev.preventDefault();
+    const form = $("settings");
+    credentials = { username: form.elements.username.value.trim(), password: form.elements.password.value };
+    remember(credentials.username, credentials.password, form.elements.remember.checked);
+    showSettings(false);
+    connect();
   }
 
   // ------------------------------------------------------------------ messages ----
@@ -159,9 +278,9 @@
     const deviceId = rest.slice(0, slash);
     const handler = HANDLERS[rest.slice(slash + 1)];
     if (slash < 1 || !DEVICE_ID.test(deviceId) || !handler) return;
-    const text = new TextDecoder().decode(payload);
+    const body = new TextDecoder().decode(payload);
     try {
-      handler(deviceId, text);
+      handler(deviceId, body);
     } catch (err) {
       ignored += 1;
       const note = $("ignored");
@@ -170,106 +289,96 @@
     }
   }
 
-  function parseJson(text, schema) {
-    const data = JSON.parse(text);
-    if (!data || data.schema !== schema) throw new Error(`not ${schema}`);
+  function parseJson(body, schema) {
+    const data = JSON.parse(body);
+    if (!data || typeof data !== "object" || data.schema !== schema) throw new Error(`not ${schema}`);
     return data;
   }
 
   function forget(id) {
     const dev = devices.get(id);
+    forgotten.add(id);
+    alerts.dropDevice(id);
     if (!dev) return;
     dev.card.remove();
     devices.delete(id);
-    dropAlerts(id);
     renderDeviceCount();
   }
 
-  function onReply(id, text) {
-    const reply = parseJson(text, "omis.reply/1");
+  function onReply(id, body) {
+    const reply = parseJson(body, "omis.reply/1");
     const dev = devices.get(id);
     if (!dev || !dev.pending.has(reply.correlation_id)) return; // not one of ours
     dev.pending.delete(reply.correlation_id);
-    const what = reply.verb;
+    const what = text(reply.verb) || "command";
+    const result = obj(reply.result);
+    const error = obj(reply.error);
     let message;
-    if (!reply.ok) message = `${what}: refused (${reply.error.code}): ${reply.error.message}`;
-    else if (what === "scan") message = `scan ${reply.result.slide_id}: accepted (scan ${reply.result.scan_id}, position ${reply.result.position})`;
-    else if (what === "cancel") message = `cancel: cancelled ${reply.result.cancelled.join(", ") || "nothing"}`;
+    if (reply.ok !== true) message = `${what}: refused (${text(error.code) || "?"}): ${text(error.message) || ""}`;
+    else if (what === "scan") message = `scan ${text(result.slide_id)}: accepted (scan ${text(result.scan_id)}, position ${text(result.position)})`;
+    else if (what === "cancel") message = `cancel: cancelled ${window.Omis.list(result.cancelled).map(text).join(", ") || "nothing"}`;
     else message = `${what}: ok`;
     const node = dev.card.querySelector(".reply");
     node.textContent = message;
-    node.dataset.ok = String(reply.ok);
+    node.dataset.ok = String(reply.ok === true);
   }
 
   const HANDLERS = {
-    availability(id, text) {
-      if (!text) { forget(id); return; } // decommissioned: the retained message was cleared
+    availability(id, body) {
+      if (!body) { forget(id); return; } // decommissioned: the retained message was cleared
       const dev = device(id);
       const was = dev.availability;
-      dev.availability = text;
-      if (text === "offline" && was !== "offline") raiseAlert(`offline:${id}`, "offline", id, `${id} went offline (${localTime(new Date().toISOString())})`);
-      if (text !== "offline") dropAlert(`offline:${id}`);
+      dev.availability = body;
+      dev.live.availability = true;
+      if (body === "offline" && was !== "offline") alerts.raise(`offline:${id}`, "offline", id, `${id} went offline (${localTime(new Date().toISOString())})`);
+      if (body !== "offline") alerts.drop(`offline:${id}`);
+      if (body !== was) scheduleRefresh();
       renderDevice(dev);
     },
-    status(id, text) {
-      if (!text) { if (devices.has(id)) { devices.get(id).status = null; renderDevice(devices.get(id)); } return; }
+    status(id, body) {
+      if (!body) { if (devices.has(id)) { devices.get(id).status = null; renderDevice(devices.get(id)); } return; }
+      const status = parseJson(body, "omis.status/1");
       const dev = device(id);
-      dev.status = parseJson(text, "omis.status/1");
+      dev.status = status;
+      dev.live.status = true;
       renderDevice(dev);
     },
-    "ota/state"(id, text) {
-      if (!text) { if (devices.has(id)) { devices.get(id).ota = null; renderDevice(devices.get(id)); } return; }
+    "ota/state"(id, body) {
+      if (!body) { if (devices.has(id)) { devices.get(id).ota = null; renderDevice(devices.get(id)); } return; }
+      const state = parseJson(body, "omis.ota_state/1");
       const dev = device(id);
-      dev.ota = parseJson(text, "omis.ota_state/1");
+      dev.ota = state;
+      dev.live.ota = true;
       renderDevice(dev);
     },
-    result(id, text) {
-      const result = parseJson(text, "omis.result/1");
+    result(id, body) {
+      const result = parseJson(body, "omis.result/1");
       const dev = device(id);
-      if (!results.addLive(result)) return; // redelivery, or outside the filters
       countResult(dev, result);
+      renderDevice(dev);
+      if (!results.addLive(result)) return; // redelivery, or outside the filters
       const row = window.Omis.rowOf(result);
       if (row.outcome === "classified" && row.risk === "high") {
-        raiseAlert(`risk:${row.message_id}`, "high_risk", id, `slide ${row.slide_id}: high risk (p(high) ${row.p_high === null ? "–" : row.p_high.toFixed(3)}) on ${id}`);
+        alerts.raise(`risk:${row.message_id}`, "high_risk", id, `slide ${row.slide_id}: high risk (p(high) ${window.Omis.fixed(row.p_high, 2)}) on ${id}`);
       }
-      renderDevice(dev);
+      scheduleRefresh();
     },
     "cmd/scan/reply": onReply,
     "cmd/cancel/reply": onReply,
   };
 
-  // -------------------------------------------------------------------- alerts ----
-
-  function raiseAlert(key, kind, deviceId, text) {
-    const list = $("alerts");
-    if (list.querySelector(`[data-key="${CSS.escape(key)}"]`)) return;
-    const item = el("li", `alert alert-${kind}`);
-    item.dataset.key = key;
-    item.dataset.kind = kind;
-    item.dataset.device = deviceId;
-    const dismiss = el("button", "dismiss", "Dismiss");
-    dismiss.type = "button";
-    dismiss.setAttribute("aria-label", `Dismiss: ${text}`);
-    dismiss.addEventListener("click", () => item.remove());
-    item.append(el("span", "alert-text", text), dismiss);
-    list.prepend(item);
-  }
-
-  function dropAlert(key) {
-    const item = $("alerts").querySelector(`[data-key="${CSS.escape(key)}"]`);
-    if (item) item.remove();
-  }
-
-  function dropAlerts(deviceId) {
-    for (const item of $("alerts").querySelectorAll(`[data-device="${CSS.escape(deviceId)}"]`)) item.remove();
-  }
-
   // ------------------------------------------------------------------- devices ----
 
   function device(id) {
     let dev = devices.get(id);
+    forgotten.delete(id);
+    alerts.unhideDevice(id);
     if (!dev) {
-      dev = { id, availability: "unknown", status: null, ota: null, model: null, archived: null, pending: new Set(), counts: { total: 0, abstained: 0, labels: {} } };
+      dev = {
+        id, availability: "unknown", status: null, ota: null, model: null, archived: null, pending: new Set(),
+        live: { availability: false, status: false, ota: false }, seen: new Set(),
+        counts: { total: 0, abstained: 0, failed: 0, cancelled: 0, labels: {} },
+      };
       dev.card = buildCard(dev);
       devices.set(id, dev);
       const cards = [...devices.keys()].sort();
@@ -280,18 +389,28 @@
     return dev;
   }
 
+  const FACTS = [["model", "Model"], ["ota", "Store"], ["engine", "Engine"], ["app", "App"], ["queue", "Queue"], ["archived", "Archived"], ["error", "Last error"]];
+  const OTA_FACTS = [["serving", "Serving"], ["previous", "Previous"], ["step", "Step"], ["last", "Last update"], ["rollbacks", "Rollbacks"]];
+
+  function factList(className, facts) {
+    const list = el("dl", className);
+    for (const [key, label] of facts) {
+      const row = el("div", `fact fact-${key}`);
+      row.append(el("dt", "", label), el("dd", "", "–"));
+      list.append(row);
+    }
+    return list;
+  }
+
   function buildCard(dev) {
     const card = el("article", "device");
     card.dataset.device = dev.id;
     const top = el("div", "device-top");
     top.append(el("h3", "device-id", dev.id), el("span", "badge availability"), el("span", "badge state"));
-    const facts = el("dl", "facts");
-    for (const [key, label] of [["model", "Model"], ["ota", "Store"], ["engine", "Engine"], ["app", "App"], ["queue", "Queue"], ["archived", "Archived"], ["error", "Last error"]]) {
-      const row = el("div", `fact fact-${key}`);
-      row.append(el("dt", "", label), el("dd", "", "–"));
-      facts.append(row);
-    }
-    card.append(top, facts, el("p", "counts"), buildCommands(dev));
+    const ota = el("section", "ota");
+    ota.setAttribute("aria-label", `Model updates of ${dev.id}`);
+    ota.append(el("h4", "", "Model updates (OTA)"), factList("facts", OTA_FACTS));
+    card.append(top, factList("facts", FACTS), el("p", "counts"), ota, buildCommands(dev));
     return card;
   }
 
@@ -325,41 +444,103 @@
     dev.pending.add(correlation);
     node.textContent = `${verb}: sent, waiting for the reply…`;
     node.dataset.ok = "";
-    const topic = `${client.omisPrefix}/${dev.id}/cmd/${verb}`;
+    const topic = `${config.prefix}/${dev.id}/cmd/${verb}`;
     client.publish(topic, JSON.stringify({ ...body, correlation_id: correlation }), { qos: 1 }, (err) => {
       if (err) node.textContent = `${verb}: not sent: ${err.message}`;
     });
   }
 
-  function setFact(card, key, text) {
+  function setFact(card, key, value) {
     const row = card.querySelector(`.fact-${key}`);
-    row.querySelector("dd").textContent = text;
-    row.hidden = text === null;
+    row.querySelector("dd").textContent = value === null ? "–" : value;
+    row.hidden = value === null;
+  }
+
+  function version(v) {
+    return num(v) === null ? "–" : `v${v}`;
+  }
+
+  function outcomeLine(last) {
+    if (typeof last === "string") return last;
+    const o = obj(last);
+    if (!text(o.result)) return null;
+    // deploy/ota: committed, rolled_back (from the version named), rejected, interrupted.
+    const words = { committed: "committed", rolled_back: "rolled back from", rejected: "rejected", interrupted: "interrupted" };
+    const reason = text(o.reason);
+    const at = text(o.at) ? `, ${localTime(o.at)}` : "";
+    return `${words[o.result] || text(o.result)} ${version(o.version)}${reason ? `: ${reason}` : ""}${at}`;
+  }
+
+  // The OTA panel: what the model store serves, what it would fall back to, the running step,
+  // the last outcome and the rollbacks (the device's count when it sends one).
+  function renderOta(dev) {
+    const card = dev.card;
+    const ota = dev.ota ? obj(dev.ota) : null;
+    card.querySelector(".ota").hidden = ota === null;
+    if (ota === null) return;
+    const models = obj(ota.models);
+    const named = (slot, v) => {
+      const m = obj(slot);
+      return num(v) === null ? "none" : `${text(m.name) ? `${m.name} ` : ""}${version(v)}`;
+    };
+    const pending = num(ota.pending);
+    let trial = "";
+    if (pending !== null) trial = pending === num(ota.current) ? " (on trial: not yet committed)" : ` (v${pending} being installed)`;
+    setFact(card, "serving", `${named(models.current, ota.current)}${trial}`);
+    setFact(card, "previous", named(models.previous, ota.previous));
+    const progress = obj(ota.progress);
+    const step = text(progress.step) || text(ota.step);
+    setFact(card, "step", step ? `${step}${text(progress.version) ? ` (v${progress.version})` : ""}` : "idle");
+    const last = ota.last_outcome;
+    setFact(card, "last", outcomeLine(last) || "none");
+    // The store keeps only the last outcome: a count when the device sends one, else whether
+    // the last update was rolled back.
+    const o = obj(last);
+    const count = num(ota.rollbacks);
+    const rolled = o.result === "rolled_back" ? `from ${version(o.version)}${text(o.reason) ? ` (${o.reason})` : ""}` : null;
+    let rollbacks = rolled ? `last update rolled back ${rolled}` : "none in the last update";
+    if (count !== null) rollbacks = `${count}${rolled ? `; last ${rolled}` : ""}`;
+    setFact(card, "rollbacks", rollbacks);
+  }
+
+  // The model the device serves: the store's current slot (right after a local rollback, before
+  // the next status), else what the status names.
+  function servingModel(dev) {
+    const status = obj(dev.status);
+    const ota = obj(dev.ota);
+    const current = obj(obj(ota.models).current);
+    if (text(current.name) && num(current.version) !== null) return current;
+    return obj(status.model || dev.model);
   }
 
   function renderDevice(dev) {
     const card = dev.card;
-    const status = dev.status || {};
+    const status = obj(dev.status);
     const avail = card.querySelector(".availability");
-    avail.textContent = dev.availability;
-    avail.dataset.value = dev.availability;
-    card.dataset.availability = dev.availability; // a stopped/offline device's status is stale
+    const availability = text(dev.availability) || "unknown";
+    avail.textContent = availability;
+    avail.dataset.value = availability;
+    card.dataset.availability = availability; // a stopped/offline device's status is stale
     const state = card.querySelector(".state");
-    state.textContent = status.state || "no status";
-    state.dataset.value = status.state || "unknown";
-    const model = status.model || dev.model || {};
-    setFact(card, "model", modelText(model.name, model.version));
-    setFact(card, "ota", dev.ota ? `current v${dev.ota.current ?? "–"}, previous v${dev.ota.previous ?? "–"}${dev.ota.pending != null ? `, pending v${dev.ota.pending}` : ""}` : null);
+    state.textContent = text(status.state) || "no status";
+    state.dataset.value = text(status.state) || "unknown";
+    const model = servingModel(dev);
+    setFact(card, "model", modelText(text(model.name), text(model.version)));
+    const ota = dev.ota ? obj(dev.ota) : null;
+    setFact(card, "ota", ota ? `current ${version(ota.current)}, previous ${version(ota.previous)}${num(ota.pending) !== null ? `, pending v${ota.pending}` : ""}` : null);
     const engine = status.engine;
-    setFact(card, "engine", engine && typeof engine === "object" ? [engine.name, engine.precision].filter(Boolean).join(" ") : engine || "–");
-    setFact(card, "app", status.app_version || "–");
-    setFact(card, "queue", status.queue ? `${status.queue.depth}/${status.queue.capacity}, outbox ${status.outbox ? status.outbox.rows : "–"}` : "–");
+    setFact(card, "engine", engine && typeof engine === "object" ? [text(engine.name), text(engine.precision)].filter(Boolean).join(" ") : text(engine) || "–");
+    setFact(card, "app", text(status.app_version) || "–");
+    const queue = obj(status.queue);
+    setFact(card, "queue", status.queue ? `${text(queue.depth) ?? "–"}/${text(queue.capacity) ?? "–"}, outbox ${text(obj(status.outbox).rows) ?? "–"}` : "–");
     setFact(card, "archived", dev.archived === null ? null : `${dev.archived} result(s)`);
-    setFact(card, "error", status.last_error ? status.last_error.message : null);
+    setFact(card, "error", status.last_error ? text(obj(status.last_error).message) || "error" : null);
     const c = dev.counts;
     const labels = Object.entries(c.labels).sort().map(([label, n]) => `${label} ${n}`).join(" · ");
-    card.querySelector(".counts").textContent = `${c.total} result(s)${labels ? ` · ${labels}` : ""} · abstained ${c.abstained}`;
-    card.querySelector(".commands").hidden = !operator;
+    const extra = ["failed", "cancelled"].filter((k) => c[k] > 0).map((k) => ` · ${k} ${c[k]}`).join("");
+    card.querySelector(".counts").textContent = `Since this page opened: ${c.total} result(s)${labels ? ` · ${labels}` : ""} · abstained ${c.abstained}${extra}`;
+    card.querySelector(".commands").hidden = !roleAtLeast(role, "operator");
+    renderOta(dev);
   }
 
   function renderDeviceCount() {
@@ -367,28 +548,39 @@
     $("no-devices").hidden = devices.size > 0;
   }
 
+  // Counts of this page's live results by outcome; classified ones by their decision.
   function countResult(dev, result) {
-    const p = result.prediction || {};
-    dev.counts.total += 1;
-    if (p.abstained) dev.counts.abstained += 1;
-    else if (p.label) dev.counts.labels[p.label] = (dev.counts.labels[p.label] || 0) + 1;
-    dev.model = result.model;
+    const row = window.Omis.rowOf(result);
+    if (dev.seen.has(row.message_id)) return; // a redelivery
+    dev.seen.add(row.message_id);
+    const c = dev.counts;
+    c.total += 1;
+    if (row.outcome === "classified") {
+      const label = row.label || row.risk || "unlabelled";
+      c.labels[label] = (c.labels[label] || 0) + 1;
+    } else {
+      c[row.outcome] += 1;
+    }
+    if (dev.archived !== null) dev.archived += 1; // the archive stores it too (refreshed soon)
+    if (result.model && typeof result.model === "object") dev.model = result.model;
   }
 
   // ---------------------------------------------------------------------- wire ----
 
-  function wire() {
-    const settings = loadSettings();
-    fillForm(settings);
+  function showView(view) {
+    $("app").dataset.view = view;
+    for (const button of $("tabs").querySelectorAll("button")) button.setAttribute("aria-pressed", String(button.dataset.view === view));
+    if (view === "worklist") worklist.load();
+  }
+
+  async function wire() {
     $("settings-toggle").addEventListener("click", () => showSettings($("settings").hidden));
-    $("settings").addEventListener("submit", (ev) => {
-      ev.preventDefault();
-      const next = readForm();
-      saveSettings(next);
-      showSettings(false);
-      start(next, true);
-    });
+    $("settings").addEventListener("submit", onSettings);
+    $("login-form").addEventListener("submit", onLogin);
+    $("logout").addEventListener("click", onLogout);
+    $("signin").addEventListener("click", () => { $("login").hidden = false; $("login-form").elements.username.focus(); });
     $("disconnect").addEventListener("click", disconnect);
+    for (const button of $("tabs").querySelectorAll("button")) button.addEventListener("click", () => showView(button.dataset.view));
     $("filters").addEventListener("submit", (ev) => { ev.preventDefault(); results.readFilters(); results.loadHistory(false); });
     $("filters").addEventListener("reset", () => setTimeout(() => { results.readFilters(); results.loadHistory(false); }, 0));
     $("export").addEventListener("click", async () => {
@@ -397,10 +589,25 @@
     });
     $("more").addEventListener("click", () => results.loadHistory(true));
     $("chart-zoom").addEventListener("click", () => results.toggleZoom());
+    results.onSelect = (row, stored) => worklist.show(row, stored);
+    archive.onSessionEnded = (err) => {
+      archive.enabled = false;
+      archive.setCsrf("");
+      showLogin(`Your session ended (${err.detail}): sign in again.`);
+    };
     window.addEventListener("resize", () => results.resize());
-    const live = Boolean(settings.url && settings.username);
-    if (!live) showSettings(true);
-    start(settings, live); // history needs no broker
+
+    config = await loadConfig();
+    $("broker-url").textContent = config.broker_url;
+    $("broker-prefix").textContent = config.prefix;
+    const saved = loadRemembered();
+    credentials = { username: saved.username, password: saved.password };
+    const form = $("settings");
+    form.elements.username.value = saved.username;
+    form.elements.password.value = saved.password;
+    form.elements.remember.checked = saved.remember;
+    $("login-form").elements.username.value = saved.username;
+    await probeArchive();
   }
 
   wire();

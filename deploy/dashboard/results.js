@@ -15,6 +15,8 @@ window.Omis.Results = class Results {
     this.shown = null; // the result in the chart
     this.filters = {};
     this.offset = 0;
+    this.total = null; // archived rows matching the filters, grows with live rows
+    this.onSelect = null; // (messageId, stored) after a row's archive record loaded
     this.body = document.getElementById("results").tBodies[0];
   }
 
@@ -22,19 +24,25 @@ window.Omis.Results = class Results {
 
   async loadHistory(more) {
     const note = document.getElementById("history-note");
-    if (!this.archive.enabled) { note.textContent = "No archive configured: showing live results only."; return; }
+    if (!this.archive.enabled) { note.textContent = "No archive on this server: showing live results only."; return; }
     const PAGE = 100;
     try {
       const page = await this.archive.results(this.filters, PAGE, more ? this.offset : 0);
       if (!more) this.clear();
       for (const item of page.items) this.append(window.Omis.rowOf(item));
       this.offset = (more ? this.offset : 0) + page.items.length;
-      note.textContent = `${page.total} archived result(s) match; ${this.rows.length} shown.`;
+      this.total = page.total;
+      this.updateNote();
       document.getElementById("more").hidden = this.offset >= page.total;
       if (!this.selected && this.rows.length) this.select(this.rows[0]);
     } catch (err) {
       note.textContent = `History unavailable (${err.message}): showing live results only.`;
     }
+  }
+
+  updateNote() {
+    if (this.total === null) return;
+    document.getElementById("history-note").textContent = `${this.total} archived result(s) match; ${this.rows.length} shown.`;
   }
 
   clear() {
@@ -62,9 +70,10 @@ window.Omis.Results = class Results {
     if (f.outcome && row.outcome !== f.outcome) return false;
     if (f.risk && row.risk !== f.risk) return false;
     if (f.review && String(row.review) !== f.review) return false;
-    if (f.slide && !row.slide_id.toLowerCase().includes(f.slide.toLowerCase())) return false;
-    if (f.since && row.finished_at < f.since) return false;
-    if (f.until && row.finished_at >= f.until) return false;
+    if (f.slide && !String(row.slide_id).toLowerCase().includes(f.slide.toLowerCase())) return false;
+    const at = row.finished_at ? new Date(row.finished_at).getTime() : NaN;
+    if (f.since && !(at >= new Date(f.since).getTime())) return false;
+    if (f.until && !(at < new Date(f.until).getTime())) return false;
     return true;
   }
 
@@ -77,7 +86,9 @@ window.Omis.Results = class Results {
     this.rows.unshift(row);
     this.byId.set(row.message_id, row);
     this.body.insertBefore(this.buildRow(row), this.body.firstChild);
+    if (this.total !== null) this.total += 1; // the archive stores it too: the count stays true
     this.updateCount();
+    this.updateNote();
     if (!this.selected || this.selected === (this.rows[1] && this.rows[1].message_id)) this.select(row); // follow the newest
     return true;
   }
@@ -95,7 +106,7 @@ window.Omis.Results = class Results {
   }
 
   buildRow(row) {
-    const { el, localTime, outcomeText, modelText } = window.Omis;
+    const { el, localTime, outcomeText, modelText, callOf, fixed } = window.Omis;
     const tr = el("tr");
     tr.dataset.messageId = row.message_id;
     tr.dataset.outcome = row.outcome;
@@ -104,13 +115,12 @@ window.Omis.Results = class Results {
     outcome.append(el("span", `badge outcome-${row.outcome}`, row.outcome));
     if (row.outcome !== "classified") outcome.append(el("span", "reason", outcomeText(row).slice(row.outcome.length).replace(/^: /, "")));
     const label = el("td", "label");
-    const abstained = row.outcome === "abstained";
-    const labelText = abstained ? `abstained${row.side ? ` (leans ${row.side})` : ""}` : row.label || "–";
-    label.append(el("span", `badge risk-${abstained ? "abstained" : row.risk || "none"}`, labelText));
+    const call = callOf(row);
+    label.append(el("span", `badge ${call.badge}`, call.text));
     const spark = el("td", "spark");
     spark.append(this.sparkline(row.result && row.result.spectrum));
     tr.append(el("td", "time", localTime(row.finished_at)), el("td", "dev", row.device_id), el("td", "slide", row.slide_id),
-      outcome, label, el("td", "phigh", row.p_high === null || row.p_high === undefined ? "–" : row.p_high.toFixed(3)),
+      outcome, label, el("td", "phigh", fixed(row.p_high, 3)),
       el("td", "model", modelText(row.model_name, row.model_version)), spark);
     tr.addEventListener("click", () => this.select(row));
     tr.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); this.select(row); } });
@@ -124,7 +134,7 @@ window.Omis.Results = class Results {
     svg.setAttribute("preserveAspectRatio", "none");
     svg.setAttribute("class", "sparkline");
     svg.setAttribute("aria-hidden", "true");
-    const values = (spectrum && spectrum.values) || [];
+    const values = Results.numbers(spectrum && spectrum.values);
     if (values.length > 1) {
       const lo = Math.min(...values);
       const span = Math.max(...values) - lo || 1;
@@ -138,49 +148,66 @@ window.Omis.Results = class Results {
 
   // --------------------------------------------------------- selection, detail ----
 
+  static numbers(value) {
+    return Array.isArray(value) ? value.map((v) => (typeof v === "number" && Number.isFinite(v) ? v : NaN)) : [];
+  }
+
+  // Select a row (of this table or of the worklist): chart, detail, and the archive's record
+  // (with its reviews) for the review panel.
   async select(row) {
     this.selected = row.message_id;
     for (const tr of this.body.rows) tr.classList.toggle("selected", tr.dataset.messageId === this.selected);
     let result = row.result;
-    if (!result) {
+    let stored = null;
+    if (this.archive.enabled) {
       try {
-        result = (await this.archive.result(row.message_id)).result;
+        stored = await this.archive.result(row.message_id);
+        result = result || window.Omis.obj(stored.result);
         row.result = result;
       } catch (err) {
-        document.getElementById("detail-note").textContent = `Cannot load ${row.slide_id}: ${err.message}`;
-        return;
+        if (!result) {
+          document.getElementById("detail").hidden = false;
+          document.getElementById("detail-note").textContent = `Cannot load ${row.slide_id}: ${err.message}`;
+          return;
+        }
       }
     }
-    if (this.selected !== row.message_id) return; // another row was picked meanwhile
+    if (this.selected !== row.message_id || !result) return; // another row was picked meanwhile
     this.showChart(result, row);
     this.showDetail(result, row);
+    if (this.onSelect) this.onSelect(row, stored);
   }
 
   showDetail(result, row) {
-    const { el, localTime, outcomeText, modelText } = window.Omis;
+    const { el, localTime, outcomeText, modelText, text, obj, list, fixed, num } = window.Omis;
     const section = document.getElementById("detail");
     section.hidden = false;
     document.getElementById("detail-note").textContent = "";
     const facts = document.getElementById("detail-facts");
     facts.replaceChildren();
-    const model = result.model || {};
-    for (const [key, label, text] of [
-      ["slide", "Slide", result.slide_id], ["device", "Device", result.device_id],
-      ["time", "Finished", localTime(result.finished_at)], ["outcome", "Outcome", outcomeText(row)],
-      ["phigh", "p(high)", row.p_high === null || row.p_high === undefined ? "–" : row.p_high.toFixed(3)],
-      ["model", "Model", `${modelText(model.name, model.version)} · ${String(model.sha256 || "").slice(0, 12)}`],
+    const model = obj(result.model);
+    const call = window.Omis.callOf(row);
+    for (const [key, label, value] of [
+      ["slide", "Slide", row.slide_id], ["device", "Device", row.device_id],
+      ["time", "Finished", localTime(row.finished_at)], ["outcome", "Outcome", outcomeText(row)],
+      ["call", "Call", call.text], ["phigh", "p(high)", fixed(row.p_high, 3)],
+      ["model", "Model", `${modelText(text(model.name), text(model.version))} · ${(text(model.sha256) || "").slice(0, 12)}`],
     ]) {
       const item = el("div", `fact fact-${key}`);
-      item.append(el("dt", "", label), el("dd", "", text));
+      item.append(el("dt", "", label), el("dd", "", value));
       facts.append(item);
     }
     const body = document.getElementById("qc").tBodies[0];
     body.replaceChildren();
-    for (const field of result.fields || []) {
+    for (const entry of list(result.fields)) {
+      const field = obj(entry);
+      const quality = text(field.quality) || "–";
+      const valid = num(field.valid_fraction);
+      const reasons = list(field.reasons).map((r) => text(r) ?? JSON.stringify(r)).join("; ");
       const tr = el("tr");
-      tr.dataset.quality = field.quality;
-      tr.append(el("td", "", String(field.index)), el("td", "", (100 * field.valid_fraction).toFixed(1) + " %"),
-        el("td", `quality quality-${field.quality}`, field.quality), el("td", "reasons", (field.reasons || []).join("; ") || "–"));
+      tr.dataset.quality = quality;
+      tr.append(el("td", "", text(field.index) ?? "–"), el("td", "", valid === null ? "–" : `${(100 * valid).toFixed(1)} %`),
+        el("td", `quality ${quality === "ok" ? "quality-ok" : "quality-bad"}`, quality), el("td", "reasons", reasons || "–"));
       body.append(tr);
     }
   }
@@ -191,9 +218,9 @@ window.Omis.Results = class Results {
   // wavelength-difference axis is far wider than the signal; the full axis stays a toggle away).
   static window(spectrum) {
     const named = spectrum.x_range_nm || spectrum.render_window_nm;
-    if (Array.isArray(named) && named.length === 2) return { min: named[0], max: named[1], source: "render window" };
-    const axis = spectrum.axis || [];
-    const values = spectrum.values || [];
+    if (Array.isArray(named) && named.length === 2 && named.every((v) => typeof v === "number")) return { min: named[0], max: named[1], source: "render window" };
+    const axis = Results.numbers(spectrum.axis);
+    const values = Results.numbers(spectrum.values);
     const peak = Math.max(0, ...values.map(Math.abs));
     const inside = axis.filter((x, i) => peak > 0 && Math.abs(values[i]) >= 0.02 * peak);
     if (inside.length < 2) return null;
@@ -204,10 +231,12 @@ window.Omis.Results = class Results {
   }
 
   showChart(result, row) {
-    const s = result.spectrum || { axis: [], values: [] };
+    const raw = window.Omis.obj(result.spectrum);
+    const s = { ...raw, axis: Results.numbers(raw.axis), values: Results.numbers(raw.values) };
     this.shown = s;
-    document.getElementById("chart-caption").textContent = `${result.device_id} · ${result.slide_id} · ${row.outcome === "abstained" ? "abstained" : row.outcome === "classified" ? row.label : row.outcome} · ${s.algorithm || ""}`;
-    const data = [Float64Array.from(s.axis || []), Float64Array.from(s.values || [])];
+    const call = window.Omis.callOf(row).text;
+    document.getElementById("chart-caption").textContent = `${row.device_id} · ${row.slide_id} · ${call} · ${window.Omis.text(s.algorithm) || ""}`;
+    const data = [Float64Array.from(s.axis), Float64Array.from(s.values)];
     if (this.chart) this.chart.setData(data);
     else {
       this.chart = new uPlot(this.chartOptions(), data, document.getElementById("chart"));

@@ -53,6 +53,7 @@ from deploy.ota.trust import TrustStore
 from deploy.ota.unpack import UnpackLimits, copy_tree_checked, is_archive, verified_extract
 from inference.bundle import Bundle, Manifest, now_rfc3339
 from inference.exceptions import InferenceError
+from inference.qc_acceptance import QCAcceptanceError, check_qc_acceptance
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,16 @@ def check_candidate(
         )
 
 
+def _check_qc(bundle: Bundle) -> None:
+    """The bundle's QC thresholds must accept its own golden fields (inference.qc_acceptance)."""
+    try:
+        check_qc_acceptance(bundle)
+    except QCAcceptanceError as exc:
+        raise RejectedError(str(exc)) from exc
+    except InferenceError as exc:
+        raise RejectedError(f"QC acceptance check: {exc}") from exc
+
+
 class Installer:
     """Runs installs and rollbacks against one store, trust store, model checker and service."""
 
@@ -282,6 +293,7 @@ class Installer:
                     opts.app_version,
                     opts.allow_downgrade,
                 )
+                _check_qc(verified.bundle)
                 self._step("verified", version=version, signer=verified.signer)
                 slot = _slot_for(verified.bundle, verified.signer, txn)
                 return slot, self._place_and_check(txn, root, slot, verified.bundle)

@@ -137,6 +137,7 @@ def make_bundle(
     swap_golden_classes: bool = False,
     golden_fields: int = 2,
     off_golden: Sequence[float] | None = None,
+    training: dict[str, Any] | None = None,
 ) -> Bundle:
     """Write a complete, valid bundle directory at ``root`` and load it.
 
@@ -183,6 +184,8 @@ def make_bundle(
         fields["thresholds"] = thresholds
     if qc is not None:
         fields["qc"] = qc
+    if training is not None:
+        fields["training"] = training
     manifest = build_manifest(root, **fields)
     (root / "manifest.json").write_bytes(manifest.to_json_bytes())
     return load_bundle(root)
