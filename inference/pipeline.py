@@ -496,13 +496,16 @@ class SlidePipeline:
             min_usable_fields=self.config.min_usable_fields,
         )
         fields = tuple(acc.qc.fields)
+        # A precomputed spectrum (classify_spectrum) passed the device's field QC already.
+        precomputed = spectrum.backend == "precomputed"
+        usable = (1, 1) if precomputed else (sum(1 for q in fields if q.ok), len(fields))
         call = decide(
             m.classes,
             [float(p) for p in probs],
             m.risk,
             limits,
             mass_outside=outside,
-            usable=(sum(1 for q in fields if q.ok), len(fields)),
+            usable=usable,
         )
         return SlideResult(
             call=call,
