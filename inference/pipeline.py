@@ -198,6 +198,9 @@ class _SlideAcc:
     started: float
     qc: SlideQC
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    # (fields that passed QC, fields scanned) when they were counted elsewhere: a finished
+    # spectrum has no fields here, its device's field QC already made it (None: count qc.fields)
+    usable: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -296,10 +299,12 @@ class SlidePipeline:
         results = list(self.run([fields]))
         return results[0]
 
-    def classify_spectrum(self, x_nm: Any, y: Any) -> SlideResult:
+    def classify_spectrum(self, x_nm: Any, y: Any, usable: tuple[int, int] = (1, 1)) -> SlideResult:
         """Classify a finished slide spectrum (one the device computed and published) with the
         same decision as :meth:`run`: thresholds, abstain band and out-of-range check.
 
+        ``usable`` (fields that passed QC, fields scanned) stands in for the field QC that made
+        the spectrum on the device: a published spectrum came from at least one usable field.
         ``omis validate`` scores archive exports through this; the axis must be the bundle's.
         """
         x, values = np.asarray(x_nm, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -309,7 +314,7 @@ class SlidePipeline:
         spectrum = Spectrum(
             self.params, x, values, zeros, zeros, zeros, 0, 0, (), "precomputed", {}
         )
-        acc = _SlideAcc(0, time.perf_counter(), self._slide_qc())
+        acc = _SlideAcc(0, time.perf_counter(), self._slide_qc(), usable=usable)
         return self._classify(_SlideSpectrum(acc, spectrum))
 
     def run(self, slides: Iterable[Iterable[object]]) -> Generator[SlideResult, None, None]:
@@ -526,7 +531,7 @@ class SlidePipeline:
             m.risk,
             limits,
             mass_outside=outside,
-            usable=(sum(1 for q in fields if q.ok), len(fields)),
+            usable=acc.usable or (sum(1 for q in fields if q.ok), len(fields)),
         )
         return SlideResult(
             call=call,

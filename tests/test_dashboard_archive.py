@@ -35,6 +35,7 @@ from deploy.collector.audit import Actor
 from deploy.collector.auth import UserStore
 from deploy.collector.config import load_collector_config
 from deploy.collector.service import ArchiveService
+from deploy.fleet.store import BundleRef, FleetStore
 from deploy.messages.testing import result_json
 from deploy.schemas import validate
 
@@ -162,6 +163,13 @@ def api(archive: ArchiveService, path: str, user: str = "alice") -> Any:
     return response.json()
 
 
+def fleet_of(archive: ArchiveService, device: str) -> dict[str, Any]:
+    """The fleet block ``GET /api/devices`` carries for ``device`` (empty when not listed)."""
+    rows = {row["device_id"]: row for row in api(archive, "devices", "dashboard")}
+    block: dict[str, Any] = rows.get(device, {}).get("fleet") or {}
+    return block
+
+
 def device_peer(broker: RunningBroker) -> Peer:
     peer = Peer(broker, "scope-07", PW["scope-07"], cert="scope-07").connect()
     assert peer.connected.is_set(), broker.log_text()[-800:]
@@ -185,9 +193,22 @@ def test_history_filters_csv_detail_and_zoom(
         for body in (high, low, unsure, failed):
             assert device.publish_ok(f"{PREFIX}/scope-07/result", json.dumps(body))
         assert device.publish_ok(f"{PREFIX}/scope-07/availability", "online", retain=True)
+        # an update of v4 that the device rolled back: the archive records it (fleet view)
+        undo = {"result": "rolled_back", "version": 4, "reason": "health check failed"}
+        progress = {"step": "rolled_back", "correlation_id": "ota-4", "version": 4}
+        ota = {"schema": "omis.ota_state/1", "current": 3, "previous": 2, "pending": None}
+        state = {**ota, "last_outcome": undo, "progress": {**progress, "reason": undo["reason"]}}
+        validate("ota_state", state)
+        assert device.publish_ok(f"{PREFIX}/scope-07/ota/state", json.dumps(state), retain=True)
         assert wait_until(lambda: stored(archive) == 4, 20)
+        assert wait_until(lambda: fleet_of(archive, "scope-07").get("rollbacks") == 1, 20)
     finally:
         device.close()  # the page below sees history only: nothing is live any more
+    fleet = FleetStore(archive.engines[0])
+    fleet.add_to_group("ward-3", ["scope-07"])
+    rollout, _ = fleet.begin_rollout(
+        BundleRef("cd" * 32, "omis-vgg16", 5), {}, [["scope-07"]], 1, 0
+    )
 
     sign_in(page, archive, "dashboard")
     signed_in(page, "dashboard")
@@ -211,6 +232,15 @@ def test_history_filters_csv_detail_and_zoom(
     expect(page.locator(".commands").first).to_be_hidden()  # a viewer gets no command buttons
     expect(page.locator("li.alert-high_risk")).to_contain_text("S-0001")  # from the archive
     expect(page.locator("li.alert-high_risk button.ack")).to_be_hidden()  # a viewer may not ack
+
+    # The OTA panel carries the archive's fleet view: groups, rollout, recorded rollbacks.
+    ota_panel = page.locator('article.device[data-device="scope-07"] .ota')
+    expect(ota_panel.locator(".fact-groups dd")).to_have_text("ward-3")
+    expect(ota_panel.locator(".fact-rollout dd")).to_contain_text(f"#{rollout.id} to v5")
+    expect(ota_panel.locator(".fact-rollout dd")).to_contain_text("wave 0 (canary)")
+    expect(ota_panel.locator(".fact-rollbacks dd")).to_have_text(
+        "1 recorded by the archive; last from v4 (health check failed)"
+    )
 
     # The slide detail: outcome, reason and per-field QC; the chart zoomed to the signal.
     unsure_row.click()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import socket
 import threading
 import uuid
@@ -41,6 +42,7 @@ from deploy_support import (
 from playwright.sync_api import Page, expect
 
 from deploy.broker import free_port
+from deploy.collector.service import VENDORED
 from deploy.messages.testing import result_json
 from deploy.schemas import validate
 
@@ -460,3 +462,23 @@ def test_ota_panel_follows_install_and_local_rollback(
         page.screenshot(path=str(ARTIFACTS / "dashboard-ota.png"), full_page=True)
     finally:
         appliance.close()
+
+
+def test_every_package_file_a_page_loads_is_locked_installed_and_checked() -> None:
+    """What the pages load from node_modules: pinned in package.json and package-lock.json,
+    installed by scripts/dashboard-deps.sh, and among the files ``omis collect`` checks before
+    it serves the packaged dashboard."""
+    loaded = {
+        Path(match)
+        for page in DASHBOARD.glob("*.html")
+        for match in re.findall(r'(?:src|href)="(node_modules/[^"]+)"', page.read_text("utf-8"))
+    }
+    assert loaded, "no page loads a package file?"
+    assert loaded == set(VENDORED)
+    manifest = json.loads((DASHBOARD / "package.json").read_text("utf-8"))["dependencies"]
+    lock = json.loads((DASHBOARD / "package-lock.json").read_text("utf-8"))["packages"]
+    for path in loaded:
+        package = path.parts[1]
+        assert lock[""]["dependencies"][package] == manifest[package]
+        assert lock[f"node_modules/{package}"]["version"] == manifest[package]
+        assert (DASHBOARD / path).is_file(), f"{path}: run scripts/dashboard-deps.sh"

@@ -333,7 +333,7 @@ def write_outputs(
         "data": {
             "manifest_sha256": p.ds.manifest_sha256,
             "files_sha256": p.ds.files_sha256,
-            "export": report.get("export"),
+            "export": report["data"].get("export"),
         },
     }
     write_json(work / "config.json", config)

@@ -440,7 +440,7 @@ def _train_and_report(
     )
     positive = np.isin(p.labels, list(p.task.high_classes))
     report["by_study"] = by_study(p.ds.slides, positive, p_high >= net.slide_threshold)
-    report["export"] = export_record(p.ds)
+    report["data"]["export"] = export_record(p.ds)  # the dataset export (report["export"]: ONNX)
     write_outputs(
         ctx.work,
         p,

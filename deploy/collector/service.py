@@ -28,7 +28,15 @@ from deploy.exceptions import ConfigError, ServiceError
 log = logging.getLogger(__name__)
 
 PACKAGED_DASHBOARD = Path(__file__).resolve().parent.parent / "dashboard"
-VENDORED = Path("node_modules") / "mqtt" / "dist" / "mqtt.min.js"
+# every package file the pages load (index.html, performance.html): scripts/dashboard-deps.sh
+VENDORED = tuple(
+    Path("node_modules") / name
+    for name in (
+        "mqtt/dist/mqtt.min.js",
+        "uplot/dist/uPlot.iife.min.js",
+        "uplot/dist/uPlot.min.css",
+    )
+)
 
 
 def dashboard_dir(config: CollectorConfig) -> Path | None:
@@ -38,7 +46,7 @@ def dashboard_dir(config: CollectorConfig) -> Path | None:
         if not (configured / "index.html").is_file():
             raise ConfigError(f"http.dashboard_dir: no index.html in {configured}")
         return configured
-    if (PACKAGED_DASHBOARD / VENDORED).is_file():
+    if all((PACKAGED_DASHBOARD / path).is_file() for path in VENDORED):
         return PACKAGED_DASHBOARD
     log.warning("dashboard not served: run scripts/dashboard-deps.sh to install its packages")
     return None

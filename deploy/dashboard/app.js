@@ -210,6 +210,8 @@
     if (!dev.live.availability && typeof item.availability === "string") dev.availability = item.availability;
     if (!dev.live.status && item.status) dev.status = obj(item.status);
     if (!dev.live.ota && item.ota_state) dev.ota = obj(item.ota_state);
+    // the archive's fleet view (deploy/fleet/view.py): groups, rollout, recorded OTA outcomes
+    if (item.fleet && typeof item.fleet === "object") dev.fleet = obj(item.fleet);
     renderDevice(dev);
   }
 
@@ -375,7 +377,7 @@
     alerts.unhideDevice(id);
     if (!dev) {
       dev = {
-        id, availability: "unknown", status: null, ota: null, model: null, archived: null, pending: new Set(),
+        id, availability: "unknown", status: null, ota: null, fleet: null, model: null, archived: null, pending: new Set(),
         live: { availability: false, status: false, ota: false }, seen: new Set(),
         counts: { total: 0, abstained: 0, failed: 0, cancelled: 0, labels: {} },
       };
@@ -390,7 +392,10 @@
   }
 
   const FACTS = [["model", "Model"], ["ota", "Store"], ["engine", "Engine"], ["app", "App"], ["queue", "Queue"], ["archived", "Archived"], ["error", "Last error"]];
-  const OTA_FACTS = [["serving", "Serving"], ["previous", "Previous"], ["step", "Step"], ["last", "Last update"], ["rollbacks", "Rollbacks"]];
+  const OTA_FACTS = [
+    ["serving", "Serving"], ["previous", "Previous"], ["step", "Step"], ["last", "Last update"], ["rollbacks", "Rollbacks"],
+    ["groups", "Groups"], ["rollout", "Rollout"],
+  ];
 
   function factList(className, facts) {
     const list = el("dl", className);
@@ -471,11 +476,21 @@
     return `${words[o.result] || text(o.result)} ${version(o.version)}${reason ? `: ${reason}` : ""}${at}`;
   }
 
+  // The store as the archive's fleet view last saw it (when no ota/state has arrived).
+  function otaFromFleet(fleet) {
+    return {
+      current: fleet.serving_version, previous: fleet.previous_version, pending: fleet.pending_version,
+      last_outcome: fleet.last_outcome, step: fleet.ota_step,
+    };
+  }
+
   // The OTA panel: what the model store serves, what it would fall back to, the running step,
-  // the last outcome and the rollbacks (the device's count when it sends one).
+  // the last outcome and the rollbacks (the device's count when it sends one, else the
+  // archive's), and from the archive's fleet view the device's groups and latest rollout.
   function renderOta(dev) {
     const card = dev.card;
-    const ota = dev.ota ? obj(dev.ota) : null;
+    const fleet = dev.fleet ? obj(dev.fleet) : null;
+    const ota = dev.ota ? obj(dev.ota) : fleet && otaFromFleet(fleet);
     card.querySelector(".ota").hidden = ota === null;
     if (ota === null) return;
     const models = obj(ota.models);
@@ -498,9 +513,21 @@
     const o = obj(last);
     const count = num(ota.rollbacks);
     const rolled = o.result === "rolled_back" ? `from ${version(o.version)}${text(o.reason) ? ` (${o.reason})` : ""}` : null;
+    const recorded = fleet ? num(fleet.rollbacks) : null;
     let rollbacks = rolled ? `last update rolled back ${rolled}` : "none in the last update";
     if (count !== null) rollbacks = `${count}${rolled ? `; last ${rolled}` : ""}`;
+    else if (recorded !== null) rollbacks = `${recorded} recorded by the archive${rolled ? `; last ${rolled}` : ""}`;
     setFact(card, "rollbacks", rollbacks);
+    renderFleet(card, fleet);
+  }
+
+  function renderFleet(card, fleet) {
+    const groups = fleet ? window.Omis.list(fleet.groups).map(text).filter(Boolean) : [];
+    setFact(card, "groups", groups.length ? groups.join(", ") : null);
+    const r = fleet && fleet.rollout ? obj(fleet.rollout) : null;
+    const w = r ? num(r.wave) : null; // 0 = the canary wave, as omis fleet counts them
+    const wave = w === null ? "" : `, wave ${w}${w === 0 ? " (canary)" : ""}`;
+    setFact(card, "rollout", r ? `#${text(r.id)} to ${version(r.version)}: ${text(r.step) || "waiting"}${wave} (rollout ${text(r.state) || "?"})` : null);
   }
 
   // The model the device serves: the store's current slot (right after a local rollback, before
