@@ -473,7 +473,7 @@ class SlidePipeline:
         acc, spectrum = item.acc, item.spectrum
         probs = self._infer(spectrum, acc.timings)
         acc.timings["total"] = (time.perf_counter() - acc.started) * 1e3
-        return self._result(probs, tuple(acc.qc.fields), acc.timings, spectrum)
+        return self._result(probs, tuple(acc.qc.fields), acc.timings, spectrum, acc.usable)
 
     def classify_slide_spectrum(
         self, spectrum: Spectrum, fields: tuple[FieldQuality, ...]
@@ -515,6 +515,7 @@ class SlidePipeline:
         fields: tuple[FieldQuality, ...],
         timings: dict[str, float],
         spectrum: Spectrum,
+        usable: tuple[int, int] | None = None,
     ) -> SlideResult:
         m = self.bundle.manifest
         th = m.thresholds
@@ -531,7 +532,7 @@ class SlidePipeline:
             m.risk,
             limits,
             mass_outside=outside,
-            usable=acc.usable or (sum(1 for q in fields if q.ok), len(fields)),
+            usable=usable or (sum(1 for q in fields if q.ok), len(fields)),
         )
         return SlideResult(
             call=call,
