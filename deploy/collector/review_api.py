@@ -30,6 +30,15 @@ from deploy.collector.auth import (
 )
 from deploy.collector.bethesda import Bethesda
 from deploy.collector.config import HttpConfig
+from deploy.collector.http_params import (
+    ID_CHARS,
+    MAX_OFFSET,
+    DeviceFilter,
+    MessageId,
+    QueryTime,
+    text_query,
+    time_query,
+)
 from deploy.collector.queries import rfc3339
 from deploy.collector.review import (
     REASONS,
@@ -41,7 +50,6 @@ from deploy.collector.review import (
     WorklistFilter,
     list_alerts,
 )
-from deploy.collector.store import parse_time
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +68,9 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-MessageId = Annotated[str, Path(max_length=200, description="the result's message_id")]
 _UUID = re.compile(UUID_PATTERN)
-MAX_OFFSET = 2**31 - 1
+AUDIT_TARGET_CHARS = 300  # audit.target column
+AUDIT_ACTION_CHARS = 32  # audit.action column
 
 
 def _no_nul(value: str | None) -> str | None:
@@ -242,15 +250,6 @@ def _actor(who: Principal, request: Request) -> Actor:
     return Actor(who.name, who.role, _client(request))
 
 
-def _time(name: str, text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return parse_time(text)
-    except ValueError as exc:
-        raise HTTPException(422, f"{name}: not an RFC 3339 time with a zone: {text!r}") from exc
-
-
 def known_id(message_id: str) -> str:
     """``message_id`` if it can name a stored result (a UUID); 404 otherwise, before any SQL."""
     if not _UUID.fullmatch(message_id):
@@ -350,19 +349,24 @@ def _worklist_routes(
     def worklist(
         *,
         _who: Annotated[Principal, viewer],
-        device: Annotated[str | None, Query(max_length=64)] = None,
+        device: DeviceFilter = None,
         reason: Annotated[Literal[REASONS] | None, Query()] = None,  # type: ignore[valid-type]
-        since: Annotated[str | None, Query(max_length=64)] = None,
-        until: Annotated[str | None, Query(max_length=64)] = None,
-        claimed_by: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")] = None,
+        since: Annotated[QueryTime, time_query("finished at or after")] = None,
+        until: Annotated[QueryTime, time_query("finished before")] = None,
+        claimed_by: Annotated[
+            str | None,
+            Query(
+                description='user name, or "none" for unclaimed',
+                max_length=ID_CHARS,
+                pattern=r"^[A-Za-z0-9_.@-]{1,64}$",
+            ),
+        ] = None,
         signed: Literal["false", "true", "any"] = "false",
         limit: Annotated[int, Query(ge=1, le=page_limit)] = 100,
         offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     ) -> dict[str, Any]:
         _check_text("device", device)
-        where = WorklistFilter(
-            device, reason, _time("since", since), _time("until", until), claimed_by, signed
-        )
+        where = WorklistFilter(device, reason, since, until, claimed_by, signed)
         total, items = ctx.worklist.items(where, limit, offset)
         return {"total": total, "limit": limit, "offset": offset, "items": items}
 
@@ -424,7 +428,7 @@ def _alert_routes(
         response: Response,
         open_only: Annotated[bool, Query(alias="open")] = False,
         kind: Literal["high_risk", "seq_gap", "seq_reused", "offline"] | None = None,
-        device: Annotated[str | None, Query(max_length=64)] = None,
+        device: DeviceFilter = None,
         acked: bool | None = None,
         limit: Annotated[int, Query(ge=1, le=page_limit)] = 200,
         offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
@@ -454,17 +458,17 @@ def _admin_routes(router: APIRouter, ctx: ReviewContext, principal: Any, page_li
     def audit(
         *,
         _who: Annotated[Principal, admin],
-        action: Annotated[str | None, Query(max_length=32)] = None,
-        user: Annotated[str | None, Query(max_length=64)] = None,
-        target: Annotated[str | None, Query(max_length=300)] = None,
-        since: Annotated[str | None, Query(max_length=64)] = None,
-        until: Annotated[str | None, Query(max_length=64)] = None,
+        action: Annotated[str | None, text_query(AUDIT_ACTION_CHARS, "action")] = None,
+        user: Annotated[str | None, text_query(ID_CHARS, "user name")] = None,
+        target: Annotated[str | None, text_query(AUDIT_TARGET_CHARS, "what was acted on")] = None,
+        since: Annotated[QueryTime, time_query("at or after")] = None,
+        until: Annotated[QueryTime, time_query("before")] = None,
         limit: Annotated[int, Query(ge=1, le=page_limit)] = 100,
         offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     ) -> dict[str, Any]:
         for name, value in (("action", action), ("user", user), ("target", target)):
             _check_text(name, value)
-        where = AuditFilter(action, user, target, _time("since", since), _time("until", until))
+        where = AuditFilter(action, user, target, since, until)
         total, items = read_audit(ctx.users.engine, where, limit, offset)
         return {"total": total, "limit": limit, "offset": offset, "items": items}
 
