@@ -69,6 +69,11 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 _UUID = re.compile(UUID_PATTERN)
+# every kind an alert is raised with: review's and ingest's, fleet's (OTA rollback), the data
+# loop's (performance, drift)
+AlertKind = Literal[
+    "high_risk", "seq_gap", "seq_reused", "offline", "rollback", "performance", "drift"
+]
 AUDIT_TARGET_CHARS = 300  # audit.target column
 AUDIT_ACTION_CHARS = 32  # audit.action column
 
@@ -427,7 +432,7 @@ def _alert_routes(
         _who: Annotated[Principal, viewer],
         response: Response,
         open_only: Annotated[bool, Query(alias="open")] = False,
-        kind: Literal["high_risk", "seq_gap", "seq_reused", "offline"] | None = None,
+        kind: AlertKind | None = None,
         device: DeviceFilter = None,
         acked: bool | None = None,
         limit: Annotated[int, Query(ge=1, le=page_limit)] = 200,
