@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deploy.collector.api_models import Alert
 from deploy.collector.audit import Actor, AuditFilter, read_audit, record_now
 from deploy.collector.auth import (
     LOCAL_HOSTS,
@@ -291,6 +294,21 @@ def validation_error(_request: Request, exc: Exception) -> Response:
     return Response(body, status_code=422, media_type="application/json")
 
 
+async def body_error(request: Request, exc: Exception) -> Response:
+    """FastAPI answers a JSON body that is not UTF-8 with an undocumented 400 ("error parsing
+    the body"); it is a malformed body like any other: the 422 of :func:`validation_error`.
+    Every other HTTP error keeps FastAPI's own answer."""
+    if (
+        isinstance(exc, StarletteHTTPException)
+        and exc.status_code == 400
+        and isinstance(exc.__cause__, UnicodeDecodeError)
+    ):
+        detail = [{"loc": ["body"], "msg": "the body is not UTF-8 JSON", "type": "json_invalid"}]
+        return Response(json.dumps({"detail": detail}), 422, media_type="application/json")
+    assert isinstance(exc, StarletteHTTPException)
+    return await http_exception_handler(request, exc)
+
+
 def build_router(ctx: ReviewContext, page_limit: int) -> APIRouter:
     """Every route of this module on one router."""
     router = APIRouter(responses=RESPONSES)
@@ -426,7 +444,11 @@ def _alert_routes(
 ) -> None:
     operator = require(principal, "operator")
 
-    @router.get("/api/alerts", summary="alerts: open high-risk first, then newest first")
+    @router.get(
+        "/api/alerts",
+        summary="alerts: open high-risk first, then newest first",
+        response_model=list[Alert],
+    )
     def alerts(
         *,
         _who: Annotated[Principal, viewer],
@@ -444,7 +466,11 @@ def _alert_routes(
         response.headers["X-Total-Count"] = str(total)
         return items
 
-    @router.post("/api/alerts/{alert_id}/ack", summary="acknowledge an alert (who, when)")
+    @router.post(
+        "/api/alerts/{alert_id}/ack",
+        summary="acknowledge an alert (who, when)",
+        response_model=Alert,
+    )
     def ack(
         *,
         alert_id: Annotated[int, Path(ge=1, le=2**62)],
