@@ -103,7 +103,9 @@ def _deliver(subscriber: ArchiveSubscriber, device: str, payload: bytes) -> _Cli
     client = _Client()
     subscriber._client = client  # type: ignore[assignment]
     subscriber._on_message(client, None, msg)  # type: ignore[arg-type]
-    subscriber._handle([subscriber._inbox.get_nowait()])  # type: ignore[arg-type]
+    queued = subscriber._inbox.get_nowait()
+    assert queued is not None
+    subscriber._handle([queued])
     return client
 
 
