@@ -121,6 +121,11 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 }
 
 
+def problem(status: int, description: str) -> dict[int | str, dict[str, Any]]:
+    """An operation's documented error ``status`` (a :class:`Problem` as JSON)."""
+    return {status: {"content": _PROBLEM, "description": description}}
+
+
 class RejectedMessage(_Open):
     """A message the archive could not accept, kept as received (never dropped)."""
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi import Path as PathParam
 from sqlalchemy import Engine
 
+from deploy.collector.api_models import problem
 from deploy.exceptions import FleetError
 from deploy.fleet.store import FleetStore
 
@@ -26,7 +27,9 @@ def fleet_router(engine: Engine, viewer: Any, page_limit: int) -> APIRouter:
     ) -> list[dict[str, Any]]:
         return [r.as_json() for r in store.rollouts(limit)]
 
-    @router.get("/rollouts/{rollout_id}", summary="one rollout")
+    @router.get(
+        "/rollouts/{rollout_id}", summary="one rollout", responses=problem(404, "no such rollout")
+    )
     def get_rollout(
         _who: Annotated[Any, viewer], rollout_id: Annotated[int, PathParam(ge=1, le=2**62)]
     ) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
+from deploy.collector.api_models import problem
 from deploy.collector.auth import Principal
 from deploy.collector.http_params import (
     SLIDE_CHARS,
@@ -108,7 +109,11 @@ def loop_router(reader: Engine, settings: LoopSettings, viewer: Any) -> APIRoute
         query = ExportQuery(since, until, device, reviewed_only, qa_sample_only)
         return select_slides(reader, query).to_json()
 
-    @router.put("/api/study/{slide_id}", summary="a slide's patient, site and reference standard")
+    @router.put(
+        "/api/study/{slide_id}",
+        summary="a slide's patient, site and reference standard",
+        responses=problem(403, "role too low (operator and above)"),
+    )
     def put_study(
         who: Annotated[Principal, viewer], slide_id: SlideId, body: StudyIn
     ) -> dict[str, Any]:
