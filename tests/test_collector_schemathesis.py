@@ -153,17 +153,24 @@ def test_without_credentials_every_answer_is_a_documented_401(
     servers: dict[str, str], case: schemathesis.Case
 ) -> None:
     response = case.call(base_url=servers["auth"])
-    expected = (401, 422) if case.method.upper() == "GET" else (405,)  # 422: checked first
+    # 422: a malformed request is refused before the credentials are looked at; the login
+    # itself answers a wrong password with 401 and, after many, 429 (both documented)
+    expected = (401, 422, 429) if case.path == "/api/login" else (401, 422)
     assert response.status_code in expected, (case.method, response.text[:200])
     case.validate_response(response)
 
 
 def test_the_document_declares_the_real_media_types() -> None:
     paths = schema.raw_schema["paths"]
-    ok = {path: paths[path]["get"]["responses"]["200"]["content"] for path in paths}
+    ok = {
+        path: paths[path]["get"]["responses"]["200"]["content"]
+        for path in paths
+        if "get" in paths[path]
+    }
     assert set(ok["/api/results.csv"]) == {"text/csv"}
     assert set(ok["/api/results/{message_id}/fhir"]) == {"application/fhir+json"}
     for path in ("/api/results", "/api/results/{message_id}", "/api/devices", "/api/alerts"):
         assert "$ref" in str(ok[path]["application/json"]["schema"]), path  # a typed model
-    for path in paths:
-        assert "401" in paths[path]["get"]["responses"], path
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            assert "401" in operation["responses"], (method, path)

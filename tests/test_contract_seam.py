@@ -82,21 +82,30 @@ def _payload(report: SlideReport, device: str = "scope-07", slide: str = "S-1") 
 
 
 class _Client:
-    """The two calls the ingest callback makes on paho's client."""
+    """The two calls the ingest writer makes on paho's client: acknowledge, send receipts."""
 
     def __init__(self) -> None:
         self.acked: list[int] = []
+        self.published: list[tuple[str, bytes]] = []
 
     def ack(self, mid: int, qos: int) -> None:
         self.acked.append(mid)
 
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        self.published.append((topic, payload))
+
 
 def _deliver(subscriber: ArchiveSubscriber, device: str, payload: bytes) -> _Client:
-    """Hand one result to the archive's MQTT callback as paho would."""
+    """Hand one result to the archive's MQTT callback as paho would, then let the writer
+    store, acknowledge and confirm it (the batched writer's one step, on this thread)."""
     msg = paho.MQTTMessage(mid=7, topic=f"{PREFIX}/{device}/result".encode())
     msg.payload, msg.qos = payload, 1
     client = _Client()
+    subscriber._client = client  # type: ignore[assignment]
     subscriber._on_message(client, None, msg)  # type: ignore[arg-type]
+    queued = subscriber._inbox.get_nowait()
+    assert queued is not None
+    subscriber._handle([queued])
     return client
 
 
@@ -179,7 +188,8 @@ def test_label_risk_and_decision_agree_everywhere(
     report_fhir = next(
         e["resource"] for e in fhir["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"
     )
-    assert report_fhir["conclusion"].startswith(f"{call} risk")
+    # the unsigned report says what it is first (review), then the device's call (contract)
+    assert f"Device triage: {call} risk" in report_fhir["conclusion"]
     other = "low" if call == "high" else "high"
     assert f"{other} risk" not in json.dumps(fhir)
     alerts = [a for a in api.get("/api/alerts").json() if a["kind"] == "high_risk"]

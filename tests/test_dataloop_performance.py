@@ -16,7 +16,8 @@ from sqlalchemy import select
 from statsmodels.stats.proportion import proportion_confint
 
 from deploy.collector.api import create_app
-from deploy.collector.auth import hash_password
+from deploy.collector.audit import Actor
+from deploy.collector.auth import UserStore, hash_password
 from deploy.collector.config import Account, HttpConfig
 from deploy.collector.db import open_engine
 from deploy.collector.loop_api import LoopSettings
@@ -65,7 +66,12 @@ def _client(db_url: str, bundle: Path | None) -> TestClient:
     accounts = [Account(name="op", role="operator", password_hash=hash_password(PASSWORD))]
     baselines = load_baselines([bundle]) if bundle else {}
     loop = LoopSettings(writer, baselines, Limits(min_n=10))
-    api = TestClient(create_app(ArchiveQueries(engine), HttpConfig(accounts=accounts), None, loop))
+    # reviews, sessions and study records are written through ``writer`` (the reader is
+    # read-only); the allowed hosts take localhost, not TestClient's default "testserver"
+    app = create_app(
+        ArchiveQueries(engine), HttpConfig(accounts=accounts), None, engine=writer, loop=loop
+    )
+    api = TestClient(app, base_url="http://localhost")
     api.auth = ("op", PASSWORD)
     return api
 
@@ -190,9 +196,18 @@ def test_sign_out_through_the_api_amends(db_url: str, tmp_path: Path) -> None:
     api = _client(db_url, None)
     item = api.get("/api/results", params={"limit": 1}).json()["items"][0]
     url = f"/api/results/{item['message_id']}/review"
-    first = api.post(url, json={"bethesda": "NILM", "adequacy": "satisfactory"}).json()
-    second = api.post(url, json={"bethesda": "HSIL"}).json()
-    assert second["supersedes"] == first["id"]
+    verdict = {"bethesda": "NILM", "adequacy": "satisfactory"}
+    assert api.post(url, json=verdict).status_code == 403  # review's rule: cytotech and above
+    writer = open_engine(db_url)
+    UserStore(writer).add("ct", "cytotech", PASSWORD, Actor("test-setup", "admin"))
+    writer.dispose()
+    api.auth = ("ct", PASSWORD)
+    signed = api.post(url, json=verdict)
+    assert signed.status_code == 201, signed.text
+    first = signed.json()  # _fill signed every slide out already: this amends that verdict
+    second = api.post(url, json={"bethesda": "HSIL", "adequacy": "satisfactory"}).json()
+    assert second["review"]["supersedes"] == first["review"]["id"]
+    assert second["report_status"] == "amended"
     assert api.post(url, json={"bethesda": "Pap III"}).status_code == 422
     assert api.put(f"/api/study/{item['slide_id']}", json={"patient_id": "P-1"}).status_code == 200
 

@@ -34,8 +34,9 @@ def archive(db_url: str) -> tuple[ArchiveStore, TestClient]:
     engine = open_engine(db_url)
     migrate(engine)
     app = create_app(ArchiveQueries(engine), HttpConfig(require_auth_on_localhost=False), None)
-    client = TestClient(app, base_url="http://localhost", client=("127.0.0.1", 5000))
-    return ArchiveStore(engine), client
+    return ArchiveStore(engine), TestClient(
+        app, base_url="http://localhost", client=("127.0.0.1", 5000)
+    )
 
 
 def test_outcomes_are_counted_once_and_a_rollback_raises_an_alert(
@@ -59,6 +60,10 @@ def test_outcomes_are_counted_once_and_a_rollback_raises_an_alert(
     rollbacks = [a for a in alerts if a["kind"] == "rollback"]
     assert len(rollbacks) == 1
     assert rollbacks[0]["detail"] == "scope-1 rolled back model version 3: NaN"
+    # the alert list filters by every kind an alert is raised with, fleet's too
+    filtered = api.get("/api/alerts", params={"kind": "rollback"})
+    assert filtered.status_code == 200, filtered.text
+    assert [a["id"] for a in filtered.json()] == [rollbacks[0]["id"]]
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deploy import __version__
 from deploy.collector.api_models import (
@@ -50,6 +51,7 @@ from deploy.collector.queries import LIST_COLUMNS, ArchiveQueries, ResultFilter
 from deploy.collector.review import Worklist, report_status
 from deploy.collector.review_api import (
     ReviewContext,
+    body_error,
     build_router,
     known_id,
     principal_dependency,
@@ -157,6 +159,7 @@ def create_app(
     page_limit = config.max_page
     app.include_router(build_router(ctx, page_limit))
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, body_error)
 
     @app.get(
         "/api/results",

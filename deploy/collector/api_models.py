@@ -86,18 +86,24 @@ class Device(_Open):
 
 
 class Alert(_Open):
-    """An alert, open until ``resolved_at`` is set."""
+    """An alert, open until ``resolved_at`` is set; a person acknowledges it (``acked_*``)."""
 
     id: int
-    kind: str
+    kind: str = Field(
+        description="high_risk, seq_gap, seq_reused, offline, rollback, performance or drift"
+    )
     device_id: str
     boot_id: str | None
     message_id: str | None
+    slide_id: str | None
     seq_from: int | None
     seq_to: int | None
     detail: str
+    count: int = Field(description="times raised (a repeat counts, it adds no row)")
     created_at: str
     resolved_at: str | None
+    acked_at: str | None
+    acked_by: str | None
 
 
 # Errors are JSON whatever the operation's own media type (CSV, FHIR): spelled out, not "model",
@@ -113,6 +119,11 @@ UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"content": _PROBLEM, "description": "no result with this message_id"}
 }
+
+
+def problem(status: int, description: str) -> dict[int | str, dict[str, Any]]:
+    """An operation's documented error ``status`` (a :class:`Problem` as JSON)."""
+    return {status: {"content": _PROBLEM, "description": description}}
 
 
 class RejectedMessage(_Open):

@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi import Path as PathParam
 from sqlalchemy import Engine
 
-from deploy.collector.api_models import _PROBLEM
+from deploy.collector.api_models import problem
 from deploy.exceptions import FleetError
 from deploy.fleet.store import FleetStore
 
@@ -28,9 +28,7 @@ def fleet_router(engine: Engine, viewer: Any, page_limit: int) -> APIRouter:
         return [r.as_json() for r in store.rollouts(limit)]
 
     @router.get(
-        "/rollouts/{rollout_id}",
-        summary="one rollout",
-        responses={404: {"content": _PROBLEM, "description": "no rollout with this id"}},
+        "/rollouts/{rollout_id}", summary="one rollout", responses=problem(404, "no such rollout")
     )
     def get_rollout(
         _who: Annotated[Any, viewer], rollout_id: Annotated[int, PathParam(ge=1, le=2**62)]

@@ -62,7 +62,8 @@ def parse_query_time(value: object) -> datetime | None:
         raise ValueError("out of range once converted to UTC") from None
 
 
-def _time_query(description: str) -> object:
+def time_query(description: str) -> object:
+    """A time query parameter's documentation and bounds (use with :data:`QueryTime`)."""
     return Query(
         description=f"{description} (RFC 3339 with a zone)",
         json_schema_extra={
@@ -76,11 +77,11 @@ def _time_query(description: str) -> object:
 Since = Annotated[
     datetime | None,
     BeforeValidator(parse_query_time),
-    _time_query("finished at or after"),
+    time_query("finished at or after"),
 ]
-Until = Annotated[
-    datetime | None, BeforeValidator(parse_query_time), _time_query("finished before")
-]
+Until = Annotated[datetime | None, BeforeValidator(parse_query_time), time_query("finished before")]
+# A time parameter of another meaning: ``Annotated[QueryTime, time_query("created before")]``.
+QueryTime = Annotated[datetime | None, BeforeValidator(parse_query_time)]
 DeviceFilter = Annotated[
     str | None,
     Query(description="device id", min_length=1, max_length=ID_CHARS, pattern=PRINTABLE),
@@ -103,6 +104,24 @@ MessageId = Annotated[
         pattern=PRINTABLE,
     ),
 ]
+
+
+def text_query(max_length: int, description: str, *, min_length: int = 0) -> object:
+    """An optional free-text query parameter: printable, at most ``max_length`` characters
+    (the column it is compared with)."""
+    return Query(
+        description=description, min_length=min_length, max_length=max_length, pattern=PRINTABLE
+    )
+
+
+def text_path(max_length: int, description: str) -> object:
+    """A path parameter naming something stored: printable, 1 .. ``max_length`` characters."""
+    return Path(description=description, min_length=1, max_length=max_length, pattern=PRINTABLE)
+
+
+def int_query(low: int, high: int, description: str) -> object:
+    """An integer query parameter within ``low`` .. ``high``."""
+    return Query(ge=low, le=high, description=description)
 
 
 def limit_query(page_limit: int) -> object:

@@ -12,16 +12,25 @@ No ``from __future__ import annotations``: FastAPI must see the ``Depends`` obje
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
+from deploy.collector.api_models import problem
 from deploy.collector.auth import Principal
+from deploy.collector.http_params import (
+    SLIDE_CHARS,
+    DeviceFilter,
+    QueryTime,
+    int_query,
+    text_path,
+    text_query,
+    time_query,
+)
 from deploy.collector.performance import (
     Baseline,
     Limits,
@@ -29,7 +38,7 @@ from deploy.collector.performance import (
     load_baselines,
     performance,
 )
-from deploy.collector.store import parse_time, utcnow
+from deploy.collector.store import utcnow
 from deploy.collector.tables import study_slides
 
 # roles that may change the archive's records (review's roles, once they land, rank above)
@@ -65,13 +74,9 @@ class StudyIn(BaseModel):
     reference: Literal["cytology", "histology"] = "cytology"
 
 
-def _time(name: str, text: str | None) -> datetime | None:
-    if text is None:
-        return None
-    try:
-        return parse_time(text)
-    except ValueError as exc:
-        raise HTTPException(422, f"{name}: not an RFC 3339 time with a zone: {text!r}") from exc
+MODEL_CHARS = 128  # results.model_name column
+MAX_VERSION = 2**31 - 1  # results.model_version is a 32-bit integer
+SlideId = Annotated[str, text_path(SLIDE_CHARS, "the slide's id")]
 
 
 def loop_router(reader: Engine, settings: LoopSettings, viewer: Any) -> APIRouter:
@@ -81,36 +86,36 @@ def loop_router(reader: Engine, settings: LoopSettings, viewer: Any) -> APIRoute
     @router.get("/api/performance", summary="the device's calls against the lab's verdicts")
     def get_performance(
         _who: Annotated[Principal, viewer],
-        model: Annotated[str | None, Query(max_length=128)] = None,
-        version: Annotated[int | None, Query(ge=1)] = None,
-        device: Annotated[str | None, Query(max_length=64)] = None,
-        since: Annotated[str | None, Query(description="RFC 3339")] = None,
-        until: Annotated[str | None, Query(description="RFC 3339")] = None,
+        model: Annotated[str | None, text_query(MODEL_CHARS, "model name")] = None,
+        version: Annotated[int | None, int_query(1, MAX_VERSION, "model version")] = None,
+        device: DeviceFilter = None,
+        since: Annotated[QueryTime, time_query("finished at or after")] = None,
+        until: Annotated[QueryTime, time_query("finished before")] = None,
     ) -> dict[str, Any]:
-        query = PerformanceQuery(
-            model, version, device, _time("since", since), _time("until", until)
-        )
+        query = PerformanceQuery(model, version, device, since, until)
         return performance(reader, query, settings.baselines, settings.limits)
 
     @router.get("/api/dataset", summary="signed-out slides with spectra (omis dataset export)")
     def get_dataset(
         _who: Annotated[Principal, viewer],
-        since: str | None = None,
-        until: str | None = None,
-        device: Annotated[str | None, Query(max_length=64)] = None,
+        since: Annotated[QueryTime, time_query("finished at or after")] = None,
+        until: Annotated[QueryTime, time_query("finished before")] = None,
+        device: DeviceFilter = None,
         reviewed_only: bool = True,
         qa_sample_only: bool = False,
     ) -> dict[str, Any]:
         from deploy.dataset_export import ExportQuery, select_slides
 
-        query = ExportQuery(
-            _time("since", since), _time("until", until), device, reviewed_only, qa_sample_only
-        )
+        query = ExportQuery(since, until, device, reviewed_only, qa_sample_only)
         return select_slides(reader, query).to_json()
 
-    @router.put("/api/study/{slide_id}", summary="a slide's patient, site and reference standard")
+    @router.put(
+        "/api/study/{slide_id}",
+        summary="a slide's patient, site and reference standard",
+        responses=problem(403, "role too low (operator and above)"),
+    )
     def put_study(
-        who: Annotated[Principal, viewer], slide_id: str, body: StudyIn
+        who: Annotated[Principal, viewer], slide_id: SlideId, body: StudyIn
     ) -> dict[str, Any]:
         if who.role not in WRITER_ROLES:
             raise HTTPException(403, f"role {who.role!r} may not change study records")

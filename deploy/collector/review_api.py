@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deploy.collector.api_models import Alert
 from deploy.collector.audit import Actor, AuditFilter, read_audit, record_now
 from deploy.collector.auth import (
     LOCAL_HOSTS,
@@ -30,6 +33,15 @@ from deploy.collector.auth import (
 )
 from deploy.collector.bethesda import Bethesda
 from deploy.collector.config import HttpConfig
+from deploy.collector.http_params import (
+    ID_CHARS,
+    MAX_OFFSET,
+    DeviceFilter,
+    MessageId,
+    QueryTime,
+    text_query,
+    time_query,
+)
 from deploy.collector.queries import rfc3339
 from deploy.collector.review import (
     REASONS,
@@ -41,7 +53,6 @@ from deploy.collector.review import (
     WorklistFilter,
     list_alerts,
 )
-from deploy.collector.store import parse_time
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +71,22 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-MessageId = Annotated[str, Path(max_length=200, description="the result's message_id")]
 _UUID = re.compile(UUID_PATTERN)
-MAX_OFFSET = 2**31 - 1
+# every kind an alert is raised with: review's and ingest's, fleet's (OTA rollback), the data
+# loop's (performance, drift)
+AlertKind = Literal[
+    "high_risk",
+    "seq_gap",
+    "seq_reused",
+    "offline",
+    "rejected",
+    "conflict",
+    "rollback",
+    "performance",
+    "drift",
+]
+AUDIT_TARGET_CHARS = 300  # audit.target column
+AUDIT_ACTION_CHARS = 32  # audit.action column
 
 
 def _no_nul(value: str | None) -> str | None:
@@ -242,15 +266,6 @@ def _actor(who: Principal, request: Request) -> Actor:
     return Actor(who.name, who.role, _client(request))
 
 
-def _time(name: str, text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return parse_time(text)
-    except ValueError as exc:
-        raise HTTPException(422, f"{name}: not an RFC 3339 time with a zone: {text!r}") from exc
-
-
 def known_id(message_id: str) -> str:
     """``message_id`` if it can name a stored result (a UUID); 404 otherwise, before any SQL."""
     if not _UUID.fullmatch(message_id):
@@ -285,6 +300,21 @@ def validation_error(_request: Request, exc: Exception) -> Response:
     ]
     body = json.dumps({"detail": detail}, ensure_ascii=True, default=str)
     return Response(body, status_code=422, media_type="application/json")
+
+
+async def body_error(request: Request, exc: Exception) -> Response:
+    """FastAPI answers a JSON body that is not UTF-8 with an undocumented 400 ("error parsing
+    the body"); it is a malformed body like any other: the 422 of :func:`validation_error`.
+    Every other HTTP error keeps FastAPI's own answer."""
+    if (
+        isinstance(exc, StarletteHTTPException)
+        and exc.status_code == 400
+        and isinstance(exc.__cause__, UnicodeDecodeError)
+    ):
+        detail = [{"loc": ["body"], "msg": "the body is not UTF-8 JSON", "type": "json_invalid"}]
+        return Response(json.dumps({"detail": detail}), 422, media_type="application/json")
+    assert isinstance(exc, StarletteHTTPException)
+    return await http_exception_handler(request, exc)
 
 
 def build_router(ctx: ReviewContext, page_limit: int) -> APIRouter:
@@ -350,19 +380,24 @@ def _worklist_routes(
     def worklist(
         *,
         _who: Annotated[Principal, viewer],
-        device: Annotated[str | None, Query(max_length=64)] = None,
+        device: DeviceFilter = None,
         reason: Annotated[Literal[REASONS] | None, Query()] = None,  # type: ignore[valid-type]
-        since: Annotated[str | None, Query(max_length=64)] = None,
-        until: Annotated[str | None, Query(max_length=64)] = None,
-        claimed_by: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")] = None,
+        since: Annotated[QueryTime, time_query("finished at or after")] = None,
+        until: Annotated[QueryTime, time_query("finished before")] = None,
+        claimed_by: Annotated[
+            str | None,
+            Query(
+                description='user name, or "none" for unclaimed',
+                max_length=ID_CHARS,
+                pattern=r"^[A-Za-z0-9_.@-]{1,64}$",
+            ),
+        ] = None,
         signed: Literal["false", "true", "any"] = "false",
         limit: Annotated[int, Query(ge=1, le=page_limit)] = 100,
         offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     ) -> dict[str, Any]:
         _check_text("device", device)
-        where = WorklistFilter(
-            device, reason, _time("since", since), _time("until", until), claimed_by, signed
-        )
+        where = WorklistFilter(device, reason, since, until, claimed_by, signed)
         total, items = ctx.worklist.items(where, limit, offset)
         return {"total": total, "limit": limit, "offset": offset, "items": items}
 
@@ -417,14 +452,18 @@ def _alert_routes(
 ) -> None:
     operator = require(principal, "operator")
 
-    @router.get("/api/alerts", summary="alerts: open high-risk first, then newest first")
+    @router.get(
+        "/api/alerts",
+        summary="alerts: open high-risk first, then newest first",
+        response_model=list[Alert],
+    )
     def alerts(
         *,
         _who: Annotated[Principal, viewer],
         response: Response,
         open_only: Annotated[bool, Query(alias="open")] = False,
-        kind: Literal["high_risk", "seq_gap", "seq_reused", "offline"] | None = None,
-        device: Annotated[str | None, Query(max_length=64)] = None,
+        kind: AlertKind | None = None,
+        device: DeviceFilter = None,
         acked: bool | None = None,
         limit: Annotated[int, Query(ge=1, le=page_limit)] = 200,
         offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
@@ -435,7 +474,11 @@ def _alert_routes(
         response.headers["X-Total-Count"] = str(total)
         return items
 
-    @router.post("/api/alerts/{alert_id}/ack", summary="acknowledge an alert (who, when)")
+    @router.post(
+        "/api/alerts/{alert_id}/ack",
+        summary="acknowledge an alert (who, when)",
+        response_model=Alert,
+    )
     def ack(
         *,
         alert_id: Annotated[int, Path(ge=1, le=2**62)],
@@ -454,17 +497,17 @@ def _admin_routes(router: APIRouter, ctx: ReviewContext, principal: Any, page_li
     def audit(
         *,
         _who: Annotated[Principal, admin],
-        action: Annotated[str | None, Query(max_length=32)] = None,
-        user: Annotated[str | None, Query(max_length=64)] = None,
-        target: Annotated[str | None, Query(max_length=300)] = None,
-        since: Annotated[str | None, Query(max_length=64)] = None,
-        until: Annotated[str | None, Query(max_length=64)] = None,
+        action: Annotated[str | None, text_query(AUDIT_ACTION_CHARS, "action")] = None,
+        user: Annotated[str | None, text_query(ID_CHARS, "user name")] = None,
+        target: Annotated[str | None, text_query(AUDIT_TARGET_CHARS, "what was acted on")] = None,
+        since: Annotated[QueryTime, time_query("at or after")] = None,
+        until: Annotated[QueryTime, time_query("before")] = None,
         limit: Annotated[int, Query(ge=1, le=page_limit)] = 100,
         offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     ) -> dict[str, Any]:
         for name, value in (("action", action), ("user", user), ("target", target)):
             _check_text(name, value)
-        where = AuditFilter(action, user, target, _time("since", since), _time("until", until))
+        where = AuditFilter(action, user, target, since, until)
         total, items = read_audit(ctx.users.engine, where, limit, offset)
         return {"total": total, "limit": limit, "offset": offset, "items": items}
 
