@@ -321,7 +321,7 @@ class FleetStore:
                     bundle_sha256=bundle.sha256,
                     bundle_name=bundle.name,
                     bundle_version=bundle.version,
-                    target=json.dumps(plan.target, sort_keys=True),
+                    target=json.dumps(plan.target, sort_keys=True, allow_nan=False),
                     canary=plan.canary,
                     wave_size=plan.wave_size,
                     state="running",
