@@ -248,7 +248,7 @@ def write_outputs(
         "data": {
             "manifest_sha256": p.ds.manifest_sha256,
             "files_sha256": p.ds.files_sha256,
-            "export": report.get("export"),
+            "export": report.get("dataset_export"),
         },
     }
     write_json(work / "config.json", config)

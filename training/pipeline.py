@@ -361,7 +361,7 @@ def _train_and_report(
     )
     positive = np.isin(p.labels, list(high))
     report["by_study"] = by_study(p.ds.slides, positive, p_high >= net.slide_threshold)
-    report["export"] = export_record(p.ds)
+    report["dataset_export"] = export_record(p.ds)  # "export" is the ONNX export check
     write_outputs(
         ctx.work,
         p,
