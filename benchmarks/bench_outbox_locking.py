@@ -87,7 +87,7 @@ def main() -> None:
         print(f"| {name} | {round(statistics.median(values)):,} |")
     ratio = out["median_ratio_shipped_over_previous"]
     print(f"shipped / previous (median of per-round ratios): {ratio}")
-    print(json.dumps(out))
+    print(json.dumps(out, allow_nan=False))
 
 
 if __name__ == "__main__":

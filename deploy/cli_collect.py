@@ -166,7 +166,7 @@ def _cmd_user_list(args: argparse.Namespace) -> int:
 
     found = _user_store(args).list()
     if args.json:
-        print(json.dumps(found, indent=2))
+        print(json.dumps(found, indent=2, allow_nan=False))
         return 0
     for user in found:
         state = "disabled" if user["disabled"] else "enabled"

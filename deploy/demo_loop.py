@@ -71,7 +71,7 @@ class _Api:
         self.token = f"{user}:{password}"
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
+        data = None if body is None else json.dumps(body, allow_nan=False).encode()
         req = urllib.request.Request(  # noqa: S310 (our own http:// URL)
             self.base + path, data=data, headers=self.headers, method=method
         )

@@ -240,8 +240,11 @@ def publish(
     payload: bytes | str,
     correlation: bytes | None = None,
     response_topic: str | None = None,
+    *,
+    retain: bool = False,
 ) -> None:
-    """Publish one QoS 1 message from a short-lived MQTT 5 client and wait for its PUBACK."""
+    """Publish one QoS 1 message from a short-lived MQTT 5 client and wait for its PUBACK
+    (``retain``: the broker keeps it for later subscribers; an empty payload clears it)."""
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
@@ -255,7 +258,7 @@ def publish(
         props.CorrelationData = correlation
     if response_topic is not None:
         props.ResponseTopic = response_topic
-    client.publish(topic, payload, qos=1, properties=props).wait_for_publish(5)
+    client.publish(topic, payload, qos=1, retain=retain, properties=props).wait_for_publish(5)
     client.disconnect()
     client.loop_stop()
 

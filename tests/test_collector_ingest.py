@@ -105,25 +105,13 @@ STATE_POISONS: dict[str, bytes] = {
 }
 
 
-def _retain(port: int, topic: str, payload: bytes) -> None:
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-
-    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    client.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
-    client.disconnect()
-    client.loop_stop()
-
-
 @pytest.fixture
 def collectors(
     mosquitto: Mosquitto, db_url: str, tmp_path: Path
 ) -> Iterator[tuple[list[subprocess.Popen[str]], list[str]]]:
     """Two ``omis collect`` processes on one archive and one shared-subscription group."""
     for topic, payload in STATE_POISONS.items():
-        _retain(mosquitto.port, topic, payload)
+        publish(mosquitto.port, topic, payload, retain=True)
     ports = [free_port(), free_port()]
     procs = [
         collector_child(mosquitto.url, db_url, f"archive-{i}", tmp_path / f"s{i}", port)

@@ -122,8 +122,8 @@ def test_collector_keeps_live_state_alerts_and_skips_malformed(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
     prefix = "omis/v1/scope-07"
-    _retain(mosquitto.port, f"{prefix}/availability", "online")
-    _retain(mosquitto.port, f"{prefix}/status", json.dumps(_status("idle")))
+    publish(mosquitto.port, f"{prefix}/availability", "online", retain=True)
+    publish(mosquitto.port, f"{prefix}/status", json.dumps(_status("idle")), retain=True)
     config = load_collector_config(
         environ={},
         overrides={
@@ -149,29 +149,17 @@ def test_collector_keeps_live_state_alerts_and_skips_malformed(
         assert wait_until(lambda: api.get("/api/results").json()["total"] == 2, 20)
         assert service.subscriber is not None
         assert wait_until(lambda: service.subscriber.rejected == 2, 10)  # both set aside
-        _retain(mosquitto.port, f"{prefix}/availability", "offline")
+        publish(mosquitto.port, f"{prefix}/availability", "offline", retain=True)
         expected = ["high_risk", "offline", "rejected", "rejected", "seq_gap"]
         assert wait_until(lambda: sorted(_open_kinds(api)) == expected, 20)
         for leaf in ("availability", "status", "ota/state"):  # decommissioning (docs/scale.md)
-            _retain(mosquitto.port, f"{prefix}/{leaf}", "")
+            publish(mosquitto.port, f"{prefix}/{leaf}", "", retain=True)
         assert wait_until(lambda: _devices(api) == [], 20)
         assert api.get("/api/results", params={"device": "scope-07"}).json()["total"] == 2
     finally:
         stop.set()
         runner.join(10)
         service.close()
-
-
-def _retain(port: int, topic: str, payload: str) -> None:
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-
-    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    client.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
-    client.disconnect()
-    client.loop_stop()
 
 
 def _status(state: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from broker_support import (
     Collector,
     Mosquitto,
     mosquitto_fixture,  # noqa: F401 - the "mosquitto" fixture
+    publish,
 )
 from ota_support import make_bundle
 
@@ -124,18 +125,6 @@ def test_bundle_pack_refuses_what_is_not_a_bundle(tmp_path: Path, damage: str) -
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".b.tar")] == []
 
 
-def _retained(port: int, topic: str, payload: bytes) -> None:
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    client = paho.Client(CallbackAPIVersion.VERSION2)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    client.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
-    client.disconnect()
-    client.loop_stop()
-
-
 @pytest.fixture(scope="module")
 def signed_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("publish")
@@ -156,9 +145,9 @@ def test_publish_to_a_device_that_does_not_answer_fails_fast(
     base = f"omis/v1/{device}"
     if case != "absent":
         state = {"schema": "omis.ota_state/1", "current": 1, "progress": None}
-        _retained(mosquitto.port, f"{base}/ota/state", json.dumps(state).encode())
+        publish(mosquitto.port, f"{base}/ota/state", json.dumps(state).encode(), retain=True)
     if case == "offline":
-        _retained(mosquitto.port, f"{base}/availability", b"offline")
+        publish(mosquitto.port, f"{base}/availability", b"offline", retain=True)
     with Collector(mosquitto.port, f"{base}/#") as col:
         started = time.monotonic()
         r = omis(

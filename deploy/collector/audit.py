@@ -38,7 +38,9 @@ def record(
             role=actor.role,
             action=action,
             target=None if target is None else target[:300],
-            detail=json.dumps(detail, ensure_ascii=False, sort_keys=True, default=str),
+            detail=json.dumps(
+                detail, ensure_ascii=False, sort_keys=True, default=str, allow_nan=False
+            ),
             client=None if actor.client is None else actor.client[:64],
         )
     )

@@ -110,7 +110,7 @@ class Receipts:
                 collector=collector[:128] or "omis-collect",
                 at=rfc3339(),
             )
-            yield json.dumps(message.to_json(), separators=(",", ":")).encode()
+            yield json.dumps(message.to_json(), separators=(",", ":"), allow_nan=False).encode()
 
 
 class _StoppingError(Exception):

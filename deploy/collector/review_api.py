@@ -298,7 +298,7 @@ def validation_error(_request: Request, exc: Exception) -> Response:
         {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
         for e in errors
     ]
-    body = json.dumps({"detail": detail}, ensure_ascii=True, default=str)
+    body = json.dumps({"detail": detail}, ensure_ascii=True, default=str, allow_nan=False)
     return Response(body, status_code=422, media_type="application/json")
 
 

@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from deploy.collector.tables import device_groups, rollout_devices, rollouts
 from deploy.exceptions import FleetError
 from firmware_bridge.exceptions import InputError
+from firmware_bridge.fsutil import pid_alive
 from firmware_bridge.limits import check_identifier
 
 log = logging.getLogger(__name__)
@@ -63,13 +64,7 @@ def owner_alive(owner: str | None) -> bool | None:
     host, _, pid = owner.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(int(pid))
 
 
 def check_device(device: str) -> str:
@@ -331,7 +326,7 @@ class FleetStore:
                     bundle_sha256=bundle.sha256,
                     bundle_name=bundle.name,
                     bundle_version=bundle.version,
-                    target=json.dumps(plan.target, sort_keys=True),
+                    target=json.dumps(plan.target, sort_keys=True, allow_nan=False),
                     canary=plan.canary,
                     wave_size=plan.wave_size,
                     state="running",

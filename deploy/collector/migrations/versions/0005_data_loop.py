@@ -1,4 +1,4 @@
-"""The data loop: reviews (verdicts) and study metadata per slide.
+"""The data loop: the slide index of ``reviews`` (revision 0004) and study metadata per slide.
 
 Revision ID: 0005
 Revises: 0004
@@ -14,14 +14,9 @@ down_revision = "0004"
 branch_labels = None
 depends_on = None
 
-_Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-
 
 def upgrade() -> None:
-    """``reviews`` unless revision 0004 (review and sign-out) made it already, its slide index,
-    and ``study_slides``."""
-    if not sa.inspect(op.get_bind()).has_table("reviews"):
-        _create_reviews()
+    """The slide index of ``reviews`` (made by revision 0004) and ``study_slides``."""
     op.create_index("ix_reviews_slide", "reviews", ["slide_id", "id"])
     op.create_table(
         "study_slides",
@@ -31,24 +26,6 @@ def upgrade() -> None:
         sa.Column("reference", sa.String(16)),
         sa.Column("updated_at", sa.DateTime, nullable=False),
     )
-
-
-def _create_reviews() -> None:
-    # exactly revision 0004's definition (deploy/collector/tables.py)
-    op.create_table(
-        "reviews",
-        sa.Column("id", _Id, primary_key=True, autoincrement=True),
-        sa.Column("message_id", sa.String(64), nullable=False),
-        sa.Column("slide_id", sa.String(128), nullable=False),
-        sa.Column("bethesda", sa.String(32)),
-        sa.Column("adequacy", sa.String(32), nullable=False),
-        sa.Column("comment", sa.Text),
-        sa.Column("user_name", sa.String(64), nullable=False),
-        sa.Column("role", sa.String(64), nullable=False),
-        sa.Column("created_at", sa.DateTime, nullable=False),
-        sa.Column("supersedes", sa.BigInteger),
-    )
-    op.create_index("ix_reviews_message", "reviews", ["message_id", "id"])
 
 
 def downgrade() -> None:
