@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import subprocess
@@ -398,12 +399,23 @@ def test_an_outbox_of_schema_1_is_upgraded_in_place(tmp_path: Path) -> None:
         assert box.mark_sent([1]) == 1 and box.receipt(["old"]) == 1
 
 
+M_A = "00000000-0000-4000-8000-00000000000a"
+M_B = "00000000-0000-4000-8000-00000000000b"
+
+
+def _receipt(held: list[str], aside: list[str]) -> bytes:
+    """An ``omis.receipt/1`` as the archive sends it (``rejected``: ``{message_id, reason}``)."""
+    rejected = [{"message_id": m, "reason": "set aside: not storable"} for m in aside]
+    body = {"schema": "omis.receipt/1", "message_ids": held, "rejected": rejected}
+    return json.dumps({**body, "collector": "c1", "at": "2026-01-01T00:00:00Z"}).encode()
+
+
 def test_the_pump_keeps_sent_rows_for_receipts_and_resends_overdue_ones(tmp_path: Path) -> None:
     link = RefusingLink()
     stop = threading.Event()
     with Outbox(tmp_path / "o.db") as box:
-        box.put("m-a", "p/d/result", b"a")
-        box.put("m-b", "p/d/result", b"b")
+        box.put(M_A, "p/d/result", b"a")
+        box.put(M_B, "p/d/result", b"b")
         pump = OutboxPump(box, link, max_inflight=4, receipts=True, receipt_timeout_s=1.0)
         worker = threading.Thread(target=pump.run, args=(stop,), daemon=True)
         worker.start()
@@ -413,13 +425,18 @@ def test_the_pump_keeps_sent_rows_for_receipts_and_resends_overdue_ones(tmp_path
             pump.on_puback(2, True)
             assert wait_until(lambda: box.stats().sent == 2, 5)
             assert box.stats().rows == 0  # nothing waits for the broker any more
-            pump.on_receipt(b'{"schema": "omis.receipt/1", "message_ids": ["m-a"], "rejected": []}')
+            pump.on_receipt(_receipt([M_A], []))
             pump.on_receipt(b'{"schema": "other"}')  # ignored, logged
+            # the old shape (rejected as bare ids, no collector/at) is not a receipt either
+            pump.on_receipt(
+                b'{"schema": "omis.receipt/1", "message_ids": [], "rejected": ["%s"]}'
+                % M_B.encode()
+            )
             assert wait_until(lambda: box.stats().sent == 1, 5)
             # m-b has no receipt: after the timeout it is published again, same bytes
             assert wait_until(lambda: link.count() == 3, 10)
             assert link.sent[-1][1] == b"b"
-            pump.on_receipt(b'{"schema": "omis.receipt/1", "message_ids": [], "rejected": ["m-b"]}')
+            pump.on_receipt(_receipt([], [M_B]))
             assert wait_until(lambda: box.stats().sent == 0, 5)
         finally:
             stop.set()

@@ -204,7 +204,9 @@ def test_no_poison_message_stops_ingest(
         for body in receipts.json_on("/receipt"):
             assert body["schema"] == "omis.receipt/1"
             confirmed.update(body["message_ids"])
-            aside.update(body["rejected"])
+            for item in body["rejected"]:  # omis.receipt/1: {message_id, reason}
+                assert item["reason"], item
+                aside.add(item["message_id"])
         return confirmed >= set(valid) and aside >= poison_ids
 
     assert wait_until(receipted, 20), (len(confirmed), len(aside))
@@ -230,8 +232,8 @@ def test_a_second_copy_with_other_content_is_a_conflict(engine: Any) -> None:
 
     store, queries = ArchiveStore(engine), ArchiveQueries(engine)
     first = make_result(1, device=DEVICE)
-    changed = json.loads(json.dumps(first))
-    changed["prediction"]["label"] = changed["prediction"]["risk"] = "high"
+    # another valid result under the same message_id (label == decision, as the model demands)
+    changed = {**make_result(1, device=DEVICE, p_high=0.9), "message_id": first["message_id"]}
     rows = [result_row(r, utcnow()) for r in (first, first, changed)]
     assert store.add_results(rows[:1]) == ["stored"]
     assert store.add_results(rows[1:]) == ["duplicate", "conflict"]
