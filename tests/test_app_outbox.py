@@ -308,6 +308,30 @@ def test_a_deleted_database_is_recreated_with_every_pending_row(
         assert [i.message_id for i in again.pending(limit=10)] == ["m1", "m2", "m3"]
 
 
+def test_a_recreated_database_keeps_the_rows_waiting_for_a_receipt(tmp_path: Path) -> None:
+    """Device's recreation meets ingest's receipts: a sent row (PUBACKed, no receipt yet) is
+    carried over as sent, with its sent time, so it is neither published again at once nor
+    forgotten, and the counts stay right."""
+    path = tmp_path / "o.db"
+    with Outbox(path) as box:
+        ids = [box.put(f"m{i}", "t", f"p{i}".encode()) for i in range(3)]
+        sent_at = time.time() - 100
+        assert box.mark_sent(ids[:2], at=sent_at) == 2
+        path.unlink()
+        assert box.check_file() is not None and "deleted" in (box.last_fault or "")
+        stats = box.stats()
+        assert (stats.rows, stats.sent, stats.bytes) == (1, 2, 6)
+        assert box.state_of("m0") == "sent" and box.state_of("m2") == "pending"
+        assert [i.message_id for i in box.pending(limit=10)] == ["m2"]
+        assert box.overdue(sent_at - 1) == []  # its sent time came along, not "now"
+        assert [i.message_id for i in box.overdue(sent_at + 1)] == ["m0", "m1"]
+        assert box.receipt(["m1"]) == 1
+        assert box.newest_receipted_sent_at == sent_at
+    with Outbox(path) as again:  # on disk, as sent
+        assert (again.stats().rows, again.stats().sent) == (1, 1)
+        assert again.state_of("m0") == "sent"
+
+
 def test_a_replaced_database_is_detected_on_the_next_write(tmp_path: Path) -> None:
     path = tmp_path / "o.db"
     with Outbox(path) as box:
