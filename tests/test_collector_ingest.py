@@ -252,6 +252,19 @@ def test_a_second_copy_with_other_content_is_a_conflict(engine: Any) -> None:
     assert queries.rejected()["total"] == 2
 
 
+def test_a_result_the_model_refuses_is_named_once_in_the_reason() -> None:
+    """The rejected table's reason is one line naming the field, prefixed once."""
+    from deploy.collector.store import result_row, utcnow
+    from deploy.exceptions import MessageRejectedError
+
+    bad = make_result(1, device=DEVICE)
+    bad["prediction"]["label"] = bad["prediction"]["risk"] = "high"  # p_high 0.2: low
+    with pytest.raises(MessageRejectedError) as caught:
+        result_row(bad, utcnow())
+    assert str(caught.value).startswith("result: prediction"), str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
 def _service(mosquitto: Mosquitto, tmp_path: Path, **ingest: Any) -> Any:
     from deploy.collector.config import load_collector_config
     from deploy.collector.service import ArchiveService
