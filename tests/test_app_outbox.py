@@ -434,7 +434,9 @@ def _receipt(held: list[str], aside: list[str]) -> bytes:
     return json.dumps({**body, "collector": "c1", "at": "2026-01-01T00:00:00Z"}).encode()
 
 
-def test_the_pump_keeps_sent_rows_for_receipts_and_resends_overdue_ones(tmp_path: Path) -> None:
+def test_the_pump_keeps_sent_rows_for_receipts_and_resends_overdue_ones(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     link = RefusingLink()
     stop = threading.Event()
     with Outbox(tmp_path / "o.db") as box:
@@ -467,3 +469,5 @@ def test_the_pump_keeps_sent_rows_for_receipts_and_resends_overdue_ones(tmp_path
             pump.notify()
             worker.join(5)
     assert (pump.receipted, pump.resent) == (2, 1)
+    # a result the archive set aside leaves the outbox, but not silently: its reason is logged
+    assert any(M_B in r.message and "not storable" in r.message for r in caplog.records)
