@@ -2,8 +2,9 @@
 
 Topic ``<prefix>/<device>/receipt`` (archive -> device, QoS 1, not retained).  The archive
 publishes one receipt per batch it committed, naming every ``message_id`` of that device it now
-holds: stored (or already stored, a redelivery), kept as a conflict, or set aside in its
-rejected-messages table (``rejected``, with the reason; the bytes are kept there).  The device
+holds: stored (or already stored, a redelivery), or set aside in its rejected-messages table
+(``rejected``, with the reason; the bytes are kept there) -- a conflicting second copy of a
+stored ``message_id`` included (reason ``conflict: ...``).  The device
 deletes a result from its outbox only when a receipt names it; until then it resends the result
 after a timeout (the broker's PUBACK only marks it "sent").
 """
@@ -35,12 +36,13 @@ class ReceiptMessage(Message):
     message_ids: list[MessageId] = Field(
         default_factory=list,
         max_length=MAX_RECEIPT_IDS,
-        description="stored (or stored before, or kept as a conflict): delete from the outbox",
+        description="stored (or stored before, a redelivery): delete from the outbox",
     )
     rejected: list[RejectedId] = Field(
         default_factory=list,
         max_length=MAX_RECEIPT_IDS,
-        description="set aside in the rejected-messages table: delete, and do not resend",
+        description="set aside in the rejected-messages table (a conflicting copy too): "
+        "delete, and do not resend",
     )
     collector: str = Field(min_length=1, max_length=128, description="archive instance id")
     at: Timestamp
