@@ -20,6 +20,7 @@ from broker_support import (
     Collector,
     Mosquitto,
     mosquitto_fixture,  # noqa: F401 - the "mosquitto" fixture
+    port_open,
     publish,
     wait_until,
 )
@@ -138,6 +139,9 @@ def collectors(
             60,
         )
         assert ready and all(p.poll() is None for p in procs), [p.poll() for p in procs]
+        # the HTTP API may come up a moment after the subscription (a loaded machine)
+        up = wait_until(lambda: all(port_open(p) for p in ports), 60)
+        assert up and all(p.poll() is None for p in procs), [p.poll() for p in procs]
         yield procs, [f"http://127.0.0.1:{port}" for port in ports]
     finally:
         for proc in procs:
