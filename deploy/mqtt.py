@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -36,6 +36,9 @@ from deploy.broker import BrokerAddress
 from deploy.config import MqttConfig, TlsConfig
 from deploy.exceptions import MqttError
 from deploy.outbox import Outbox, OutboxItem
+
+if TYPE_CHECKING:
+    from deploy.messages.receipt import ReceiptMessage
 
 log = logging.getLogger(__name__)
 
@@ -463,10 +466,19 @@ class OutboxPump:
 
     def on_receipt(self, payload: bytes) -> None:
         """An ``omis.receipt/1`` (network thread): remember its ids, let the pump delete them."""
-        ids = receipt_ids(payload)
-        if ids is None:
+        receipt = parse_receipt(payload)
+        if receipt is None:
             log.warning("MQTT: ignoring a malformed receipt (%d bytes)", len(payload))
             return
+        ids = _ids_of(receipt)
+        if receipt.rejected:  # kept by the archive, never resent: say why, not silently
+            first = receipt.rejected[0]
+            log.warning(
+                "MQTT: the archive set aside %d result(s), not resent (%s: %s)",
+                len(receipt.rejected),
+                first.message_id,
+                first.reason,
+            )
         with self._lock:
             self._receipt_ids.extend(ids)
         self._wake.set()
@@ -598,8 +610,8 @@ class OutboxPump:
         return self.outbox.stats().rows == 0
 
 
-def receipt_ids(payload: bytes) -> list[str] | None:
-    """The ``message_id`` s an ``omis.receipt/1`` confirms (stored and set aside), else None."""
+def parse_receipt(payload: bytes) -> ReceiptMessage | None:
+    """The ``omis.receipt/1`` in ``payload``; None when it is not a valid one."""
     from deploy.messages.parsing import MessageError, parse_message
     from deploy.messages.receipt import ReceiptMessage
 
@@ -607,6 +619,14 @@ def receipt_ids(payload: bytes) -> list[str] | None:
         receipt = parse_message("receipt", payload)
     except MessageError:
         return None
-    if not isinstance(receipt, ReceiptMessage):
-        return None
+    return receipt if isinstance(receipt, ReceiptMessage) else None
+
+
+def _ids_of(receipt: ReceiptMessage) -> list[str]:
     return [*receipt.message_ids, *(r.message_id for r in receipt.rejected)]
+
+
+def receipt_ids(payload: bytes) -> list[str] | None:
+    """The ``message_id`` s an ``omis.receipt/1`` confirms (stored and set aside), else None."""
+    receipt = parse_receipt(payload)
+    return None if receipt is None else _ids_of(receipt)

@@ -42,6 +42,12 @@ def _replies(col: Collector, cid: str) -> list[dict[str, object]]:
     return [r for r in col.json_on("/cmd/scan/reply") if r.get("correlation_id") == cid]
 
 
+def _last_status(col: Collector) -> dict[str, object]:
+    """The latest status seen ({} before the first: it may follow "online" by a moment)."""
+    statuses = col.json_on("/status")
+    return statuses[-1] if statuses else {}
+
+
 def test_a_fresh_device_comes_up_degraded_and_takes_its_first_model_over_mqtt(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
@@ -70,7 +76,7 @@ def test_a_fresh_device_comes_up_degraded_and_takes_its_first_model_over_mqtt(
         try:
             assert wait_until(lambda: b"online" in col.on("/availability"), 60)
             # (before the scanner step the status says scanner_unavailable; then no_model)
-            assert wait_until(lambda: col.json_on("/status")[-1]["reasons"] == ["no_model"], 30), (
+            assert wait_until(lambda: _last_status(col).get("reasons") == ["no_model"], 30), (
                 log.read_text()[-2000:]
             )
             status = col.json_on("/status")[-1]
@@ -98,7 +104,7 @@ def test_a_fresh_device_comes_up_degraded_and_takes_its_first_model_over_mqtt(
                 ),
                 60,
             ), col.json_on("/ota/state")[-3:]
-            assert wait_until(lambda: col.json_on("/status")[-1]["state"] == "idle", 10)
+            assert wait_until(lambda: _last_status(col).get("state") == "idle", 10)
             assert col.json_on("/status")[-1]["model"]["version"] == 1
             # 4. it scans
             publish(mosquitto.port, f"{BASE}/cmd/scan", b'{"slide_id": "sim0-0002"}', b"after")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import subprocess
@@ -307,6 +308,30 @@ def test_a_deleted_database_is_recreated_with_every_pending_row(
         assert [i.message_id for i in again.pending(limit=10)] == ["m1", "m2", "m3"]
 
 
+def test_a_recreated_database_keeps_the_rows_waiting_for_a_receipt(tmp_path: Path) -> None:
+    """Device's recreation meets ingest's receipts: a sent row (PUBACKed, no receipt yet) is
+    carried over as sent, with its sent time, so it is neither published again at once nor
+    forgotten, and the counts stay right."""
+    path = tmp_path / "o.db"
+    with Outbox(path) as box:
+        ids = [box.put(f"m{i}", "t", f"p{i}".encode()) for i in range(3)]
+        sent_at = time.time() - 100
+        assert box.mark_sent(ids[:2], at=sent_at) == 2
+        path.unlink()
+        assert box.check_file() is not None and "deleted" in (box.last_fault or "")
+        stats = box.stats()
+        assert (stats.rows, stats.sent, stats.bytes) == (1, 2, 6)
+        assert box.state_of("m0") == "sent" and box.state_of("m2") == "pending"
+        assert [i.message_id for i in box.pending(limit=10)] == ["m2"]
+        assert box.overdue(sent_at - 1) == []  # its sent time came along, not "now"
+        assert [i.message_id for i in box.overdue(sent_at + 1)] == ["m0", "m1"]
+        assert box.receipt(["m1"]) == 1
+        assert box.newest_receipted_sent_at == sent_at
+    with Outbox(path) as again:  # on disk, as sent
+        assert (again.stats().rows, again.stats().sent) == (1, 1)
+        assert again.state_of("m0") == "sent"
+
+
 def test_a_replaced_database_is_detected_on_the_next_write(tmp_path: Path) -> None:
     path = tmp_path / "o.db"
     with Outbox(path) as box:
@@ -398,12 +423,25 @@ def test_an_outbox_of_schema_1_is_upgraded_in_place(tmp_path: Path) -> None:
         assert box.mark_sent([1]) == 1 and box.receipt(["old"]) == 1
 
 
-def test_the_pump_keeps_sent_rows_for_receipts_and_resends_overdue_ones(tmp_path: Path) -> None:
+M_A = "00000000-0000-4000-8000-00000000000a"
+M_B = "00000000-0000-4000-8000-00000000000b"
+
+
+def _receipt(held: list[str], aside: list[str]) -> bytes:
+    """An ``omis.receipt/1`` as the archive sends it (``rejected``: ``{message_id, reason}``)."""
+    rejected = [{"message_id": m, "reason": "set aside: not storable"} for m in aside]
+    body = {"schema": "omis.receipt/1", "message_ids": held, "rejected": rejected}
+    return json.dumps({**body, "collector": "c1", "at": "2026-01-01T00:00:00Z"}).encode()
+
+
+def test_the_pump_keeps_sent_rows_for_receipts_and_resends_overdue_ones(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     link = RefusingLink()
     stop = threading.Event()
     with Outbox(tmp_path / "o.db") as box:
-        box.put("m-a", "p/d/result", b"a")
-        box.put("m-b", "p/d/result", b"b")
+        box.put(M_A, "p/d/result", b"a")
+        box.put(M_B, "p/d/result", b"b")
         pump = OutboxPump(box, link, max_inflight=4, receipts=True, receipt_timeout_s=1.0)
         worker = threading.Thread(target=pump.run, args=(stop,), daemon=True)
         worker.start()
@@ -413,16 +451,23 @@ def test_the_pump_keeps_sent_rows_for_receipts_and_resends_overdue_ones(tmp_path
             pump.on_puback(2, True)
             assert wait_until(lambda: box.stats().sent == 2, 5)
             assert box.stats().rows == 0  # nothing waits for the broker any more
-            pump.on_receipt(b'{"schema": "omis.receipt/1", "message_ids": ["m-a"], "rejected": []}')
+            pump.on_receipt(_receipt([M_A], []))
             pump.on_receipt(b'{"schema": "other"}')  # ignored, logged
+            # the old shape (rejected as bare ids, no collector/at) is not a receipt either
+            pump.on_receipt(
+                b'{"schema": "omis.receipt/1", "message_ids": [], "rejected": ["%s"]}'
+                % M_B.encode()
+            )
             assert wait_until(lambda: box.stats().sent == 1, 5)
             # m-b has no receipt: after the timeout it is published again, same bytes
             assert wait_until(lambda: link.count() == 3, 10)
             assert link.sent[-1][1] == b"b"
-            pump.on_receipt(b'{"schema": "omis.receipt/1", "message_ids": [], "rejected": ["m-b"]}')
+            pump.on_receipt(_receipt([], [M_B]))
             assert wait_until(lambda: box.stats().sent == 0, 5)
         finally:
             stop.set()
             pump.notify()
             worker.join(5)
     assert (pump.receipted, pump.resent) == (2, 1)
+    # a result the archive set aside leaves the outbox, but not silently: its reason is logged
+    assert any(M_B in r.message and "not storable" in r.message for r in caplog.records)

@@ -20,6 +20,7 @@ from broker_support import (
     Collector,
     Mosquitto,
     mosquitto_fixture,  # noqa: F401 - the "mosquitto" fixture
+    port_open,
     publish,
     wait_until,
 )
@@ -126,6 +127,9 @@ def collectors(
             60,
         )
         assert ready and all(p.poll() is None for p in procs), [p.poll() for p in procs]
+        # the HTTP API may come up a moment after the subscription (a loaded machine)
+        up = wait_until(lambda: all(port_open(p) for p in ports), 60)
+        assert up and all(p.poll() is None for p in procs), [p.poll() for p in procs]
         yield procs, [f"http://127.0.0.1:{port}" for port in ports]
     finally:
         for proc in procs:
@@ -192,7 +196,9 @@ def test_no_poison_message_stops_ingest(
         for body in receipts.json_on("/receipt"):
             assert body["schema"] == "omis.receipt/1"
             confirmed.update(body["message_ids"])
-            aside.update(body["rejected"])
+            for item in body["rejected"]:  # omis.receipt/1: {message_id, reason}
+                assert item["reason"], item
+                aside.add(item["message_id"])
         return confirmed >= set(valid) and aside >= poison_ids
 
     assert wait_until(receipted, 20), (len(confirmed), len(aside))
@@ -218,8 +224,8 @@ def test_a_second_copy_with_other_content_is_a_conflict(engine: Any) -> None:
 
     store, queries = ArchiveStore(engine), ArchiveQueries(engine)
     first = make_result(1, device=DEVICE)
-    changed = json.loads(json.dumps(first))
-    changed["prediction"]["label"] = changed["prediction"]["risk"] = "high"
+    # another valid result under the same message_id (label == decision, as the model demands)
+    changed = {**make_result(1, device=DEVICE, p_high=0.9), "message_id": first["message_id"]}
     rows = [result_row(r, utcnow()) for r in (first, first, changed)]
     assert store.add_results(rows[:1]) == ["stored"]
     assert store.add_results(rows[1:]) == ["duplicate", "conflict"]
@@ -236,6 +242,19 @@ def test_a_second_copy_with_other_content_is_a_conflict(engine: Any) -> None:
     batch = [result_row(r, utcnow()) for r in (again, again, other)]
     assert store.add_results(batch) == ["stored", "duplicate", "conflict"]
     assert queries.rejected()["total"] == 2
+
+
+def test_a_result_the_model_refuses_is_named_once_in_the_reason() -> None:
+    """The rejected table's reason is one line naming the field, prefixed once."""
+    from deploy.collector.store import result_row, utcnow
+    from deploy.exceptions import MessageRejectedError
+
+    bad = make_result(1, device=DEVICE)
+    bad["prediction"]["label"] = bad["prediction"]["risk"] = "high"  # p_high 0.2: low
+    with pytest.raises(MessageRejectedError) as caught:
+        result_row(bad, utcnow())
+    assert str(caught.value).startswith("result: prediction"), str(caught.value)
+    assert "\n" not in str(caught.value)
 
 
 def _service(mosquitto: Mosquitto, tmp_path: Path, **ingest: Any) -> Any:

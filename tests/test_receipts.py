@@ -188,3 +188,43 @@ def test_omis_scan_with_a_dotted_device_id_is_archived_and_receipted(
         assert remaining.stats().rows == remaining.stats().sent == 0
     finally:
         remaining.close()
+
+
+def _shipped_max_packet() -> int:
+    line = next(x for x in shipped_limits().splitlines() if x.startswith("max_packet_size"))
+    return int(line.split()[1])
+
+
+@pytest.mark.parametrize(
+    ("held", "aside", "reason"),
+    [
+        (2500, 0, ""),
+        (0, 2500, "x" * 2000),  # long reasons: cut, still named
+        (1000, 1000, "\u00e9\u2028\x00" * 400),  # escaped in JSON: six bytes a character
+    ],
+)
+def test_receipts_are_split_to_fit_the_broker_and_name_every_id(
+    held: int, aside: int, reason: str
+) -> None:
+    """One batch's receipt for one device: every id (held or set aside, with its reason)
+    arrives, in valid ``omis.receipt/1`` messages the shipped broker accepts."""
+    import uuid
+
+    from deploy.collector.ingest import Receipts
+    from deploy.messages.receipt import MAX_RECEIPT_IDS
+    from deploy.mqtt import receipt_ids
+
+    receipts = Receipts()
+    receipts.message_ids = [str(uuid.uuid4()) for _ in range(held)]
+    receipts.rejected = [(str(uuid.uuid4()), f"{i}: {reason}") for i in range(aside)]
+    named: list[str] = []
+    for payload in receipts.messages("archive-r"):
+        assert len(payload) + 256 < _shipped_max_packet()  # + topic and MQTT header
+        body = json.loads(payload)
+        assert len(body["message_ids"]) <= MAX_RECEIPT_IDS >= len(body["rejected"])
+        assert all(r["reason"] for r in body["rejected"])
+        ids = receipt_ids(payload)
+        assert ids is not None, payload[:200]
+        named += ids
+    expected = receipts.message_ids + [m for m, _ in receipts.rejected]
+    assert sorted(named) == sorted(expected)

@@ -72,6 +72,7 @@ from deploy.schemas import validate
 
 log = logging.getLogger(__name__)
 
+RECEIPT_MAX_BYTES = 256 * 1024  # ids and reasons per receipt; well under max_packet_size
 RECEIVE_MAXIMUM = 500  # unacknowledged messages the broker may hand this instance at once
 STATE_KINDS = ("availability", "status", "ota/state")
 REJECTED = "rejected"
@@ -98,19 +99,43 @@ class Receipts:
     rejected: list[tuple[str, str]] = field(default_factory=list)
 
     def messages(self, collector: str) -> Iterator[bytes]:
-        """The ``omis.receipt/1`` payloads (:mod:`deploy.messages.receipt`), split by size."""
-        step = MAX_RECEIPT_IDS
-        held, aside = self.message_ids, self.rejected
-        for start in range(0, max(len(held), len(aside)), step):
-            message = ReceiptMessage(
-                message_ids=held[start : start + step],
-                rejected=[
-                    RejectedId(message_id=m, reason=r[:500]) for m, r in aside[start : start + step]
-                ],
-                collector=collector[:128] or "omis-collect",
-                at=rfc3339(),
-            )
-            yield json.dumps(message.to_json(), separators=(",", ":"), allow_nan=False).encode()
+        """The ``omis.receipt/1`` payloads (:mod:`deploy.messages.receipt`), split by size.
+
+        Each holds at most ``MAX_RECEIPT_IDS`` ids per list and about ``RECEIPT_MAX_BYTES``:
+        the broker closes the connection of a client publishing more than its
+        ``max_packet_size`` (1 MiB shipped), and a reason may take six bytes a character.
+        """
+        held: list[str] = []
+        aside: list[RejectedId] = []
+        size = 0
+        items = [(m, None) for m in self.message_ids] + [(m, r[:500]) for m, r in self.rejected]
+        for message_id, reason in items:
+            if reason is None:
+                cost = len(message_id) + 3
+            else:
+                entry = {"message_id": message_id, "reason": reason}
+                cost = len(json.dumps(entry, separators=(",", ":"))) + 1
+            full = len(held) >= MAX_RECEIPT_IDS or len(aside) >= MAX_RECEIPT_IDS
+            if (held or aside) and (full or size + cost > RECEIPT_MAX_BYTES):
+                yield _receipt(held, aside, collector)
+                held, aside, size = [], [], 0
+            if reason is None:
+                held.append(message_id)
+            else:
+                aside.append(RejectedId(message_id=message_id, reason=reason))
+            size += cost
+        if held or aside:
+            yield _receipt(held, aside, collector)
+
+
+def _receipt(held: list[str], aside: list[RejectedId], collector: str) -> bytes:
+    message = ReceiptMessage(
+        message_ids=held,
+        rejected=aside,
+        collector=collector[:128] or "omis-collect",
+        at=rfc3339(),
+    )
+    return json.dumps(message.to_json(), separators=(",", ":"), allow_nan=False).encode()
 
 
 class _StoppingError(Exception):
@@ -475,9 +500,12 @@ class ArchiveSubscriber:
             return
         for device, ids in receipts.items():
             topic = receipt_topic(self.prefix, device)
-            for body in ids.messages(self.config.client_id):
-                client.publish(topic, body, qos=1, retain=False)
-                self.receipts_sent += 1
+            try:
+                for body in ids.messages(self.config.client_id):
+                    client.publish(topic, body, qos=1, retain=False)
+                    self.receipts_sent += 1
+            except Exception:  # the batch is stored: a lost receipt only means a resend
+                log.exception("receipt for device %s could not be sent", device)
 
     def _store_shadow(self, item: Inbound, device: str, receipts: dict[str, Receipts]) -> None:
         """A shadow result: parsed (one claiming another device is a data error, set aside),

@@ -48,7 +48,8 @@ def contract_checked(result: dict[str, Any]) -> dict[str, Any]:
     try:
         return check_result(result)
     except ValueError as exc:
-        raise MessageRejectedError(f"result: {str(exc)[:300]}") from exc
+        message = str(exc).removeprefix("result: ")  # the model's errors already say where
+        raise MessageRejectedError(f"result: {message[:300]}") from exc
 
 
 def _refuse_constant(name: str) -> Any:

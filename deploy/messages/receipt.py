@@ -3,7 +3,8 @@
 Topic ``<prefix>/<device>/receipt`` (archive -> device, QoS 1, not retained).  The archive
 publishes one receipt per batch it committed, naming every ``message_id`` of that device it now
 holds: stored (or already stored, a redelivery), or set aside in its rejected-messages table
-(a conflicting copy included) (``rejected``, with the reason; the bytes are kept there).  The device
+(``rejected``, with the reason; the bytes are kept there) -- a conflicting second copy of a
+stored ``message_id`` included (reason ``conflict: ...``).  The device
 deletes a result from its outbox only when a receipt names it; until then it resends the result
 after a timeout (the broker's PUBACK only marks it "sent").
 """
@@ -40,7 +41,8 @@ class ReceiptMessage(Message):
     rejected: list[RejectedId] = Field(
         default_factory=list,
         max_length=MAX_RECEIPT_IDS,
-        description="set aside (malformed, unstorable, a conflicting copy): delete, do not resend",
+        description="set aside in the rejected-messages table (a conflicting copy too): "
+        "delete, and do not resend",
     )
     collector: str = Field(min_length=1, max_length=128, description="archive instance id")
     at: Timestamp
