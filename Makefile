@@ -1,6 +1,7 @@
 # omis-edge: the two commands of the Quick start, plus helpers.
 #   make demo   install into .venv/ and run the main job on simulated hardware
 #   make test   install with test tools, then lint, type-check and run the suite
+#   make test-fast   the suite without the tests marked slow (the inner loop)
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 VENV ?= .venv
@@ -9,7 +10,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 # The stamp names the extras and the hash of pyproject.toml: any change reinstalls, nothing else does.
 HASH := $(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: demo test install install-test lint typecheck pytest bench system-deps clean
+.PHONY: demo test test-fast install install-test lint typecheck pytest bench system-deps clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -51,6 +52,11 @@ pytest: install-test
 	$(VENV)/bin/pytest
 
 test: lint typecheck pytest
+
+# The inner loop: everything but the tests marked slow (real trainings, demos, bursts, fleets),
+# stopping at the first failure; `make test` still runs them all.
+test-fast: install-test
+	$(VENV)/bin/pytest -m "not slow" -x -q
 
 bench: install
 	$(PY) benchmarks/run_all.py
