@@ -73,6 +73,8 @@ def test_outcomes_are_counted_once_and_a_rollback_raises_an_alert(
         {"step": "committed", "correlation_id": 7},
         {"step": "committed", "correlation_id": "c", "version": 2**70},
         {"step": "committed", "correlation_id": "c", "version": True},
+        {"step": ["committed"], "correlation_id": "c"},  # unhashable: not a step
+        {"step": {"x": 1}, "correlation_id": "c"},
         "committed",
         None,
     ],

@@ -39,12 +39,15 @@ def record_ota_event(
 ) -> bool:
     """Append the final step this ``ota/state`` reports, once; True when it was new."""
     progress = state.get("progress")
-    if not isinstance(progress, dict) or progress.get("step") not in FINAL_STEPS:
+    if not isinstance(progress, dict):
+        return False
+    step = progress.get("step")
+    # any JSON type may arrive: a list or object is no step (and is unhashable)
+    if not isinstance(step, str) or step not in FINAL_STEPS:
         return False
     cid = _text(progress.get("correlation_id"), 128)
     if cid is None:
         return False
-    step = str(progress["step"])
     version = _int(progress.get("version"))
     reason = _text(progress.get("reason"), 2000)
     exists = conn.execute(
