@@ -205,7 +205,8 @@
     const rollouts = list(rolloutsBody).map(rolloutItem);
     document.getElementById("fleet-rollouts").replaceChildren(...rollouts);
     document.getElementById("fleet-rollout-count").textContent = String(rollouts.length);
-    note.textContent = `${devices.length} devices, ${rollouts.length} rollouts; updated ${window.Omis.localTime(new Date().toISOString())}`;
+    const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+    note.textContent = `${plural(devices.length, "device")}, ${plural(rollouts.length, "rollout")}; updated ${window.Omis.localTime(new Date().toISOString())}`;
   }
 
   function failed(err) {
