@@ -37,7 +37,9 @@ class FakeDevice:
         self.silent = False
         self.ready = threading.Event()
         self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"fake-{device}", protocol=MQTTProtocolVersion.MQTTv5
+            CallbackAPIVersion.VERSION2,
+            client_id=f"fake-{device}",
+            protocol=MQTTProtocolVersion.MQTTv5,
         )
         self.client.on_connect = lambda c, *_: c.subscribe(f"{PREFIX}/+/cmd/+", qos=1)
         self.client.on_subscribe = lambda *_: self.ready.set()
@@ -65,7 +67,7 @@ class FakeDevice:
             correlation_id=body.get("correlation_id"),
             ok=error is None,
             result=result,
-            error=error,  # type: ignore[arg-type]
+            error=error,
             at=rfc3339(),
         )
         client.publish(f"{msg.topic}/reply", reply.payload(), qos=1)
@@ -103,9 +105,7 @@ def test_operator_scan_is_published_answered_and_audited(
     archive, device = setup
     api, csrf = archive.login("operator")
     body = {"slide_id": "S-77", "fields": 4, "plan": "quick"}
-    response = api.post(
-        f"/api/devices/{DEVICE}/scan", json=body, headers={"X-CSRF-Token": csrf}
-    )
+    response = api.post(f"/api/devices/{DEVICE}/scan", json=body, headers={"X-CSRF-Token": csrf})
     assert response.status_code == 200, response.text
     reply = response.json()
     assert reply["ok"] is True and reply["result"]["slide_id"] == "S-77"
@@ -137,12 +137,9 @@ def test_cancel_refused_by_the_device_is_returned_and_audited(
     assert entry["detail"]["reply"] == "not_found"
 
 
-@pytest.mark.parametrize("role", ["viewer", "cytotech"])
-def test_roles_below_operator_are_refused_and_nothing_is_sent(
-    setup: tuple[Archive, FakeDevice], role: str
-) -> None:
+def test_a_viewer_is_refused_and_nothing_is_sent(setup: tuple[Archive, FakeDevice]) -> None:
     archive, device = setup
-    api, csrf = archive.login(role)
+    api, csrf = archive.login("viewer")
     for verb, body in (("scan", {"slide_id": "S-1"}), ("cancel", {})):
         response = api.post(
             f"/api/devices/{DEVICE}/{verb}", json=body, headers={"X-CSRF-Token": csrf}
@@ -158,7 +155,9 @@ def test_a_cookie_request_without_csrf_is_refused_and_nothing_is_sent(
     archive, device = setup
     api, _csrf = archive.login("operator")
     for headers in ({}, {"X-CSRF-Token": "forged"}):
-        response = api.post(f"/api/devices/{DEVICE}/scan", json={"slide_id": "S-2"}, headers=headers)
+        response = api.post(
+            f"/api/devices/{DEVICE}/scan", json={"slide_id": "S-2"}, headers=headers
+        )
         assert response.status_code == 403, response.text
         assert "CSRF" in response.json()["detail"]
     assert not wait_until(lambda: device.commands, 0.5)
