@@ -17,7 +17,7 @@ import pytest
 from broker_support import Mosquitto, mosquitto_fixture, wait_until  # noqa: F401
 from collector_support import database_url, postgres_server  # noqa: F401
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from review_support import Archive, open_archive
+from review_support import PASSWORD, USERS, Archive, open_archive
 
 from deploy.collector.config import CollectorMqtt
 from deploy.messages.base import rfc3339
@@ -135,6 +135,20 @@ def test_cancel_refused_by_the_device_is_returned_and_audited(
     [entry] = _audit(archive, "command.cancel")
     assert entry["user_name"] == "pathologist-1"
     assert entry["detail"]["reply"] == "not_found"
+
+
+def test_programs_send_with_basic_credentials_and_no_csrf(
+    setup: tuple[Archive, FakeDevice],
+) -> None:
+    archive, device = setup
+    response = archive.client().post(
+        f"/api/devices/{DEVICE}/cancel", auth=(USERS["admin"], PASSWORD)
+    )  # no body: the running scan
+    assert response.status_code == 200, response.text
+    [(topic, sent)] = device.commands
+    assert topic.endswith("/cmd/cancel") and sent.get("scan_id") is None
+    [entry] = _audit(archive, "command.cancel")
+    assert entry["user_name"] == USERS["admin"] and entry["role"] == "admin"
 
 
 def test_a_viewer_is_refused_and_nothing_is_sent(setup: tuple[Archive, FakeDevice]) -> None:
