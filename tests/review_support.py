@@ -17,8 +17,9 @@ from sqlalchemy import Engine
 from deploy.collector.api import create_app
 from deploy.collector.audit import Actor
 from deploy.collector.auth import ROLES, UserStore, hash_password
-from deploy.collector.config import HttpConfig, ReviewConfig
+from deploy.collector.config import CollectorMqtt, HttpConfig, IngestConfig, ReviewConfig
 from deploy.collector.db import migrate, open_engine
+from deploy.collector.ingest import ArchiveSubscriber
 from deploy.collector.queries import ArchiveQueries
 from deploy.collector.store import ArchiveStore
 
@@ -36,6 +37,7 @@ class Archive:
     engine: Engine
     store: ArchiveStore
     app: Any
+    subscriber: ArchiveSubscriber | None = None  # the archive's MQTT session (open_archive mqtt=)
 
     def client(self, base_url: str = "http://localhost") -> TestClient:
         """A fresh client (its own cookie jar)."""
@@ -49,26 +51,36 @@ class Archive:
         return api, response.json()["csrf_token"]
 
     def close(self) -> None:
-        """Dispose of the engine."""
+        """Close the MQTT session, dispose of the engine."""
+        if self.subscriber is not None:
+            self.subscriber.close()
         self.engine.dispose()
 
 
-def open_archive(db_url: str, *, share: float = 0.10, **http: Any) -> Archive:
-    """Migrated database, one user per role, the app (every request must authenticate)."""
+def open_archive(
+    db_url: str, *, share: float = 0.10, mqtt: CollectorMqtt | None = None, **http: Any
+) -> Archive:
+    """Migrated database, one user per role, the app (every request must authenticate);
+    ``mqtt``: also the archive's MQTT session (started), which sends the API's commands."""
     engine = open_engine(db_url)
     migrate(engine)
     users = UserStore(engine)
     for role, name in USERS.items():
         users.add(name, role, PASSWORD, Actor("test-setup", "admin"), hashed=_HASH)
     config = HttpConfig(**http)
+    store = ArchiveStore(engine)
+    subscriber = None if mqtt is None else ArchiveSubscriber(mqtt, store, IngestConfig())
     app = create_app(
         ArchiveQueries(engine),
         config,
         None,
         engine=engine,
         review=ReviewConfig(qc_sample_share=share),
+        commands=subscriber,
     )
-    return Archive(engine, ArchiveStore(engine), app)
+    if subscriber is not None:
+        subscriber.start()
+    return Archive(engine, store, app, subscriber)
 
 
 def node_validate(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:

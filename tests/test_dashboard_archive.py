@@ -45,6 +45,7 @@ PW = {
     "scope-07": "pw-dev", "svc.ingest": "pw-ingest", "dashboard": "pw-dash", "operator": "pw-op",
     "alice": "pw-älice-✓",  # a cytotechnologist; UTF-8 on purpose
     "bob": "pw-bob",  # a pathologist
+    "root": "pw-root",  # an admin: reads the audit trail (no broker account)
 }  # fmt: skip
 ROLES = {"dashboard": "viewer", "operator": "operator", "alice": "cytotech", "bob": "pathologist"}
 
@@ -98,6 +99,7 @@ def archive(broker: RunningBroker, tmp_path: Path) -> Iterator[ArchiveService]:
     people = UserStore(service.engines[0])
     for name, role in ROLES.items():
         people.add(name, role, PW[name], Actor("test-setup", "admin", None))
+    people.add("root", "admin", PW["root"], Actor("test-setup", "admin", None))
     runner = threading.Thread(target=service.run, args=(stop,))
     runner.start()
     assert service.subscriber is not None
@@ -321,6 +323,8 @@ def test_operator_commands_live_alerts_offline_and_decommissioning(
         expect(card.locator(".availability")).to_have_text("online", timeout=10_000)
         commands = card.locator(".commands")
         expect(commands).to_be_visible(timeout=10_000)
+        known = lambda: any(r["device_id"] == "scope-07" for r in api(archive, "devices", "root"))  # noqa: E731
+        assert wait_until(known, 10)  # the archive stored the device (else a 404)
 
         # Scan, then cancel it while it runs: both replies are shown.
         commands.locator("input[name=slide]").fill("OP-CANCEL")
@@ -331,6 +335,16 @@ def test_operator_commands_live_alerts_offline_and_decommissioning(
         expect(reply).to_contain_text("cancel: cancelled", timeout=10_000)
         commands.locator("button.cancel").click()  # nothing runs any more
         expect(reply).to_contain_text("refused (not_found)", timeout=10_000)
+
+        # The page sent them through the archive API: who, what and the device's answer.
+        scans = api(archive, "audit?action=command.scan", "root")["items"]
+        assert [(e["user_name"], e["role"], e["target"]) for e in scans] == [
+            ("operator", "operator", "scope-07")
+        ]
+        assert scans[0]["detail"]["command"]["slide_id"] == "OP-CANCEL"
+        assert scans[0]["detail"]["reply"] == "ok"
+        cancels = api(archive, "audit?action=command.cancel", "root")["items"]
+        assert [e["detail"]["reply"] for e in cancels] == ["not_found", "ok"]  # newest first
 
         # A scan that finishes: its result arrives live, high risk, with an alert.
         slide = _high_slide()

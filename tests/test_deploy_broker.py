@@ -273,17 +273,31 @@ def test_operator_may_command_a_device(broker: RunningBroker, peers: list[Peer])
     assert wait_for(lambda: scope2.received(f"{PREFIX}/scope-02/cmd/scan"), 5)
 
 
-def test_ingest_service_reads_results_and_cannot_command(
+def test_ingest_service_reads_results_and_sends_only_scan_and_cancel(
     broker: RunningBroker, peers: list[Peer]
 ) -> None:
+    """The archive sends the API's scan/cancel (audited there) and reads their replies; it
+    never offers an update or asks for a status."""
     ingest = Peer(broker, "svc.ingest", "pw-ingest", cert="svc.ingest").connect()
     peers.append(ingest)
     assert ingest.connected.is_set()
     ingest.subscribe(f"{PREFIX}/+/result")
+    for verb in ("scan", "cancel"):
+        assert ingest.subscribe(f"{PREFIX}/+/cmd/{verb}/reply") == [1], verb
     scope1 = device(broker, peers, "scope-01")
+    scope1.subscribe(f"{PREFIX}/scope-01/cmd/+")
     assert scope1.publish(f"{PREFIX}/scope-01/result", b'{"n": 2}') == 0
     assert wait_for(lambda: ingest.received(f"{PREFIX}/scope-01/result"), 5)
-    assert ingest.publish(f"{PREFIX}/scope-01/cmd/scan", b"{}") == NOT_AUTHORIZED
+    for verb in ("scan", "cancel"):
+        assert ingest.publish(f"{PREFIX}/scope-01/cmd/{verb}", b"{}") == 0, verb
+        assert wait_for(lambda v=verb: scope1.received(f"{PREFIX}/scope-01/cmd/{v}"), 5), verb
+        assert scope1.publish(f"{PREFIX}/scope-01/cmd/{verb}/reply", b"{}") == 0
+        topic = f"{PREFIX}/scope-01/cmd/{verb}/reply"
+        assert wait_for(lambda t=topic: ingest.received(t), 5), verb
+    for verb in ("ota", "status"):
+        assert ingest.publish(f"{PREFIX}/scope-01/cmd/{verb}", b"{}") == NOT_AUTHORIZED, verb
+    time.sleep(0.3)  # a denied publish would have arrived by now
+    assert scope1.received(f"{PREFIX}/scope-01/cmd/ota") == []
 
 
 def test_a_device_publishes_only_its_own_shadow_results(

@@ -32,6 +32,7 @@ from deploy.collector.api_models import (
     ResultPage,
 )
 from deploy.collector.auth import Authenticator, Principal, UserStore
+from deploy.collector.commands_api import CommandSender
 from deploy.collector.config import HttpConfig, ReviewConfig
 from deploy.collector.dashboard_settings import add_dashboard_settings
 from deploy.collector.fhir import diagnostic_bundle
@@ -139,9 +140,11 @@ def create_app(
     review: ReviewConfig | None = None,
     prefix: str = "omis/v1",
     loop: LoopSettings | None = None,
+    commands: CommandSender | None = None,
 ) -> FastAPI:
     """The ASGI application over ``queries``; writes (reviews, acks, sessions) go to ``engine``
-    (default: ``queries.engine``); ``loop``: the data loop's settings."""
+    (default: ``queries.engine``); ``loop``: the data loop's settings; ``commands``: the MQTT
+    session that sends scan/cancel (None: those routes answer 503)."""
     app = FastAPI(
         title="omis collect",
         version=__version__,
@@ -157,7 +160,7 @@ def create_app(
     viewer = require(login, "viewer")
     add_docs(app, login)
     page_limit = config.max_page
-    app.include_router(build_router(ctx, page_limit))
+    app.include_router(build_router(ctx, page_limit, commands))
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, body_error)
 

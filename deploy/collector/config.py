@@ -176,6 +176,12 @@ class HttpConfig(_Section):
         "when its node_modules are installed)",
     )
     max_page: int = Field(default=1000, ge=1, le=100000, description="largest page of results")
+    command_timeout_s: float = Field(
+        default=5.0,
+        ge=0.1,
+        le=60.0,
+        description="how long POST /api/devices/{id}/scan|cancel waits for the device's reply",
+    )
     auth_failures_per_minute: int = Field(
         default=10, ge=1, le=100000, description="failed authentications per client and minute"
     )

@@ -77,6 +77,7 @@ RECEIVE_MAXIMUM = 500  # unacknowledged messages the broker may hand this instan
 STATE_KINDS = ("availability", "status", "ota/state")
 REJECTED = "rejected"
 SHARED_KINDS = ("result", "shadow")  # one copy per group: results and shadow results
+COMMAND_VERBS = ("scan", "cancel")  # sent for the API (POST /api/devices/{id}/<verb>)
 
 
 @dataclass(frozen=True)
@@ -179,12 +180,16 @@ class ArchiveSubscriber:
         }
         self.shadow = ShadowArchive(store.engine)  # omis.shadow/1: own table, own module
         self.stored_shadow = 0
+        # correlation id -> (reply topic, reply arrived, [the reply]) of the API's commands
+        self._waiting: dict[str, tuple[str, threading.Event, list[dict[str, Any]]]] = {}
+        self._waiting_lock = threading.Lock()
 
     @property
     def filters(self) -> list[str]:
         """The subscriptions: results shared by the group, live state per instance."""
         shared = [f"$share/{self.config.group}/{self.prefix}/+/{kind}" for kind in SHARED_KINDS]
-        return shared + [f"{self.prefix}/+/{kind}" for kind in STATE_KINDS]
+        replies = [f"{self.prefix}/+/cmd/{verb}/reply" for verb in COMMAND_VERBS]
+        return shared + [f"{self.prefix}/+/{kind}" for kind in STATE_KINDS] + replies
 
     def _build(self) -> paho.Client:
         cfg = self.config
@@ -298,9 +303,64 @@ class ArchiveSubscriber:
         self.subscribed.clear()
         log.info("disconnected from %s: %s", self.address, reason)
 
-    def _on_message(self, _client: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, client: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        if msg.topic.endswith("/reply") and "/cmd/" in msg.topic:
+            self._on_reply(msg.topic, bytes(msg.payload))
+            if msg.qos:  # nothing to store: acknowledged at once
+                client.ack(msg.mid, msg.qos)
+            return
         item = Inbound(msg.mid, msg.qos, msg.topic, bytes(msg.payload), self._connection)
         self._inbox.put(item)
+
+    # commands for the API (network thread: replies; HTTP threads: command)
+
+    def command(
+        self, device: str, verb: str, body: dict[str, Any], timeout_s: float
+    ) -> dict[str, Any] | None:
+        """Publish ``body`` on ``<prefix>/<device>/cmd/<verb>`` and wait up to ``timeout_s``
+        for the reply with its ``correlation_id`` (set by the caller); the reply, or None.
+
+        The command expires on the broker after ``timeout_s`` (MQTT 5 message expiry): a scan
+        nobody waits for any more must not start when an offline device comes back.
+        :class:`MqttError` when there is no connection or the publish fails.
+        """
+        client = self._client
+        if client is None or not self.connected.is_set():
+            raise MqttError(f"not connected to the broker {self.address}")
+        correlation = str(body["correlation_id"])
+        arrived = threading.Event()
+        box: list[dict[str, Any]] = []
+        topic = f"{self.prefix}/{device}/cmd/{verb}"
+        with self._waiting_lock:
+            self._waiting[correlation] = (f"{topic}/reply", arrived, box)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.MessageExpiryInterval = max(1, round(timeout_s))
+        payload = json.dumps(body, separators=(",", ":"), allow_nan=False)
+        try:
+            info = client.publish(topic, payload, qos=1, properties=props)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                raise MqttError(f"publish failed: {paho.error_string(info.rc)}")
+            arrived.wait(timeout_s)
+        finally:
+            with self._waiting_lock:
+                self._waiting.pop(correlation, None)
+        return box[0] if box else None
+
+    def _on_reply(self, topic: str, payload: bytes) -> None:
+        try:
+            reply = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            log.debug("a reply on %s that is not JSON", topic[:200])
+            return
+        correlation = reply.get("correlation_id") if isinstance(reply, dict) else None
+        with self._waiting_lock:
+            waiting = self._waiting.get(correlation) if isinstance(correlation, str) else None
+        # another requester's reply, one that came too late, or from elsewhere than asked
+        if waiting is None or waiting[0] != topic:
+            return
+        _, arrived, box = waiting
+        box.append(reply)
+        arrived.set()
 
     # the writer thread
 

@@ -32,6 +32,7 @@ from deploy.collector.auth import (
     rank,
 )
 from deploy.collector.bethesda import Bethesda
+from deploy.collector.commands_api import Commands, CommandSender, add_command_routes
 from deploy.collector.config import HttpConfig
 from deploy.collector.http_params import (
     ID_CHARS,
@@ -317,11 +318,17 @@ async def body_error(request: Request, exc: Exception) -> Response:
     return await http_exception_handler(request, exc)
 
 
-def build_router(ctx: ReviewContext, page_limit: int) -> APIRouter:
-    """Every route of this module on one router."""
+def build_router(
+    ctx: ReviewContext, page_limit: int, commands: CommandSender | None = None
+) -> APIRouter:
+    """Every route of this module on one router, with scan/cancel (:mod:`commands_api`)
+    sent through ``commands`` (None: those routes answer 503)."""
     router = APIRouter(responses=RESPONSES)
     principal = principal_dependency(ctx)
     viewer = require(principal, "viewer")
+    operator = require(principal, "operator")
+    sending = Commands(commands, ctx.users.engine, ctx.config.command_timeout_s)
+    add_command_routes(router, operator, sending)
     _session_routes(router, ctx, principal, viewer)
     _worklist_routes(router, ctx, principal, viewer, page_limit)
     _alert_routes(router, ctx, principal, viewer, page_limit)

@@ -117,6 +117,7 @@ class ArchiveService:
             review=self.config.review,
             prefix=self.config.mqtt.prefix,
             loop=loop,
+            commands=self.subscriber,
         )
         # log_config=None: uvicorn's records go through our (redacting) handler, not its own
         config = uvicorn.Config(app, log_level="warning", access_log=False, log_config=None)

@@ -245,7 +245,6 @@
       setConnection("connected", url);
       const filters = Object.fromEntries(KINDS.map((kind) => [`${prefix}/+/${kind}`, { qos: 1 }]));
       client.subscribe(filters, (err) => { if (err) setConnection("error", `subscribe: ${err.message}`); });
-      if (roleAtLeast(role, "operator")) client.subscribe(`${prefix}/+/cmd/+/reply`, { qos: 1 });
     });
     client.on("reconnect", () => setConnection("connecting", url));
     client.on("offline", () => setConnection("disconnected", "broker unreachable"));
@@ -307,11 +306,8 @@
     renderDeviceCount();
   }
 
-  function onReply(id, body) {
-    const reply = parseJson(body, "omis.reply/1");
-    const dev = devices.get(id);
-    if (!dev || !dev.pending.has(reply.correlation_id)) return; // not one of ours
-    dev.pending.delete(reply.correlation_id);
+  // The device's reply, as the archive returned it (POST /api/devices/{id}/scan|cancel).
+  function showReply(dev, reply) {
     const what = text(reply.verb) || "command";
     const result = obj(reply.result);
     const error = obj(reply.error);
@@ -365,8 +361,6 @@
       }
       scheduleRefresh();
     },
-    "cmd/scan/reply": onReply,
-    "cmd/cancel/reply": onReply,
   };
 
   // ------------------------------------------------------------------- devices ----
@@ -377,7 +371,7 @@
     alerts.unhideDevice(id);
     if (!dev) {
       dev = {
-        id, availability: "unknown", status: null, ota: null, fleet: null, model: null, archived: null, pending: new Set(),
+        id, availability: "unknown", status: null, ota: null, fleet: null, model: null, archived: null,
         live: { availability: false, status: false, ota: false }, seen: new Set(),
         counts: { total: 0, abstained: 0, failed: 0, cancelled: 0, labels: {} },
       };
@@ -442,17 +436,18 @@
     return form;
   }
 
-  function send(dev, verb, body) {
+  // Commands go through the archive, which sends them over its own MQTT session and records
+  // who sent what in the audit trail (docs/dashboard.md "Commands"); the page never publishes.
+  async function send(dev, verb, body) {
     const node = dev.card.querySelector(".reply");
-    if (!client || !client.connected) { node.textContent = `${verb}: not connected to the broker`; return; }
-    const correlation = `dash-${Date.now().toString(36)}-${Math.random().toString(16).slice(2, 8)}`;
-    dev.pending.add(correlation);
     node.textContent = `${verb}: sent, waiting for the reply…`;
     node.dataset.ok = "";
-    const topic = `${config.prefix}/${dev.id}/cmd/${verb}`;
-    client.publish(topic, JSON.stringify({ ...body, correlation_id: correlation }), { qos: 1 }, (err) => {
-      if (err) node.textContent = `${verb}: not sent: ${err.message}`;
-    });
+    try {
+      showReply(dev, obj(await archive.command(dev.id, verb, body)));
+    } catch (err) {
+      node.textContent = `${verb}: ${err.status === 504 ? "no reply" : "not sent"}: ${err.detail || err.message}`;
+      node.dataset.ok = "false";
+    }
   }
 
   function setFact(card, key, value) {

@@ -87,6 +87,8 @@ window.Omis.Archive = class Archive {
   worklist(filters, limit, offset) { return this.get("/worklist", { ...filters, limit, offset }); }
   // Claim for oneself, or (pathologist and above) assign to ``user``.
   claim(messageId, user) { return this.post(`/worklist/${encodeURIComponent(messageId)}/claim`, user ? { user } : {}); }
+  // scan/cancel: the archive sends it, waits for the device's reply and audits it (operators+).
+  command(deviceId, verb, body) { return this.post(`/devices/${encodeURIComponent(deviceId)}/${verb}`, body); }
   review(messageId, verdict) { return this.post(`/results/${encodeURIComponent(messageId)}/review`, verdict); }
 
   // CSV through fetch (the session cookie goes along), then saved as a file.
