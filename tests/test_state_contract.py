@@ -1,0 +1,134 @@
+"""Retained ``status``/``ota/state``/``availability`` are read with the message models (issue 19 §1).
+
+A payload the model refuses is a data error: set aside in ``GET /api/rejected`` with the reason,
+acknowledged, and the device's stored state stays what it was.  A status as the previous app
+version built it (before the ``shadow`` key) is stored in the current shape.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from broker_support import (
+    Mosquitto,
+    mosquitto_fixture,  # noqa: F401 - the "mosquitto" fixture
+    publish,
+    wait_until,
+)
+
+from deploy.broker import free_port
+from deploy.collector.config import load_collector_config
+from deploy.collector.service import ArchiveService
+from deploy.messages.testing import ota_state_message, status_message
+
+DEVICE = "scope-07"
+PREFIX = f"omis/v1/{DEVICE}"
+
+
+@pytest.fixture
+def api(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[httpx.Client]:
+    """A running in-process archive (SQLite) and a client of its HTTP API."""
+    config = load_collector_config(
+        environ={},
+        overrides={
+            "mqtt": {"broker": mosquitto.url, "client_id": "archive-states"},
+            "http": {"port": free_port()},
+        },
+    )
+    service = ArchiveService(config, tmp_path / "state")
+    stop = threading.Event()
+    service.start()
+    runner = threading.Thread(target=service.run, args=(stop,), daemon=True)
+    runner.start()
+    try:
+        assert service.subscriber is not None and service.subscriber.subscribed.wait(10)
+        with httpx.Client(base_url=service.http_url, timeout=10) as client:
+            yield client
+    finally:
+        stop.set()
+        runner.join(10)
+        service.close()
+
+
+def _device(api: httpx.Client) -> dict[str, Any]:
+    found = [d for d in api.get("/api/devices").json() if d["device_id"] == DEVICE]
+    return found[0] if found else {}
+
+
+def _rejected(api: httpx.Client) -> list[dict[str, Any]]:
+    return list(api.get("/api/rejected").json()["items"])
+
+
+# Each violates the model while passing the old envelope check (schema and ``at`` present).
+BAD_STATUS: dict[str, dict[str, Any]] = {
+    "queue is not an object": {"queue": "full"},
+    "unknown state": {"state": "sleeping"},
+    "unknown key": {"colour": "red"},
+    "another device's id": {"device_id": "scope-99"},
+    "model version a word": {"model": {"name": "m", "version": "v", "sha256": "ab"}},
+}
+
+
+@pytest.mark.parametrize("leaf", ["status", "ota/state"])
+def test_a_state_the_model_refuses_is_set_aside_and_the_stored_one_stays(
+    mosquitto: Mosquitto, api: httpx.Client, leaf: str
+) -> None:
+    good: dict[str, Any] = (
+        status_message("idle").to_json() if leaf == "status" else ota_state_message(3).to_json()
+    )
+    publish(mosquitto.port, f"{PREFIX}/{leaf}", json.dumps(good), retain=True)
+    key = "status" if leaf == "status" else "ota_state"
+    assert wait_until(lambda: _device(api).get(key) == good, 10), _device(api)
+    if leaf == "status":
+        bad = [{**good, **change} for change in BAD_STATUS.values()]
+    else:
+        bad = [{**good, "current": "three"}, {**good, "progress": 1}, {**good, "pending": -1}]
+    for body in bad:
+        publish(mosquitto.port, f"{PREFIX}/{leaf}", json.dumps(body), retain=True)
+    assert wait_until(lambda: len(_rejected(api)) == len(bad), 10), _rejected(api)
+    items = _rejected(api)
+    for item in items:
+        assert item["topic"] == f"{PREFIX}/{leaf}" and item["kind"] == "data"
+        assert item["reason"].startswith(leaf) and "\n" not in item["reason"], item["reason"]
+    sent = sorted(base64.b64decode(i["payload_base64"]) for i in items)
+    assert sent == sorted(json.dumps(b).encode() for b in bad)  # the bytes as received
+    assert _device(api)[key] == good  # never replaced by a refused document
+    # ingest goes on: the next valid state is stored
+    later = (
+        status_message("scanning", at="2026-01-01T12:00:05.000Z")
+        if leaf == "status"
+        else ota_state_message(4, 3)
+    ).to_json()
+    publish(mosquitto.port, f"{PREFIX}/{leaf}", json.dumps(later), retain=True)
+    assert wait_until(lambda: _device(api).get(key) == later, 10), _device(api)
+
+
+def test_a_status_of_the_previous_app_version_is_stored_in_the_current_shape(
+    mosquitto: Mosquitto, api: httpx.Client
+) -> None:
+    """The previous app version built status without ``shadow``: still archived, as a current
+    document (``shadow`` null), not set aside."""
+    current = status_message("idle").to_json()
+    older = {k: v for k, v in current.items() if k != "shadow"}
+    publish(mosquitto.port, f"{PREFIX}/status", json.dumps(older), retain=True)
+    assert wait_until(lambda: _device(api).get("status") is not None, 10)
+    assert _device(api)["status"] == current
+    assert _rejected(api) == []
+
+
+def test_availability_the_model_refuses_is_set_aside(
+    mosquitto: Mosquitto, api: httpx.Client
+) -> None:
+    publish(mosquitto.port, f"{PREFIX}/availability", "online", retain=True)
+    assert wait_until(lambda: _device(api).get("availability") == "online", 10)
+    publish(mosquitto.port, f"{PREFIX}/availability", "asleep", retain=True)
+    assert wait_until(lambda: len(_rejected(api)) == 1, 10)
+    assert _rejected(api)[0]["reason"].startswith("availability")
+    assert _device(api)["availability"] == "online"
