@@ -1,4 +1,4 @@
-"""Retained ``status``/``ota/state``/``availability`` are read with the message models (issue 19 §1).
+"""Retained ``status``, ``ota/state`` and ``availability`` are read with the message models.
 
 A payload the model refuses is a data error: set aside in ``GET /api/rejected`` with the reason,
 acknowledged, and the device's stored state stays what it was.  A status as the previous app
