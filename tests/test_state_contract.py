@@ -132,3 +132,20 @@ def test_availability_the_model_refuses_is_set_aside(
     assert wait_until(lambda: len(_rejected(api)) == 1, 10)
     assert _rejected(api)[0]["reason"].startswith("availability")
     assert _device(api)["availability"] == "online"
+
+
+def test_the_demo_reads_status_and_results_with_the_models() -> None:
+    """``omis demo`` shows what the models accept: a refused status or result changes nothing."""
+    from deploy.demo import DEVICE_ID, PREFIX, DemoRun, _handle
+    from deploy.messages.testing import result_json
+
+    run, base = DemoRun(), f"{PREFIX}/{DEVICE_ID}"
+    good = status_message("idle", device=DEVICE_ID).to_json()
+    _handle(run, f"{base}/status", json.dumps(good).encode())
+    _handle(run, f"{base}/status", json.dumps({**good, "state": "asleep"}).encode())
+    assert run.status == good
+    result = result_json(1, device=DEVICE_ID)
+    refused = {**result, "seq": 0, "message_id": "another"}
+    for body in (result, refused, result):
+        _handle(run, f"{base}/result", json.dumps(body).encode())
+    assert list(run.results) == [result["message_id"]] and run.duplicates == 1
