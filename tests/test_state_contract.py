@@ -149,3 +149,28 @@ def test_the_demo_reads_status_and_results_with_the_models() -> None:
     for body in (result, refused, result):
         _handle(run, f"{base}/result", json.dumps(body).encode())
     assert list(run.results) == [result["message_id"]] and run.duplicates == 1
+
+
+def test_the_fleet_offerer_halts_on_a_malformed_ota_state_with_one_line(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """``omis fleet``: a device whose retained ``ota/state`` its model refuses is a ``timeout``
+    naming the problem, and nothing is offered to it."""
+    from broker_support import Collector
+
+    from deploy.broker import parse_broker_url
+    from deploy.fleet.offer import MqttOfferer
+
+    device = "odd-1"
+    bad = {**ota_state_message(1).to_json(), "current": "one"}
+    publish(mosquitto.port, f"omis/v1/{device}/ota/state", json.dumps(bad), retain=True)
+    offerer = MqttOfferer(
+        parse_broker_url(mosquitto.url), "omis/v1", tmp_path / "v2.tar", 2, state_wait_s=3
+    )
+    with Collector(mosquitto.port, f"omis/v1/{device}/cmd/#") as col:
+        assert offerer.current_version(device) is None  # not known: the offer says why
+        outcome = offerer.offer(device)
+        assert col.messages == []
+    assert outcome.step == "timeout" and outcome.version is None
+    assert outcome.detail.startswith(f"device {device} sent a malformed ota/state: current")
+    assert "\n" not in outcome.detail
