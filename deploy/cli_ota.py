@@ -149,7 +149,7 @@ def _publish(args: argparse.Namespace) -> int:
     from deploy.broker import parse_broker_url
     from deploy.ota.delivery import PathSource, UrlSource, inline_source, make_offer
     from deploy.ota.exceptions import DeliveryError
-    from deploy.ota.sender import PRESENCE_S, OfferSender, final_outcome
+    from deploy.ota.sender import PRESENCE_S, OfferSender, final_outcome, reply_reason
     from deploy.ota.signing import opened
     from deploy.ota.unpack import is_archive
     from inference.bundle import sha256_file
@@ -175,19 +175,14 @@ def _publish(args: argparse.Namespace) -> int:
         sender.connect()
         sender.check_present(min(PRESENCE_S, args.answer_timeout, args.wait))
         reply = sender.deliver(offer, archive, args.wait, args.answer_timeout)
-        if not reply.get("ok", False):
-            out = {"outcome": "rejected", "reason": _reply_reason(reply), "reply": reply}
+        if not reply.ok:
+            out = {"outcome": "rejected", "reason": reply_reason(reply), "reply": reply.to_json()}
             _emit(args, out, json.dumps(out, allow_nan=False))
             return 1
         state = sender.outcome(offer, max(0.0, deadline - time.monotonic()))
-    out = {**final_outcome(state, cid), "reply": reply, "state": state}
+    out = {**final_outcome(state, cid), "reply": reply.to_json(), "state": state.to_json()}
     _emit(args, out, json.dumps(out, allow_nan=False))  # JSON either way, as it always was
     return 0 if out["outcome"] == "committed" else 1
-
-
-def _reply_reason(reply: dict[str, Any]) -> str:
-    error = reply.get("error")
-    return str(error.get("message", error)) if isinstance(error, dict) else str(error or reply)
 
 
 def _leaf(

@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -42,6 +42,8 @@ from rich.table import Table
 from deploy.broker import EmbeddedBroker
 from deploy.collector.embedded import EmbeddedArchive, embedded_archive
 from deploy.exceptions import DeployError
+from deploy.messages.base import Message
+from deploy.messages.parsing import MessageError, parse_message
 from firmware_bridge.sim.sample import RISK
 
 log = logging.getLogger(__name__)
@@ -176,11 +178,14 @@ def _handle(run: DemoRun, topic: str, payload: bytes) -> None:
     if leaf == "availability":
         run.availability = payload.decode("utf-8", "replace")
     elif leaf in ("status", "result"):
-        try:
-            data = json.loads(payload)
-        except json.JSONDecodeError:
-            log.warning("demo: undecodable %s payload", leaf)
+        try:  # read with the message models, as the archive reads them
+            message = parse_message(leaf, payload)
+        except MessageError as exc:
+            log.warning("demo: %s", exc)
             return
+        if message is None:
+            return  # a cleared retained message
+        data = cast(Message, message).to_json()
         if leaf == "status":
             run.status = data
         elif data.get("message_id") in run.results:

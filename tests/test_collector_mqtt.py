@@ -42,6 +42,7 @@ from deploy.collector.config import load_collector_config
 from deploy.collector.db import open_engine
 from deploy.collector.service import ArchiveService
 from deploy.collector.tables import results
+from deploy.messages.testing import status_message
 
 SLIDES = 30
 
@@ -163,22 +164,7 @@ def test_collector_keeps_live_state_alerts_and_skips_malformed(
 
 
 def _status(state: str) -> dict[str, Any]:
-    return {
-        "schema": "omis.status/1",
-        "device_id": "scope-07",
-        "state": state,
-        "reasons": [],
-        "boot_id": "boot-1",
-        "app_version": "0.1.0",
-        "model": {"name": "omis-test", "version": 4, "sha256": "cd" * 32},
-        "engine": {"name": "onnxruntime", "precision": "fp32"},
-        "firmware": None,
-        "current_scan": None,
-        "queue": {"depth": 0, "capacity": 8},
-        "outbox": {"rows": 0, "bytes": 0, "full": False},
-        "last_error": None,
-        "at": "2026-01-01T12:00:00.000Z",
-    }
+    return status_message(state).to_json()
 
 
 def _devices(api: httpx.Client) -> list[str]:

@@ -30,6 +30,7 @@ from deploy.collector.config import Account, HttpConfig
 from deploy.collector.db import migrate, open_engine
 from deploy.collector.queries import ArchiveQueries
 from deploy.collector.store import ArchiveStore
+from deploy.messages.testing import status_message
 
 PASSWORD = "correct horse"
 CASES = 25  # per operation, on top of schemathesis's examples and coverage phases
@@ -83,7 +84,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         start=1,
     ):
         store.add_result(make_result(seq * 2, p_high=p_high, **extra))  # seq gaps: alerts
-    store.set_status("scope-07", {"state": "idle", "at": "2026-01-01T12:00:00Z"})
+    store.set_status("scope-07", status_message("idle").to_json())
     store.set_availability("scope-08", "offline")
     reader = open_engine(url, writer=False)
     started = {

@@ -17,6 +17,7 @@ from deploy.collector.queries import ArchiveQueries, ResultFilter
 from deploy.collector.store import ArchiveStore, parse_time
 from deploy.collector.tables import metadata
 from deploy.exceptions import ArchiveError
+from deploy.messages.testing import status_message
 
 
 @pytest.fixture
@@ -113,8 +114,11 @@ def test_alerts_for_high_risk_and_offline_and_decommissioning(engine: Engine) ->
 
 def test_status_never_goes_back_in_time(engine: Engine) -> None:
     store, queries = ArchiveStore(engine), ArchiveQueries(engine)
-    store.set_status("scope-07", {"state": "scanning", "at": "2026-01-01T12:00:05.000Z"})
-    store.set_status("scope-07", {"state": "idle", "at": "2026-01-01T12:00:01.000Z"})
+    for state, at in (
+        ("scanning", "2026-01-01T12:00:05.000Z"),
+        ("idle", "2026-01-01T12:00:01.000Z"),
+    ):
+        store.set_status("scope-07", status_message(state, at=at).to_json())
     assert queries.devices()[0]["status"]["state"] == "scanning"
 
 

@@ -36,7 +36,7 @@ from deploy.collector.auth import UserStore
 from deploy.collector.config import load_collector_config
 from deploy.collector.service import ArchiveService
 from deploy.fleet.store import BundleRef, FleetStore
-from deploy.messages.testing import result_json
+from deploy.messages.testing import ota_state_message, result_json
 from deploy.schemas import validate
 
 PREFIX = "omis/v1"
@@ -198,9 +198,8 @@ def test_history_filters_csv_detail_and_zoom(
         # an update of v4 that the device rolled back: the archive records it (fleet view)
         undo = {"result": "rolled_back", "version": 4, "reason": "health check failed"}
         progress = {"step": "rolled_back", "correlation_id": "ota-4", "version": 4}
-        ota = {"schema": "omis.ota_state/1", "current": 3, "previous": 2, "pending": None}
-        state = {**ota, "last_outcome": undo, "progress": {**progress, "reason": undo["reason"]}}
-        validate("ota_state", state)
+        progress |= {"reason": undo["reason"]}
+        state = ota_state_message(3, 2, last_outcome=undo, progress=progress).to_json()
         assert device.publish_ok(f"{PREFIX}/scope-07/ota/state", json.dumps(state), retain=True)
         assert wait_until(lambda: stored(archive) == 4, 20)
         assert wait_until(lambda: fleet_of(archive, "scope-07").get("rollbacks") == 1, 20)

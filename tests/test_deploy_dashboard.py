@@ -43,7 +43,7 @@ from playwright.sync_api import Page, expect
 
 from deploy.broker import free_port
 from deploy.collector.service import VENDORED
-from deploy.messages.testing import result_json
+from deploy.messages.testing import ota_state_message, result_json, status_message
 from deploy.schemas import validate
 
 DASHBOARD = ROOT / "deploy" / "dashboard"
@@ -126,22 +126,12 @@ def sign_in_to_broker(page: Page, site: str, password: str, remember: bool = Fal
 
 
 def status_payload(state: str) -> dict[str, Any]:
-    return {
-        "schema": "omis.status/1",
-        "device_id": "scope-07",
-        "state": state,
-        "reasons": [],
-        "boot_id": "boot-1",
-        "app_version": "0.1.0",
-        "model": {"name": "omis-vgg16", "version": 3, "sha256": SHA},
-        "engine": {"name": "tensorrt", "precision": "fp16"},
-        "firmware": {"name": "omis-fw", "version": "1.2.0"},
-        "current_scan": None,
-        "queue": {"depth": 0, "capacity": 8},
-        "outbox": {"rows": 0, "bytes": 0, "full": False},
-        "last_error": None,
-        "at": "2026-01-01T12:00:00.000Z",
-    }
+    return status_message(
+        state,
+        model={"name": "omis-vgg16", "version": 3, "sha256": SHA},
+        engine={"name": "tensorrt", "precision": "fp16"},
+        firmware={"name": "omis-fw", "version": "1.2.0"},
+    ).to_json()
 
 
 def result_payload(seq: int, slide: str, high: float, abstained: bool = False) -> dict[str, Any]:
@@ -197,8 +187,8 @@ def test_dashboard_shows_devices_results_and_spectrum(
         # Retained state is published before the page exists: the page must still get it.
         assert appliance.publish_ok(f"{PREFIX}/scope-07/availability", "online", retain=True)
         publish_json(appliance, "status", status_payload("idle"), "status", retain=True)
-        store = {"schema": "omis.ota_state/1", "current": 3, "previous": 2, "pending": None}
-        publish_json(appliance, "ota/state", {**store, "last_outcome": None}, "ota_state", True)
+        store = ota_state_message(3, 2).to_json()
+        publish_json(appliance, "ota/state", store, "ota_state", True)
 
         sign_in_to_broker(page, site, DASH_PW)
         conn = page.locator("#conn")
@@ -419,12 +409,11 @@ def test_ota_panel_follows_install_and_local_rollback(
 
         at = "2026-01-01T10:00:00Z"
         committed = {"result": "committed", "version": 3, "reason": "", "at": at}
-        installing = {
-            "schema": "omis.ota_state/1", "current": 3, "previous": 2, "pending": 4,
-            "last_outcome": committed, "generation": 5, "step": "verifying",
-            "models": {"current": model(3), "previous": model(2), "pending": model(4)},
-            "progress": {"step": "verifying", "correlation_id": "c-1", "name": "m", "version": 4},
-        }  # fmt: skip
+        installing = ota_state_message(
+            3, 2, 4, last_outcome=committed, generation=5, step="verifying",
+            models={"current": model(3), "previous": model(2), "pending": model(4)},
+            progress={"step": "verifying", "correlation_id": "c-1", "name": "m", "version": 4},
+        ).to_json()  # fmt: skip
         publish_json(appliance, "ota/state", installing, "ota_state", retain=True)
         ota = page.locator('article.device[data-device="scope-07"] .ota')
         expect(ota.locator(".fact-step dd")).to_have_text("verifying (v4)", timeout=5_000)
@@ -437,15 +426,14 @@ def test_ota_panel_follows_install_and_local_rollback(
         # retained status still names v4 (it is republished with the next slide).
         status["model"] = model(4)
         publish_json(appliance, "status", status, "status", retain=True)
-        rolled = {
-            **installing, "current": 3, "previous": None, "pending": None, "step": None,
-            "progress": None, "generation": 7,
-            "models": {"current": model(3), "previous": None, "pending": None},
-            "last_outcome": {
+        rolled = ota_state_message(
+            3, None, None, generation=7,
+            models={"current": model(3), "previous": None, "pending": None},
+            last_outcome={
                 "result": "rolled_back", "version": 4, "reason": "golden outputs differ",
                 "at": "2026-01-01T10:05:00Z",
             },
-        }  # fmt: skip
+        ).to_json()  # fmt: skip
         publish_json(appliance, "ota/state", rolled, "ota_state", retain=True)
         card = page.locator('article.device[data-device="scope-07"]')
         expect(ota.locator(".fact-step dd")).to_have_text("idle", timeout=5_000)

@@ -15,18 +15,13 @@ from deploy.collector.queries import ArchiveQueries
 from deploy.collector.store import ArchiveStore
 from deploy.fleet.rollout import DeviceOutcome, RolloutRunner
 from deploy.fleet.store import BundleRef, FleetStore, plan_waves
+from deploy.messages.testing import ota_state_message
 
 
 def ota_state(current: int, step: str | None, cid: str = "c1", **extra: Any) -> dict[str, Any]:
     progress = None if step is None else {"step": step, "correlation_id": cid, **extra}
-    return {
-        "schema": "omis.ota_state/1",
-        "current": current,
-        "previous": 1,
-        "pending": None,
-        "last_outcome": {"result": "committed", "version": current},
-        "progress": progress,
-    }
+    last = {"result": "committed", "version": current}
+    return ota_state_message(current, 1, last_outcome=last, progress=progress).to_json()
 
 
 @pytest.fixture

@@ -6,8 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from broker_support import (
@@ -19,6 +22,7 @@ from broker_support import (
 from ota_support import make_bundle
 
 from deploy.broker import find_mosquitto
+from deploy.messages.testing import ota_state_message, reply_message
 
 OMIS = [sys.executable, "-m", "deploy.cli"]
 
@@ -144,8 +148,8 @@ def test_publish_to_a_device_that_does_not_answer_fails_fast(
     device = f"dev-{case}"
     base = f"omis/v1/{device}"
     if case != "absent":
-        state = {"schema": "omis.ota_state/1", "current": 1, "progress": None}
-        publish(mosquitto.port, f"{base}/ota/state", json.dumps(state).encode(), retain=True)
+        state = ota_state_message(1).payload()
+        publish(mosquitto.port, f"{base}/ota/state", state, retain=True)
     if case == "offline":
         publish(mosquitto.port, f"{base}/availability", b"offline", retain=True)
     with Collector(mosquitto.port, f"{base}/#") as col:
@@ -180,3 +184,75 @@ def test_publish_to_a_device_that_does_not_answer_fails_fast(
     else:
         assert sent == []
         assert ("offline" if case == "offline" else "no ota/state") in errors[0]
+
+
+class Answering:
+    """A device stand-in on the broker: its retained ``ota/state`` and availability, and an
+    answer (bytes made from the offer's correlation id) to every ``cmd/ota``."""
+
+    def __init__(self, port: int, device: str, answer: Callable[[str], bytes]) -> None:
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+        self.base = f"omis/v1/{device}"
+        publish(port, f"{self.base}/ota/state", ota_state_message(1).payload(), retain=True)
+        publish(port, f"{self.base}/availability", b"online", retain=True)
+        self.subscribed = threading.Event()
+        client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+        client.on_subscribe = lambda *_: self.subscribed.set()
+
+        def on_offer(c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+            cid = json.loads(msg.payload)["correlation_id"]
+            c.publish(f"{self.base}/cmd/ota/reply", answer(cid), 1)
+
+        client.on_message = on_offer
+        client.connect("127.0.0.1", port)
+        client.subscribe(f"{self.base}/cmd/ota", 1)
+        client.loop_start()
+        self.client = client
+        assert self.subscribed.wait(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _reply(cid: str, **changes: Any) -> bytes:
+    """A valid reply to offer ``cid`` with ``changes`` (None: the key left out)."""
+    data = {**reply_message("ota", cid, device="dev-odd").to_json(), **changes}
+    return json.dumps({k: v for k, v in data.items() if v is not None}).encode()
+
+
+MALFORMED_REPLIES: dict[str, Callable[[str], bytes]] = {
+    "not JSON": lambda cid: b"{not json",
+    "ok not a boolean": lambda cid: _reply(cid, ok="maybe"),
+    "no verb": lambda cid: _reply(cid, verb=None),
+    "an error without a code": lambda cid: _reply(
+        cid, ok=False, result=None, error={"message": "no"}
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
+@pytest.mark.parametrize("case", list(MALFORMED_REPLIES))
+def test_publish_given_a_malformed_reply_fails_with_one_line(
+    mosquitto: Mosquitto, signed_tar: Path, case: str
+) -> None:
+    """The reply is read with its model (omis.reply/1): one that the model refuses is one
+    error line naming the reply, at once -- never taken for an answer."""
+    device = "dev-odd"
+    answering = Answering(mosquitto.port, device, MALFORMED_REPLIES[case])
+    try:
+        started = time.monotonic()
+        r = omis(
+            "ota", "publish", signed_tar, "--broker", mosquitto.url, "--device-id", device,
+            "--url", "https://example.invalid/v2.tar", "--answer-timeout", "5", "--wait", "20",
+        )  # fmt: skip
+        took = time.monotonic() - started
+    finally:
+        answering.close()
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 1 and len(errors) == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert "malformed reply" in errors[0] and device in errors[0], errors[0]
+    assert took < 15, took

@@ -155,7 +155,7 @@ def _offer_path(broker: Mosquitto, bundle: Path, cid: str) -> dict[str, Any]:
     offer = make_offer(bundle, PathSource(path=str(bundle)), cid)
     with OfferSender(parse_broker_url(broker.url), "omis/v1", DEVICE) as sender:
         sender.connect()
-        return sender.deliver(offer, None, wait_s=20)
+        return sender.deliver(offer, None, wait_s=20).to_json()
 
 
 def _by_seq(col: Collector) -> list[dict[str, Any]]:
@@ -273,7 +273,7 @@ def test_update_during_a_multi_slide_scan_loses_nothing(
         with OfferSender(parse_broker_url(mosquitto.url), "omis/v1", DEVICE) as sender:
             sender.connect()
             reply = sender.deliver(offer, kit["v2.tar"], wait_s=30)
-        assert reply["ok"] is True, reply
+        assert reply.ok is True, reply
         assert wait_until(lambda: len(col.unique_results()) == len(slides), 40)
         assert wait_until(lambda: _outcome(col) == ("committed", 2), 30), _last_state(col)
     results = _by_seq(col)
@@ -379,7 +379,7 @@ def test_lost_chunk_is_asked_for_again(
         with sender:
             sender.connect()
             reply = sender.deliver(offer, kit["v2.tar"], wait_s=30)
-        assert sender.dropped and reply["ok"] is True, reply
+        assert sender.dropped and reply.ok is True, reply
         assert wait_until(lambda: _switched(col, 2), 20), _last_state(col)
         _submit(app, "L1", "L2")
         assert wait_until(lambda: _outcome(col) == ("committed", 2), 30), _last_state(col)
@@ -500,7 +500,7 @@ def test_an_offer_is_verified_parsed_and_unpacked_once(
         with OfferSender(parse_broker_url(mosquitto.url), "omis/v1", DEVICE) as sender:
             sender.connect()
             reply = sender.deliver(offer, kit["v2.tar"], wait_s=30)
-        assert reply["ok"] is True, reply
+        assert reply.ok is True, reply
         assert wait_until(lambda: _switched(col, 2), 20), _last_state(col)
         seen = list(calls)  # the install, up to the switch (a rollback at stop re-reads v1)
     writes = [c[len("write ") :] for c in seen if c.startswith("write ")]

@@ -128,7 +128,7 @@ def _offer(broker: Mosquitto, bundle: Path, cid: str) -> None:
     with OfferSender(parse_broker_url(broker.url), "omis/v1", DEVICE) as sender:
         sender.connect()
         reply = sender.deliver(offer, None, wait_s=20)
-    assert reply["ok"] is True, reply
+    assert reply.ok is True, reply
 
 
 def _states(col: Collector) -> list[dict[str, Any]]:
@@ -311,7 +311,7 @@ def test_hardware_fault_extends_the_period_and_is_named(
             OfferSender(parse_broker_url(mosquitto.url), "omis/v1", DEVICE)
         )
         sender.connect()
-        assert sender.deliver(offer, None, wait_s=20)["ok"] is True
+        assert sender.deliver(offer, None, wait_s=20).ok is True
         assert wait_until(lambda: _in_health(col), 15), _states(col)[-1:]
         assert _scan(app, col, "G1")["outcome"] == "classified"
         hardware.inject()

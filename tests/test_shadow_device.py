@@ -103,8 +103,8 @@ def _offer(broker: Mosquitto, bundle: Path, cid: str, mode: str) -> tuple[dict[s
     with OfferSender(parse_broker_url(broker.url), "omis/v1", DEVICE) as sender:
         sender.connect()
         reply = sender.deliver(offer, None, wait_s=30)
-        final = sender.outcome(offer, 60) if reply.get("ok") else None
-    return reply, final
+        final = sender.outcome(offer, 60) if reply.ok else None
+    return reply.to_json(), final.to_json() if final is not None else None
 
 
 def _scan(app: Appliance, col: Collector, slides: tuple[str, ...], total: int) -> None:

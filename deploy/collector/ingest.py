@@ -68,7 +68,6 @@ from deploy.messages.receipt import (
     receipt_topic,
 )
 from deploy.mqtt import configure_tls
-from deploy.schemas import validate
 
 log = logging.getLogger(__name__)
 
@@ -595,21 +594,13 @@ class ArchiveSubscriber:
         receipts[device].message_ids.append(message.message_id)
 
     def _on_availability(self, device: str, payload: bytes) -> None:
-        value = storable.text(
-            payload.decode("utf-8", "replace").strip(), "availability", 16, required=False
-        )
-        if value:
-            try:
-                validate("availability", value)
-            except ValueError as exc:
-                raise MessageRejectedError(f"availability: {exc}") from exc
-        self.store.set_availability(device, value or "")
+        self.store.set_availability(device, storable.availability(payload))
 
     def _on_status(self, device: str, payload: bytes) -> None:
-        self.store.set_status(device, storable.state_document(payload, "omis.status/1"))
+        self.store.set_status(device, storable.state_document(payload, "status", device))
 
     def _on_ota_state(self, device: str, payload: bytes) -> None:
-        self.store.set_ota_state(device, storable.state_document(payload, "omis.ota_state/1"))
+        self.store.set_ota_state(device, storable.state_document(payload, "ota/state", device))
 
 
 def _transient(exc: ArchiveError) -> bool:

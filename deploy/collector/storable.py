@@ -16,11 +16,14 @@ import json
 import math
 import re
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, cast
 
 from deploy.collector.outcome import check_result, outcome_of
 from deploy.collector.qcsample import qc_rank
 from deploy.exceptions import MessageRejectedError
+from deploy.messages.availability import Availability
+from deploy.messages.base import Message
+from deploy.messages.parsing import MessageError, parse_message
 from firmware_bridge.limits import IDENTIFIER_RE
 
 BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
@@ -261,13 +264,34 @@ def result_row(
     }
 
 
-def state_document(payload: bytes, schema: str) -> dict[str, Any] | None:
-    """A retained ``status``/``ota/state`` document (None: cleared), checked like a result."""
-    if not payload:
+def state_document(payload: bytes, kind: str, device: str) -> dict[str, Any] | None:
+    """A retained ``status``/``ota/state`` document (None: cleared), parsed by its message model
+    (:func:`deploy.messages.parsing.parse_message`) and returned in the current shape.
+
+    A payload the model refuses -- or a status naming another device than its topic -- is a data
+    error: :class:`MessageRejectedError` with the model's one-line reason.
+    """
+    try:
+        message = parse_message(kind, payload)
+    except MessageError as exc:
+        raise MessageRejectedError(str(exc)[:MAX_REASON]) from None
+    if message is None:
         return None
-    data = decode(payload)
-    if not isinstance(data, dict) or data.get("schema") != schema:
-        raise MessageRejectedError(f"not a JSON object with schema {schema!r}")
-    if "at" in data:
-        text(data["at"], "at", 40)  # the devices.status_at column
-    return data
+    named = getattr(message, "device_id", device)
+    if named != device:
+        raise MessageRejectedError(
+            f"{kind}: device_id {named!r} differs from the topic's {device!r}"
+        )
+    return cast(Message, message).to_json()
+
+
+def availability(payload: bytes) -> str:
+    """A retained ``availability`` word (empty: cleared), parsed by its model."""
+    word = payload.decode("utf-8", "replace").strip()
+    if not word:
+        return ""
+    try:
+        message = parse_message("availability", word.encode("utf-8"))
+    except MessageError as exc:
+        raise MessageRejectedError(str(exc)[:MAX_REASON]) from None
+    return cast(Availability, message).root

@@ -7,23 +7,24 @@ halts on it at once instead of sending every chunk into the void.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from deploy.broker import BrokerAddress
 from deploy.fleet.rollout import DeviceOutcome
+from deploy.messages.ota_state import OtaStateMessage
+from deploy.messages.parsing import MessageError, parse_message
 from deploy.ota.delivery import OfferMode, OtaOffer, inline_source, make_offer
 from deploy.ota.exceptions import DeliveryError
-from deploy.ota.sender import OfferSender, final_outcome
+from deploy.ota.sender import OfferSender, final_outcome, reply_reason
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,15 @@ STEP_OF_OUTCOME = {
 }
 
 
+class MalformedStateError(DeliveryError):
+    """A retained ``ota/state`` that its model refuses."""
+
+
 def read_ota_state(
     address: BrokerAddress, prefix: str, device_id: str, wait_s: float
-) -> dict[str, Any] | None:
-    """The device's retained ``ota/state`` (None when none arrives within ``wait_s``)."""
+) -> OtaStateMessage | None:
+    """The device's retained ``ota/state`` (None when none arrives within ``wait_s``), parsed by
+    its model; :class:`MalformedStateError` (one line) when the model refuses it."""
     inbox: queue.Queue[bytes] = queue.Queue()
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
     if address.tls:
@@ -57,22 +63,22 @@ def read_ota_state(
                 payload = inbox.get(timeout=wait_s)
             except queue.Empty:
                 return None
-            if not payload:
-                continue  # a cleared retained message
             try:
-                data = json.loads(payload)
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                continue
-            if isinstance(data, dict):
-                return data
+                state = parse_message("ota/state", payload)
+            except MessageError as exc:
+                problem = str(exc).removeprefix("ota/state: ")
+                raise MalformedStateError(
+                    f"device {device_id} sent a malformed ota/state: {problem}"
+                ) from None
+            if state is not None:  # None: a cleared retained message
+                return cast(OtaStateMessage, state)
     finally:
         client.disconnect()
         client.loop_stop()
 
 
-def _version(state: dict[str, Any] | None) -> int | None:
-    value = (state or {}).get("current")
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+def _version(state: OtaStateMessage | None) -> int | None:
+    return state.current if state is not None else None
 
 
 @dataclass
@@ -90,7 +96,11 @@ class MqttOfferer:
 
     def current_version(self, device_id: str) -> int | None:
         """The version the device serves now, from its retained ``ota/state``."""
-        return _version(read_ota_state(self.address, self.prefix, device_id, self.state_wait_s))
+        try:
+            state = read_ota_state(self.address, self.prefix, device_id, self.state_wait_s)
+        except MalformedStateError:
+            return None  # not known: the offer that follows halts on it, naming the problem
+        return _version(state)
 
     def offer(self, device_id: str) -> DeviceOutcome:
         """Check the device answers, offer the bundle inline, wait for the final outcome."""
@@ -104,20 +114,32 @@ class MqttOfferer:
         """Promote the device's shadow candidate (this bundle) through the normal install."""
         return self._deliver(device_id, "promote")
 
-    def _deliver(self, device_id: str, mode: OfferMode) -> DeviceOutcome:
-        state = read_ota_state(self.address, self.prefix, device_id, self.state_wait_s)
+    def _before_offer(self, device_id: str) -> tuple[int | None, DeviceOutcome | None]:
+        """(the version the device serves, the outcome when nothing is to be sent)."""
+        try:
+            state = read_ota_state(self.address, self.prefix, device_id, self.state_wait_s)
+        except DeliveryError as exc:  # a malformed ota/state: one line, the device halts
+            return None, DeviceOutcome("timeout", None, str(exc))
         if state is None:
-            return DeviceOutcome(
+            return None, DeviceOutcome(
                 "timeout",
                 None,
                 f"no ota/state from {device_id} within {self.state_wait_s:.0f} s "
                 "(unknown device or offline)",
             )
-        current = _version(state)
+        current = state.current
         if current is not None and current == self.version:
-            return DeviceOutcome("committed", current, "already serving this version")
+            return current, DeviceOutcome("committed", current, "already serving this version")
         if current is not None and current > self.version:
-            return DeviceOutcome("rejected", current, f"serves a newer version ({current})")
+            return current, DeviceOutcome(
+                "rejected", current, f"serves a newer version ({current})"
+            )
+        return current, None
+
+    def _deliver(self, device_id: str, mode: OfferMode) -> DeviceOutcome:
+        current, settled = self._before_offer(device_id)
+        if settled is not None:
+            return settled
         cid = secrets.token_hex(8)
         source = inline_source(self.archive, secrets.token_hex(8), self.chunk_size)
         offer = make_offer(self.archive, source, cid)
@@ -128,8 +150,8 @@ class MqttOfferer:
             with OfferSender(self.address, self.prefix, device_id) as sender:
                 sender.connect()
                 reply = sender.deliver(offer, self.archive, self.reply_wait_s)
-                if not reply.get("ok", False):
-                    return DeviceOutcome("rejected", current, _reply_reason(reply))
+                if not reply.ok:
+                    return DeviceOutcome("rejected", current, reply_reason(reply))
                 final = final_outcome(sender.outcome(offer, self.outcome_wait_s), cid)
         except DeliveryError as exc:
             return DeviceOutcome("timeout", current, str(exc))
@@ -140,8 +162,3 @@ class MqttOfferer:
             version if isinstance(version, int) else current,
             str(final.get("reason") or ""),
         )
-
-
-def _reply_reason(reply: dict[str, Any]) -> str:
-    error = reply.get("error")
-    return str(error.get("message", error)) if isinstance(error, dict) else str(error or reply)

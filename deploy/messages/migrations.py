@@ -14,6 +14,11 @@ format  shape
 ======  ======================================================================================
 
 A step only moves and derives keys; validation happens afterwards, against the current model.
+
+``status`` and ``ota/state`` have no chain (yet): every change to them so far only added optional
+keys (``shadow``, ``progress``, ``generation``, ...), which their models default, so a document of
+an earlier app version validates as it is and is stored in the current shape.  A change that
+makes a key required, or renames one, gets a step here, as for results.
 """
 
 from __future__ import annotations

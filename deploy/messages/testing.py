@@ -15,7 +15,10 @@ from typing import Any
 
 from deploy.appliance.base import ScanRequest
 from deploy.appliance.results import Identity, build_result
+from deploy.messages.ota_state import OtaStateMessage
+from deploy.messages.reply import ReplyMessage
 from deploy.messages.result import ResultMessage
+from deploy.messages.status import StatusMessage
 from inference.decision import Limits, decide
 from inference.result import (
     FieldReport,
@@ -156,3 +159,58 @@ def result_json(seq: int = 1, **kw: Any) -> dict[str, Any]:
 def new_message_id() -> str:
     """A fresh message id."""
     return str(uuid.uuid4())
+
+
+def status_message(
+    state: str = "idle", *, device: str = "scope-07", **changes: Any
+) -> StatusMessage:
+    """A valid ``omis.status/1`` of an idle device serving :data:`MODEL` (``changes`` replace
+    top-level keys, by their JSON names)."""
+    data: dict[str, Any] = {
+        "device_id": device,
+        "state": state,
+        "reasons": [],
+        "boot_id": "boot-1",
+        "app_version": "0.1.0",
+        "model": dict(MODEL),
+        "engine": dict(BACKEND),
+        "firmware": None,
+        "queue": {"depth": 0, "capacity": 8},
+        "outbox": {"rows": 0, "bytes": 0, "full": False},
+        "last_error": None,
+        "at": "2026-01-01T12:00:00.000Z",
+    }
+    return StatusMessage.model_validate({**data, **changes})
+
+
+def ota_state_message(
+    current: int | None = 1,
+    previous: int | None = None,
+    pending: int | None = None,
+    **changes: Any,
+) -> OtaStateMessage:
+    """A valid ``omis.ota_state/1`` (``changes``: ``last_outcome``, ``progress``, ...)."""
+    data = {"current": current, "previous": previous, "pending": pending, "last_outcome": None}
+    return OtaStateMessage.model_validate({**data, **changes})
+
+
+def reply_message(
+    verb: str = "ota",
+    correlation_id: str | None = "c-1",
+    *,
+    device: str = "scope-07",
+    result: Mapping[str, Any] | None = None,
+    error: Mapping[str, str] | None = None,
+) -> ReplyMessage:
+    """A valid ``omis.reply/1``: ``error`` ({code, message}) refuses, otherwise ok."""
+    return ReplyMessage.model_validate(
+        {
+            "device_id": device,
+            "verb": verb,
+            "correlation_id": correlation_id,
+            "ok": error is None,
+            "result": dict(result or {}) if error is None else None,
+            "error": dict(error) if error is not None else None,
+            "at": "2026-01-01T12:00:00.000Z",
+        }
+    )

@@ -21,12 +21,15 @@ import queue
 import ssl
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from deploy.broker import BrokerAddress
+from deploy.messages.ota_state import OtaStateMessage
+from deploy.messages.parsing import MessageError, parse_message
+from deploy.messages.reply import ReplyMessage
 from deploy.ota.delivery import InlineSource, OtaOffer, chunk_topic, iter_chunks, need_topic
 from deploy.ota.exceptions import DeliveryError
 
@@ -49,7 +52,7 @@ class OfferSender:
         self.device_id = device_id
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._client: paho.Client | None = None
-        self._states: list[dict[str, Any]] = []  # ota/state seen while waiting for the reply
+        self._states: list[OtaStateMessage] = []  # ota/state seen while waiting for the reply
 
     @property
     def state_topic(self) -> str:
@@ -80,11 +83,11 @@ class OfferSender:
                 raise DeliveryError(f"cannot subscribe to {topic}")
         log.debug("step: connected to %s, subscribed to %s/...", self.address, self.base)
 
-    def check_present(self, presence_s: float = PRESENCE_S) -> dict[str, Any]:
+    def check_present(self, presence_s: float = PRESENCE_S) -> OtaStateMessage:
         """The device's retained ``ota/state``; raises at once, having sent nothing, when the
         device has none (no such device) or says it is offline."""
         deadline = time.monotonic() + presence_s
-        state: dict[str, Any] | None = None
+        state: OtaStateMessage | None = None
         availability: str | None = None
         while state is None or availability is None:
             remaining = deadline - time.monotonic()
@@ -95,7 +98,9 @@ class OfferSender:
             except queue.Empty:
                 break
             if topic == self.state_topic:
-                state = _json(payload)
+                state = self._state(payload)
+                if state is None:
+                    continue  # a cleared retained state: no device there
                 # Retained messages come right after SUBACK: availability, if any, is close.
                 deadline = min(deadline, time.monotonic() + RETAINED_GRACE_S)
             elif topic.endswith("/availability"):
@@ -110,9 +115,7 @@ class OfferSender:
                 f"device {self.device_id} has no ota/state on {self.address} within "
                 f"{presence_s:.0f} s: no such device, or it never ran there; nothing sent"
             )
-        log.debug(
-            "step: device %s is present (current model v%s)", self.device_id, state.get("current")
-        )
+        log.debug("step: device %s is present (current model v%s)", self.device_id, state.current)
         return state
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
@@ -141,10 +144,11 @@ class OfferSender:
 
     def deliver(
         self, offer: OtaOffer, archive: Path | None, wait_s: float, answer_s: float = ANSWER_S
-    ) -> dict[str, Any]:
+    ) -> ReplyMessage:
         """Send the offer (and chunks); return the device's reply, or raise on timeout.
 
-        Raises within ``answer_s`` when the device neither takes nor refuses the offer.
+        Raises within ``answer_s`` when the device neither takes nor refuses the offer, and at
+        once when the device sends a reply or ``ota/state`` its model refuses.
         """
         source = offer.source
         if isinstance(source, InlineSource) and archive is None:
@@ -165,21 +169,17 @@ class OfferSender:
                 raise DeliveryError(
                     f"no reply from {self.device_id} within {wait_s:.0f} s"
                 ) from None
-            data = _json(payload)
-            if topic == self.state_topic:
-                self._states.append(data)
-                _log_progress(data, offer.correlation_id)
-            elif topic == need and isinstance(source, InlineSource) and archive is not None:
-                missing = {int(i) for i in data.get("missing", [])}
+            if topic == need and isinstance(source, InlineSource) and archive is not None:
+                asked = _json(payload).get("missing")
+                missing = {i for i in asked if type(i) is int} if isinstance(asked, list) else set()
                 log.info("device asks for %d chunk(s) again", len(missing))
                 self.send_chunks(archive, source, missing)
-            elif topic.endswith("/cmd/ota/reply") and data.get("correlation_id") == (
-                offer.correlation_id
-            ):
-                log.debug("step: reply from %s: ok=%s", self.device_id, data.get("ok"))
-                return data
+                continue
+            reply = self._answer(topic, payload, offer)
+            if reply is not None:
+                return reply
 
-    def _await_taken(self, offer: OtaOffer, answer_s: float) -> dict[str, Any] | None:
+    def _await_taken(self, offer: OtaOffer, answer_s: float) -> ReplyMessage | None:
         """Wait until the device takes the offer (None) or answers it at once (the reply)."""
         deadline = time.monotonic() + answer_s
         while (remaining := deadline - time.monotonic()) > 0:
@@ -187,23 +187,52 @@ class OfferSender:
                 topic, payload = self._inbox.get(timeout=remaining)
             except queue.Empty:
                 break
-            data = _json(payload)
-            if topic == self.state_topic:
-                self._states.append(data)
-                if _progress_of(data, offer.correlation_id) is not None:
-                    _log_progress(data, offer.correlation_id)
-                    return None
-            elif topic.endswith("/cmd/ota/reply") and data.get("correlation_id") == (
-                offer.correlation_id
-            ):
-                log.debug("step: reply from %s: ok=%s", self.device_id, data.get("ok"))
-                return data
+            taken = len(self._states)
+            reply = self._answer(topic, payload, offer)
+            if reply is not None:
+                return reply
+            if any(_progress_of(s, offer.correlation_id) for s in self._states[taken:]):
+                return None
         raise DeliveryError(
             f"device {self.device_id} did not take the offer within {answer_s:.0f} s (no "
             "ota/state progress, no reply): it is not running or not subscribed; no chunk sent"
         )
 
-    def outcome(self, offer: OtaOffer, wait_s: float) -> dict[str, Any]:
+    def _answer(self, topic: str, payload: bytes, offer: OtaOffer) -> ReplyMessage | None:
+        """The reply to ``offer`` when ``topic`` carries it; an ``ota/state`` is kept (and its
+        progress logged).  Either is parsed by its model: a refusal is a :class:`DeliveryError`."""
+        if topic == self.state_topic:
+            state = self._state(payload)
+            if state is not None:
+                self._states.append(state)
+                _log_progress(state, offer.correlation_id)
+            return None
+        if not topic.endswith("/cmd/ota/reply"):
+            return None
+        reply = cast(ReplyMessage | None, self._parsed("reply", payload))
+        if reply is None or reply.correlation_id != offer.correlation_id:
+            return None  # the answer to another offer
+        if reply.device_id != self.device_id:
+            raise DeliveryError(
+                f"device {self.device_id} sent a malformed reply: device_id {reply.device_id!r}"
+            )
+        log.debug("step: reply from %s: ok=%s", self.device_id, reply.ok)
+        return reply
+
+    def _state(self, payload: bytes) -> OtaStateMessage | None:
+        return cast(OtaStateMessage | None, self._parsed("ota/state", payload))
+
+    def _parsed(self, kind: str, payload: bytes) -> Any:
+        """``payload`` parsed by the model of ``kind`` (None: empty); one line when refused."""
+        try:
+            return parse_message(kind, payload)
+        except MessageError as exc:
+            problem = str(exc).removeprefix(f"{kind}: ")
+            raise DeliveryError(
+                f"device {self.device_id} sent a malformed {kind}: {problem}"
+            ) from None
+
+    def outcome(self, offer: OtaOffer, wait_s: float) -> OtaStateMessage:
         """Wait for the final ``ota/state`` of this offer's install; return that state.
 
         The device names the offer's correlation id in ``progress`` while it installs, so an
@@ -230,9 +259,7 @@ class OfferSender:
             except queue.Empty:
                 continue
             if topic == self.state_topic:
-                data = _json(payload)
-                self._states.append(data)
-                _log_progress(data, offer.correlation_id)
+                self._answer(topic, payload, offer)
 
     def close(self) -> None:
         """Disconnect (idempotent)."""
@@ -248,20 +275,20 @@ class OfferSender:
         self.close()
 
 
-def _log_progress(state: dict[str, Any], correlation_id: str) -> None:
+def _log_progress(state: OtaStateMessage, correlation_id: str) -> None:
     progress = _progress_of(state, correlation_id)
     if progress is not None:
         log.debug("step: device at %s", progress.get("step"))
 
 
-def _progress_of(state: dict[str, Any], correlation_id: str) -> dict[str, Any] | None:
-    progress = state.get("progress")
-    if not isinstance(progress, dict) or progress.get("correlation_id") != correlation_id:
+def _progress_of(state: OtaStateMessage, correlation_id: str) -> dict[str, Any] | None:
+    progress = state.progress
+    if progress is None or progress.get("correlation_id") != correlation_id:
         return None
     return progress
 
 
-def _final_step(state: dict[str, Any], correlation_id: str) -> str | None:
+def _final_step(state: OtaStateMessage, correlation_id: str) -> str | None:
     step = (_progress_of(state, correlation_id) or {}).get("step")
     return step if step in FINAL_STEPS else None
 
@@ -277,10 +304,10 @@ def _still_at(progress: dict[str, Any] | None) -> str:
     return where
 
 
-def final_outcome(state: dict[str, Any], correlation_id: str) -> dict[str, Any]:
+def final_outcome(state: OtaStateMessage, correlation_id: str) -> dict[str, Any]:
     """``{"outcome", "version", "reason"}`` of a final ``ota/state`` for this offer."""
-    progress = state.get("progress") or {}
-    last = state.get("last_outcome") or {}
+    progress = state.progress or {}
+    last = state.last_outcome if isinstance(state.last_outcome, dict) else {}
     return {
         "outcome": _final_step(state, correlation_id),
         "version": progress.get("version"),
@@ -289,8 +316,14 @@ def final_outcome(state: dict[str, Any], correlation_id: str) -> dict[str, Any]:
 
 
 def _json(payload: bytes) -> dict[str, Any]:
+    """A chunk request (``ota/need``: no message model; garbage asks for nothing)."""
     try:
         data = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def reply_reason(reply: ReplyMessage) -> str:
+    """Why the device refused an offer (the reply's error message)."""
+    return reply.error.message if reply.error is not None else "refused without a reason"
