@@ -114,7 +114,7 @@ class Receipts:
                 cost = len(message_id) + 3
             else:
                 entry = {"message_id": message_id, "reason": reason}
-                cost = len(json.dumps(entry, separators=(",", ":"))) + 1
+                cost = len(json.dumps(entry, separators=(",", ":"), allow_nan=False)) + 1
             full = len(held) >= MAX_RECEIPT_IDS or len(aside) >= MAX_RECEIPT_IDS
             if (held or aside) and (full or size + cost > RECEIPT_MAX_BYTES):
                 yield _receipt(held, aside, collector)

@@ -313,7 +313,8 @@ async def body_error(request: Request, exc: Exception) -> Response:
         and isinstance(exc.__cause__, UnicodeDecodeError)
     ):
         detail = [{"loc": ["body"], "msg": "the body is not UTF-8 JSON", "type": "json_invalid"}]
-        return Response(json.dumps({"detail": detail}), 422, media_type="application/json")
+        body = json.dumps({"detail": detail}, allow_nan=False)
+        return Response(body, 422, media_type="application/json")
     assert isinstance(exc, StarletteHTTPException)
     return await http_exception_handler(request, exc)
 
