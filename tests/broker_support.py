@@ -45,6 +45,17 @@ TESTS_DIR = Path(__file__).resolve().parent
 SHA = "ab" * 32
 
 
+def wait_appliance_ready(port: int, app: Appliance, prefix: str = "omis/v1") -> None:
+    """Until this boot's status is out.  The link publishes it after subscribing to the command
+    topics, so a command or an OTA offer sent from now on is heard (an offer's sender gives a
+    silent device only a few seconds before it says the device is not there)."""
+    boot, base = app.identity.boot_id, f"{prefix}/{app.identity.device_id}"
+    with Collector(port, f"{base}/status", client_id=f"ready-{boot}") as seen:
+        assert wait_until(
+            lambda: any(s.get("boot_id") == boot for s in seen.json_on("/status")), 60
+        ), f"{base}: the appliance never published the status of boot {boot}"
+
+
 @contextlib.contextmanager
 def running_appliance(app: Appliance) -> Iterator[Appliance]:
     """Start an in-process appliance with its supervision loop on a thread; stop it after."""

@@ -22,6 +22,7 @@ from broker_support import (
     Mosquitto,
     app_config,
     mosquitto_fixture,  # noqa: F401 - the "mosquitto" fixture
+    wait_appliance_ready,
     wait_until,
 )
 from fakes.bundles import make_bundle, make_field
@@ -115,6 +116,7 @@ def running(
     loop = threading.Thread(target=app.run, daemon=True)
     loop.start()
     try:
+        wait_appliance_ready(broker.port, app)
         yield app, scanner
     finally:
         app.request_stop()

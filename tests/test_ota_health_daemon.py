@@ -23,6 +23,7 @@ from broker_support import (
     Mosquitto,
     app_config,
     mosquitto_fixture,  # noqa: F401 - the "mosquitto" fixture
+    wait_appliance_ready,
     wait_until,
 )
 from fakes.bundles import make_bundle
@@ -116,6 +117,7 @@ def running(broker: Mosquitto, state: Path) -> Iterator[tuple[Appliance, Microsc
     loop = threading.Thread(target=app.run, daemon=True)
     loop.start()
     try:
+        wait_appliance_ready(broker.port, app)
         yield app, scanner
     finally:
         app.request_stop()

@@ -22,6 +22,7 @@ from broker_support import (
     app_config,
     mosquitto_fixture,  # noqa: F401 - the "mosquitto" fixture
     running_appliance,
+    wait_appliance_ready,
     wait_until,
 )
 from fakes.bundles import make_bundle
@@ -87,6 +88,7 @@ def running(broker: Mosquitto, state: Path, settings: OtaSettings) -> Iterator[A
     scanner = MicroscopeScanner("sim://", None, state, sim_size=(64, 48))
     app = Appliance(load_config(environ={}, overrides=config), state, scanner, settings)
     with running_appliance(app):
+        wait_appliance_ready(broker.port, app)
         yield app
 
 

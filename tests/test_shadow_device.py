@@ -22,6 +22,7 @@ from broker_support import (
     Mosquitto,
     app_config,
     mosquitto_fixture,  # noqa: F401 - the "mosquitto" fixture
+    wait_appliance_ready,
     wait_until,
 )
 from fakes.bundles import make_bundle
@@ -86,6 +87,7 @@ def running(broker: Mosquitto, state: Path) -> Iterator[Appliance]:
     loop = threading.Thread(target=app.run, daemon=True)
     loop.start()
     try:
+        wait_appliance_ready(broker.port, app)
         yield app
     finally:
         app.request_stop()
