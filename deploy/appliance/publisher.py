@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from deploy.appliance.results import ResultMessage
 from deploy.exceptions import OutboxFullError, SchemaError
@@ -21,6 +21,41 @@ from deploy.schemas import validate
 log = logging.getLogger(__name__)
 
 OUTBOX_FULL_RETRY_S = 1.0
+
+
+class _Outgoing(Protocol):
+    @property
+    def message_id(self) -> str: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+    def payload(self) -> bytes: ...
+
+
+def store_durably(
+    outbox: Outbox,
+    topic: str,
+    schema: str,
+    message: _Outgoing,
+    on_error: Callable[[str, str], None],
+) -> None:
+    """Check ``message`` against its shipped schema, then put it in the outbox, waiting for
+    room (never dropping it).  A schema mismatch is reported (``<schema>_invalid``) and the
+    message kept anyway: one the dashboard may reject beats a lost slide."""
+    try:
+        validate(schema, message.to_json())
+    except SchemaError as exc:
+        on_error(f"{schema}_invalid", str(exc))
+        log.error("%s %s does not match its schema: %s", schema, message.message_id, exc)
+    payload = message.payload()
+    while True:
+        try:
+            outbox.put(message.message_id, topic, payload)
+            return
+        except OutboxFullError as exc:
+            # Admission control makes this rare; wait for room, never drop.
+            on_error("outbox_full", str(exc))
+            time.sleep(OUTBOX_FULL_RETRY_S)
 
 
 class ResultPublisher(Protocol):
@@ -48,22 +83,7 @@ class OutboxPublisher:
 
     def commit(self, result: ResultMessage) -> None:
         """Validate against the shipped schema, then store (waiting for room, never dropping)."""
-        data = result.to_json()
-        try:
-            validate("result", data)
-        except SchemaError as exc:
-            # Keep it anyway: a result the dashboard may reject beats a lost slide.
-            self.on_error("result_invalid", str(exc))
-            log.error("result %s does not match its schema: %s", result.message_id, exc)
-        payload = result.payload()
-        while True:
-            try:
-                self.outbox.put(result.message_id, self.topic, payload)
-                break
-            except OutboxFullError as exc:
-                # Admission control makes this rare; wait for room, never drop.
-                self.on_error("outbox_full", str(exc))
-                time.sleep(OUTBOX_FULL_RETRY_S)
+        store_durably(self.outbox, self.topic, "result", result, self.on_error)
         log.info(
             "result %s (slide %s, seq %d, %s) committed",
             result.message_id,

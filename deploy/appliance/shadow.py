@@ -9,22 +9,19 @@ restart too).  The serving result is built first and never depends on the shadow
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Callable
 
 from deploy.appliance.base import ShadowOutcome
+from deploy.appliance.publisher import store_durably
 from deploy.appliance.results import Identity, rfc3339
-from deploy.exceptions import OutboxFullError, SchemaError
 from deploy.messages.result import ResultMessage
 from deploy.messages.shadow import ShadowMessage
 from deploy.outbox import Outbox
-from deploy.schemas import validate
 from inference.result import ModelRef, Outcome
 
 log = logging.getLogger(__name__)
 
-OUTBOX_FULL_RETRY_S = 1.0
 _DECIDED = (Outcome.CLASSIFIED, Outcome.ABSTAINED)
 
 
@@ -78,20 +75,8 @@ class ShadowPublisher:
         self.committed = 0
 
     def commit(self, message: ShadowMessage) -> None:
-        """Validate against the shipped schema, then store (waiting for room, never dropping)."""
-        data = message.to_json()
-        try:
-            validate("shadow", data)
-        except SchemaError as exc:
-            self.on_error("shadow_invalid", str(exc))
-            log.error("shadow %s does not match its schema: %s", message.message_id, exc)
-        while True:
-            try:
-                self.outbox.put(message.message_id, self.topic, message.payload())
-                break
-            except OutboxFullError as exc:
-                self.on_error("outbox_full", str(exc))
-                time.sleep(OUTBOX_FULL_RETRY_S)
+        """Check against the shipped schema, then store (waiting for room, never dropping)."""
+        store_durably(self.outbox, self.topic, "shadow", message, self.on_error)
         self.committed += 1
         log.info(
             "shadow %s of slide %s (%s v%d: %s) committed",
