@@ -18,6 +18,7 @@ BENCHMARKS = (
     ["bench_acquisition.py", "--fields", "30"],
     ["bench_outbox.py"],
     ["bench_train.py"],
+    ["bench_operating_point.py", "--repeats", "1"],
 )
 
 

@@ -199,7 +199,8 @@ class OperatingPoint(_Strict):
     new model against them: ``deploy.appliance.health``)."""
 
     referral_rate: Probability = Field(
-        description="share of slides the abstain band referred, on slides the model never saw"
+        description="referral rate the abstain band is validated not to exceed on new slides "
+        "(upper confidence bound from slides the model never saw)"
     )
     slides: StrictInt = Field(ge=0, description="slides the referral rate was measured on")
     no_usable_field_rate: Probability = Field(

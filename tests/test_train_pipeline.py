@@ -382,7 +382,7 @@ def test_the_shipped_operating_point_comes_from_slides_it_never_trained_on(
     report = json.loads((trained["out"] / "report.json").read_text())
     final = report["final_model"]
     n = report["data"]["slides_used"]
-    assert final["fit_slides"] + final["calibration_slides"] == n
+    assert final["fit_slides"] + final["validation_slides"] + final["calibration_slides"] == n
     assert 0 < final["calibration_slides"] < n
     op = report["shipped_operating_point"]
     assert op["slides"] == final["calibration_slides"] and "calibration split" in op["measured_on"]
@@ -390,6 +390,47 @@ def test_the_shipped_operating_point_comes_from_slides_it_never_trained_on(
     assert m.thresholds.decision == op["thresholds"]["decision"]
     rec = m.training.operating_point
     assert rec is not None and rec.slides == final["calibration_slides"]
-    figures = op["cross_fitted"] or op["on_split_with_its_own_thresholds"]
-    assert rec.referral_rate == figures["referral_rate"]["value"]
+    assert rec.referral_rate == op["validated_referral_rate"]["value"]
+    assert rec.referral_rate <= report["thresholds"]["max_referral"]
+    # trained like a fold model: early stopping on its own inner validation patients
+    assert final["epochs"] == final["attempts"][-1]["best_epoch"] <= final["epochs_run"]
+    # a fit stuck at chance-level loss is retried with another seed, each attempt recorded and
+    # named in the warnings (two epochs on 16 slides: usually all three attempts)
+    attempts, failed = final["attempts"], final["collapsed_attempts"]
+    assert failed in (len(attempts), len(attempts) - 1)
+    assert len({a["seed"] for a in attempts}) == len(attempts)
+    if failed == len(attempts):
+        assert len(attempts) == 3
+        assert report["warnings"][0].startswith("SHIPPED MODEL: every one of 3 final fits")
+    elif failed:
+        assert any(w.startswith("final model: seed") for w in report["warnings"])
     assert 0.0 <= rec.no_usable_field_rate <= 1.0 and rec.field_acceptance is not None
+
+
+@pytest.mark.slow
+def test_the_shipped_bundle_keeps_the_referral_bound_on_new_slides(tmp_path: Path) -> None:
+    """Train, then score slides no part of training saw (another simulator seed) exactly as
+    the device would (``omis validate``): the bundle refers at most ``--max-referral`` of
+    them, and the rate it records for the OTA health period is that bound's certificate."""
+    data, new, out = tmp_path / "data", tmp_path / "new", tmp_path / "out"
+    synth = ["dataset", "synth", "--fields", "2", "--size", "96x80", "-q"]
+    omis(*synth, "--out", str(data), "--slides", "72", "--seed", "5")
+    omis(*synth, "--out", str(new), "--slides", "150", "--seed", "6")
+    omis(
+        "train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--folds", "2",
+        "--epochs", "10", "--seed", "3", "--max-referral", "0.15", "-q",
+    )  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    op = report["shipped_operating_point"]
+    bound = op["thresholds"]["referral_bound"]
+    assert bound["max_referral"] == 0.15 and bound["slides"] == op["slides"]
+    rec = load_bundle(out / "bundle").manifest.training.operating_point
+    assert rec is not None and rec.referral_rate == bound["upper_bound"] <= 0.15
+    proc = omis(
+        "validate", "--bundle", str(out / "bundle"), "--data", str(new), "--json",
+        "--lock", str(tmp_path / "lock.json"),
+    )  # fmt: skip
+    scored = json.loads(proc.stdout)
+    referred = scored["referral_rate"]
+    assert referred["n"] == 150
+    assert referred["value"] <= 0.15, (referred, bound)

@@ -82,8 +82,16 @@ def _register_train(sub: argparse._SubParsersAction[Any], common: argparse.Argum
         "--max-referral",
         type=float,
         default=0.2,
-        help="largest share of slides the abstain band may refer to a person, on the smoothed "
-        "validation fit (default 0.2)",
+        help="largest share of slides the abstain band may refer to a person on new slides "
+        "(default 0.2)",
+    )
+    p.add_argument(
+        "--referral-confidence",
+        type=float,
+        default=0.95,
+        help="probability with which the referral rate on new slides stays within "
+        "--max-referral; the band holds at most as many validation slides as that allows "
+        "(default 0.95)",
     )
     p.add_argument(
         "--repeats",
@@ -174,6 +182,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             final=args.final,
             target_sensitivity=args.target_sensitivity,
             max_referral=args.max_referral,
+            referral_confidence=args.referral_confidence,
             threads=args.threads,
             temperature_scaling=args.temperature_scaling,
             out_of_range=args.out_of_range,

@@ -23,6 +23,7 @@ from training.evaluate import FoldPredictions, summarize
 from training.metrics import high_risk_probability, referral_figures
 from training.thresholds import (
     DEFAULT_MAX_REFERRAL,
+    DEFAULT_REFERRAL_CONFIDENCE,
     Choice,
     choose_thresholds,
     fit_temperature,
@@ -72,6 +73,7 @@ def score_model(
     shipped_val: F64 | None = None,
     classes: Sequence[str] | None = None,
     max_referral: float = DEFAULT_MAX_REFERRAL,
+    referral_confidence: float = DEFAULT_REFERRAL_CONFIDENCE,
 ) -> Scored:
     """Choose each fold's thresholds on its validation slides and score its test slides.
 
@@ -86,7 +88,11 @@ def score_model(
     band_hi = np.zeros(labels.size, dtype=np.float64)
     for (_, test), (_, val), vp in zip(folds, inner, run.val_probs, strict=True):
         c = choose_thresholds(
-            positive[val], high_risk_probability(vp, high), target, max_referral=max_referral
+            positive[val],
+            high_risk_probability(vp, high),
+            target,
+            max_referral=max_referral,
+            confidence=referral_confidence,
         )
         choices.append(c)
         slide_thr[test] = c.thresholds.decision
@@ -99,6 +105,7 @@ def score_model(
         target,
         temperature,
         max_referral=max_referral,
+        confidence=referral_confidence,
     )
     summary = summarize(
         labels,
@@ -115,8 +122,12 @@ def score_model(
     summary["thresholds"] = {
         "chosen_on": "validation",
         "max_referral": max_referral,
+        "referral_confidence": referral_confidence,
         "method": "smoothed (Gaussian-kernel) class score distributions on the logit scale; "
-        "band narrowed to --max-referral (training.thresholds)",
+        "band narrowed until it holds at most as many validation slides as keep the referral "
+        "rate on new slides within --max-referral at --referral-confidence (order statistics, "
+        "Beta bound), and refers at most --max-referral on the smoothed fit "
+        "(training.thresholds)",
         "per_fold": [c.to_json() for c in choices],
         "shipped": shipped.to_json(),
     }

@@ -1,19 +1,30 @@
 """The shipped model's operating point, measured on slides it never trained on.
 
 The default final model (``final="all"``) is trained on about four fifths of the patients and
-keeps the rest as a *calibration split* (patient-grouped, stratified).  Its epoch count comes
-from the cross-validation folds' early stopping (other slides' decisions); its temperature and
-thresholds come from the calibration split; so epoch, temperature and thresholds are never all
-chosen on the same slides.
+keeps the rest as a *calibration split* (patient-grouped, stratified).  It is trained like a fold
+model: early stopping on an inner validation split of its own training patients.
 
-On the calibration split the figures are *cross-fitted*: the split is halved (by patient), each
-half is scored with thresholds (and temperature) chosen on the other half, and the two halves'
-figures are pooled.  They are what the shipped thresholds do on slides the choice never saw.
-The shipped thresholds themselves are chosen on the whole split.
+Its thresholds (:func:`transferred`) take their *rank levels* from the cross-validation and
+their *scale* from the calibration split: the decision threshold and abstain band are chosen
+(smoothed, with the referral bound, :mod:`training.thresholds`) on the folds' out-of-fold
+predictions expressed as percentiles within each fold (the calibration split's slides left
+out; scale-free, so the fold models pool), then read off at the same percentiles of the shipped
+model's own calibration scores.  The split's labels are never used for them, so the split's
+figures at the shipped thresholds are held out; and the ~4x larger out-of-fold set keeps the
+decision threshold from swinging with one or two calibration slides (a 90 % sensitivity target
+on ~14 high-risk slides is set by the lowest one or two).  The band is then narrowed until it
+holds at most as many calibration slides as keep the referral rate on new slides within
+``--max-referral`` at ``--referral-confidence``; the bundle records that bound
+(``training.operating_point.referral_rate``).
 
-Temperature scaling (``--temperature-scaling``) is kept only when it lowers the cross-fitted
+Without a usable out-of-fold reference (one risk class) the thresholds are chosen on the split
+itself, and its figures are *cross-fitted* instead: the split is halved (by patient), each half
+scored with thresholds chosen on the other half.
+
+Temperature scaling (``--temperature-scaling``) is kept only when it lowers the held-out
 negative log-likelihood (each half's temperature scored on the other half); otherwise the
-temperature stays 1 and the report says so.
+temperature stays 1 and the report says so.  A temperature does not change ranks, so it moves
+the thresholds' p(high) values but not the slides they decide.
 
 ``final="best-fold"`` ships a fold model: its thresholds are its fold's (chosen on that fold's
 inner validation slides) and its operating point is that fold's test slides'.
@@ -29,13 +40,27 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from scipy.special import log_softmax
+from scipy.stats import rankdata
 from sklearn.model_selection import StratifiedGroupKFold
 
-from inference.bundle import OperatingPoint
+from inference.bundle import OperatingPoint, Thresholds
 from training.compare import auc_with_interval
 from training.data import PrepStats
 from training.metrics import calibration, high_risk_probability, proportion, referral_figures
-from training.thresholds import Choice, choose_thresholds, fit_temperature, softmax_t
+from training.thresholds import (
+    BANDWIDTH_FLOOR,
+    DEFAULT_REFERRAL_CONFIDENCE,
+    Choice,
+    Smoothed,
+    bisect_increasing,
+    choose_thresholds,
+    fit_temperature,
+    logit_scores,
+    max_slides_in_band,
+    referral_upper_bound,
+    sigmoid,
+    softmax_t,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +77,7 @@ class Target:
     sensitivity: float
     max_referral: float
     temperature_scaling: bool
+    referral_confidence: float = DEFAULT_REFERRAL_CONFIDENCE
 
 
 @dataclass
@@ -130,7 +156,12 @@ def _cross_fitted(
         t = fit_temperature(z[a], y[a]) if use_t else 1.0
         pa = high_risk_probability(softmax_t(z[a], t), high)
         c = choose_thresholds(
-            positive[a], pa, target.sensitivity, t, max_referral=target.max_referral
+            positive[a],
+            pa,
+            target.sensitivity,
+            t,
+            max_referral=target.max_referral,
+            confidence=target.referral_confidence,
         )
         if c.problem:
             problems.append(c.problem)
@@ -168,35 +199,183 @@ def collapse_of(positive: B, p_high: F64) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Reference:
+    """Out-of-fold evidence for the shipped thresholds' *rank levels*.
+
+    ``level`` is each slide's mid-rank percentile among its fold's test slides under that
+    fold's model: scale-free, so the folds' models pool although their p(high) scales differ.
+    The calibration split's slides are left out (their labels never touch the thresholds).
+    """
+
+    positive: B
+    level: F64
+
+    @property
+    def usable(self) -> bool:
+        """Both risk classes present."""
+        return bool(self.positive.any() and (~self.positive).any())
+
+
+def fold_levels(p_high: F64, folds: Sequence[tuple[I64, I64]]) -> F64:
+    """Each slide's mid-rank percentile, (rank - 0.5) / n, among its fold's test slides."""
+    out = np.full(p_high.size, np.nan)
+    for _, test in folds:
+        out[test] = (rankdata(p_high[test], method="average") - 0.5) / test.size
+    return out
+
+
+def _smoothed_scores(ph: F64) -> Smoothed:
+    """The calibration scores' kernel-smoothed distribution on the logit scale (as
+    :mod:`training.thresholds` smooths validation scores): between two of ~30 scores the
+    empirical quantile jumps by a whole gap."""
+    z = logit_scores(ph)
+    return Smoothed.fit(z, BANDWIDTH_FLOOR * float(np.std(z)))
+
+
+def _at_level(fit: Smoothed, level: float) -> float:
+    """p(high) at percentile ``level`` of the smoothed calibration scores."""
+    return sigmoid(fit.quantile(min(max(level, 0.0), 1.0)))
+
+
+def transferred(ph: F64, ref: Reference, target: Target, t: float) -> Choice:
+    """The shipped thresholds: rank levels from the cross-validation, scale from ``ph``.
+
+    The decision threshold and band are chosen (:func:`~training.thresholds.choose_thresholds`)
+    on the reference's percentile levels, where ~four times more labelled slides than the
+    calibration split hold them steady, then read off at the same percentiles of the shipped
+    model's own calibration scores.  Only those scores (not their labels) are used, so the
+    split's figures at the shipped thresholds are held out.  The band is then narrowed towards
+    the decision (common factor, on the level scale) until it holds at most
+    :func:`~training.thresholds.max_slides_in_band` calibration slides; as the levels were
+    fixed without the split, the referral rate on new slides is then at most ``max_referral``
+    with probability ``confidence`` (Beta bound on the covered order statistics).
+    """
+    ref_choice = choose_thresholds(
+        ref.positive,
+        ref.level,
+        target.sensitivity,
+        max_referral=target.max_referral,
+        confidence=target.referral_confidence,
+    )
+    r = ref_choice.thresholds
+    q_lo, q_d, q_hi = r.abstain_low, r.decision, r.abstain_high
+    n = int(ph.size)
+    most = max_slides_in_band(n, target.max_referral, target.referral_confidence)
+
+    fit = _smoothed_scores(ph)
+    d = _at_level(fit, q_d)
+
+    def band(a: float) -> tuple[float, float]:
+        return _at_level(fit, q_d - a * (q_d - q_lo)), _at_level(fit, q_d + a * (q_hi - q_d))
+
+    def inside(a: float) -> int:
+        lo, hi = band(a)
+        return int(((ph >= lo) & (ph <= hi)).sum())
+
+    problems = [p for p in [ref_choice.problem] if p]
+    a = 1.0
+    if inside(1.0) > most:
+        a = bisect_increasing(lambda x: inside(x) - most - 0.5, 0.0, 1.0)
+        problems.append(
+            f"the band at the reference's levels holds {inside(1.0)} of the {n} calibration "
+            f"slides; --max-referral {target.max_referral:g} at confidence "
+            f"{target.referral_confidence:g} allows {max(most, 0)}: narrowed to hold {inside(a)}"
+        )
+    lo, hi = band(a)
+    k = inside(a)
+    th = Thresholds(
+        decision=d,
+        abstain_low=min(lo, d),
+        abstain_high=max(hi, d),
+        chosen_on="validation",
+        target_sensitivity=target.sensitivity,
+        temperature=t,
+    )
+    bound: dict[str, object] = {
+        "max_referral": target.max_referral,
+        "confidence": target.referral_confidence,
+        "max_slides_in_band": max(most, 0),
+        "slides_in_band": k,
+        "slides": n,
+        "upper_bound": 0.0 if lo == hi else referral_upper_bound(k, n, target.referral_confidence),
+        "levels": {"abstain_low": q_lo, "decision": q_d, "abstain_high": q_hi, "narrowed_by": a},
+    }
+    return Choice(th, n, "; ".join(problems) or None, ref_choice.expected, bound)
+
+
+def _figures(positive: B, ph: F64, th: Thresholds) -> dict[str, Any]:
+    called = ph >= th.decision
+    return {
+        **referral_figures(positive, ph, th.abstain_low, th.abstain_high),
+        "sensitivity_at_decision": _share(called & positive, positive),
+        "specificity_at_decision": _share(~called & ~positive, ~positive),
+        "roc_auc": auc_with_interval(positive, ph),
+    }
+
+
 def calibrate(
-    z: F64, labels: I64, groups: Sequence[str], *, high: Sequence[int], target: Target, seed: int
+    z: F64,
+    labels: I64,
+    groups: Sequence[str],
+    *,
+    high: Sequence[int],
+    target: Target,
+    seed: int,
+    reference: Reference | None = None,
 ) -> Calibrated:
     """Temperature and thresholds of the shipped model on its calibration split (module doc)."""
     parts = halves(labels, groups, seed)
     t, t_report = temperature(z, labels, parts, target.temperature_scaling)
     positive = np.isin(labels, list(high))
     ph = high_risk_probability(softmax_t(z, t), high)
-    choice = choose_thresholds(
-        positive, ph, target.sensitivity, t, max_referral=target.max_referral
-    )
+    if reference is not None and reference.usable:
+        choice = transferred(ph, reference, target, t)
+        method = (
+            f"rank levels from {reference.level.size} out-of-fold slides (the calibration split "
+            "left out), read off the shipped model's calibration scores (labels unused)"
+        )
+    else:
+        choice = choose_thresholds(
+            positive,
+            ph,
+            target.sensitivity,
+            t,
+            max_referral=target.max_referral,
+            confidence=target.referral_confidence,
+        )
+        method = "smoothed fit on the calibration split (no usable out-of-fold reference)"
     th = choice.thresholds
     report: dict[str, Any] = {
         "measured_on": "held-out calibration split (patients the shipped model never trained on)",
         "slides": int(labels.size),
+        "method": method,
         "thresholds": choice.to_json(),
         "temperature": t_report,
         "calibration_before": calibration(positive, high_risk_probability(softmax_t(z, 1.0), high)),
         "calibration_after": calibration(positive, ph),
-        "on_split_with_its_own_thresholds": referral_figures(
-            positive, ph, th.abstain_low, th.abstain_high
-        ),
+        "on_split_with_its_own_thresholds": _figures(positive, ph, th),
         "cross_fitted": None,
         "collapsed": collapse_of(positive, ph),
-        "note": "cross_fitted: each half of the split scored with thresholds chosen on the other "
-        "half (slides the choice never saw); on_split_with_its_own_thresholds is optimistic",
     }
-    rate = report["on_split_with_its_own_thresholds"]["referral_rate"]["value"]
-    if parts is not None:
+    bound = choice.bound or {}
+    # What the bundle promises: the shipped band's referral rate on new slides is at most this
+    # with probability ``confidence`` (order statistics of the split's own scores; at most
+    # --max-referral by construction).  The health period tests observed referrals against it.
+    rate = float(bound.get("upper_bound", 1.0))  # type: ignore[arg-type]
+    report["validated_referral_rate"] = {
+        "value": rate,
+        "meaning": f"upper {float(bound.get('confidence', 0.95)):.0%} bound of the shipped "  # type: ignore[arg-type]
+        f"band's referral rate on new slides: it holds {bound.get('slides_in_band')} of the "
+        f"{bound.get('slides')} calibration slides",
+    }
+    if reference is not None and reference.usable:
+        report["held_out"] = report["on_split_with_its_own_thresholds"]
+        report["note"] = (
+            "held_out: the calibration split at the shipped thresholds; the split's labels "
+            "were not used to choose them (only its scores' percentiles)"
+        )
+    elif parts is not None:
         cf = _cross_fitted(
             positive,
             z,
@@ -206,9 +385,15 @@ def calibrate(
             target=target,
             use_t=bool(t_report["used"]),
         )
-        report["cross_fitted"] = cf
-        rate = cf["referral_rate"]["value"]
-    return Calibrated(choice, report, float(rate or 0.0), int(labels.size))
+        report["cross_fitted"] = report["held_out"] = cf
+        report["note"] = (
+            "held_out = cross_fitted: each half of the split scored with thresholds chosen on "
+            "the other half; on_split_with_its_own_thresholds is optimistic"
+        )
+    else:
+        report["held_out"] = None
+        report["note"] = "split too small to hold figures out; on_split figures are optimistic"
+    return Calibrated(choice, report, rate, int(labels.size))
 
 
 def operating_point(

@@ -43,6 +43,13 @@ class TrainOptions(BaseModel):
     max_referral: float = Field(
         0.2, ge=0.0, le=1.0, description="largest share of slides the abstain band may refer"
     )
+    referral_confidence: float = Field(
+        0.95,
+        ge=0.5,
+        lt=1.0,
+        description="probability with which the referral rate on new slides stays within "
+        "max_referral",
+    )
     threads: int = Field(
         1, ge=1, le=256, description="torch intra-op threads (results depend on the count)"
     )

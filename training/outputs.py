@@ -206,6 +206,20 @@ def build_report(
     ]
     if shipped and shipped.get("collapsed"):
         warnings.insert(0, f"SHIPPED MODEL: {shipped['collapsed']}")
+    attempts = final.get("attempts") or []
+    failed = [a for a in attempts if a.get("collapsed")]
+    if failed and len(failed) == len(attempts):
+        warnings.insert(
+            0,
+            f"SHIPPED MODEL: every one of {len(attempts)} final fits collapsed "
+            f"({failed[-1]['collapsed']}); do not ship it",
+        )
+    elif failed:
+        warnings.append(
+            "final model: "
+            + "; ".join(f"seed {a['seed']} collapsed ({a['collapsed']})" for a in failed)
+            + f"; retrained with seed {attempts[-1]['seed']}"
+        )
     warnings += [
         f"{k}: fold {i} thresholds: {c.problem}"
         for k, (sc, _) in _models(network, baselines).items()

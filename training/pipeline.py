@@ -1,11 +1,11 @@
 """``omis train`` as short steps: prepare data, cross-validate, baselines, final model, bundle.
 
-Final model: by default a network trained on all slides for the median of the folds'
-early-stopping epochs (``final="all"``): every slide contributes and the epoch count was chosen
-on held-out patients.  ``final="best-fold"`` ships instead the fold model with the lowest
-validation loss (trained on (K-1)/K of the data).  The cross-validated metrics describe the
-procedure either way; the bundle records them.  The shipped thresholds (and temperature) are
-chosen on the folds' pooled validation predictions (:mod:`training.crossval`).
+Final model: by default (``final="all"``) a network trained like a fold model on about four
+fifths of the patients (early stopping on an inner validation split of them), the rest kept as
+its calibration split, on which its temperature and thresholds are chosen and its operating
+point measured (:mod:`training.operating`).  ``final="best-fold"`` ships instead the fold model
+with the lowest validation loss, with its fold's thresholds.  The cross-validated metrics
+describe the procedure either way; the bundle records them.
 
 The output directory is built under a temporary name and renamed into place at the end, so an
 interrupted run leaves no half-written output.  Under torchrun only rank 0 writes.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ from inference.exceptions import InferenceError
 from inference.spectrum import axis_nm, parse_params
 from training.baselines import BASELINES, cross_val_baselines, feature_matrix
 from training.checkpoint import FORMAT
+from training.compare import collapse_reason
 from training.crossval import (
     ModelRun,
     Scored,
@@ -47,7 +47,7 @@ from training.exceptions import ConfigError, DataError
 from training.export import write_bundle
 from training.metrics import high_risk_probability
 from training.model import VGG16Classifier, build_model, get_preset, load_pretrained
-from training.operating import Target, calibrate, operating_point
+from training.operating import Reference, Target, calibrate, fold_levels, operating_point
 from training.options import (
     TrainOptions,
     check_weights_decision,
@@ -233,7 +233,12 @@ class Final:
 
 
 def _target(opts: TrainOptions) -> Target:
-    return Target(opts.target_sensitivity, opts.max_referral, opts.temperature_scaling)
+    return Target(
+        opts.target_sensitivity,
+        opts.max_referral,
+        opts.temperature_scaling,
+        opts.referral_confidence,
+    )
 
 
 def _best_fold(
@@ -272,15 +277,82 @@ def _best_fold(
     )
 
 
+FINAL_ATTEMPTS = 3  # a final fit stuck at chance-level loss is retried with a new seed
+FINAL_RETRY_SEED = 104729
+
+
+def _fit_final(
+    ctx: _Context, inp: Inputs, train_idx: I64, val_idx: I64
+) -> tuple[torch.nn.Module, FitResult, list[dict[str, Any]]]:
+    """Fit the final network; an attempt whose validation loss stays at chance level is retried.
+
+    A tiny network on ~100 slides sometimes never leaves chance-level validation loss (the same
+    rule flags collapsed folds).  Each attempt is recorded (``final_model.attempts``) and a
+    retried fit is named in the report's warnings: nothing is switched silently.  When every
+    attempt collapses the last one ships, with the collapse in the warnings.
+    """
+    p, opts = ctx.p, ctx.opts
+    k = len(p.task.classes)
+    attempts: list[dict[str, Any]] = []
+    model, res = _new_model(p, opts), None
+    for attempt in range(FINAL_ATTEMPTS):
+        seed = opts.seed + attempt * FINAL_RETRY_SEED
+        seed_everything(seed)
+        model = _new_model(p, opts)
+        name = "final model" if attempt == 0 else f"final model (attempt {attempt + 1})"
+        with ctx.progress.task(name) as tick:
+            res = fit(
+                model,
+                _dataset(p, inp, train_idx, ctx.cfg.model_copy(update={"seed": seed})),
+                inp.inputs[val_idx] if val_idx.size else None,
+                p.labels[val_idx] if val_idx.size else None,
+                cfg=ctx.cfg.model_copy(update={"seed": seed}),
+                num_classes=k,
+                checkpoint=checkpoint_path(ctx.work, "final.pt"),
+                checkpoint_extra=ctx.extra,
+                progress=_phase_tick(tick),
+            )
+        why = collapse_reason(np.zeros(0, np.int64), np.zeros(0, np.int64), res.best_val_loss, k)
+        attempts.append(
+            {
+                "seed": seed,
+                "best_epoch": res.best_epoch,
+                "epochs_run": res.epochs_run,
+                "best_val_loss": res.best_val_loss,
+                "collapsed": why,
+            }
+        )
+        if why is None:
+            break
+        log.warning("final model attempt %d (seed %d) collapsed: %s", attempt + 1, seed, why)
+    assert res is not None
+    model.load_state_dict(res.state)
+    return model, res, attempts
+
+
+def _reference(p: Prepared, run: ModelRun, folds: list[tuple[I64, I64]], cal_idx: I64) -> Reference:
+    """The network's out-of-fold percentile levels, the calibration split left out."""
+    levels = fold_levels(high_risk_probability(run.probs, p.task.high_classes), folds)
+    keep = np.ones(p.labels.size, dtype=bool)
+    keep[cal_idx] = False
+    keep &= ~np.isnan(levels)
+    positive = np.isin(p.labels, list(p.task.high_classes))
+    return Reference(positive[keep], levels[keep])
+
+
 def final_model(
-    ctx: _Context, run: ModelRun, net: Scored, results: list[FitResult], fold_inputs: list[Inputs]
+    ctx: _Context,
+    run: ModelRun,
+    net: Scored,
+    results: list[FitResult],
+    fold_inputs: list[Inputs],
+    *,
+    folds: list[tuple[I64, I64]],
 ) -> Final:
     """The shipped network, its thresholds and its operating point (:mod:`training.operating`)."""
     p, opts = ctx.p, ctx.opts
     if opts.final == "best-fold":
         return _best_fold(ctx, run, net, results, fold_inputs)
-    model = _new_model(p, opts)
-    epochs = max(1, round(statistics.median(e["best_epoch"] for e in run.extra)))
     all_idx = np.arange(p.labels.size, dtype=np.int64)
     fit_idx, cal_idx = validation_split(
         all_idx, p.labels, p.ds.patients, opts.seed + CALIBRATION_SEED
@@ -289,21 +361,16 @@ def final_model(
         raise DataError(
             "too few patients (< 3) to hold out a calibration split for the final model"
         )
+    # Trained exactly like a fold model: early stopping on an inner validation split of its own
+    # training patients (a fixed epoch count and the last state could land on a bad step of a
+    # noisy trajectory: one seed's final model gave every slide p(high) 0.496).
+    train_idx, val_idx = validation_split(
+        fit_idx, p.labels, p.ds.patients, opts.seed + 2 * CALIBRATION_SEED
+    )
     inp = p.inputs_for(fit_idx)
-    seed_everything(opts.seed)
-    with ctx.progress.task("final model") as tick:
-        res = fit(
-            model,
-            _dataset(p, inp, fit_idx, ctx.cfg),
-            None,
-            None,
-            cfg=ctx.cfg.model_copy(update={"epochs": epochs}),
-            num_classes=len(p.task.classes),
-            checkpoint=checkpoint_path(ctx.work, "final.pt"),
-            checkpoint_extra=ctx.extra,
-            progress=_phase_tick(tick),
-        )
-    model.load_state_dict(res.state)
+    model, res, attempts = _fit_final(ctx, inp, train_idx, val_idx)
+    epochs = res.best_epoch
+    collapsed_attempts = [a for a in attempts if a["collapsed"]]
     device = resolve_device(ctx.cfg.device)
     z_cal = predict_logits(model.to(device), inp.inputs[cal_idx], ctx.cfg.batch_size, device)
     cal = calibrate(
@@ -313,20 +380,29 @@ def final_model(
         high=p.task.high_classes,
         target=_target(opts),
         seed=opts.seed,
+        reference=_reference(p, run, folds, cal_idx),
     )
-    measured_on = "held-out calibration split, cross-fitted"
+    measured_on = (
+        "held-out calibration split: upper bound of the shipped band's referral rate on new slides"
+    )
     return Final(
         model.cpu(),
         inp,
         {
             "choice": "all",
             "epochs": epochs,
-            "fit_slides": int(fit_idx.size),
+            "epochs_run": res.epochs_run,
+            "best_val_loss": res.best_val_loss,
+            "attempts": attempts,
+            "collapsed_attempts": len(collapsed_attempts),
+            "fit_slides": int(train_idx.size),
+            "validation_slides": int(val_idx.size),
             "calibration_slides": int(cal_idx.size),
             "calibration_slide_ids": [p.ds.slides[i].slide_id for i in cal_idx],
-            "description": f"trained on {fit_idx.size} of {p.labels.size} slides for {epochs} "
-            "epoch(s), the median of the folds' early-stopping epochs; temperature and "
-            f"thresholds chosen on the other {cal_idx.size} slides (held-out patients)",
+            "description": f"trained on {train_idx.size} of {p.labels.size} slides, early "
+            f"stopping on {val_idx.size} more (best epoch {epochs} of {res.epochs_run}), like "
+            f"a fold model; temperature and thresholds chosen on the other {cal_idx.size} "
+            "slides (held-out patients)",
         },
         cal.choice.thresholds,
         operating_point(cal.referral_rate, cal.slides, p.ds.stats, measured_on),
@@ -393,9 +469,10 @@ def _train_and_report(
         high=p.task.high_classes,
         target=opts.target_sensitivity,
         max_referral=opts.max_referral,
+        referral_confidence=opts.referral_confidence,
         classes=p.task.classes,
     )
-    shipped = final_model(ctx, run, net, results, fold_inputs)
+    shipped = final_model(ctx, run, net, results, fold_inputs, folds=folds)
     model, inp, final = shipped.model, shipped.inputs, shipped.info
     net.summary["thresholds"]["shipped"] = {
         "n_validation": shipped.report["slides"],
@@ -403,6 +480,7 @@ def _train_and_report(
         **shipped.report["thresholds"],
         **shipped.thresholds.model_dump(mode="json"),
         "chosen_on_detail": shipped.report["measured_on"],
+        "shipped_method": shipped.report.get("method"),
     }
     if ctx.work is None:
         return {"cnn": net.summary}
@@ -507,6 +585,7 @@ def _baselines(
             high=p.task.high_classes,
             target=opts.target_sensitivity,
             max_referral=opts.max_referral,
+            referral_confidence=opts.referral_confidence,
             classes=p.task.classes,
         )
         out[name] = (scored, run)

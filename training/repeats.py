@@ -59,10 +59,22 @@ def figures_of(report: dict[str, Any]) -> dict[str, float | None]:
         out[f"network_minus_{other}.auc_difference"] = _value(delong.get("auc_difference"))
         out[f"network_vs_{other}.delong_p"] = _value(delong.get("p_value"))
         out[f"network_vs_{other}.mcnemar_p"] = _value(tests.get("mcnemar", {}).get("p_value"))
-    shipped = (report.get("shipped_operating_point") or {}).get("cross_fitted") or {}
-    for key in ("referral_rate", "sensitivity_with_review", "specificity_with_review"):
+    op = report.get("shipped_operating_point") or {}
+    shipped = op.get("held_out") or op.get("cross_fitted") or {}
+    for key in (
+        "referral_rate",
+        "sensitivity_decided",
+        "specificity_decided",
+        "sensitivity_with_review",
+        "specificity_with_review",
+        "sensitivity_at_decision",
+        "specificity_at_decision",
+        "roc_auc",
+    ):
         if key in shipped:
             out[f"shipped.{key}"] = _value(shipped[key])
+    if op.get("validated_referral_rate"):
+        out["shipped.validated_referral_rate"] = _value(op["validated_referral_rate"])
     return out
 
 

@@ -150,6 +150,55 @@ def _referral_lines(report: dict[str, Any], model: str) -> list[str]:
     return lines
 
 
+def _shipped_lines(report: dict[str, Any]) -> list[str]:
+    """The shipped model's operating point, measured on its held-out calibration split."""
+    op = report.get("shipped_operating_point")
+    if not op:
+        return []
+    th = op.get("thresholds", {})
+    bound = th.get("referral_bound") or {}
+    held = op.get("held_out") or op.get("figures") or {}
+    lines = [
+        "",
+        "## The shipped model's operating point",
+        "",
+        f"Measured on the {op.get('measured_on')}, {op.get('slides')} slides.  Thresholds: "
+        f"{op.get('method', 'see report.json')}.  Decision {th.get('decision', 0):.4f}, band "
+        f"[{th.get('abstain_low', 0):.4f}, {th.get('abstain_high', 0):.4f}].",
+    ]
+    if bound:
+        lines += [
+            "",
+            f"Referral bound: the band holds {bound['slides_in_band']} of {bound['slides']} "
+            f"calibration slides (at most {bound['max_slides_in_band']} allowed), so it refers "
+            f"at most {100 * bound['upper_bound']:.1f} % of new slides with probability "
+            f"{bound['confidence']:g} (--max-referral {bound['max_referral']:g}); the bundle "
+            "records that rate for the OTA health period.",
+        ]
+    if held:
+        lines += [
+            "",
+            "| held out | value [95 %] |",
+            "|---|---|",
+            *(
+                f"| {k.replace('_', ' ')} | {_pct(held.get(k))} |"
+                for k in (
+                    "referral_rate",
+                    "sensitivity_at_decision",
+                    "specificity_at_decision",
+                    "sensitivity_decided",
+                    "specificity_decided",
+                    "sensitivity_with_review",
+                    "specificity_with_review",
+                )
+                if isinstance(held.get(k), dict)
+            ),
+        ]
+    if op.get("collapsed"):
+        lines += ["", f"**Collapsed:** {op['collapsed']}"]
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The human-readable report."""
     pooled = report["cnn"]["pooled"]
@@ -178,6 +227,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += _referral_lines(report, model)
     lines += _comparison_lines(report)
     lines += _threshold_lines(report)
+    lines += _shipped_lines(report)
     if cov:
         lines += [
             "",
