@@ -392,6 +392,9 @@ def test_the_shipped_operating_point_comes_from_slides_it_never_trained_on(
     assert rec is not None and rec.slides == final["calibration_slides"]
     assert rec.referral_rate == op["validated_referral_rate"]["value"]
     assert rec.referral_rate <= report["thresholds"]["max_referral"]
+    # monitoring in service compares with the same validated rate as the health period
+    ref = m.training.metrics["reference_distribution"]
+    assert ref["rates"]["referral_rate"] == rec.referral_rate
     # trained like a fold model: early stopping on its own inner validation patients
     assert final["epochs"] == final["attempts"][-1]["best_epoch"] <= final["epochs_run"]
     # a fit stuck at chance-level loss is retried with another seed, each attempt recorded and
@@ -434,3 +437,28 @@ def test_the_shipped_bundle_keeps_the_referral_bound_on_new_slides(tmp_path: Pat
     referred = scored["referral_rate"]
     assert referred["n"] == 150
     assert referred["value"] <= 0.15, (referred, bound)
+
+
+def test_best_fold_ships_a_fold_model_with_its_own_thresholds(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    """``--final best-fold``: the bundle carries that fold's thresholds and records as its
+    validated referral rate the band's bound from that fold's validation slides (or the fold's
+    test rate when higher)."""
+    out = tmp_path / "best"
+    omis(*_train_args(trained["data"], out), "--final", "best-fold")
+    report = json.loads((out / "report.json").read_text())
+    final = report["final_model"]
+    assert final["choice"] == "best-fold"
+    k = final["fold"]
+    fold_th = report["thresholds"]["per_fold"][k - 1]
+    m = load_bundle(out / "bundle").manifest
+    assert (m.thresholds.decision, m.thresholds.abstain_low, m.thresholds.abstain_high) == (
+        fold_th["decision"],
+        fold_th["abstain_low"],
+        fold_th["abstain_high"],
+    )
+    rec = m.training.operating_point
+    observed = report["cnn"]["per_fold"][k - 1]["referral_rate"]["value"]
+    assert rec is not None and f"fold {k}" in rec.measured_on
+    assert rec.referral_rate == max(observed, fold_th["referral_bound"]["upper_bound"])

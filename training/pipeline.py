@@ -254,8 +254,15 @@ def _best_fold(
     th = net.per_fold[best].thresholds.model_copy(
         update={"temperature": float(run.extra[best]["temperature"])}
     )
-    rate = fold["referral_rate"]["value"] or 0.0
-    measured_on = f"fold {best + 1}'s test slides (never seen by that fold's model)"
+    # the rate the band is validated not to exceed: its bound from the fold's validation
+    # slides, or what its test slides showed when that is higher
+    bound = (net.per_fold[best].bound or {}).get("upper_bound")
+    observed = fold["referral_rate"]["value"] or 0.0
+    rate = max(observed, float(bound)) if isinstance(bound, float) else observed
+    measured_on = (
+        f"fold {best + 1}'s test slides (never seen by that fold's model): the band's referral "
+        "bound from that fold's validation slides, or the test slides' rate if higher"
+    )
     return Final(
         model,
         fold_inputs[best],
@@ -491,7 +498,7 @@ def _train_and_report(
     summary = metrics_summary(net.summary["pooled"], len(folds))
     p_high = high_risk_probability(run.probs, p.task.high_classes)
     summary["reference_distribution"] = reference_distribution(
-        p.ds, p_high, shipped.thresholds, summary
+        p.ds, p_high, shipped.thresholds, summary, shipped.operating_point.referral_rate
     )
     meta = bundle_meta(
         p, opts, inp, shipped.thresholds, summary, operating_point=shipped.operating_point

@@ -104,11 +104,22 @@ def spectral_centroid(x_nm: F64, y: F64) -> float:
 
 
 def reference_distribution(
-    ds: Dataset, p_high: F64, thresholds: Thresholds, metrics: dict[str, Any]
+    ds: Dataset,
+    p_high: F64,
+    thresholds: Thresholds,
+    metrics: dict[str, Any],
+    referral_rate: float | None = None,
 ) -> dict[str, Any]:
-    """What service data are compared with: p(high) histogram, centroid, validated rates."""
+    """What service data are compared with: p(high) histogram, centroid, validated rates.
+
+    ``referral_rate``: the shipped band's validated rate (``training.operating_point``);
+    without it, the share of out-of-fold predictions inside the shipped band (which mixes
+    the fold models' scales with the shipped model's band: only for bundles without one).
+    """
     counts, _ = np.histogram(np.clip(p_high, 0.0, 1.0), bins=P_HIGH_EDGES)
     band = (p_high >= thresholds.abstain_low) & (p_high <= thresholds.abstain_high)
+    if referral_rate is None:
+        referral_rate = float(band.mean()) if p_high.size else None
     out: dict[str, Any] = {
         "source": "out-of-fold cross-validation predictions of the training slides",
         "n": int(p_high.size),
@@ -116,7 +127,7 @@ def reference_distribution(
         "rates": {
             "sensitivity": (metrics.get("sensitivity") or {}).get("value"),
             "specificity": (metrics.get("specificity") or {}).get("value"),
-            "referral_rate": float(band.mean()) if p_high.size else None,
+            "referral_rate": referral_rate,
         },
     }
     spectra = [(s.x_nm, s.y) for s in ds.slides if s.x_nm is not None and s.y is not None]
