@@ -171,6 +171,7 @@ def main() -> int:
                 },
                 indent=2,
                 default=str,
+                allow_nan=False,
             )
         )
     return 0

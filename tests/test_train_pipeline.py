@@ -413,30 +413,29 @@ def test_the_shipped_operating_point_comes_from_slides_it_never_trained_on(
 @pytest.mark.slow
 def test_the_shipped_bundle_keeps_the_referral_bound_on_new_slides(tmp_path: Path) -> None:
     """Train, then score slides no part of training saw (another simulator seed) exactly as
-    the device would (``omis validate``): the bundle refers at most ``--max-referral`` of
-    them, and the rate it records for the OTA health period is that bound's certificate."""
-    data, new, out = tmp_path / "data", tmp_path / "new", tmp_path / "out"
-    synth = ["dataset", "synth", "--fields", "2", "--size", "96x80", "-q"]
-    omis(*synth, "--out", str(data), "--slides", "72", "--seed", "5")
-    omis(*synth, "--out", str(new), "--slides", "150", "--seed", "6")
-    omis(
-        "train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--folds", "2",
-        "--epochs", "10", "--seed", "3", "--max-referral", "0.15", "-q",
+    the device would (``omis validate``), through benchmarks/bench_operating_point.py: the
+    bundle refers at most ``--max-referral`` of them, and the rate it records for the OTA
+    health period is that bound's certificate."""
+    out = tmp_path / "op.json"
+    proc = subprocess.run(
+        [
+            sys.executable, str(ROOT / "benchmarks" / "bench_operating_point.py"),
+            "--slides", "72", "--new", "150", "--fields", "2", "--size", "96x80",
+            "--epochs", "10", "--folds", "2", "--repeats", "1", "--max-referral", "0.15",
+            "--data-seed", "5", "--new-seed", "6", "--work", str(tmp_path), "--json", str(out),
+        ],
+        capture_output=True, text=True, cwd=ROOT, check=False, timeout=300,
     )  # fmt: skip
-    report = json.loads((out / "report.json").read_text())
-    op = report["shipped_operating_point"]
-    bound = op["thresholds"]["referral_bound"]
-    assert bound["max_referral"] == 0.15 and bound["slides"] == op["slides"]
-    rec = load_bundle(out / "bundle").manifest.training.operating_point
-    assert rec is not None and rec.referral_rate == bound["upper_bound"] <= 0.15
-    proc = omis(
-        "validate", "--bundle", str(out / "bundle"), "--data", str(new), "--json",
-        "--lock", str(tmp_path / "lock.json"),
-    )  # fmt: skip
-    scored = json.loads(proc.stdout)
-    referred = scored["referral_rate"]
-    assert referred["n"] == 150
-    assert referred["value"] <= 0.15, (referred, bound)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "referral bound held on the new slides in" in proc.stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    (bundle,) = tmp_path.glob("runs-tiny-*/bundle")
+    rec = load_bundle(bundle).manifest.training.operating_point
+    assert rec is not None and rec.referral_rate == row["validated_referral_bound"] <= 0.15
+    assert row["slides_in_band"] is not None and rec.slides == row["calibration_slides"]
+    referred = row["referral_rate"]
+    assert referred["n"] == row["new_slides"] == 150
+    assert referred["value"] <= 0.15, (referred, row)
 
 
 def test_best_fold_ships_a_fold_model_with_its_own_thresholds(

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
-from scipy.optimize import minimize_scalar
+from scipy.optimize import brentq, minimize_scalar
 from scipy.special import log_softmax, ndtr
 from scipy.stats import beta
 
@@ -149,10 +149,15 @@ class Smoothed:
         return float(np.mean(ndtr((t - self.x) / self.h)))
 
     def quantile(self, q: float) -> float:
-        """The t with ``cdf(t) == q`` (bisection; the cdf is continuous and increasing)."""
+        """The t with ``cdf(t) == q`` (Brent's method; the cdf is continuous and increasing),
+        clamped to ten bandwidths beyond the extreme scores."""
         lo = float(self.x.min()) - 10.0 * self.h
         hi = float(self.x.max()) + 10.0 * self.h
-        return bisect_increasing(lambda t: self.cdf(t) - q, lo, hi)
+        if self.cdf(lo) >= q:
+            return lo
+        if self.cdf(hi) <= q:
+            return hi
+        return float(brentq(lambda t: self.cdf(t) - q, lo, hi, xtol=1e-12, rtol=1e-15))
 
 
 def bisect_increasing(f: Callable[[float], float], lo: float, hi: float) -> float:
