@@ -557,3 +557,48 @@ def test_pathologist_assigns_a_worklist_slide(
     assign.locator("button[type=submit]").click()
     expect(page.locator("#review-note")).to_contain_text("Assigning failed: 4")
     expect(row.locator("td.claimed")).to_have_text("alice")
+
+
+# The first worklist request after this is answered 1.5 s late (the data it carries are those
+# of when it was asked); window.__staleLanded is set once it has been handed to the page.
+SLOW_FIRST_WORKLIST = """() => {
+  const proto = window.Omis.Archive.prototype;
+  const original = proto.worklist;
+  let calls = 0;
+  proto.worklist = function (...args) {
+    calls += 1;
+    const answer = original.apply(this, args);
+    if (calls !== 1) return answer;
+    return answer.then((v) => new Promise((done) => setTimeout(() => {
+      done(v);
+      setTimeout(() => { window.__staleLanded = true; }, 0);
+    }, 1500)));
+  };
+}"""
+
+
+def test_a_late_worklist_answer_does_not_undo_a_claim(
+    broker: RunningBroker, archive: ArchiveService, page: Page
+) -> None:
+    """Two worklist loads whose answers cross (a periodic refresh asked before a claim, answered
+    after the claim's own reload): the older answer must not repaint the row as unclaimed."""
+    device = device_peer(broker)
+    try:
+        unsure = result(1, "S-0011", 0.5, outcome="abstained", reason="uncertain_probability")
+        assert device.publish_ok(f"{PREFIX}/scope-07/result", json.dumps(unsure))
+        assert wait_until(lambda: stored(archive) == 1, 20)
+    finally:
+        device.close()
+    sign_in(page, archive, "alice")
+    signed_in(page, "alice")
+    page.locator('#tabs button[data-view="worklist"]').click()
+    row = page.locator("#worklist tbody tr", has_text="S-0011")
+    row.click()
+    expect(row.locator("td.claimed")).to_have_text("–")
+    page.evaluate(SLOW_FIRST_WORKLIST)
+    page.locator("#worklist-filters button[type=submit]").click()  # asked now, answered late
+    page.locator("#review #claim").click()
+    expect(page.locator("#review-note")).to_contain_text("Claimed")
+    expect(row.locator("td.claimed")).to_have_text("alice")
+    page.wait_for_function("() => window.__staleLanded === true", timeout=10_000)
+    expect(row.locator("td.claimed")).to_have_text("alice")

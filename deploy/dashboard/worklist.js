@@ -10,6 +10,7 @@ window.Omis.Worklist = class Worklist {
     this.results = results;
     this.role = "viewer";
     this.current = null; // the selected row
+    this.loads = 0; // loads started: only the newest one may paint (answers can cross)
     this.body = document.getElementById("worklist").tBodies[0];
     this.form = document.getElementById("review-form");
     this.form.addEventListener("submit", (ev) => { ev.preventDefault(); this.submit(); });
@@ -43,8 +44,10 @@ window.Omis.Worklist = class Worklist {
   async load() {
     const note = document.getElementById("worklist-note");
     if (!this.archive.enabled) { note.textContent = "The worklist needs the archive."; return; }
+    const mine = ++this.loads;
     try {
       const page = window.Omis.obj(await this.archive.worklist(this.filters(), 200, 0));
+      if (mine !== this.loads) return; // a newer load (after a claim, say) paints, not this one
       const items = window.Omis.list(page.items).map((i) => window.Omis.obj(i));
       this.body.replaceChildren(...items.map((item) => this.row(item)));
       const total = window.Omis.num(page.total) ?? items.length;
@@ -52,7 +55,7 @@ window.Omis.Worklist = class Worklist {
       note.textContent = `${total} slide(s) ${signed === "true" ? "signed out" : signed === "any" ? "in all" : "to review"}${total > items.length ? `; oldest ${items.length} shown` : ""}.`;
       if (!signed || signed === "false") document.getElementById("worklist-count").textContent = String(total);
     } catch (err) {
-      note.textContent = `Worklist unavailable: ${err.message}`;
+      if (mine === this.loads) note.textContent = `Worklist unavailable: ${err.message}`;
     }
   }
 
